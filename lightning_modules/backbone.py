@@ -1,0 +1,146 @@
+"""CLIP backbone loading (open_clip) without a network, freezing, and token-level text features.
+
+``pretrained`` is one of: ``None``/``""`` (random init), a path to a local checkpoint file (a state_dict saved
+with ``torch.save(model.state_dict(), path)`` or an open_clip release file), or an open_clip tag such as
+``"openai"`` / ``"laion2b_s34b_b79k"`` (needs the network on first use; this environment has none).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+TINY_MODEL = "popstack-tiny-clip"
+
+
+class BackboneWeightsError(RuntimeError):
+    """Raised when pretrained weights are asked for but cannot be had (no file, no network)."""
+
+
+def register_local_configs() -> None:
+    """Register the model configs shipped in ``model_configs/`` (e.g. ``popstack-tiny-clip``) with open_clip."""
+    for path in sorted(MODEL_CONFIG_DIR.glob("*.json")):
+        if path.stem not in open_clip.list_models():
+            open_clip.add_model_config(path)
+
+
+def check_pretrained(model_name: str, pretrained: str | None) -> None:
+    """Fail fast (before any other work) when ``pretrained`` names neither a file nor a usable tag.
+
+    A tag is only usable when the network (or the Hugging Face cache) can serve it; with ``HF_HUB_OFFLINE=1``
+    or no network the error names the local-file override.
+    """
+    register_local_configs()
+    if model_name not in open_clip.list_models():
+        raise BackboneWeightsError(f"unknown open_clip model {model_name!r}")
+    if not pretrained:
+        return
+    if os.path.sep in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors")):
+        if not Path(pretrained).is_file():
+            raise BackboneWeightsError(f"backbone.pretrained file not found: {pretrained}")
+        return
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained not in tags:
+        raise BackboneWeightsError(
+            f"{pretrained!r} is neither a file nor a pretrained tag of {model_name} (tags: {', '.join(tags) or 'none'})"
+        )
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("POPSTACK_OFFLINE") == "1":
+        raise BackboneWeightsError(
+            f"cannot fetch {model_name}/{pretrained} weights offline; download them elsewhere and pass "
+            f"backbone.pretrained=/path/to/open_clip_model.bin"
+        )
+
+
+@dataclass
+class Backbone:
+    """A loaded CLIP model with its image preprocessing and tokenizer."""
+
+    model: nn.Module
+    preprocess: object
+    tokenizer: object
+    embed_dim: int
+    image_size: int
+    context_length: int
+
+
+def load_backbone(model_name: str, pretrained: str | None = None, precision: str = "fp32") -> Backbone:
+    """Build an open_clip model by name and load ``pretrained`` (tag, local file, or None for random init)."""
+    register_local_configs()
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained or None, precision=precision
+        )
+    except RuntimeError as err:  # open_clip raises RuntimeError for unknown tags / failed downloads
+        raise BackboneWeightsError(
+            f"could not load {model_name} weights {pretrained!r}: {err}. Pass backbone.pretrained=/path/to/file"
+        ) from err
+    cfg = open_clip.get_model_config(model_name)
+    image_size = cfg["vision_cfg"]["image_size"]
+    return Backbone(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(model_name),
+        embed_dim=cfg["embed_dim"],
+        image_size=image_size if isinstance(image_size, int) else image_size[0],
+        context_length=cfg["text_cfg"].get("context_length", 77),
+    )
+
+
+def text_tower(model: nn.Module) -> nn.Module:
+    """The module that owns token_embedding/transformer/ln_final/text_projection (CLIP or CustomTextCLIP)."""
+    return getattr(model, "text", model)
+
+
+def freeze(model: nn.Module, trainable_last_blocks: int = 0) -> None:
+    """Freeze every CLIP weight, then unfreeze the last ``trainable_last_blocks`` residual blocks of each tower."""
+    model.requires_grad_(False)
+    if trainable_last_blocks <= 0:
+        return
+    for transformer in (model.visual.transformer, text_tower(model).transformer):
+        for block in transformer.resblocks[-trainable_last_blocks:]:
+            block.requires_grad_(True)
+
+
+def encode_text_embeddings(
+    model: nn.Module, embeddings: torch.Tensor, token_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the text tower from token *embeddings* (so learnable prompt vectors can be injected).
+
+    Args:
+        embeddings: (B, L, W) token embeddings (W = text width), positional embedding not yet added.
+        token_ids: (B, L) int token ids of the same prompts; used only to find the pooled (EOT) position.
+
+    Returns:
+        pooled: (B, D) projected EOT feature (D = CLIP embed dim), not normalised.
+        tokens: (B, L, D) every token's projected feature (after ln_final), not normalised.
+    """
+    tower = text_tower(model)
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = embeddings.to(cast_dtype) + tower.positional_embedding.to(cast_dtype)
+    x = tower.transformer(x, attn_mask=tower.attn_mask)
+    x = tower.ln_final(x)
+    projection = tower.text_projection
+    if isinstance(projection, nn.Linear):
+        tokens = projection(x)
+    else:
+        tokens = x @ projection
+    eot = token_ids.argmax(dim=-1)
+    pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), eot]
+    return pooled, tokens
+
+
+def encode_text_tokens(model: nn.Module, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled (B, D) and per-token (B, L, D) projected text features for tokenized text (B, L)."""
+    tower = text_tower(model)
+    return encode_text_embeddings(model, tower.token_embedding(token_ids), token_ids)
+
+
+def padding_mask(token_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool, True where the token is real (not the 0 padding id)."""
+    return token_ids != 0
