@@ -144,3 +144,33 @@ def encode_text_tokens(model: nn.Module, token_ids: torch.Tensor) -> tuple[torch
 def padding_mask(token_ids: torch.Tensor) -> torch.Tensor:
     """(B, L) bool, True where the token is real (not the 0 padding id)."""
     return token_ids != 0
+
+
+@torch.no_grad()
+def encode_posts(
+    model: nn.Module, image: torch.Tensor, text_ids: torch.Tensor, token_len: int
+) -> dict[str, torch.Tensor]:
+    """Frozen-backbone features of a batch of posts: the one place raw batches become embeddings.
+
+    Used both by the embedding cache (computed once, reused for every fold and epoch) and by the neural modules
+    when they are fed raw shard batches, so the two paths give the same numbers.
+
+    Args:
+        image: (B, 3, S, S) preprocessed images.
+        text_ids: (B, C) token ids of the post text (C = context length, 0 = padding).
+        token_len: number of leading token positions kept for the per-token features (<= C).
+
+    Returns (all float32 except the mask):
+        image_emb: (B, D) CLIP image embedding (not normalised).
+        text_emb: (B, D) pooled (EOT) text embedding (not normalised).
+        text_tokens: (B, token_len, D) projected per-token text features.
+        text_mask: (B, token_len) bool, True for real (non-padding) tokens.
+    """
+    image_emb = model.encode_image(image)
+    text_emb, tokens = encode_text_tokens(model, text_ids)
+    return {
+        "image_emb": image_emb.float(),
+        "text_emb": text_emb.float(),
+        "text_tokens": tokens[:, :token_len].float(),
+        "text_mask": padding_mask(text_ids[:, :token_len]),
+    }
