@@ -1,0 +1,397 @@
+"""Synthetic SMPD: a complete directory in the real SMPD layout with a known latent popularity model.
+
+    python -m datamodules.synthetic OUT --n-train 2000 --n-test 800 --seed 0
+
+Latent model (per post i of user u, subcategory c, posted at hour h on weekday d)::
+
+    signal_i = 6.0 + user_u + sub_c + 0.9 * appeal_i + tags_i + 0.25 * sin(2 pi (h - 14) / 24)
+               + 0.15 * [d in weekend] + 0.4 * [has geo] * (geoaccuracy_i / 16)
+    label_i  = round(clip(signal_i + noise_i, 1, 16.5), 2),   noise_i ~ N(0, 0.9^2)
+
+* ``user_u ~ N(0, 1.9^2)``: the dominant factor, as in SMPD (HyperFusion Table 2). Users' ``photo_count`` and
+  ``ispro`` correlate with it; heavy users post more.
+* ``sub_c ~ N(0, 0.7^2)``: subcategory effect; each subcategory also has its own tag/title vocabulary.
+* ``appeal_i ~ N(0, 1)``: image content. It is drawn into the image (object size, brightness and saturation),
+  while the subcategory picks the palette and the shape, so a vision model can learn both the class and part of
+  the popularity from pixels alone.
+* ``tags_i = 0.15 * (#"hot" tags) - 0.1 * [no tags]``: some tags of every vocabulary are "hot".
+
+``signal`` (noise-free) is written to ``signal.parquet`` so benchmarks know the achievable ceiling
+(SRC(signal, label) is the best any model can do). The mess of real data is included: a few missing and
+truncated images, empty titles and tags, no-geo posts (``"0"`` and ``""``), ``"None"`` path aliases and null
+user fields. Output is deterministic per seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from datamodules.schema import COLUMNS, IMAGE_OK, VECTOR_COLUMNS
+
+#: The 11 SMPD categories and their 77 subcategories (SMPD_FORMAT.md section 4; commas stand for spaces).
+TAXONOMY: dict[str, list[str]] = {
+    "Fashion": ["Fashion", "Hair", "Jewelry", "Makeup", "Nails", "Piercings", "Guys,Fashion", "Girls,Fashion",
+                "Tattoos", "Sneakers", "OOTD", "High,Heels", "Bracelets", "Earrings"],
+    "Travel&Active&Sports": ["Soccer", "Gymnastics", "Football", "Travel", "Dance", "Skateboarding", "Cars",
+                             "Baltimore", "Motorcycles", "Health,Fitness", "Baseball", "Bodybuilding", "Hockey",
+                             "Sports", "San", "Cheerleading", "Running", "Seattle", "Denver", "Basketball", "Super"],
+    "Entertainment": ["Movies", "Music", "Books", "Video&Games"],
+    "Holiday&Celebrations": ["Birthday", "Party", "Wedding", "Thanksgiving", "Halloween", "Christmas", "New",
+                             "Holidays"],
+    "Food": ["Drinks", "Dessert", "Coffee", "Tea", "General"],
+    "Whether&Season": ["Raining", "Sunny", "Cloudy", "Fall", "Snowing", "Summer", "Spring", "Winter"],
+    "Animal": ["Horses", "Insects", "Fish", "Cats", "Dogs"],
+    "Family": ["Babies", "Kids"],
+    "Social&People": ["Love", "Friends", "Selfies", "Good,Morning", "Good", "Girls", "Guys"],
+    "Urban": ["StreetArt", "Architecture"],
+    "Electronics": ["Electronics"],
+}
+START_EPOCH = 1_420_070_400  # 2015-01-01 UTC
+SPAN_DAYS = 480  # ~16 months
+LATENT = {"base": 6.0, "user_sd": 1.9, "sub_sd": 0.7, "appeal": 0.9, "noise_sd": 0.9}
+GENERIC_WORDS = ("photo", "day", "nice", "my", "new", "best", "look", "great", "the", "with", "and", "at")
+
+
+def _subcategories(n_subcategories: int | None) -> list[tuple[str, str]]:
+    """(category, subcategory) pairs; with a limit, taken round-robin over categories so all 11 stay present."""
+    pairs_by_cat = [[(cat, sub) for sub in subs] for cat, subs in TAXONOMY.items()]
+    ordered: list[tuple[str, str]] = []
+    depth = max(len(p) for p in pairs_by_cat)
+    for i in range(depth):
+        ordered.extend(p[i] for p in pairs_by_cat if i < len(p))
+    return ordered if n_subcategories is None else ordered[: max(2, n_subcategories)]
+
+
+def make_posts(
+    n_train: int,
+    n_test: int,
+    seed: int,
+    *,
+    n_users: int | None = None,
+    n_subcategories: int | None = None,
+    user_variant: str = "A",
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """A posts table in the ``datamodules.schema`` format (test labels NaN) plus hidden arrays.
+
+    Returns:
+        posts: one row per post, train rows then test rows (test posts are later in time).
+        signal: (n,) float64 noise-free latent popularity.
+        labels: (n,) float64 true labels of all posts, the test ones included (hidden from ``posts``).
+        Also stored in ``posts.attrs["appeal"]``: (n,) the per-post image appeal used to draw images.
+    """
+    if user_variant not in ("A", "B"):
+        raise ValueError(f"user_variant must be 'A' or 'B', got {user_variant!r}")
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    pairs = _subcategories(n_subcategories)
+    n_sub = len(pairs)
+    n_users = n_users or max(5, n // 12)
+
+    # users: quality drives popularity, activity (heavy users post more), profile fields
+    user_q = rng.normal(0, LATENT["user_sd"], n_users)
+    activity = rng.lognormal(0, 1.0, n_users) * (1 + 0.3 * (user_q > 0))
+    user_of_post = rng.choice(n_users, size=n, p=activity / activity.sum())
+    uids = np.array([f"{rng.integers(10, 99999)}@N{rng.integers(0, 99):02d}" for _ in range(n_users)])
+    _, first = np.unique(uids, return_index=True)  # make uids unique
+    for j in set(range(n_users)) - set(first.tolist()):
+        uids[j] = f"{j + 100000}@N{j % 100:02d}"
+    user_sub_pref = rng.integers(0, n_sub, n_users)
+
+    sub_eff = rng.normal(0, LATENT["sub_sd"], n_sub)
+    sub_of_post = np.where(rng.random(n) < 0.5, user_sub_pref[user_of_post], rng.integers(0, n_sub, n))
+    appeal = rng.normal(0, 1, n)
+
+    # time: chronological split, test posts after train posts
+    t = np.sort(rng.uniform(0, SPAN_DAYS * 86400, n))
+    postdate = (START_EPOCH + t).astype(np.int64)
+    hour = (postdate // 3600) % 24
+    weekday = ((postdate // 86400) + 3) % 7  # 1970-01-01 was a Thursday (weekday 3, Monday = 0)
+
+    has_geo = rng.random(n) < 0.35
+    geoacc = np.where(has_geo, rng.integers(1, 17, n), 0)
+    lat = np.where(has_geo, rng.uniform(-60, 70, n).round(6), np.nan)
+    lon = np.where(has_geo, rng.uniform(-170, 170, n).round(6), np.nan)
+
+    # text: per-subcategory vocabularies, some words "hot"
+    vocab = {c: [f"{pairs[c][1].lower().replace(',', '').replace('&', '')}{k}" for k in range(12)] for c in range(n_sub)}
+    titles, tags, n_hot = [], [], np.zeros(n)
+    for i in range(n):
+        words = vocab[int(sub_of_post[i])]
+        k = int(rng.integers(0, 9)) if rng.random() > 0.12 else 0
+        chosen = list(rng.choice(words, size=min(k, len(words)), replace=False)) if k else []
+        if k and rng.random() < 0.1:
+            chosen.append(f"uploaded:by=app{int(rng.integers(1, 4))}")
+        n_hot[i] = sum(w[-1] in "01" for w in chosen)
+        tags.append(" ".join(chosen))
+        if rng.random() < 0.15:
+            titles.append("")
+        else:
+            tw = [str(rng.choice(GENERIC_WORDS))] + [str(w) for w in rng.choice(words, size=int(rng.integers(1, 3)))]
+            titles.append(" ".join(tw))
+    tag_eff = 0.15 * n_hot - 0.1 * np.array([t == "" for t in tags])
+
+    signal = (
+        LATENT["base"] + user_q[user_of_post] + sub_eff[sub_of_post] + LATENT["appeal"] * appeal + tag_eff
+        + 0.25 * np.sin(2 * np.pi * (hour - 14) / 24) + 0.15 * (weekday >= 5) + 0.4 * has_geo * geoacc / 16
+    )
+    labels = np.round(np.clip(signal + rng.normal(0, LATENT["noise_sd"], n), 1.0, 16.5), 2)
+
+    photo_count = np.round(np.exp(5 + 0.6 * user_q + rng.normal(0, 0.5, n_users)))
+    ispro = (rng.random(n_users) < 1 / (1 + np.exp(-(user_q - 1.0)))).astype(float)
+    canbuypro = (rng.random(n_users) < 0.5).astype(float)
+    firstdate = START_EPOCH - rng.uniform(30, 3000, n_users) * 86400
+    firsttaken = firstdate - rng.uniform(0, 2000, n_users) * 86400
+    user_null = rng.random(n_users) < 0.05
+    pathalias = np.array([None if rng.random() < 0.4 else f"alias{j}" for j in range(n_users)], dtype=object)
+    user_vecs = rng.normal(0, 0.1, (n_users, VECTOR_COLUMNS["user_vector"])).astype(np.float32)
+    user_vecs[:, 0] = user_q / 4  # a weak, real signal in the provided user vector
+    loc_vecs = rng.normal(0, 0.1, (n_users, VECTOR_COLUMNS["location_vector"])).astype(np.float32)
+    has_loc = rng.random(n_users) < 0.5
+
+    u = user_of_post
+    pids = rng.permutation(np.arange(1000, 1000 + 20 * n))[:n]
+    split = np.array(["train"] * n_train + ["test"] * n_test)
+    row = np.concatenate([np.arange(n_train), np.arange(n_test)])
+    concepts = np.array([f"{vocab[int(c)][int(k)]}" for c, k in zip(sub_of_post, rng.integers(0, 4, n))])
+    nullu = user_null[u]
+    posts = pd.DataFrame({
+        "post_id": pids.astype(str),
+        "uid": uids[u],
+        "split": split,
+        "row": row.astype(np.int64),
+        "image_relpath": [f"{s}/{uid}/{pid}.jpg" for s, uid, pid in zip(split, uids[u], pids)],
+        "image_status": IMAGE_OK,
+        "category": [pairs[c][0] for c in sub_of_post],
+        "subcategory": [pairs[c][1] for c in sub_of_post],
+        "concept": concepts,
+        "title": titles,
+        "alltags": tags,
+        "mediatype": "photo",
+        "postdate": postdate,
+        "latitude": lat,
+        "longitude": lon,
+        "geoaccuracy": geoacc.astype(np.int64),
+        "pathalias": pathalias[u],
+        "ispublic": 1.0,
+        "mediastatus": "ready",
+        "photo_firstdate": np.where(nullu, np.nan, firstdate[u]),
+        "photo_firstdatetaken": np.where(nullu, np.nan, np.floor(firsttaken[u])),
+        "photo_count": np.where(nullu, np.nan, photo_count[u]),
+        "ispro": np.where(nullu, np.nan, ispro[u]),
+        "canbuypro": np.where(nullu, np.nan, canbuypro[u]) if user_variant == "A" else np.nan,
+        "timezone_offset": [None if x else "+01:00" for x in nullu],
+        "timezone_id": [None if x else "Europe/Paris" for x in nullu],
+        "user_vector": [user_vecs[j] for j in u] if user_variant == "A" else None,
+        "user_text": None if user_variant == "A" else [None if x else f"photographer number {j}" for j, x in zip(u, nullu)],
+        "location_vector": [loc_vecs[j] if has_loc[j] else None for j in u] if user_variant == "A" else None,
+        "location_text": None if user_variant == "A" else [f"City{j % 7}, Country{j % 3}" if has_loc[j] else None for j in u],
+        "label": np.where(split == "train", labels, np.nan),
+    })
+    posts["photo_firstdate"] = np.floor(posts["photo_firstdate"])
+    posts.attrs["appeal"] = appeal
+    return posts[list(COLUMNS)], signal, labels
+
+
+# ----------------------------------------------------------------------------- images
+PALETTE_SEED = 12345
+
+
+def _class_style(n_sub: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-subcategory background/foreground colours (fixed, independent of the data seed) and shape ids."""
+    rng = np.random.default_rng(PALETTE_SEED)
+    colours = rng.integers(20, 236, (n_sub, 2, 3))
+    shapes = np.arange(n_sub) % 3
+    return colours, shapes
+
+
+def draw_image(sub_index: int, appeal: float, rng: np.random.Generator, n_sub: int) -> Image.Image:
+    """A small JPEG-able image: class palette + shape, appeal -> object size, brightness, saturation."""
+    colours, shapes = _class_style(max(n_sub, 77))
+    w, h = int(rng.integers(96, 161)), int(rng.integers(96, 121))
+    bg, fg = colours[sub_index]
+    gain = 1.0 + 0.18 * np.clip(appeal, -2.5, 2.5)
+    bg = np.clip(bg * gain, 0, 255).astype(int)
+    fg = np.clip(fg * gain, 0, 255).astype(int)
+    img = Image.new("RGB", (w, h), tuple(int(v) for v in bg))
+    draw = ImageDraw.Draw(img)
+    size = min(w, h) * (0.35 + 0.1 * np.clip(appeal, -2.5, 2.5))
+    cx, cy = w / 2 + rng.normal(0, w / 10), h / 2 + rng.normal(0, h / 10)
+    box = (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2)
+    fill = tuple(int(v) for v in fg)
+    if shapes[sub_index] == 0:
+        draw.ellipse(box, fill=fill)
+    elif shapes[sub_index] == 1:
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
+    noise = rng.normal(0, 6, (h, w, 3))
+    arr = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+# ----------------------------------------------------------------------------- raw layout
+FILE_NAMES = {
+    "2025": {"text": "text", "ts": "temporalspatial_information", "user": "user_data", "add": "additional_information"},
+    "2020": {"text": "tags", "ts": "temporalspatial", "user": "userdata", "add": "additional"},
+}
+
+
+def _num(x: float) -> str:
+    """SMPD writes numbers as strings; integers without a decimal point."""
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def write_smpd(
+    out_dir: str | Path,
+    posts: pd.DataFrame,
+    signal: np.ndarray,
+    labels: np.ndarray,
+    *,
+    seed: int = 0,
+    naming: str = "2025",
+    image_mess: bool = True,
+    write_images: bool = True,
+) -> dict[str, int]:
+    """Write ``posts`` in the real SMPD layout under ``out_dir`` (see SMPD_FORMAT.md); returns counts."""
+    if naming not in FILE_NAMES:
+        raise ValueError(f"naming must be one of {sorted(FILE_NAMES)}, got {naming!r}")
+    names = FILE_NAMES[naming]
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed + 7)
+    appeal = posts.attrs.get("appeal", np.zeros(len(posts)))
+    sub_names = [s for _, s in _subcategories(None)]
+    counts = {"missing_images": 0, "truncated_images": 0}
+    for split in ("train", "test"):
+        mask = (posts.split == split).to_numpy()
+        part = posts[mask]
+        if len(part) == 0:
+            continue
+        meta = out / f"{split}_allmetadata_json"
+        meta.mkdir(parents=True, exist_ok=True)
+        (meta / f"{split}_img_filepath.txt").write_text("".join(f"{p}\n" for p in part.image_relpath))
+        if split == "train":
+            (meta / "train_label.txt").write_text("".join(f"{v:.2f}\n" for v in part.label))
+        ids = [{"Uid": u, "Pid": p} for u, p in zip(part.uid, part.post_id)]
+        cat = [{"Category": c, "Concept": k, "Pid": d["Pid"], "Uid": d["Uid"], "Subcategory": s}
+               for d, c, s, k in zip(ids, part.category, part.subcategory, part.concept)]
+        text = [{"Alltags": a, "Pid": d["Pid"], "Uid": d["Uid"], "Mediatype": m, "Title": t}
+                for d, a, m, t in zip(ids, part.alltags, part.mediatype, part.title)]
+        ts = []
+        for d, pd_, la, lo, ga in zip(ids, part.postdate, part.latitude, part.longitude, part.geoaccuracy):
+            missing_style = "0" if rng.random() < 0.5 else ""
+            ts.append({"Postdate": str(int(pd_)), "Uid": d["Uid"], "Pid": d["Pid"],
+                       "Longitude": missing_style if np.isnan(lo) else _num(lo), "Geoaccuracy": str(int(ga)),
+                       "Latitude": "0" if np.isnan(la) else _num(la)})
+        add = [{"Mediastatus": ms, "Pathalias": pa if pa else "None", "Ispublic": _num(ip), "Pid": d["Pid"],
+                "Uid": d["Uid"]} for d, ms, pa, ip in zip(ids, part.mediastatus, part.pathalias, part.ispublic)]
+        user = _user_columns(part)
+        for key, rows in (("category", cat), ("text", text), ("ts", ts), ("add", add)):
+            fname = names.get(key, key)
+            (meta / f"{split}_{fname}.json").write_text(json.dumps(rows))
+        (meta / f"{split}_{names['user']}.json").write_text(json.dumps(user))
+        if write_images:
+            for i, (rel, sub) in enumerate(zip(part.image_relpath, part.subcategory)):
+                path = out / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                r = rng.random()
+                if image_mess and r < 0.01:
+                    counts["missing_images"] += 1
+                    continue
+                img = draw_image(sub_names.index(sub), float(appeal[np.flatnonzero(mask)[i]]), rng, len(sub_names))
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=88)
+                data = buf.getvalue()
+                if image_mess and r < 0.02:
+                    counts["truncated_images"] += 1
+                    data = data[: len(data) // 3]
+                path.write_bytes(data)
+    sig = pd.DataFrame({"post_id": posts.post_id, "split": posts.split, "signal": signal, "label": labels})
+    sig.to_parquet(out / "signal.parquet", index=False)
+    return counts
+
+
+def _user_columns(part: pd.DataFrame) -> dict[str, dict[str, object]]:
+    """The columnar (``DataFrame.to_json()``-style) user file: ``{column: {"0": value, ...}}``, Pid an int."""
+    variant_a = part.user_text.isna().all() and part.location_text.isna().all()
+
+    def col(values) -> dict[str, object]:
+        return {str(i): v for i, v in enumerate(values)}
+
+    def f(x):
+        return None if x is None or (isinstance(x, float) and np.isnan(x)) else float(x)
+
+    users: dict[str, dict[str, object]] = {
+        "Uid": col(part.uid),
+        "Pid": col(int(p) for p in part.post_id),
+        "photo_firstdate": col(None if np.isnan(x) else str(int(x)) for x in part.photo_firstdate),
+        "photo_count": col(f(x) for x in part.photo_count),
+        "ispro": col(f(x) for x in part.ispro),
+        "timezone_offset": col(part.timezone_offset),
+    }
+    if variant_a:
+        users["canbuypro"] = col(f(x) for x in part.canbuypro)
+        users["photo_firstdatetaken"] = col(None if np.isnan(x) else str(int(x)) for x in part.photo_firstdatetaken)
+        users["timezone_timezone_id"] = col(part.timezone_id)
+        users["user_description"] = col(
+            "" if v is None else ",".join(f"{x:.4f}" for x in v) for v in part.user_vector)
+        users["location_description"] = col(
+            "" if v is None else ",".join(f"{x:.4f}" for x in v) + ",\n" for v in part.location_vector)
+    else:
+        users["photo_firstdatetaken"] = col(
+            None if np.isnan(x) else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(x))
+            for x in part.photo_firstdatetaken)
+        users["timezone_id"] = col(part.timezone_id)
+        users["user_description"] = col(part.user_text)
+        users["location_description"] = col(part.location_text)
+    return users
+
+
+def generate(
+    out_dir: str | Path,
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    *,
+    n_users: int | None = None,
+    n_subcategories: int | None = None,
+    user_variant: str = "A",
+    naming: str = "2025",
+    image_mess: bool = True,
+) -> dict[str, int]:
+    """``make_posts`` + ``write_smpd``: a complete synthetic SMPD directory, deterministic per seed."""
+    posts, signal, labels = make_posts(
+        n_train, n_test, seed, n_users=n_users, n_subcategories=n_subcategories, user_variant=user_variant
+    )
+    counts = write_smpd(out_dir, posts, signal, labels, seed=seed, naming=naming, image_mess=image_mess)
+    return {"train_posts": n_train, "test_posts": n_test, **counts}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Write a synthetic dataset in the real SMPD layout.")
+    p.add_argument("out", type=Path, help="output directory")
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-test", type=int, default=800)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-subcategories", type=int, default=None, help="default: all 77")
+    p.add_argument("--user-variant", choices=["A", "B"], default="A")
+    p.add_argument("--naming", choices=sorted(FILE_NAMES), default="2025")
+    p.add_argument("--no-mess", action="store_true", help="no missing/truncated images")
+    a = p.parse_args(argv)
+    start = time.perf_counter()
+    counts = generate(a.out, a.n_train, a.n_test, a.seed, n_subcategories=a.n_subcategories,
+                      user_variant=a.user_variant, naming=a.naming, image_mess=not a.no_mess)
+    print(f"wrote {a.out} in {time.perf_counter() - start:.1f} s: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
