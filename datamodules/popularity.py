@@ -1,0 +1,108 @@
+"""LightningDataModule over the WebDataset shards, with fold support (raw image + token batches)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import open_clip
+import pandas as pd
+
+from datamodules.folds import read_folds
+from datamodules.schema import KEY, NO_FOLD
+from datamodules.shards import (
+    Collate, KeepPosts, SampleDecoder, SharedEpoch, dist_info, make_eval_pipeline, make_loader,
+    make_train_pipeline, shard_urls,
+)
+
+
+class PopularityDataModule(L.LightningDataModule):
+    """Raw batches (``image``, ``text_ids``, ids, labels) from ``shard_dir``.
+
+    Args:
+        shard_dir: folder with ``{split}-*.tar`` and ``{split}-index.json`` (prepare stage).
+        folds_path: ``folds.parquet`` (``post_id, fold``); training = labelled posts with fold != ``fold``
+            (all labelled posts when ``fold`` is None), validation = posts of ``fold``.
+        batch_size: global batch size; each of the ``world_size`` ranks loads ``batch_size / world_size``.
+        model_name: open_clip model whose tokenizer encodes the post text.
+        predict_splits: splits read by ``predict_dataloader`` (every post once, across ranks).
+    """
+
+    def __init__(
+        self,
+        shard_dir: str,
+        folds_path: str,
+        *,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        image_size: int = 224,
+        text_field: str = "title+alltags",
+        model_name: str = "ViT-B-32",
+        fold: int | None = None,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        predict_splits: tuple[str, ...] = ("train", "test"),
+    ):
+        super().__init__()
+        self.shard_dir = Path(shard_dir)
+        self.folds = read_folds(folds_path)
+        self.global_batch_size = batch_size
+        self.num_workers = num_workers
+        self.fold = fold
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.predict_splits = tuple(predict_splits)
+        self.decoder = SampleDecoder(image_size, text_field)
+        self.collate = Collate(open_clip.get_tokenizer(model_name))
+        self.epoch = SharedEpoch()
+        labelled = self.folds[self.folds.fold != NO_FOLD]
+        if fold is None:
+            self.train_ids, self.val_ids = labelled[KEY].tolist(), []
+        else:
+            self.train_ids = labelled.loc[labelled.fold != fold, KEY].tolist()
+            self.val_ids = labelled.loc[labelled.fold == fold, KEY].tolist()
+            if not self.val_ids:
+                raise ValueError(f"fold {fold} has no posts in {folds_path}")
+
+    def per_device_batch_size(self) -> int:
+        _, world = dist_info()
+        if self.global_batch_size % world:
+            raise ValueError(f"batch_size {self.global_batch_size} is not divisible by the world size {world}")
+        return self.global_batch_size // world
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.set(epoch)
+
+    def train_dataloader(self):
+        pipeline = make_train_pipeline(
+            shard_urls(self.shard_dir, ["train"]), decoder=self.decoder, collate=self.collate,
+            batch_size=self.per_device_batch_size(), num_samples=len(self.train_ids),
+            num_workers=self.num_workers, seed=self.seed, epoch=self.epoch, keep=KeepPosts(self.train_ids),
+            shuffle_buffer=self.shuffle_buffer,
+        )
+        return make_loader(pipeline, self.num_workers)
+
+    def val_dataloader(self):
+        if not self.val_ids:
+            return []
+        return self._eval_loader(["train"], KeepPosts(self.val_ids))
+
+    def predict_dataloader(self):
+        return self._eval_loader(list(self.predict_splits), None)
+
+    def _eval_loader(self, splits: list[str], keep: KeepPosts | None):
+        pipeline = make_eval_pipeline(
+            shard_urls(self.shard_dir, splits), decoder=self.decoder, collate=self.collate,
+            batch_size=self.per_device_batch_size(), keep=keep,
+        )
+        return make_loader(pipeline, self.num_workers)
+
+
+class SetShardEpoch(L.Callback):
+    """Tell the datamodule the epoch number at each epoch start, so resampled shard order changes per epoch."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(trainer.current_epoch)

@@ -1,0 +1,385 @@
+"""WebDataset shards of posts: writing (prepare stage) and the training / evaluation reader pipelines.
+
+Shard members per post (``__key__`` = post_id): ``jpg`` (image bytes; absent when the image is missing or
+unreadable), ``json`` (post_id, uid, split, row, title, alltags, category/subcategory/concept names and ids,
+has_image, label or null) and ``cls`` (subcategory id, -1 unknown). Every split also gets ``{split}-index.json``
+with its shard names and sample counts: the explicit sample count the readers need.
+
+Training follows open_clip's recipe: shards drawn with replacement from an epoch-seeded RNG per rank and worker,
+no-throw tar reading, a sample shuffle buffer, batches, and ``with_epoch`` so every rank yields exactly
+``ceil(ceil(num_samples / (batch_size * world_size)) / workers)`` batches per worker: ranks never wait on each other.
+Evaluation reads every shard once, split by rank then worker, so every post appears exactly once overall.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+import webdataset as wds
+from PIL import Image
+
+from datamodules.schema import IMAGE_MISSING, IMAGE_OK, IMAGE_UNREADABLE, KEY, UNKNOWN_ID
+
+log = logging.getLogger("popstack")
+
+VOCAB_FIELDS: tuple[str, ...] = ("category", "subcategory", "concept")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ----------------------------------------------------------------------------- vocabulary
+def build_vocab(train_posts: pd.DataFrame) -> dict[str, list[str]]:
+    """Sorted training-split values per class field; a value's id is its index (unknown -> ``UNKNOWN_ID``)."""
+    return {f: sorted(map(str, train_posts[f].dropna().unique())) for f in VOCAB_FIELDS}
+
+
+def class_id_maps(vocab: dict[str, list[str]]) -> dict[str, dict[str, int]]:
+    return {f: {name: i for i, name in enumerate(names)} for f, names in vocab.items()}
+
+
+# ----------------------------------------------------------------------------- writing
+@dataclass
+class ShardsInfo:
+    """What ``write_shards`` wrote: shard file names, samples per shard, and each post's image status."""
+
+    split: str
+    shards: list[str]
+    counts: list[int]
+    image_status: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.counts))
+
+
+def check_image(data: bytes, max_side: int | None) -> tuple[bytes | None, str]:
+    """Decode ``data`` fully (truncated/corrupt JPEGs fail here); re-encode when larger than ``max_side``.
+
+    Returns (bytes to store or None, status).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if max_side and max(im.size) > max_side:
+                im = im.convert("RGB")
+                im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+                buf = io.BytesIO()
+                im.save(buf, format="JPEG", quality=90)
+                data = buf.getvalue()
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None, IMAGE_UNREADABLE
+    return data, IMAGE_OK
+
+
+def write_shards(
+    posts: pd.DataFrame,
+    raw_root: str | Path,
+    out_dir: str | Path,
+    *,
+    split: str,
+    class_ids: dict[str, list[str]],
+    shard_size: int = 5000,
+    image_max_side: int | None = None,
+) -> ShardsInfo:
+    """Stream the posts of one split into ``out_dir/{split}-%06d.tar`` (temporary name, renamed when complete).
+
+    Args:
+        posts: rows of the posts table of this split (``datamodules.schema``), in file order.
+        raw_root: the raw SMPD directory; images at ``raw_root / image_relpath``.
+        class_ids: ``vocab.json`` content (field -> sorted names).
+        shard_size: posts per shard.
+        image_max_side: re-encode images whose longer side exceeds this many pixels (None: keep the bytes).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f"{split}-*.tar*"):
+        stale.unlink()
+    maps = class_id_maps(class_ids)
+    raw_root = Path(raw_root)
+    info = ShardsInfo(split=split, shards=[], counts=[])
+
+    def finished(tmp_name: str) -> None:
+        final = tmp_name.removesuffix(".tmp")
+        os.replace(tmp_name, final)
+        info.shards.append(Path(final).name)
+
+    pattern = str(out_dir / f"{split}-%06d.tar.tmp")
+    with wds.ShardWriter(pattern, maxcount=shard_size, post=finished, verbose=0) as sink:
+        for rec in posts.itertuples(index=False):
+            status = rec.image_status
+            jpg = None
+            if status != IMAGE_MISSING:
+                path = raw_root / rec.image_relpath
+                try:
+                    data = path.read_bytes()
+                except OSError:
+                    data, status = None, IMAGE_MISSING
+                if data:
+                    jpg, status = check_image(data, image_max_side)
+                else:
+                    status = IMAGE_MISSING
+            info.image_status[rec.post_id] = status
+            label = None if pd.isna(rec.label) else float(rec.label)
+            meta = {
+                "post_id": rec.post_id, "uid": rec.uid, "split": rec.split, "row": int(rec.row),
+                "title": rec.title, "alltags": rec.alltags, "has_image": jpg is not None, "label": label,
+                **{f: getattr(rec, f) for f in VOCAB_FIELDS},
+                **{f"{f}_id": maps[f].get(getattr(rec, f), UNKNOWN_ID) for f in VOCAB_FIELDS},
+            }
+            sample = {"__key__": rec.post_id, "json": json.dumps(meta).encode(),
+                      "cls": str(meta["subcategory_id"]).encode()}
+            if jpg is not None:
+                sample["jpg"] = jpg
+            sink.write(sample)
+    n = len(posts)
+    info.counts = [min(shard_size, n - i * shard_size) for i in range(len(info.shards))]
+    index = {"split": split, "shards": info.shards, "counts": info.counts, "total": info.total}
+    tmp = out_dir / f".{split}-index.json.tmp"
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, out_dir / f"{split}-index.json")
+    return info
+
+
+def read_index(shard_dir: str | Path, split: str) -> dict:
+    path = Path(shard_dir) / f"{split}-index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: shard index not found (run the prepare stage)")
+    return json.loads(path.read_text())
+
+
+def shard_urls(shard_dir: str | Path, splits: Iterable[str]) -> list[str]:
+    return [str(Path(shard_dir) / name) for split in splits for name in read_index(shard_dir, split)["shards"]]
+
+
+# ----------------------------------------------------------------------------- decoding
+class ImagePreprocessor:
+    """JPEG bytes -> CLIP input (3, S, S) float32: DCT-domain downscale (``Image.draft``), shorter side to S
+    (bicubic), centre crop, CLIP normalisation. Missing/undecodable images -> zeros (= the mean colour after
+    normalisation) and ``has_image = False``."""
+
+    def __init__(self, image_size: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD):
+        self.size = int(image_size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def blank(self) -> torch.Tensor:
+        return torch.zeros(3, self.size, self.size)
+
+    def __call__(self, data: bytes | None) -> tuple[torch.Tensor, bool]:
+        if not data:
+            return self.blank(), False
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.draft("RGB", (self.size, self.size))
+                im = im.convert("RGB")
+                w, h = im.size
+                scale = self.size / min(w, h)
+                im = im.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
+                               Image.Resampling.BICUBIC)
+                w, h = im.size
+                left, top = (w - self.size) // 2, (h - self.size) // 2
+                im = im.crop((left, top, left + self.size, top + self.size))
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+        except (OSError, ValueError):
+            return self.blank(), False
+        x = torch.from_numpy(arr).permute(2, 0, 1)
+        return (x - self.mean) / self.std, True
+
+
+def post_text(meta: dict, text_field: str) -> str:
+    """The post text fed to CLIP: ``title``, ``alltags`` or ``title+alltags``."""
+    if text_field == "title":
+        return meta["title"]
+    if text_field == "alltags":
+        return meta["alltags"]
+    if text_field == "title+alltags":
+        return " ".join(t for t in (meta["title"], meta["alltags"]) if t)
+    raise ValueError(f"text_field must be title, alltags or title+alltags, got {text_field!r}")
+
+
+class SampleDecoder:
+    """A raw tar sample -> dict of tensors/values (one post). Picklable, so it runs inside loader workers."""
+
+    def __init__(self, image_size: int, text_field: str):
+        self.preprocess = ImagePreprocessor(image_size)
+        self.text_field = text_field
+
+    def __call__(self, sample: dict) -> dict:
+        meta = json.loads(sample["json"])
+        image, ok = self.preprocess(sample.get("jpg"))
+        return {
+            "post_id": meta["post_id"],
+            "row": meta["row"],
+            "split": meta["split"],
+            "image": image,
+            "has_image": ok,
+            "text": post_text(meta, self.text_field),
+            "subcategory_id": meta["subcategory_id"],
+            "category_id": meta["category_id"],
+            "label": np.nan if meta["label"] is None else meta["label"],
+        }
+
+
+class Collate:
+    """List of decoded samples -> the raw batch dict (see ``lightning_modules.backbone.encode_posts``)."""
+
+    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]):
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples: list[dict]) -> dict:
+        return {
+            "post_id": [s["post_id"] for s in samples],
+            "row": torch.tensor([s["row"] for s in samples], dtype=torch.int64),
+            "image": torch.stack([s["image"] for s in samples]),
+            "has_image": torch.tensor([s["has_image"] for s in samples], dtype=torch.bool),
+            "text_ids": self.tokenizer([s["text"] for s in samples]).long(),
+            "subcategory_id": torch.tensor([s["subcategory_id"] for s in samples], dtype=torch.int64),
+            "category_id": torch.tensor([s["category_id"] for s in samples], dtype=torch.int64),
+            "label": torch.tensor([s["label"] for s in samples], dtype=torch.float32),
+        }
+
+
+class KeepPosts:
+    """Sample filter by post id (fold membership): keep samples whose ``__key__`` is in ``post_ids``."""
+
+    def __init__(self, post_ids: Iterable[str] | None):
+        self.post_ids = None if post_ids is None else frozenset(post_ids)
+
+    def __call__(self, sample: dict) -> bool:
+        return self.post_ids is None or sample["__key__"] in self.post_ids
+
+
+# ----------------------------------------------------------------------------- shard lists
+class SharedEpoch:
+    """An epoch counter shared with loader workers (multiprocessing value), set at each epoch start."""
+
+    def __init__(self, epoch: int = 0):
+        self.value = mp.Value("i", epoch)
+
+    def set(self, epoch: int) -> None:
+        self.value.value = epoch
+
+    def get(self) -> int:
+        return self.value.value
+
+
+def _worker_info() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class ResampledShardList(torch.utils.data.IterableDataset):
+    """Endless shard URLs drawn with replacement; the RNG is seeded by (seed, epoch, rank, worker).
+
+    Deterministic for a given epoch, different across epochs, ranks and workers.
+    """
+
+    def __init__(self, urls: list[str], seed: int, epoch: SharedEpoch, rank: int):
+        self.urls, self.seed, self.epoch, self.rank = list(urls), seed, epoch, rank
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, _ = _worker_info()
+        rng = random.Random(hash((self.seed, self.epoch.get(), self.rank, worker)) & 0xFFFFFFFF)
+        while True:
+            yield {"url": rng.choice(self.urls)}
+
+
+class RankWorkerShardList(torch.utils.data.IterableDataset):
+    """Every shard once, split by rank then by loader worker (evaluation / prediction)."""
+
+    def __init__(self, urls: list[str], rank: int, world_size: int):
+        self.urls, self.rank, self.world_size = list(urls), rank, world_size
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = _worker_info()
+        mine = self.urls[self.rank :: self.world_size]
+        for url in mine[worker::workers]:
+            yield {"url": url}
+
+
+def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world_size) from the arguments, else torch.distributed, else the RANK/WORLD_SIZE environment."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# ----------------------------------------------------------------------------- pipelines
+def batches_per_worker(num_samples: int, batch_size: int, world_size: int, num_workers: int) -> int:
+    """Batches each loader worker yields per epoch so every rank yields the same number of batches."""
+    num_batches = math.ceil(num_samples / (batch_size * world_size))
+    return math.ceil(num_batches / max(1, num_workers))
+
+
+def make_train_pipeline(
+    urls: list[str],
+    *,
+    decoder: SampleDecoder,
+    collate: Collate,
+    batch_size: int,
+    num_samples: int,
+    num_workers: int,
+    seed: int,
+    epoch: SharedEpoch,
+    keep: KeepPosts | None = None,
+    shuffle_buffer: int = 1000,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> wds.DataPipeline:
+    """Endless, resampled training pipeline cut to a fixed number of batches per worker (per epoch).
+
+    ``num_samples`` is the number of training posts (after ``keep``); each rank yields
+    ``batches_per_worker(...) * max(1, num_workers)`` batches of ``batch_size`` per epoch.
+    """
+    rank, world_size = dist_info(rank, world_size)
+    n_batches = batches_per_worker(num_samples, batch_size, world_size, num_workers)
+    stages = [
+        ResampledShardList(urls, seed, epoch, rank),
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.select(keep or KeepPosts(None)),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed + rank)),
+        wds.map(decoder),
+        wds.batched(batch_size, collation_fn=collate, partial=False),
+    ]
+    return wds.DataPipeline(*stages).with_epoch(n_batches)
+
+
+def make_eval_pipeline(
+    urls: list[str],
+    *,
+    decoder: SampleDecoder,
+    collate: Collate,
+    batch_size: int,
+    keep: KeepPosts | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> wds.DataPipeline:
+    """Every post exactly once across ranks and workers, in shard order, partial last batch kept."""
+    rank, world_size = dist_info(rank, world_size)
+    return wds.DataPipeline(
+        RankWorkerShardList(urls, rank, world_size),
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.select(keep or KeepPosts(None)),
+        wds.map(decoder),
+        wds.batched(batch_size, collation_fn=collate, partial=True),
+    )
+
+
+def make_loader(pipeline: wds.DataPipeline, num_workers: int) -> wds.WebLoader:
+    """A DataLoader over a batched pipeline (batching happens in the workers)."""
+    return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=num_workers,
+                         persistent_workers=False)
