@@ -146,14 +146,14 @@ def padding_mask(token_ids: torch.Tensor) -> torch.Tensor:
     return token_ids != 0
 
 
-@torch.no_grad()
 def encode_posts(
     model: nn.Module, image: torch.Tensor, text_ids: torch.Tensor, token_len: int
 ) -> dict[str, torch.Tensor]:
     """Frozen-backbone features of a batch of posts: the one place raw batches become embeddings.
 
     Used both by the embedding cache (computed once, reused for every fold and epoch) and by the neural modules
-    when they are fed raw shard batches, so the two paths give the same numbers.
+    when they are fed raw shard batches, so the two paths give the same numbers. Callers wrap it in
+    ``torch.no_grad()`` when the backbone is frozen (the cache, and modules with no trainable CLIP block).
 
     Args:
         image: (B, 3, S, S) preprocessed images.

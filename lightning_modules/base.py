@@ -1,0 +1,68 @@
+"""What every popstack LightningModule shares: batch encoding (raw -> cached form), regression metrics,
+and the AdamW optimiser with an optional cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torchmetrics import MeanAbsoluteError, SpearmanCorrCoef
+
+from lightning_modules.backbone import encode_posts, load_backbone
+
+CACHED_KEYS = ("image_emb", "text_emb", "text_tokens", "text_mask")
+
+
+class PostModule(L.LightningModule):
+    """Base class. Subclasses call ``_init_backbone`` when they need CLIP and implement ``forward``/``losses``.
+
+    Args common to all subclasses: ``lr``, ``weight_decay``, ``scheduler`` ("cosine" | "constant"),
+    ``token_len`` (per-token text features kept when encoding raw batches).
+    """
+
+    backbone_model = None
+
+    def _init_backbone(self, model_name: str, pretrained: str | None, trainable_last_blocks: int) -> None:
+        from lightning_modules.backbone import freeze
+
+        bb = load_backbone(model_name, pretrained)
+        freeze(bb.model, trainable_last_blocks)
+        self.clip = bb.model
+        self.tokenizer = bb.tokenizer
+        self.frozen = trainable_last_blocks == 0
+
+    def _init_regression_metrics(self) -> None:
+        self.val_src = SpearmanCorrCoef()
+        self.val_mae = MeanAbsoluteError()
+
+    def encode(self, batch: dict) -> dict:
+        """Return the batch in cached form: raw batches (``image``, ``text_ids``) go through the CLIP backbone."""
+        if "image_emb" in batch:
+            return batch
+        if not hasattr(self, "clip"):
+            raise ValueError(f"{type(self).__name__} was built without a backbone and cannot take raw image batches")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            if self.frozen:
+                self.clip.eval()
+            enc = encode_posts(self.clip, batch["image"], batch["text_ids"], self.hparams.token_len)
+        return {**batch, **enc}
+
+    def log_regression(self, pred: torch.Tensor, label: torch.Tensor, stage: str) -> None:
+        keep = torch.isfinite(label)
+        if stage == "val" and bool(keep.any()):
+            self.val_src.update(pred[keep].float(), label[keep].float())
+            self.val_mae.update(pred[keep].float(), label[keep].float())
+            self.log("val/src", self.val_src, on_epoch=True, on_step=False, prog_bar=True)
+            self.log("val/mae", self.val_mae, on_epoch=True, on_step=False, prog_bar=True)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.scheduler == "constant":
+            return opt
+        if self.hparams.scheduler != "cosine":
+            raise ValueError(f"scheduler must be cosine or constant, got {self.hparams.scheduler!r}")
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

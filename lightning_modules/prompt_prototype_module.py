@@ -1,0 +1,187 @@
+"""PromptPrototypeModule: the CMPA-DGPL model as a LightningModule (frozen CLIP + prompts + prototypes).
+
+Loss (paper eq. 8): L = L_g + L_o + L_c, cross-entropy on the global prompt logits, the local prompt logits and
+the averaged prototype logits (posts of a class unknown to training, id -1, are ignored), plus an optional
+popularity head (Huber, weight ``regression_weight``; 0 switches it off) so the module's predictions can join the
+stack. Prototypes come from ``set_prototypes`` (computed by the caller from the training fold) and are buffers,
+so they travel in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_modules.base import PostModule
+from lightning_modules.losses import huber_loss
+from lightning_modules.prompt_learner import DualGrainedPromptLearner, global_similarity, local_similarity
+from lightning_modules.prototype_classifier import CrossModalPrototypeClassifier
+
+IGNORE = -1
+
+
+class PromptPrototypeModule(PostModule):
+    """Args (all plain values, saved as hyper-parameters):
+
+    class_names: the K subcategory names in class-id order.
+    backbone_name / backbone_pretrained / trainable_last_blocks: the CLIP model (frozen by default).
+    n_ctx, ctx_init_std: prompt contexts (eq. 1). tau: temperature of the global/local prompt logits;
+    tau_s: token softmax temperature (eq. 5); learn_tau: learn both (log space).
+    proj_dim, heads, tau_v, tau_t: the prototype classifier (eqs. 6-7).
+    regression_weight, huber_delta, regression_hidden: the auxiliary popularity head, which predicts
+    (y - target_mean) / target_std (training-label statistics given by the caller).
+    lr, weight_decay, scheduler: AdamW (paper: 1e-4, 1e-5). token_len: per-token features for raw batches.
+    """
+
+    def __init__(
+        self,
+        class_names: list[str],
+        backbone_name: str = "popstack-tiny-clip",
+        backbone_pretrained: str | None = None,
+        trainable_last_blocks: int = 0,
+        n_ctx: int = 16,
+        ctx_init_std: float = 0.02,
+        tau: float = 0.25,
+        tau_s: float = 0.02,
+        learn_tau: bool = False,
+        proj_dim: int = 256,
+        heads: int = 4,
+        tau_v: float = 0.07,
+        tau_t: float = 0.07,
+        regression_weight: float = 1.0,
+        huber_delta: float = 1.0,
+        regression_hidden: int = 256,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-5,
+        scheduler: str = "cosine",
+        token_len: int = 32,
+        target_mean: float = 0.0,
+        target_std: float = 1.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self._init_backbone(backbone_name, backbone_pretrained, trainable_last_blocks)
+        k = len(class_names)
+        embed_dim = self.clip.text_projection.shape[1] if isinstance(self.clip.text_projection, torch.Tensor) \
+            else self.clip.text_projection.out_features
+        self.prompts = DualGrainedPromptLearner(self.clip, self.tokenizer, list(class_names), n_ctx, ctx_init_std)
+        self.classifier = CrossModalPrototypeClassifier(embed_dim, proj_dim, heads, tau_v, tau_t)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / tau)), requires_grad=learn_tau)
+        self.log_inv_tau_s = nn.Parameter(torch.tensor(math.log(1 / tau_s)), requires_grad=learn_tau)
+        self.register_buffer("visual_prototypes", torch.zeros(k, embed_dim))
+        self.register_buffer("textual_prototypes", torch.zeros(k, embed_dim))
+        self.register_buffer("prototypes_set", torch.tensor(False))
+        head_in = proj_dim + 2 * k + 2 * embed_dim
+        self.regressor = nn.Sequential(
+            nn.Linear(head_in, regression_hidden), nn.GELU(), nn.Linear(regression_hidden, 1)
+        ) if regression_weight > 0 else None
+        self.val_acc = MulticlassAccuracy(num_classes=k, ignore_index=IGNORE, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes=k, top_k=min(5, k), ignore_index=IGNORE, average="micro")
+        self._init_regression_metrics()
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.hparams.class_names)
+
+    def set_prototypes(self, visual: torch.Tensor, textual: torch.Tensor) -> None:
+        """Visual and textual prototypes, (K, D) each (see ``lightning_modules.prototypes``)."""
+        if visual.shape != self.visual_prototypes.shape or textual.shape != self.textual_prototypes.shape:
+            raise ValueError(f"prototypes must be {tuple(self.visual_prototypes.shape)}, got "
+                             f"{tuple(visual.shape)} and {tuple(textual.shape)}")
+        self.visual_prototypes.copy_(torch.as_tensor(visual, dtype=torch.float32))
+        self.textual_prototypes.copy_(torch.as_tensor(textual, dtype=torch.float32))
+        self.prototypes_set.fill_(True)
+
+    def class_name_features(self) -> torch.Tensor:
+        """(K, D) CLIP text features of the plain class names: the prototype fallback for empty classes."""
+        names = [n.replace(",", " ") for n in self.hparams.class_names]
+        with torch.no_grad():
+            return self.clip.encode_text(self.tokenizer(names).to(self.device)).float()
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Cached or raw batch -> outputs (B = batch, K = classes, D = CLIP dim, d = proj_dim):
+
+        ``global_logits``, ``local_logits``, ``proto_logits``, ``logits_v``, ``logits_t`` (B, K); ``x`` (B, d); ``V``, ``T`` (B, K, d);
+        ``image_emb``, ``text_emb`` (B, D); ``prediction`` (B,) popularity (NaN when the head is off).
+        """
+        if not bool(self.prototypes_set):
+            raise RuntimeError("call set_prototypes(visual, textual) before using PromptPrototypeModule")
+        b = self.encode(batch)
+        g, l = self.prompts()
+        scale = self.log_scale.exp()
+        global_logits = scale * global_similarity(b["text_emb"], g)
+        local_logits = scale * local_similarity(b["text_tokens"], b["text_mask"].bool(), l, 1 / self.log_inv_tau_s.exp())
+        proto = self.classifier(b["image_emb"].float(), self.visual_prototypes, self.textual_prototypes)
+        out = {"global_logits": global_logits, "local_logits": local_logits, "proto_logits": proto["logits"],
+               "logits_v": proto["logits_v"], "logits_t": proto["logits_t"],
+               "x": proto["x"], "V": proto["V"], "T": proto["T"], "image_emb": b["image_emb"].float(),
+               "text_emb": b["text_emb"].float()}
+        if self.regressor is not None:
+            feats = torch.cat([proto["x"], global_logits.softmax(-1), local_logits.softmax(-1),
+                               out["image_emb"], out["text_emb"]], dim=-1)
+            z = self.regressor(feats).squeeze(-1)
+            out["prediction"] = z * self.hparams.target_std + self.hparams.target_mean
+        else:
+            out["prediction"] = torch.full((global_logits.shape[0],), float("nan"), device=global_logits.device)
+        return out
+
+    def losses(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
+        y = batch["subcategory_id"].long()
+        y = torch.where(y < self.n_classes, y, torch.full_like(y, IGNORE))
+        has_class = bool((y != IGNORE).any())
+
+        def ce(logits):
+            return F.cross_entropy(logits.float(), y, ignore_index=IGNORE) if has_class else logits.sum() * 0.0
+
+        parts = {"l_g": ce(out["global_logits"]), "l_o": ce(out["local_logits"]), "l_c": ce(out["proto_logits"])}
+        total = parts["l_g"] + parts["l_o"] + parts["l_c"]
+        if self.regressor is not None:
+            parts["l_reg"] = huber_loss(out["prediction"], batch["label"], self.hparams.huber_delta)
+            total = total + self.hparams.regression_weight * parts["l_reg"]
+        parts["loss"] = total
+        return parts
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self(batch)
+        parts = self.losses(out, batch)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, on_step=True, on_epoch=True,
+                      batch_size=len(batch["label"]))
+        return parts["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self(batch)
+        parts = self.losses(out, batch)
+        self.log("val/loss", parts["loss"], on_epoch=True, sync_dist=True, batch_size=len(batch["label"]))
+        y = batch["subcategory_id"].long()
+        y = torch.where(y < self.n_classes, y, torch.full_like(y, IGNORE))
+        self.val_acc.update(out["proto_logits"], y)
+        self.val_top5.update(out["proto_logits"], y)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+        self.log("val/top5", self.val_top5, on_epoch=True)
+        if self.regressor is not None:
+            self.log_regression(out["prediction"], batch["label"], "val")
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Per post: the prediction, the predicted class, and the paper's feature vector pieces (eq. 11).
+
+        ``w_global``/``w_local`` (B, K) are the post's global/local prompt logits (its similarity to each class's
+        prompt embeddings w^G_i, w^L_i); ``V_pool``/``T_pool`` (B, d) are the attended prototypes averaged with the
+        post's visual/textual prototype probabilities.
+        """
+        out = self(batch)
+        p_v = out["logits_v"].float().softmax(-1)
+        p_t = out["logits_t"].float().softmax(-1)
+        return {
+            "post_id": list(batch["post_id"]),
+            "prediction": out["prediction"].float(),
+            "class_pred": out["proto_logits"].argmax(-1),
+            "image_emb": out["image_emb"], "text_emb": out["text_emb"],
+            "w_global": out["global_logits"].float(), "w_local": out["local_logits"].float(),
+            "x_tilde": out["x"].float(),
+            "V_pool": (p_v.unsqueeze(-1) * out["V"].float()).sum(1),
+            "T_pool": (p_t.unsqueeze(-1) * out["T"].float()).sum(1),
+        }

@@ -1,0 +1,137 @@
+"""HyperFusion's neural ensemble members (§3.4): the co-attention MLP and the CLIP hierarchical predictor.
+
+Both regress popularity with the Huber loss (eq. 7) from the cached CLIP features (the default, frozen-backbone
+path); given ``backbone_name`` they also accept raw shard batches (encoded by the frozen CLIP).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_modules.base import PostModule
+from lightning_modules.losses import huber_loss
+
+
+class CoAttention(nn.Module):
+    """Visual and textual tokens attend to each other.
+
+    The image side is the pooled CLIP image embedding expanded into ``n_visual_tokens`` learned views (the cache
+    holds no patch tokens); the text side is the per-token CLIP text features. The image query attends over the
+    text tokens (padding masked: masked tokens get no weight and cannot change the output); the text query (the
+    pooled text embedding) attends over the visual tokens.
+
+    Shapes: image (B, D), text_emb (B, D), tokens (B, L, D), mask (B, L) -> (B, 4 * d).
+    """
+
+    def __init__(self, embed_dim: int, dim: int = 128, heads: int = 4, n_visual_tokens: int = 4):
+        super().__init__()
+        self.n_visual_tokens = n_visual_tokens
+        self.image_tokens = nn.Linear(embed_dim, n_visual_tokens * dim)
+        self.image_query = nn.Linear(embed_dim, dim)
+        self.text_query = nn.Linear(embed_dim, dim)
+        self.text_tokens = nn.Linear(embed_dim, dim)
+        self.v2t = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.t2v = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, image: torch.Tensor, text_emb: torch.Tensor, tokens: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        b = image.shape[0]
+        mask = mask.bool().clone()
+        mask[mask.sum(1) == 0, 0] = True  # a post with no token keeps one position, so softmax stays defined
+        text_seq = self.text_tokens(tokens.float())
+        q_img = self.image_query(image.float()).unsqueeze(1)
+        attended_text, _ = self.v2t(q_img, text_seq, text_seq, key_padding_mask=~mask, need_weights=False)
+        vis_seq = self.image_tokens(image.float()).view(b, self.n_visual_tokens, -1)
+        q_txt = self.text_query(text_emb.float()).unsqueeze(1)
+        attended_vis, _ = self.t2v(q_txt, vis_seq, vis_seq, need_weights=False)
+        return torch.cat([q_img[:, 0], attended_text[:, 0], q_txt[:, 0], attended_vis[:, 0]], dim=-1)
+
+
+def mlp(sizes: list[int], dropout: float, batch_norm: bool) -> nn.Sequential:
+    """FC -> ReLU (-> BatchNorm) -> Dropout for each consecutive pair of ``sizes``, then a final FC to 1."""
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(b))
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(sizes[-1], 1))
+    return nn.Sequential(*layers)
+
+
+class RegressorModule(PostModule):
+    """Shared training/validation/predict steps of the popularity regressors."""
+
+    def features(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Batch (cached or raw) -> (B,) predicted popularity (the head predicts the standardised label)."""
+        z = self.head(self.features(self.encode(batch))).squeeze(-1)
+        return z * self.hparams.target_std + self.hparams.target_mean
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = huber_loss(self(batch), batch["label"], self.hparams.huber_delta)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(batch["label"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        pred = self(batch)
+        self.log("val/loss", huber_loss(pred, batch["label"], self.hparams.huber_delta), on_epoch=True,
+                 sync_dist=True, batch_size=len(batch["label"]))
+        self.log_regression(pred, batch["label"], "val")
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        return {"post_id": list(batch["post_id"]), "prediction": self(batch).float()}
+
+
+class CoAttentionMLPModule(RegressorModule):
+    """Co-attention over CLIP image/text features, fused with the tabular vector, then an MLP (Huber loss).
+
+    Args: embed_dim (CLIP dim D), tabular_dim (0 = no tabular input), attn_dim, heads, n_visual_tokens,
+    hidden (MLP widths), dropout, huber_delta, lr, weight_decay, scheduler, token_len, target_mean/target_std
+    (training-label statistics: the head predicts (y - mean) / std), and optionally backbone_name /
+    backbone_pretrained to accept raw batches.
+    """
+
+    def __init__(self, embed_dim: int, tabular_dim: int = 0, attn_dim: int = 128, heads: int = 4,
+                 n_visual_tokens: int = 4, hidden: tuple[int, ...] = (256, 64), dropout: float = 0.1,
+                 huber_delta: float = 1.0, lr: float = 1e-3, weight_decay: float = 1e-4, scheduler: str = "cosine",
+                 token_len: int = 32, target_mean: float = 0.0, target_std: float = 1.0,
+                 backbone_name: str | None = None, backbone_pretrained: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        if backbone_name:
+            self._init_backbone(backbone_name, backbone_pretrained, 0)
+        self.coattention = CoAttention(embed_dim, attn_dim, heads, n_visual_tokens)
+        self.tabular = nn.Sequential(nn.Linear(tabular_dim, attn_dim), nn.ReLU()) if tabular_dim else None
+        fused = 4 * attn_dim + (attn_dim if tabular_dim else 0)
+        self.head = mlp([fused, *hidden], dropout, batch_norm=False)
+        self._init_regression_metrics()
+
+    def features(self, b: dict) -> torch.Tensor:
+        parts = [self.coattention(b["image_emb"], b["text_emb"], b["text_tokens"], b["text_mask"])]
+        if self.tabular is not None:
+            if "tabular" not in b:
+                raise KeyError("CoAttentionMLPModule was built with tabular_dim > 0 but the batch has no 'tabular'")
+            parts.append(self.tabular(b["tabular"].float()))
+        return torch.cat(parts, dim=-1)
+
+
+class CLIPHierarchicalPredictor(RegressorModule):
+    """Stacked FC + ReLU + BatchNorm layers on [CLIP image embedding; CLIP text embedding] (Huber loss)."""
+
+    def __init__(self, embed_dim: int, hidden: tuple[int, ...] = (512, 128, 32), dropout: float = 0.1,
+                 huber_delta: float = 1.0, lr: float = 1e-3, weight_decay: float = 1e-4, scheduler: str = "cosine",
+                 token_len: int = 32, target_mean: float = 0.0, target_std: float = 1.0,
+                 backbone_name: str | None = None, backbone_pretrained: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        if backbone_name:
+            self._init_backbone(backbone_name, backbone_pretrained, 0)
+        self.head = mlp([2 * embed_dim, *hidden], dropout, batch_norm=True)
+        self._init_regression_metrics()
+
+    def features(self, b: dict) -> torch.Tensor:
+        return torch.cat([b["image_emb"].float(), b["text_emb"].float()], dim=-1)
