@@ -1,0 +1,232 @@
+"""Stacking members behind one small interface: fit on a fold (early stopping on its validation part),
+predict, save/load in the library's native format (no pickle), feature importance.
+
+    member = make_member("lightgbm", params, categorical, seed)
+    member.fit(X_tr, y_tr, X_va, y_va); member.predict(X); member.save(path); type(member).load(path)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+
+class Member(Protocol):
+    name: str
+    extension: str
+
+    def fit(self, X_tr: pd.DataFrame, y_tr: np.ndarray, X_va: pd.DataFrame, y_va: np.ndarray) -> "Member": ...
+    def predict(self, X: pd.DataFrame) -> np.ndarray: ...
+    def save(self, path: Path) -> None: ...
+    def feature_importance(self) -> pd.Series | None: ...
+
+
+def _int_categoricals(X: pd.DataFrame, categorical: list[str]) -> pd.DataFrame:
+    """CatBoost needs integer (or string) categorical columns: codes as int64, NaN -> -1."""
+    X = X.copy()
+    for c in categorical:
+        X[c] = X[c].fillna(-1).astype(np.int64)
+    return X
+
+
+class CatBoostMember:
+    """CatBoost regressor; categorical columns native; loss ``Huber:delta=d`` or ``RMSE``; GPU when asked."""
+
+    name, extension = "catboost", "cbm"
+
+    def __init__(self, params: dict[str, Any], categorical: list[str], seed: int):
+        self.params, self.categorical, self.seed = dict(params), list(categorical), seed
+        self.model = None
+        self.columns: list[str] = []
+
+    def _model(self):
+        from catboost import CatBoostRegressor
+
+        p = dict(self.params)
+        use_gpu = p.pop("use_gpu", False)
+        if use_gpu:
+            from catboost.utils import get_gpu_device_count
+
+            use_gpu = get_gpu_device_count() > 0
+        return CatBoostRegressor(random_seed=self.seed, task_type="GPU" if use_gpu else "CPU", verbose=False,
+                                 allow_writing_files=False, **p)
+
+    def fit(self, X_tr, y_tr, X_va, y_va):
+        self.columns = list(X_tr.columns)
+        cats = [c for c in self.categorical if c in self.columns]
+        self.model = self._model()
+        self.model.fit(_int_categoricals(X_tr, cats), y_tr, cat_features=cats,
+                       eval_set=(_int_categoricals(X_va, cats), y_va), use_best_model=True)
+        return self
+
+    def predict(self, X):
+        cats = [c for c in self.categorical if c in self.columns]
+        return self.model.predict(_int_categoricals(X[self.columns], cats)).astype(np.float64)
+
+    def save(self, path):
+        self.model.save_model(str(path), format="cbm")
+        Path(f"{path}.json").write_text(json.dumps({"columns": self.columns, "categorical": self.categorical}))
+
+    @classmethod
+    def load(cls, path):
+        from catboost import CatBoostRegressor
+
+        meta = json.loads(Path(f"{path}.json").read_text())
+        member = cls({}, meta["categorical"], 0)
+        member.model = CatBoostRegressor()
+        member.model.load_model(str(path), format="cbm")
+        member.columns = meta["columns"]
+        return member
+
+    def feature_importance(self):
+        return pd.Series(self.model.get_feature_importance(), index=self.columns)
+
+
+class LightGBMMember:
+    """LightGBM regressor; categorical codes (columns with at most ``max_cat_levels`` levels; wider ones,
+    e.g. user ids, stay numeric); objective huber/l2/l1; early stopping on the fold's validation part."""
+
+    name, extension = "lightgbm", "txt"
+
+    def __init__(self, params: dict[str, Any], categorical: list[str], seed: int, max_cat_levels: int = 1000):
+        self.params, self.categorical, self.seed = dict(params), list(categorical), seed
+        self.max_cat_levels = max_cat_levels
+        self.booster = None
+        self.columns: list[str] = []
+
+    def fit(self, X_tr, y_tr, X_va, y_va):
+        import lightgbm as lgb
+
+        self.columns = list(X_tr.columns)
+        cats = [c for c in self.categorical if c in self.columns and X_tr[c].nunique() <= self.max_cat_levels]
+        p = dict(self.params)
+        rounds = int(p.pop("n_estimators", 1000))
+        patience = int(p.pop("early_stopping_rounds", 100))
+        p.update(seed=self.seed, deterministic=True, verbosity=-1, force_col_wise=True)
+        train = lgb.Dataset(X_tr, y_tr, categorical_feature=cats, free_raw_data=False)
+        valid = lgb.Dataset(X_va, y_va, categorical_feature=cats, reference=train)
+        self.booster = lgb.train(p, train, num_boost_round=rounds, valid_sets=[valid],
+                                 callbacks=[lgb.early_stopping(patience, verbose=False)])
+        return self
+
+    def predict(self, X):
+        return self.booster.predict(X[self.columns], num_iteration=self.booster.best_iteration).astype(np.float64)
+
+    def save(self, path):
+        self.booster.save_model(str(path), num_iteration=self.booster.best_iteration)
+
+    @classmethod
+    def load(cls, path):
+        import lightgbm as lgb
+
+        member = cls({}, [], 0)
+        member.booster = lgb.Booster(model_file=str(path))
+        member.columns = member.booster.feature_name()
+        return member
+
+    def feature_importance(self):
+        return pd.Series(self.booster.feature_importance("gain"), index=self.columns)
+
+
+class TabNetMember:
+    """TabNet regressor on imputed (training medians) and standardised float32 inputs; Huber loss."""
+
+    name, extension = "tabnet", "zip"
+
+    def __init__(self, params: dict[str, Any], categorical: list[str], seed: int):
+        self.params, self.seed = dict(params), seed
+        self.model = None
+        self.scaler = None
+
+    def fit(self, X_tr, y_tr, X_va, y_va):
+        import torch
+        from pytorch_tabnet.tab_model import TabNetRegressor
+
+        from features.preprocess import Standardiser
+
+        p = dict(self.params)
+        fit_keys = ("max_epochs", "patience", "batch_size", "virtual_batch_size")
+        fit_args = {k: p.pop(k) for k in fit_keys if k in p}
+        delta = float(p.pop("huber_delta", 1.0))
+        lr = float(p.pop("lr", 2e-2))
+        self.scaler = Standardiser.fit(X_tr)
+        self.model = TabNetRegressor(seed=self.seed, verbose=0, optimizer_params={"lr": lr}, device_name="cpu"
+                                     if not torch.cuda.is_available() else "auto", **p)
+        bs = min(int(fit_args.pop("batch_size", 1024)), len(X_tr))
+        vbs = min(int(fit_args.pop("virtual_batch_size", 128)), bs)
+        with contextlib.redirect_stdout(io.StringIO()):  # TabNet prints its early-stopping summary
+            self.model.fit(self.scaler.transform(X_tr), np.asarray(y_tr, np.float32).reshape(-1, 1),
+                           eval_set=[(self.scaler.transform(X_va), np.asarray(y_va, np.float32).reshape(-1, 1))],
+                           eval_metric=["mae"], loss_fn=torch.nn.HuberLoss(delta=delta), batch_size=bs,
+                           virtual_batch_size=vbs, drop_last=len(X_tr) > bs, **fit_args)
+        return self
+
+    def predict(self, X):
+        return self.model.predict(self.scaler.transform(X)).reshape(-1).astype(np.float64)
+
+    def save(self, path):
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.model.save_model(str(path).removesuffix(".zip"))
+        self.scaler.save(f"{path}.scaler.npz")
+
+    @classmethod
+    def load(cls, path):
+        from pytorch_tabnet.tab_model import TabNetRegressor
+
+        from features.preprocess import Standardiser
+
+        member = cls({}, [], 0)
+        member.model = TabNetRegressor()
+        member.model.load_model(str(path))
+        member.scaler = Standardiser.load(f"{path}.scaler.npz")
+        return member
+
+    def feature_importance(self):
+        return pd.Series(self.model.feature_importances_, index=self.scaler.columns)
+
+
+class NeuralMember:
+    """A neural model's predictions (out-of-fold for training rows, fold mean for the rest) read from a column."""
+
+    extension = "json"
+
+    def __init__(self, column: str):
+        self.column = column
+        self.name = column
+
+    def fit(self, X_tr, y_tr, X_va, y_va):
+        if self.column not in X_tr.columns:
+            raise KeyError(f"neural member: column {self.column!r} not in the stack inputs")
+        return self
+
+    def predict(self, X):
+        return X[self.column].to_numpy(dtype=np.float64)
+
+    def save(self, path):
+        Path(path).write_text(json.dumps({"column": self.column}))
+
+    @classmethod
+    def load(cls, path):
+        return cls(json.loads(Path(path).read_text())["column"])
+
+    def feature_importance(self):
+        return None
+
+
+TREE_MEMBERS = {"catboost": CatBoostMember, "lightgbm": LightGBMMember, "tabnet": TabNetMember}
+
+
+def make_member(kind: str, params: dict[str, Any], categorical: list[str], seed: int):
+    if kind not in TREE_MEMBERS:
+        raise ValueError(f"unknown member {kind!r}; members are {sorted(TREE_MEMBERS)} or neural columns")
+    return TREE_MEMBERS[kind](params, categorical, seed)
+
+
+def load_member(kind: str, path: Path):
+    return NeuralMember.load(path) if kind == "neural" else TREE_MEMBERS[kind].load(path)

@@ -1,0 +1,223 @@
+"""The K-fold stack: members per fold, out-of-fold bookkeeping, per-fold blend, pseudo-labelling rounds.
+
+    result = run_stack(X, y, folds, categorical, StackConfig())
+    result.save(out_dir); predict_stack(out_dir, X_new)
+
+For each round r = 0..R and fold k: every member is fitted on fold k's training part (kept rows + the
+pseudo-labelled posts of earlier rounds) with early stopping on fold k's validation part, and predicts the
+validation part (its out-of-fold predictions: each labelled row gets exactly one, from the model of the fold
+that held it out) and every unlabelled row. Blend weights are fitted per fold on that fold's validation
+predictions (eq. 8); a test post's prediction is the mean over folds of the fold blends (eq. 9).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from datamodules.folds import train_valid_masks
+from datamodules.schema import NO_FOLD
+from stacking.blend import blend, fit_weights
+from stacking.members import NeuralMember, load_member, make_member
+from stacking.metrics import scores
+from stacking.pseudo import select_pseudo
+from stacking.selection import iqr_filter, loss_based_keep
+
+log = logging.getLogger("popstack")
+
+
+@dataclass
+class StackConfig:
+    """members: tree members to fit ({name: params}); neural_columns: prediction columns read as members.
+    blend: caruana | mae | spearman | ridge; caruana_size: greedy steps.
+    pseudo_rounds, pseudo_alpha: eq. 10. iqr_k: IQR fence factor for training labels (0 = no filter).
+    selection_fraction: loss-based selection (1.0 = keep all; the paper uses 0.77).
+    """
+
+    members: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        "catboost": {"iterations": 500, "learning_rate": 0.05, "depth": 6, "loss_function": "Huber:delta=1.0",
+                     "eval_metric": "MAE", "early_stopping_rounds": 50, "thread_count": 2},
+        "lightgbm": {"objective": "huber", "alpha": 1.0, "learning_rate": 0.05, "num_leaves": 31,
+                     "n_estimators": 1000, "early_stopping_rounds": 50, "num_threads": 2, "min_data_in_leaf": 20},
+        "tabnet": {"n_d": 16, "n_a": 16, "n_steps": 3, "max_epochs": 30, "patience": 5, "batch_size": 512,
+                   "virtual_batch_size": 128, "lr": 0.02, "huber_delta": 1.0},
+    })
+    neural_columns: list[str] = field(default_factory=list)
+    blend: str = "caruana"
+    caruana_size: int = 25
+    pseudo_rounds: int = 1
+    pseudo_alpha: float = 1.0
+    iqr_k: float = 3.0
+    selection_fraction: float = 1.0
+    selection_member: str = "lightgbm"
+    seed: int = 0
+
+
+@dataclass
+class StackResult:
+    """All numbers a report needs, plus the fitted models of the final round (per member, per fold)."""
+
+    member_names: list[str]
+    oof: pd.DataFrame  # labelled rows: member columns + "blend"
+    test: pd.DataFrame  # unlabelled rows: member columns + "blend" (fold means)
+    scores: pd.DataFrame  # member, src, mae, seconds
+    weights: pd.DataFrame  # fold, member, weight (+ intercept rows for ridge)
+    rounds: pd.DataFrame  # round, pseudo_selected, tau, src, mae
+    importance: pd.Series
+    models: dict[tuple[str, int], Any]
+    blend_params: dict[int, dict]
+    feature_columns: list[str]
+    config: StackConfig
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        (directory / "members").mkdir(parents=True, exist_ok=True)
+        kinds = {}
+        for (name, k), model in self.models.items():
+            kind = "neural" if isinstance(model, NeuralMember) else name
+            kinds[name] = kind
+            model.save(directory / "members" / f"{name}.fold{k}.{model.extension}")
+        manifest = {
+            "members": self.member_names, "kinds": kinds, "folds": sorted({k for _, k in self.models}),
+            "blend": {str(k): {"weights": np.asarray(v["weights"]).tolist(), "intercept": v["intercept"]}
+                      for k, v in self.blend_params.items()},
+            "feature_columns": self.feature_columns, "config": asdict(self.config),
+            "extensions": {name: m.extension for (name, _), m in self.models.items()},
+        }
+        (directory / "stack.json").write_text(json.dumps(manifest, indent=1))
+
+
+def _member_list(cfg: StackConfig) -> list[str]:
+    return list(cfg.members) + list(cfg.neural_columns)
+
+
+def _new_member(name: str, cfg: StackConfig, categorical: list[str]):
+    if name in cfg.neural_columns:
+        return NeuralMember(name)
+    return make_member(name, cfg.members[name], categorical, cfg.seed)
+
+
+def _first_pass_losses(X: pd.DataFrame, y: np.ndarray, folds: np.ndarray, categorical, cfg: StackConfig) -> np.ndarray:
+    """Per-row absolute error of an out-of-fold first pass with ``cfg.selection_member``."""
+    oof = np.full(len(y), np.nan)
+    for k in np.unique(folds):
+        tr, va = folds != k, folds == k
+        m = make_member(cfg.selection_member, cfg.members[cfg.selection_member], categorical, cfg.seed)
+        m.fit(X[tr], y[tr], X[va], y[va])
+        oof[va] = m.predict(X[va])
+    return np.abs(oof - y)
+
+
+def run_stack(
+    X: pd.DataFrame, y: np.ndarray, folds: np.ndarray, categorical: list[str], cfg: StackConfig,
+    eval_folds: list[int] | None = None,
+) -> StackResult:
+    """Fit the stack. ``X``: float32 features of every post (neural prediction columns included);
+    ``y``: labels (NaN = unlabelled); ``folds``: from ``datamodules.folds`` (NO_FOLD = unlabelled).
+    ``eval_folds``: fit only these folds (e.g. ``[0]``: one hold-out split instead of K-fold); scores are then
+    computed on those folds' rows only."""
+    y = np.asarray(y, dtype=np.float64)
+    folds = np.asarray(folds)
+    labelled = folds != NO_FOLD
+    if np.isnan(y[labelled]).any():
+        raise ValueError("a row with a fold has no label")
+    names = _member_list(cfg)
+    if not names:
+        raise ValueError("the stack has no members")
+    feature_columns = [c for c in X.columns if c not in cfg.neural_columns]
+    XL, yl, fl = X[labelled].reset_index(drop=True), y[labelled], folds[labelled]
+    XU = X[~labelled].reset_index(drop=True)
+    fold_ids = sorted(np.unique(fl).tolist()) if eval_folds is None else list(eval_folds)
+    scored = np.isin(fl, fold_ids)
+
+    keep = np.ones(len(yl), dtype=bool)
+    if cfg.iqr_k > 0:
+        keep &= iqr_filter(yl, cfg.iqr_k)
+    if cfg.selection_fraction < 1.0:
+        losses = _first_pass_losses(XL[feature_columns], yl, fl, categorical, cfg)
+        keep &= loss_based_keep(losses, cfg.selection_fraction)
+    log.info("stack: %d labelled rows, %d kept for fitting (IQR k=%s, selection %.2f), %d unlabelled",
+             len(yl), int(keep.sum()), cfg.iqr_k, cfg.selection_fraction, len(XU))
+
+    pseudo_X = XU.iloc[:0]
+    pseudo_y = np.zeros(0)
+    round_log = []
+    for r in range(cfg.pseudo_rounds + 1):
+        oof = {n: np.full(len(yl), np.nan) for n in names}
+        test_by_fold = {n: {} for n in names}
+        seconds = dict.fromkeys(names, 0.0)
+        models: dict[tuple[str, int], Any] = {}
+        for k in fold_ids:
+            tr, va = train_valid_masks(fl, k)
+            tr &= keep
+            X_tr = pd.concat([XL[tr], pseudo_X], ignore_index=True)
+            y_tr = np.concatenate([yl[tr], pseudo_y])
+            for n in names:
+                start = time.perf_counter()
+                cols = [n] if n in cfg.neural_columns else feature_columns
+                member = _new_member(n, cfg, categorical).fit(X_tr[cols], y_tr, XL.loc[va, cols], yl[va])
+                oof[n][va] = member.predict(XL.loc[va, cols])
+                test_by_fold[n][k] = member.predict(XU[cols]) if len(XU) else np.zeros(0)
+                seconds[n] += time.perf_counter() - start
+                models[(n, k)] = member
+        blend_params = {}
+        oof_blend = np.full(len(yl), np.nan)
+        test_blend_folds = []
+        for k in fold_ids:
+            va = fl == k
+            P = np.column_stack([oof[n][va] for n in names])
+            blend_params[k] = fit_weights(P, yl[va], cfg.blend, cfg.caruana_size)
+            oof_blend[va] = blend(P, blend_params[k])
+            if len(XU):
+                test_blend_folds.append(blend(np.column_stack([test_by_fold[n][k] for n in names]), blend_params[k]))
+        test_pred = np.mean(test_blend_folds, axis=0) if len(XU) else np.zeros(0)
+        member_test = {n: np.mean([test_by_fold[n][k] for k in fold_ids], axis=0) if len(XU) else np.zeros(0)
+                       for n in names}
+        sc = scores(yl[scored], oof_blend[scored])
+        entry = {"round": r, "pseudo_rows": len(pseudo_y), **sc, "tau": np.nan, "selected_next": 0}
+        if r < cfg.pseudo_rounds and len(XU):
+            mask, tau = select_pseudo(np.column_stack([member_test[n] for n in names]), cfg.pseudo_alpha)
+            pseudo_X, pseudo_y = XU[mask], test_pred[mask]
+            entry.update(tau=tau, selected_next=int(mask.sum()))
+        round_log.append(entry)
+        log.info("stack round %d: OOF SRC %.4f MAE %.4f (pseudo rows in training: %d)", r, sc["src"], sc["mae"],
+                 entry["pseudo_rows"])
+
+    rows = [{"member": n, **scores(yl[scored], oof[n][scored]), "seconds": round(seconds[n], 2)} for n in names]
+    rows.append({"member": "blend", **scores(yl[scored], oof_blend[scored]), "seconds": round(sum(seconds.values()), 2)})
+    weights = pd.DataFrame([{"fold": k, "member": n, "weight": float(w)} for k, p in blend_params.items()
+                            for n, w in zip(names, p["weights"])])
+    importances = [m.feature_importance() for m in models.values()]
+    importances = [s / s.sum() for s in importances if s is not None and s.sum() > 0]
+    importance = pd.concat(importances, axis=1).fillna(0).mean(axis=1) if importances else pd.Series(dtype=float)
+    return StackResult(
+        member_names=names,
+        oof=pd.DataFrame({**oof, "blend": oof_blend}),
+        test=pd.DataFrame({**member_test, "blend": test_pred}),
+        scores=pd.DataFrame(rows), weights=weights, rounds=pd.DataFrame(round_log), importance=importance,
+        models=models, blend_params=blend_params, feature_columns=feature_columns, config=cfg,
+    )
+
+
+def predict_stack(directory: str | Path, X: pd.DataFrame) -> np.ndarray:
+    """Predictions for new rows: every fold's members -> the fold's blend -> mean over folds."""
+    directory = Path(directory)
+    manifest = json.loads((directory / "stack.json").read_text())
+    neural = set(manifest["config"]["neural_columns"])
+    fold_preds = []
+    for k in manifest["folds"]:
+        P = []
+        for name in manifest["members"]:
+            kind = manifest["kinds"][name]
+            member = load_member(kind, directory / "members" / f"{name}.fold{k}.{manifest['extensions'][name]}")
+            cols = [name] if name in neural else manifest["feature_columns"]
+            P.append(member.predict(X[cols]))
+        fold_preds.append(blend(np.column_stack(P), manifest["blend"][str(k)]))
+    return np.mean(fold_preds, axis=0)
