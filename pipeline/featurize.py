@@ -1,0 +1,48 @@
+"""Stage 2, features: the tabular matrix (``features/``) and its standardised copy for the neural MLP."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.folds import read_folds
+from datamodules.schema import KEY, NO_FOLD
+from datamodules.smpd import read_posts
+from features.build import build_features
+from features.config import FeatureConfig
+from features.preprocess import Standardiser
+from pipeline.manifest import StageResult
+
+log = logging.getLogger("popstack")
+
+TABULAR = "tabular.parquet"
+TABULAR_SCALER = "tabular_standardiser.npz"
+
+
+def feature_config(cfg: DictConfig) -> FeatureConfig:
+    return FeatureConfig(**OmegaConf.to_container(cfg.features, resolve=True), seed=int(cfg.seed))
+
+
+def featurize(cfg: DictConfig, run_dir: Path) -> StageResult:
+    posts = read_posts(run_dir / "posts.parquet")
+    folds = read_folds(run_dir / "folds.parquet")["fold"].to_numpy()
+    fs = build_features(posts, folds, feature_config(cfg))
+    out = run_dir / "features"
+    fs.save(out)
+    labelled = folds != NO_FOLD
+    scaler = Standardiser.fit(fs.frame.loc[labelled, list(fs.families)])
+    scaler.save(out / TABULAR_SCALER)
+    tab = pd.DataFrame(scaler.transform(fs.frame[list(fs.families)]), columns=list(fs.families))
+    tab.insert(0, KEY, fs.frame[KEY].to_numpy())
+    tab.to_parquet(out / TABULAR, index=False)
+    per_family = pd.Series(fs.families).value_counts().to_dict()
+    log.info("features: %d columns (%s)", len(fs.families), ", ".join(f"{k}={v}" for k, v in per_family.items()))
+    return StageResult(
+        outputs=["features/features.parquet", "features/schema.json", "features/state", f"features/{TABULAR}"],
+        counts={"columns": len(fs.families), **{f"columns_{k}": int(v) for k, v in per_family.items()}},
+        metrics={f"seconds_{k}": v for k, v in fs.seconds.items()},
+    )

@@ -1,0 +1,99 @@
+"""Stage 1, prepare: raw SMPD directory (or the synthetic generator) -> posts table, vocab, folds, shards."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from datamodules.folds import fold_table, write_folds
+from datamodules.schema import IMAGE_OK, KEY, LABEL
+from pipeline.errors import UserError
+from pipeline.manifest import StageResult
+
+log = logging.getLogger("popstack")
+
+GENERATED_MARKER = ".popstack-generated"
+
+
+def raw_root(cfg: DictConfig) -> Path:
+    """The raw SMPD directory of this run; the synthetic one is generated on first use (atomically)."""
+    root = Path(cfg.data.root).expanduser().resolve()
+    if cfg.data.kind != "synthetic":
+        if not root.is_dir():
+            raise UserError(f"data.root {root} is not a directory")
+        return root
+    if (root / GENERATED_MARKER).is_file():
+        return root
+    from datamodules.synthetic import generate
+
+    syn = cfg.data.synthetic
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("generating synthetic SMPD data (%d train + %d test posts) in %s", syn.n_train, syn.n_test, root)
+    generate(
+        tmp, n_train=syn.n_train, n_test=syn.n_test, seed=syn.seed, n_subcategories=syn.n_subcategories,
+        user_variant=syn.user_variant, naming=str(syn.naming),
+    )
+    (tmp / GENERATED_MARKER).write_text(json.dumps(dict(syn)))
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return root
+
+
+def prepare(cfg: DictConfig, run_dir: Path) -> StageResult:
+    from datamodules.shards import build_vocab, write_shards
+    from datamodules.smpd import read_smpd, write_posts
+
+    root = raw_root(cfg)
+    posts = read_smpd(root, check_images=bool(cfg.data.check_images))
+    train = posts[posts.split == "train"]
+    if len(train) == 0 or train[LABEL].notna().sum() == 0:
+        raise UserError(f"{root}: the train split has no labelled posts")
+    if (posts.split == "test").sum() == 0:
+        log.warning("%s: no test split; the submission will be empty", root)
+
+    vocab = build_vocab(train)
+    (run_dir / "vocab.json").write_text(json.dumps(vocab, indent=1))
+    folds = fold_table(posts, int(cfg.n_folds), int(cfg.seed))
+    write_folds(folds, run_dir / "folds.parquet")
+
+    shard_dir = run_dir / "shards"
+    statuses: dict[str, str] = {}
+    for split in ("train", "test"):
+        part = posts[posts.split == split]
+        if len(part) == 0:
+            continue
+        info = write_shards(
+            part, root, shard_dir, split=split, class_ids=vocab, shard_size=int(cfg.data.shard_size),
+            image_max_side=cfg.data.image_max_side,
+        )
+        statuses.update(info.image_status)
+    posts["image_status"] = posts[KEY].map(statuses).fillna(posts["image_status"])
+    write_posts(posts, run_dir / "posts.parquet")
+
+    counts = _data_counts(posts)
+    log.info("prepare: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
+    return StageResult(
+        outputs=["posts.parquet", "vocab.json", "folds.parquet", "shards"], counts=counts,
+    )
+
+
+def _data_counts(posts: pd.DataFrame) -> dict[str, int]:
+    """What the prepare stage saw: sizes and the normal real-world mess, counted (never fatal)."""
+    by_split = posts.groupby("split")
+    return {
+        "posts": len(posts),
+        **{f"{s}_posts": int(n) for s, n in by_split.size().items()},
+        "users": int(posts.uid.nunique()),
+        "subcategories_in_train": int(posts.loc[posts.split == "train", "subcategory"].nunique()),
+        "images_not_ok": int((posts.image_status != IMAGE_OK).sum()),
+        **{f"images_{s}": int(n) for s, n in posts.image_status.value_counts().items() if s != IMAGE_OK},
+        "empty_titles": int((posts.title == "").sum()),
+        "empty_tags": int((posts.alltags == "").sum()),
+        "no_geo": int(posts.latitude.isna().sum()),
+    }

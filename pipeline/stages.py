@@ -1,0 +1,168 @@
+"""The six stages of ``train.py``, each a method that reads and writes inside the run directory.
+
+Stage order and what each reads:
+
+    prepare  -> posts.parquet, vocab.json, folds.parquet, shards/
+    features -> features/                       (reads prepare)
+    neural   -> embeddings/, neural/<model>/     (reads prepare, features)
+    extract  -> neural/features.parquet, neural/predictions.parquet  (reads neural)
+    stack    -> stack/                          (reads features, extract)
+    report   -> report.md, *.png, submission.json, predictions.parquet  (reads stack)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import RUN_DIR_ENV, save_config
+from pipeline.errors import UserError
+from pipeline.manifest import StageResult, StageRunner
+
+log = logging.getLogger("popstack")
+
+STAGES: tuple[str, ...] = ("prepare", "features", "neural", "extract", "stack", "report")
+DEPENDS: dict[str, tuple[str, ...]] = {
+    "prepare": (),
+    "features": ("prepare",),
+    "neural": ("prepare", "features"),
+    "extract": ("neural",),
+    "stack": ("features", "extract"),
+    "report": ("stack",),
+}
+#: Stages that only the first process runs (DDP children re-run the command line and must skip them).
+RANK_ZERO_ONLY: frozenset[str] = frozenset({"prepare", "features", "stack", "report"})
+
+
+def is_child_process() -> bool:
+    """True in a DDP child launched by Lightning/torchrun (local rank or global rank above 0)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("RANK", "0")) > 0 or int(
+        os.environ.get("NODE_RANK", "0")
+    ) > 0
+
+
+class Pipeline:
+    """Runs ``cfg.stages`` in order into ``cfg.run_dir``; see the module docstring for the data flow."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.runner = StageRunner(self.run_dir, log.info)
+        self.tracker = None
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> dict:
+        cfg = self.cfg
+        unknown = [s for s in cfg.stages if s not in STAGES]
+        if unknown:
+            raise UserError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
+        self._check_backbone()  # before any other work: no network -> one clear line
+        self._prepare_run_dir()
+        if self._is_distributed():
+            os.environ.setdefault(RUN_DIR_ENV, str(self.run_dir))
+        from pipeline.tracking import Tracker
+
+        import lightning as L
+
+        L.seed_everything(cfg.seed, verbose=False)
+        child = is_child_process()
+        self.tracker = Tracker(cfg, self.run_dir) if not child else None
+        metrics: dict = {}
+        try:
+            for stage in STAGES:
+                if stage not in cfg.stages or (child and stage in RANK_ZERO_ONLY):
+                    self.runner.load_existing(stage)
+                    continue
+                self._require_upstream(stage)
+                manifest = self.runner.run(
+                    stage, self._stage_config(stage), getattr(self, f"stage_{stage}"), DEPENDS[stage]
+                )
+                metrics[stage] = manifest.metrics
+                if self.tracker is not None:
+                    self.tracker.log({f"time/{stage}_s": manifest.seconds})
+        finally:
+            if self.tracker is not None:
+                self.tracker.finish()
+        return metrics
+
+    def _is_distributed(self) -> bool:
+        t = self.cfg.trainer
+        return int(t.devices) * int(t.num_nodes) > 1 or "ddp" in str(t.strategy)
+
+    def _check_backbone(self) -> None:
+        from lightning_modules.backbone import check_pretrained
+
+        check_pretrained(self.cfg.backbone.name, self.cfg.backbone.pretrained)
+
+    def _prepare_run_dir(self) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise UserError(f"cannot write to run directory {self.run_dir}: {err.strerror or err}") from err
+        save_config(self.cfg, self.run_dir)
+
+    def _require_upstream(self, stage: str) -> None:
+        for dep in DEPENDS[stage]:
+            if dep not in self.runner.manifests:
+                raise UserError(
+                    f"stage {stage!r} needs the outputs of {dep!r}, which has not run in {self.run_dir}; "
+                    f"add it to stages=[...]"
+                )
+
+    def _stage_config(self, stage: str) -> dict:
+        """The config sections a stage's outputs depend on (its manifest hash covers exactly these)."""
+        c = OmegaConf.to_container(self.cfg, resolve=True)
+        common = {"seed": c["seed"], "n_folds": c["n_folds"]}
+        sections = {
+            "prepare": {"data": c["data"], **common},
+            "features": {"features": c["features"], **common},
+            "neural": {"backbone": c["backbone"], "model": c["model"], "data": c["data"], **common},
+            "extract": {"model": c["model"]},
+            "stack": {"stacking": c["stacking"], **common},
+            "report": {"name": c["name"]},
+        }
+        return sections[stage]
+
+    def path(self, *parts: str) -> Path:
+        return self.run_dir.joinpath(*parts)
+
+    # ------------------------------------------------------------------ stages
+    def stage_prepare(self) -> StageResult:
+        from pipeline.prepare import prepare
+
+        return prepare(self.cfg, self.run_dir)
+
+    def stage_features(self) -> StageResult:
+        from pipeline.featurize import featurize
+
+        return featurize(self.cfg, self.run_dir)
+
+    def stage_neural(self) -> StageResult:
+        from pipeline.neural import train_neural
+
+        return train_neural(self.cfg, self.run_dir)
+
+    def stage_extract(self) -> StageResult:
+        from pipeline.neural import extract_neural
+
+        return extract_neural(self.cfg, self.run_dir)
+
+    def stage_stack(self) -> StageResult:
+        from pipeline.stack import stack
+
+        return stack(self.cfg, self.run_dir, self.tracker)
+
+    def stage_report(self) -> StageResult:
+        from pipeline.reporting import report
+
+        return report(self.cfg, self.run_dir, self.tracker, self.runner.manifests)

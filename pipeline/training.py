@@ -1,0 +1,127 @@
+"""Fit one LightningModule into its own directory, resumably.
+
+Layout of ``out_dir``: ``checkpoints/last.ckpt`` (every epoch, atomic), ``checkpoints/best.ckpt`` (best validation
+score), ``csv/`` (CSVLogger), ``done.json`` (written when fit finished). A rerun with ``done.json`` present does
+nothing; a rerun with only ``last.ckpt`` resumes from it, with the RNG states saved in the checkpoint, so the
+result equals an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger("popstack")
+
+DONE = "done.json"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to a temporary name in the same directory, then rename it into place."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
+class RNGState(Callback):
+    """Store the torch/numpy/python RNG states in every checkpoint and restore them on resume.
+
+    States are kept as tensors, lists and ints so checkpoints still load with ``torch.load(weights_only=True)``.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        version, py_state, gauss = random.getstate()
+        return {
+            "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "python": [version, list(py_state), gauss],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, py_state, gauss = state["python"]
+        random.setstate((version, tuple(py_state), gauss))
+
+
+def fit_resumable(
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    out_dir: Path,
+    *,
+    trainer_cfg: dict[str, Any],
+    max_epochs: int,
+    monitor: str,
+    mode: str,
+    seed: int,
+    wandb_prefix: str | None = None,
+    progress_bar: bool = True,
+) -> Path:
+    """Fit ``module`` (or resume it) and return the path of the best checkpoint."""
+    out_dir = Path(out_dir)
+    done = out_dir / DONE
+    if done.is_file():
+        return Path(json.loads(done.read_text())["best"])
+    ckpt_dir = out_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    resume = last if last.is_file() else None
+    if resume is not None:
+        log.info("resuming %s from %s", out_dir.name, resume)
+    L.seed_everything(seed, workers=True, verbose=False)
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1, save_last=True,
+        auto_insert_metric_name=False, enable_version_counter=False,
+    )
+    loggers: list = [CSVLogger(str(out_dir), name="csv", version="")]
+    callbacks: list = [checkpoint, RNGState()]
+    if wandb_prefix is not None:
+        import wandb
+
+        if wandb.run is not None:  # reuse the pipeline's run (one W&B run per run directory)
+            loggers.append(WandbLogger(prefix=wandb_prefix, experiment=wandb.run))
+            callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        accelerator=trainer_cfg["accelerator"],
+        devices=trainer_cfg["devices"],
+        num_nodes=trainer_cfg["num_nodes"],
+        strategy=trainer_cfg["strategy"],
+        precision=trainer_cfg["precision"],
+        deterministic=trainer_cfg["deterministic"],
+        log_every_n_steps=trainer_cfg["log_every_n_steps"],
+        logger=loggers,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        num_sanity_val_steps=0,
+        enable_progress_bar=progress_bar,
+        enable_model_summary=False,
+        default_root_dir=str(out_dir),
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else last
+    if trainer.is_global_zero:
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"best": str(best), "best_score": _float(checkpoint.best_model_score),
+                                   "epochs": trainer.current_epoch}))
+        os.replace(tmp, done)
+    return best
+
+
+def _float(value) -> float | None:
+    return None if value is None else float(value)
