@@ -229,8 +229,11 @@ def _pid(v: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- the reader
-def read_split(root: str | Path, split: str, *, check_images: bool = True) -> pd.DataFrame:
-    """Read one split into the posts table (``datamodules.schema`` columns); see the module docstring."""
+def read_split(root: str | Path, split: str, *, check_images: bool = True, labels: bool = True) -> pd.DataFrame:
+    """Read one split into the posts table (``datamodules.schema`` columns); see the module docstring.
+
+    ``labels=False`` reads no label file at all (inference on new posts): every label is NaN.
+    """
     root = Path(root)
     src = find_split(root, split)
     paths = [_image_path(ln) for ln in _lines(src, src.find("img_filepath"))]
@@ -317,8 +320,8 @@ def read_split(root: str | Path, split: str, *, check_images: bool = True) -> pd
         loc_vec.append(lv)
         loc_txt.append(lt)
 
-    labels = np.full(n, np.nan)
-    if split == "train":
+    label_values = np.full(n, np.nan)
+    if split == "train" and labels:
         label_name = "train_label.txt"
         if label_name not in src.names():
             raise SMPDFormatError(f"{src.where}: missing file train_label.txt (the train split must be labelled)")
@@ -329,10 +332,10 @@ def read_split(root: str | Path, split: str, *, check_images: bool = True) -> pd
             raise SMPDFormatError(f"{src.label(label_name)}: {len(lines)} labels but {n} images (must be row-aligned)")
         for i, ln in enumerate(lines):
             try:
-                labels[i] = float(ln)
+                label_values[i] = float(ln)
             except ValueError as err:
                 raise SMPDFormatError(f"{src.label(label_name)}: line {i + 1}: label {ln!r} is not a number") from err
-            if not np.isfinite(labels[i]):
+            if not np.isfinite(label_values[i]):
                 raise SMPDFormatError(f"{src.label(label_name)}: line {i + 1}: label {ln!r} is not finite")
     # test splits: a label file, if any, is ignored (test labels were never released)
 
@@ -376,7 +379,7 @@ def read_split(root: str | Path, split: str, *, check_images: bool = True) -> pd
         "user_text": user_txt,
         "location_vector": loc_vec,
         "location_text": loc_txt,
-        "label": labels,
+        "label": label_values,
     })
     return _typed(posts)
 
@@ -397,21 +400,25 @@ def _typed(posts: pd.DataFrame) -> pd.DataFrame:
     return posts[list(COLUMNS)]
 
 
-def read_smpd(root: str | Path, splits: tuple[str, ...] = SPLITS, *, check_images: bool = True) -> pd.DataFrame:
+def read_smpd(root: str | Path, splits: tuple[str, ...] = SPLITS, *, check_images: bool = True,
+              labels: bool = True) -> pd.DataFrame:
     """Read several splits (train rows first) into one posts table; Pids must be unique across splits.
 
     A split listed in ``splits`` but absent from ``root`` is an error except for ``test``, which may be missing
-    (a labelled-only directory); an unknown split name is always an error.
+    (a labelled-only directory); with ``labels=False`` (inference) any absent split is skipped, but at least one
+    must be there. An unknown split name is always an error.
     """
     root = Path(root)
     frames = []
     for split in splits:
         try:
-            frames.append(read_split(root, split, check_images=check_images))
+            frames.append(read_split(root, split, check_images=check_images, labels=labels))
         except SMPDFormatError as err:
-            if split == "test" and "no metadata for split" in str(err):
+            if (split == "test" or not labels) and "no metadata for split" in str(err):
                 continue
             raise
+    if not frames:
+        raise SMPDFormatError(f"{root}: no SMPD split found (looked for {', '.join(splits)})")
     posts = pd.concat(frames, ignore_index=True)
     dup = posts.post_id.duplicated(keep=False)
     if dup.any():

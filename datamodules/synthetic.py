@@ -151,6 +151,7 @@ def make_posts(
     firstdate = START_EPOCH - rng.uniform(30, 3000, n_users) * 86400
     firsttaken = firstdate - rng.uniform(0, 2000, n_users) * 86400
     user_null = rng.random(n_users) < 0.05
+    user_null[rng.integers(n_users)] = True  # at least one user with null profile fields
     pathalias = np.array([None if rng.random() < 0.4 else f"alias{j}" for j in range(n_users)], dtype=object)
     user_vecs = rng.normal(0, 0.1, (n_users, VECTOR_COLUMNS["user_vector"])).astype(np.float32)
     user_vecs[:, 0] = user_q / 4  # a weak, real signal in the provided user vector

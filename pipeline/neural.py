@@ -21,7 +21,7 @@ from datamodules.folds import read_folds
 from datamodules.schema import KEY, LABEL, NO_FOLD
 from datamodules.shards import Collate, SampleDecoder, make_eval_pipeline, make_loader, shard_urls
 from features.crossmodal import crossmodal_features
-from features.families import CROSSMODAL, NEURAL_PRED, NEURAL_TEXT, PROMPT, VISUAL
+from features.families import NEURAL_PRED, NEURAL_TEXT, PROMPT, VISUAL
 from lightning_modules.backbone import load_backbone
 from lightning_modules.embed import compute_embedding_cache
 from lightning_modules.extract import KeyedPredictionWriter, merge_rank_outputs, oof_and_test
@@ -62,13 +62,16 @@ def backbone_file(cfg: DictConfig, run_dir: Path) -> str:
     return str(run_dir / "embeddings" / BACKBONE_FILE)
 
 
-def build_cache(cfg: DictConfig, run_dir: Path) -> Path:
-    """Encode every post once with the frozen backbone (skipped when the cache exists)."""
+def build_cache(cfg: DictConfig, run_dir: Path, weights: str | None = None) -> Path:
+    """Encode every post once with the frozen backbone (skipped when the cache exists).
+
+    ``weights``: CLIP weights file to use instead of ``cfg.backbone.pretrained`` (inference uses the run's).
+    """
     cache = run_dir / "embeddings"
     if (cache / "post_ids.json").is_file():
         return cache
     torch.manual_seed(int(cfg.seed))
-    bb = load_backbone(cfg.backbone.name, cfg.backbone.pretrained)
+    bb = load_backbone(cfg.backbone.name, weights or cfg.backbone.pretrained)
     posts = pd.read_parquet(run_dir / "posts.parquet", columns=[KEY, "split"])
     splits = [s for s in ("train", "test") if (posts.split == s).any()]
     loader = make_loader(make_eval_pipeline(
@@ -78,18 +81,18 @@ def build_cache(cfg: DictConfig, run_dir: Path) -> Path:
     amp = torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") and _device(cfg) == "cuda" else None
     compute_embedding_cache(bb.model, loader, cache, post_ids=posts[KEY].tolist(),
                             token_len=int(cfg.backbone.token_len), device=_device(cfg), autocast_dtype=amp)
-    if not (cfg.backbone.pretrained and Path(cfg.backbone.pretrained).is_file()):
+    if weights is None and not (cfg.backbone.pretrained and Path(cfg.backbone.pretrained).is_file()):
         torch.save(bb.model.cpu().state_dict(), cache / BACKBONE_FILE)
     return cache
 
 
-def _datamodule(cfg: DictConfig, run_dir: Path, name: str, fold: int) -> EmbeddingDataModule:
+def _datamodule(cfg: DictConfig, run_dir: Path, name: str, fold: int | None) -> EmbeddingDataModule:
     m = cfg.model[name]
     return EmbeddingDataModule(
         str(run_dir / "embeddings"), str(run_dir / "posts.parquet"), str(run_dir / "folds.parquet"),
         str(run_dir / "vocab.json"), fold=fold, batch_size=int(m.batch_size), num_workers=0,
         tabular_path=str(run_dir / "features" / TABULAR) if name == "co_attention" and m.use_tabular else None,
-        seed=int(cfg.seed) + fold,
+        seed=int(cfg.seed) + (fold or 0),
     )
 
 
@@ -158,19 +161,26 @@ def train_neural(cfg: DictConfig, run_dir: Path) -> StageResult:
 
 def load_module(name: str, checkpoint: str | Path):
     """A trained module from its checkpoint alone (CLIP weights come from the checkpoint itself)."""
+    from pipeline.errors import UserError
+
     cls = MODULES[name]
     kwargs = {"backbone_pretrained": None} if name == "prompt_prototype" else {}
-    return cls.load_from_checkpoint(str(checkpoint), map_location="cpu", weights_only=True, **kwargs)
+    try:
+        return cls.load_from_checkpoint(str(checkpoint), map_location="cpu", weights_only=True, **kwargs)
+    except FileNotFoundError as err:
+        raise UserError(f"checkpoint not found: {checkpoint}") from err
+    except Exception as err:  # torch raises several types for a damaged file
+        raise UserError(f"cannot load checkpoint {checkpoint}: {type(err).__name__}: {err}") from err
 
 
-def predict_frames(cfg: DictConfig, run_dir: Path, name: str, dm: EmbeddingDataModule, work: Path,
-                   checkpoints: dict[int, Path], post_ids: list[str]) -> dict[int, pd.DataFrame]:
+def predict_frames(cfg: DictConfig, dm: EmbeddingDataModule, work: Path, ckpts: dict[int, Path], name: str,
+                   post_ids: list[str]) -> dict[int, pd.DataFrame]:
     """Every post's outputs from each fold's checkpoint (``trainer.predict`` + keyed writer, merged by id)."""
     import lightning as L
 
     frames = {}
     t = _trainer_cfg(cfg)
-    for fold, ckpt in checkpoints.items():
+    for fold, ckpt in ckpts.items():
         module = load_module(name, ckpt)
         out = work / f"fold{fold}"
         writer = KeyedPredictionWriter(out)
@@ -203,40 +213,68 @@ def fit_pca_blocks(frame: pd.DataFrame, labelled: np.ndarray, dim: int, state: d
     return pd.concat(blocks, axis=1)
 
 
-def extract_neural(cfg: DictConfig, run_dir: Path) -> StageResult:
-    folds = read_folds(run_dir / "folds.parquet")
+def checkpoints(cfg: DictConfig, run_dir: Path, name: str) -> dict[int, Path]:
+    """The best checkpoint of each fold of module ``name``."""
+    out = {}
+    for fold in range(int(cfg.n_folds)):
+        done = run_dir / "neural" / name / f"fold{fold}" / "done.json"
+        if not done.is_file():
+            raise FileNotFoundError(f"{done}: {name} fold {fold} has not finished training")
+        out[fold] = Path(json.loads(done.read_text())["best"])
+    return out
+
+
+def neural_outputs(cfg: DictConfig, data_dir: Path, run_dir: Path, pca_state: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Neural features (the F vector blocks, PCA-reduced, + the cross-modal cosine) and predictions of every post
+    laid out in ``data_dir`` (posts, folds, vocab, embeddings, features), with the checkpoints of ``run_dir``.
+
+    Training posts get out-of-fold outputs, the others the mean over folds. ``pca_state`` is filled on the
+    training run and reused as is for new posts.
+    """
+    folds = read_folds(data_dir / "folds.parquet")
     post_ids = folds[KEY].tolist()
     labelled = folds["fold"].to_numpy() != NO_FOLD
-    cache = load_embedding_cache(run_dir / "embeddings")
+    cache = load_embedding_cache(data_dir / "embeddings")
     preds = pd.DataFrame({KEY: post_ids})
     f_frame = None
     for name in enabled_modules(cfg):
-        ckpts = {}
-        for fold in range(int(cfg.n_folds)):
-            done = run_dir / "neural" / name / f"fold{fold}" / "done.json"
-            ckpts[fold] = Path(json.loads(done.read_text())["best"])
-        dm = _datamodule(cfg, run_dir, name, 0)
-        frames = predict_frames(cfg, run_dir, name, dm, run_dir / "neural" / name / "predict", ckpts, post_ids)
+        dm = _datamodule(cfg, data_dir, name, None)
+        frames = predict_frames(cfg, dm, data_dir / "neural" / name / "predict", checkpoints(cfg, run_dir, name),
+                                name, post_ids)
         merged = oof_and_test(frames, folds)
         preds[f"pred_{name}"] = merged["prediction"].to_numpy(dtype=np.float32)
         if name == "prompt_prototype":
             f_frame = merged.drop(columns=[KEY, "prediction"])
     if f_frame is None:  # no prompt module: the trees still get the frozen CLIP features
         f_frame = pd.concat([
-            pd.DataFrame(np.asarray(cache["image_emb"]), columns=[f"image_emb_{j:03d}" for j in range(cache["image_emb"].shape[1])]),
-            pd.DataFrame(np.asarray(cache["text_emb"]), columns=[f"text_emb_{j:03d}" for j in range(cache["text_emb"].shape[1])]),
-        ], axis=1)
-    pca_state: dict = {}
+            pd.DataFrame(np.asarray(cache[b]), columns=[f"{b}_{j:03d}" for j in range(cache[b].shape[1])])
+            for b in ("image_emb", "text_emb")], axis=1)
     nf = fit_pca_blocks(f_frame, labelled, int(cfg.model.extract.pca_dim), pca_state)
     nf = pd.concat([nf, crossmodal_features(np.asarray(cache["image_emb"]), np.asarray(cache["text_emb"]),
                                             np.asarray(cache["has_image"]))], axis=1)
     nf.insert(0, KEY, post_ids)
+    return nf, preds
+
+
+def save_pca(state: dict, path: Path) -> None:
+    np.savez(path, **{f"{b}.{part}": arr for b, (m, c) in state.items() for part, arr in (("mean", m), ("components", c))})
+
+
+def load_pca(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        blocks = {k.rsplit(".", 1)[0] for k in z.files}
+        return {b: (z[f"{b}.mean"], z[f"{b}.components"]) for b in blocks}
+
+
+def extract_neural(cfg: DictConfig, run_dir: Path) -> StageResult:
+    pca_state: dict = {}
+    nf, preds = neural_outputs(cfg, run_dir, run_dir, pca_state)
     out = run_dir / "neural"
     nf.to_parquet(out / "features.parquet", index=False)
     preds.to_parquet(out / "predictions.parquet", index=False)
-    np.savez(out / "pca.npz", **{f"{b}.{part}": arr for b, (m, c) in pca_state.items()
-                                 for part, arr in (("mean", m), ("components", c))})
+    save_pca(pca_state, out / "pca.npz")
     labels = pd.read_parquet(run_dir / "posts.parquet", columns=[LABEL])[LABEL].to_numpy()
+    labelled = ~np.isnan(labels)
     from stacking.metrics import scores
 
     metrics = {f"{c}/{k}": v for c in preds.columns if c != KEY
@@ -246,6 +284,7 @@ def extract_neural(cfg: DictConfig, run_dir: Path) -> StageResult:
     families = {c: c.split("__", 1)[0] for c in nf.columns if c != KEY}
     families.update({c: NEURAL_PRED for c in preds.columns if c != KEY})
     (out / "families.json").write_text(json.dumps(families, indent=1))
-    return StageResult(outputs=["neural/features.parquet", "neural/predictions.parquet", "neural/families.json"],
+    return StageResult(outputs=["neural/features.parquet", "neural/predictions.parquet", "neural/families.json",
+                                "neural/pca.npz"],
                        counts={"neural_feature_columns": len(nf.columns) - 1, "prediction_columns": len(preds.columns) - 1},
                        metrics=metrics)

@@ -46,7 +46,7 @@ def raw_root(cfg: DictConfig) -> Path:
 
 
 def prepare(cfg: DictConfig, run_dir: Path) -> StageResult:
-    from datamodules.shards import build_vocab, write_shards
+    from datamodules.shards import build_vocab
     from datamodules.smpd import read_smpd, write_posts
 
     root = raw_root(cfg)
@@ -62,18 +62,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> StageResult:
     folds = fold_table(posts, int(cfg.n_folds), int(cfg.seed))
     write_folds(folds, run_dir / "folds.parquet")
 
-    shard_dir = run_dir / "shards"
-    statuses: dict[str, str] = {}
-    for split in ("train", "test"):
-        part = posts[posts.split == split]
-        if len(part) == 0:
-            continue
-        info = write_shards(
-            part, root, shard_dir, split=split, class_ids=vocab, shard_size=int(cfg.data.shard_size),
-            image_max_side=cfg.data.image_max_side,
-        )
-        statuses.update(info.image_status)
-    posts["image_status"] = posts[KEY].map(statuses).fillna(posts["image_status"])
+    posts = write_split_shards(posts, root, run_dir / "shards", vocab, cfg)
     write_posts(posts, run_dir / "posts.parquet")
 
     counts = _data_counts(posts)
@@ -81,6 +70,36 @@ def prepare(cfg: DictConfig, run_dir: Path) -> StageResult:
     return StageResult(
         outputs=["posts.parquet", "vocab.json", "folds.parquet", "shards"], counts=counts,
     )
+
+
+def write_split_shards(posts: pd.DataFrame, root: Path, shard_dir: Path, vocab: dict, cfg: DictConfig) -> pd.DataFrame:
+    """Shards of every split present; returns ``posts`` with the image status the shard writer found."""
+    from datamodules.shards import write_shards
+
+    statuses: dict[str, str] = {}
+    for split in ("train", "test"):
+        part = posts[posts.split == split]
+        if len(part):
+            info = write_shards(part, root, shard_dir, split=split, class_ids=vocab,
+                                shard_size=int(cfg.data.shard_size), image_max_side=cfg.data.image_max_side)
+            statuses.update(info.image_status)
+    return posts.assign(image_status=posts[KEY].map(statuses).fillna(posts["image_status"]))
+
+
+def prepare_new_posts(cfg: DictConfig, run_dir: Path, raw_dir: Path, work: Path) -> pd.DataFrame:
+    """Lay out new (unlabelled) posts in ``work`` the way the training run is laid out, with the run's vocab."""
+    from datamodules.folds import write_folds
+    from datamodules.schema import NO_FOLD
+    from datamodules.smpd import read_smpd, write_posts
+
+    posts = read_smpd(raw_dir, check_images=bool(cfg.data.check_images), labels=False)
+    vocab = json.loads((run_dir / "vocab.json").read_text())
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "vocab.json").write_text(json.dumps(vocab))
+    posts = write_split_shards(posts, raw_dir, work / "shards", vocab, cfg)
+    write_posts(posts, work / "posts.parquet")
+    write_folds(pd.DataFrame({KEY: posts[KEY].to_numpy(), "fold": NO_FOLD}), work / "folds.parquet")
+    return posts
 
 
 def _data_counts(posts: pd.DataFrame) -> dict[str, int]:

@@ -71,6 +71,9 @@ class Pipeline:
 
         import lightning as L
 
+        from pipeline.training import quiet_lightning
+
+        quiet_lightning()
         L.seed_everything(cfg.seed, verbose=False)
         child = is_child_process()
         self.tracker = Tracker(cfg, self.run_dir) if not child else None

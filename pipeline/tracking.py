@@ -8,6 +8,7 @@ which works offline and syncs later (``WandbLogger(offline=True)`` refuses ``log
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ class Tracker:
             mode = "offline"  # no account configured: keep working, sync later
         os.environ.setdefault("WANDB_SILENT", "true")
         run_id_file = run_dir / "wandb_run_id.txt"
-        run_id = run_id_file.read_text().strip() if run_id_file.is_file() else wandb.util.generate_id()
+        run_id = run_id_file.read_text().strip() if run_id_file.is_file() else uuid.uuid4().hex[:8]
         run_id_file.write_text(run_id)
         self.run = wandb.init(
             project=cfg.logger.wandb.project, entity=cfg.logger.wandb.entity, dir=str(run_dir), mode=mode,

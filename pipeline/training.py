@@ -27,6 +27,12 @@ log = logging.getLogger("popstack")
 DONE = "done.json"
 
 
+def quiet_lightning() -> None:
+    """Lightning sets its loggers to INFO on import (tips, device summaries); keep warnings only."""
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write each checkpoint to a temporary name in the same directory, then rename it into place."""
 
