@@ -1,0 +1,165 @@
+"""CMPA-DGPL pieces on the tiny CLIP: local aggregation, frozen CLIP, shapes, checkpoints, pretrained files."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_modules.backbone import TINY_MODEL, encode_posts, load_backbone
+from lightning_modules.prompt_learner import local_similarity
+from lightning_modules.prompt_prototype_module import PromptPrototypeModule
+from lightning_modules.prototypes import select_prototype_posts
+
+CLASSES = ["Cats", "Dogs", "Guys,Fashion"]
+K, D, L_TOK = 3, 64, 8
+
+
+def test_local_aggregation_matches_hand_computation():
+    tokens = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])  # third position is padding
+    mask = torch.tensor([[True, True, False]])
+    classes = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    tau_s = 0.5
+    out = local_similarity(tokens, mask, classes, tau_s)
+    # class 0: cos = [1, 0] -> w = softmax([2, 0]) -> 1*w0 + 0*w1
+    w0 = math.exp(2) / (math.exp(2) + 1)
+    # class 1: cos = [1/sqrt2, 1/sqrt2] -> equal weights -> 1/sqrt2
+    assert out[0, 0].item() == pytest.approx(w0, rel=1e-5)
+    assert out[0, 1].item() == pytest.approx(1 / math.sqrt(2), rel=1e-5)
+    tokens[0, 2] = torch.tensor([-3.0, 7.0])  # a padded token must not count
+    assert torch.allclose(local_similarity(tokens, mask, classes, tau_s), out)
+
+
+def cached_batch(n=16, seed=0, separable=False):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, K, (n,), generator=g)
+    img = torch.randn(n, D, generator=g)
+    if separable:
+        img = img * 0.3 + torch.nn.functional.one_hot(y, D).float() * 3
+    mask = torch.ones(n, L_TOK, dtype=torch.bool)
+    mask[:, 5:] = False
+    return {"post_id": [str(i) for i in range(n)], "image_emb": img, "text_emb": torch.randn(n, D, generator=g),
+            "text_tokens": torch.randn(n, L_TOK, D, generator=g), "text_mask": mask,
+            "has_image": torch.ones(n, dtype=torch.bool), "subcategory_id": y, "category_id": torch.zeros(n).long(),
+            "label": torch.rand(n, generator=g) * 10}
+
+
+def make_module(**kw):
+    torch.manual_seed(0)
+    m = PromptPrototypeModule(CLASSES, backbone_name=TINY_MODEL, n_ctx=4, proj_dim=32, heads=2, token_len=L_TOK,
+                              regression_hidden=16, lr=1e-2, scheduler="constant", **kw)
+    m.set_prototypes(torch.randn(K, D), torch.randn(K, D))
+    return m
+
+
+
+def loader(batches):
+    return DataLoader(batches, batch_size=None)
+
+
+def test_output_shapes():
+    m = make_module()
+    out = m(cached_batch())
+    assert out["global_logits"].shape == (16, K) and out["local_logits"].shape == (16, K)
+    assert out["proto_logits"].shape == (16, K)
+    assert out["x"].shape == (16, 32) and out["V"].shape == (16, K, 32) and out["T"].shape == (16, K, 32)
+    assert out["prediction"].shape == (16,)
+    pred = m.predict_step(cached_batch(), 0)
+    assert pred["w_global"].shape == (16, K) and pred["V_pool"].shape == (16, 32) and len(pred["post_id"]) == 16
+
+
+def test_only_prompt_prototype_parameters_train():
+    m = make_module()
+    before = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(m, train_dataloaders=loader([cached_batch(seed=s) for s in range(3)]))
+    after = m.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("prompts.ctx_global") for k in changed)
+    assert any(k.startswith("prompts.ctx_local") for k in changed)
+    assert any(k.startswith("classifier.") for k in changed)
+    assert not [k for k in changed if k.startswith("clip.")], "CLIP weights must stay frozen"
+    assert all(not p.requires_grad for p in m.clip.parameters())
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(n.split(".")[0] in ("prompts", "classifier", "regressor") for n in trainable)
+
+
+def test_learns_separable_classes():
+    m = make_module(regression_weight=0.0)
+    batches = [cached_batch(32, seed=s, separable=True) for s in range(8)]
+    trainer = L.Trainer(max_epochs=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(m, train_dataloaders=loader(batches))
+    test = cached_batch(64, seed=99, separable=True)
+    acc = (m(test)["proto_logits"].argmax(-1) == test["subcategory_id"]).float().mean().item()
+    assert acc > 0.8  # chance is 1/3
+
+
+def test_checkpoint_reload_identical_outputs(tmp_path):
+    m = make_module()
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(m, train_dataloaders=loader([cached_batch(seed=s) for s in range(2)]))
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    torch.load(path, weights_only=True)  # no pickled objects
+    m.eval()
+    back = PromptPrototypeModule.load_from_checkpoint(path, backbone_pretrained=None, weights_only=True).eval()
+    batch = cached_batch(seed=7)
+    with torch.no_grad():
+        a, b = m(batch), back(batch)
+    for key in ("global_logits", "local_logits", "proto_logits", "prediction"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_pretrained_file_route_and_raw_equals_cached(tmp_path):
+    torch.manual_seed(1)
+    bb = load_backbone(TINY_MODEL)
+    path = tmp_path / "tiny_clip.pt"
+    torch.save(bb.model.state_dict(), path)
+    again = load_backbone(TINY_MODEL, str(path))
+    ids = bb.tokenizer(["a dog on a beach", "sunset"])
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a = encode_posts(bb.model.eval(), images, ids, L_TOK)
+        b = encode_posts(again.model.eval(), images, ids, L_TOK)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    m = PromptPrototypeModule(CLASSES, backbone_name=TINY_MODEL, backbone_pretrained=str(path), n_ctx=2,
+                              proj_dim=16, heads=2, token_len=L_TOK).eval()
+    m.set_prototypes(torch.randn(K, D), torch.randn(K, D))
+    raw = {"post_id": ["1", "2"], "image": images, "text_ids": ids, "has_image": torch.ones(2, dtype=torch.bool),
+           "subcategory_id": torch.tensor([0, 1]), "category_id": torch.tensor([0, 0]), "label": torch.tensor([1.0, 2.0])}
+    cached = {**raw, **a}
+    del cached["image"], cached["text_ids"]
+    with torch.no_grad():
+        r, c = m(raw), m(cached)
+    torch.testing.assert_close(r["proto_logits"], c["proto_logits"])
+    torch.testing.assert_close(r["local_logits"], c["local_logits"])
+
+
+def test_prototype_sampling_is_diverse():
+    # class 0: 4 time bins x 2 concepts x 3 users; ask for 8 shots
+    rows = []
+    for t in range(4):
+        for c in range(2):
+            for u in range(3):
+                rows.append({"postdate": t * 1000 + c * 10 + u, "concept": f"c{c}", "uid": f"u{u}",
+                             "subcategory_id": 0})
+    rows.append({"postdate": 5, "concept": "c0", "uid": "u0", "subcategory_id": -1})  # unknown class: skipped
+    posts = pd.DataFrame(rows)
+    chosen = select_prototype_posts(posts, shots=8, n_time_bins=4, seed=0)
+    assert set(chosen) == {0}
+    picked = posts.iloc[chosen[0]]
+    assert len(picked) == 8
+    assert (picked.postdate // 1000).value_counts().tolist() == [2, 2, 2, 2]  # proportional over time
+    for _, grp in picked.groupby(picked.postdate // 1000):
+        assert grp.concept.nunique() == 2  # both subtopics in every interval
+    assert picked.uid.nunique() == 3
+    assert select_prototype_posts(posts, shots=8, seed=0)[0].tolist() == chosen[0].tolist()

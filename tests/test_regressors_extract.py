@@ -1,0 +1,184 @@
+"""Co-attention MLP, hierarchical predictor, Huber loss, the embedding cache and keyed extraction."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from datamodules.cached import EmbeddingDataModule, load_embedding_cache
+from datamodules.schema import NO_FOLD
+from lightning_modules.embed import compute_embedding_cache
+from lightning_modules.extract import KeyedPredictionWriter, merge_rank_outputs, oof_and_test
+from lightning_modules.losses import huber_loss
+from lightning_modules.regressors import CLIPHierarchicalPredictor, CoAttention, CoAttentionMLPModule
+
+D, L_TOK = 16, 6
+
+
+def test_huber_matches_paper_eq7():
+    pred = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    target = torch.tensor([0.5, 3.0, float("nan"), -1.0])
+    delta = 2.0
+    # |e| = 0.5 -> 0.5 * 0.25 = 0.125; |e| = 3 -> 2*3 - 0.5*4 = 4; NaN ignored; |e| = 2 -> 0.5 * 4 = 2
+    assert huber_loss(pred, target, delta).item() == pytest.approx((0.125 + 4 + 2) / 3)
+
+
+def test_coattention_shapes_and_masking():
+    torch.manual_seed(0)
+    block = CoAttention(D, dim=8, heads=2, n_visual_tokens=3).eval()
+    img, txt = torch.randn(4, D), torch.randn(4, D)
+    tokens = torch.randn(4, L_TOK, D)
+    mask = torch.ones(4, L_TOK, dtype=torch.bool)
+    mask[:, 4:] = False
+    out = block(img, txt, tokens, mask)
+    assert out.shape == (4, 32)
+    tokens2 = tokens.clone()
+    tokens2[:, 4:] = 100 * torch.randn(4, 2, D)  # masked positions change
+    torch.testing.assert_close(block(img, txt, tokens2, mask), out)
+    tokens2[:, 1] += 1.0  # a real token changes -> the output changes
+    assert not torch.allclose(block(img, txt, tokens2, mask), out)
+
+
+# ------------------------------------------------------------------ a tiny run directory with a cache
+N = 40
+
+
+def raw_batches(post_ids, order, bs=7):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(len(post_ids), 3, 64, 64, generator=g)
+    from lightning_modules.backbone import TINY_MODEL, load_backbone
+
+    tok = load_backbone(TINY_MODEL).tokenizer
+    ids = tok([f"post number {i}" for i in range(len(post_ids))])
+    for start in range(0, len(order), bs):
+        idx = order[start:start + bs]
+        yield {"post_id": [post_ids[i] for i in idx], "image": images[idx], "text_ids": ids[idx],
+               "has_image": torch.tensor([i % 9 != 0 for i in idx])}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from lightning_modules.backbone import TINY_MODEL, load_backbone
+
+    d = tmp_path_factory.mktemp("run")
+    post_ids = [str(100 + i) for i in range(N)]
+    labels = np.where(np.arange(N) < 30, np.linspace(2, 12, N), np.nan)
+    pd.DataFrame({"post_id": post_ids, "label": labels, "subcategory": ["a", "b"] * (N // 2),
+                  "category": "x"}).to_parquet(d / "posts.parquet")
+    folds = np.where(np.arange(N) < 30, np.arange(N) % 3, NO_FOLD)
+    pd.DataFrame({"post_id": post_ids, "fold": folds}).to_parquet(d / "folds.parquet")
+    (d / "vocab.json").write_text(json.dumps({"subcategory": ["a", "b"], "category": ["x"], "concept": []}))
+    pd.DataFrame({"post_id": post_ids[::-1], "t0": np.arange(N, dtype=np.float32)[::-1],
+                  "t1": np.ones(N, np.float32)}).to_parquet(d / "tab.parquet")
+    torch.manual_seed(0)
+    model = load_backbone(TINY_MODEL).model
+    order = np.random.default_rng(0).permutation(N)
+    compute_embedding_cache(model, raw_batches(post_ids, order), d / "emb", post_ids=post_ids, token_len=L_TOK,
+                            progress=False)
+    return d
+
+
+def test_cache_rows_follow_posts_order(run_dir):
+    from lightning_modules.backbone import TINY_MODEL, encode_posts, load_backbone
+
+    cache = load_embedding_cache(run_dir / "emb")
+    assert cache["text_tokens"].dtype == np.float16 and cache["text_tokens"].shape == (N, L_TOK, 64)
+    post_ids = cache["post_ids"]
+    torch.manual_seed(0)
+    model = load_backbone(TINY_MODEL).model.eval()
+    batch = next(raw_batches(post_ids, np.arange(N), bs=N))
+    with torch.no_grad():
+        enc = encode_posts(model, batch["image"], batch["text_ids"], L_TOK)
+    np.testing.assert_allclose(cache["image_emb"], enc["image_emb"].numpy(), atol=1e-5)
+    assert cache["has_image"].tolist() == [i % 9 != 0 for i in range(N)]
+
+
+def test_cache_errors_on_missing_and_duplicate(tmp_path):
+    from lightning_modules.backbone import TINY_MODEL, load_backbone
+
+    model = load_backbone(TINY_MODEL).model
+    ids = ["1", "2", "3"]
+    with pytest.raises(ValueError, match="never came out"):
+        compute_embedding_cache(model, raw_batches(ids, np.array([0, 1])), tmp_path / "a", post_ids=ids,
+                                token_len=4, progress=False)
+    with pytest.raises(ValueError, match="appears twice"):
+        compute_embedding_cache(model, raw_batches(ids, np.array([0, 1, 2, 1])), tmp_path / "b", post_ids=ids,
+                                token_len=4, progress=False)
+
+
+def datamodule(run_dir, fold, tabular=False):
+    return EmbeddingDataModule(str(run_dir / "emb"), str(run_dir / "posts.parquet"), str(run_dir / "folds.parquet"),
+                               str(run_dir / "vocab.json"), fold=fold, batch_size=8,
+                               tabular_path=str(run_dir / "tab.parquet") if tabular else None)
+
+
+def test_datamodule_folds_and_tabular_alignment(run_dir):
+    dm = datamodule(run_dir, 1, tabular=True)
+    assert set(dm.train_idx) & set(dm.val_idx) == set()
+    assert sorted(set(dm.train_idx) | set(dm.val_idx)) == list(range(30))
+    sample = dm.dataset(np.array([5]))[0]
+    assert sample["post_id"] == "105" and sample["tabular"][0].item() == 5.0  # aligned by post id, not position
+
+
+def fit(module, dm, tmp_path, epochs=2):
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False)
+    trainer.fit(module, dm)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.mark.parametrize("cls, kw", [(CoAttentionMLPModule, {"tabular_dim": 2, "attn_dim": 8, "hidden": (8,)}),
+                                     (CLIPHierarchicalPredictor, {"hidden": (8, 4)})])
+def test_regressor_checkpoint_reproduces_predictions(run_dir, tmp_path, cls, kw):
+    torch.manual_seed(0)
+    dm = datamodule(run_dir, 0, tabular=cls is CoAttentionMLPModule)
+    module = cls(embed_dim=64, target_mean=7.0, target_std=2.0, **kw)
+    path = fit(module, dm, tmp_path)
+    back = cls.load_from_checkpoint(path, weights_only=True).eval()
+    module.eval()
+    batch = next(iter(dm.predict_dataloader()))
+    with torch.no_grad():
+        torch.testing.assert_close(module(batch), back(batch), rtol=0, atol=0)
+
+
+def test_writer_one_row_per_post(run_dir, tmp_path):
+    dm = datamodule(run_dir, None)
+    module = CLIPHierarchicalPredictor(embed_dim=64, hidden=(8,)).eval()
+    writer = KeyedPredictionWriter(tmp_path / "pred")
+    L.Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False,
+              enable_model_summary=False).predict(module, dm.predict_dataloader(), return_predictions=False)
+    cache = load_embedding_cache(run_dir / "emb")
+    frame = merge_rank_outputs(tmp_path / "pred", cache["post_ids"])
+    assert frame.post_id.tolist() == cache["post_ids"] and frame.prediction.notna().all()
+    with pytest.raises(ValueError, match="missing"):
+        merge_rank_outputs(tmp_path / "pred", cache["post_ids"] + ["nope"])
+
+
+@pytest.mark.slow
+def test_ddp_extraction_two_processes(run_dir, tmp_path):
+    dm = datamodule(run_dir, None)
+    module = CLIPHierarchicalPredictor(embed_dim=64, hidden=(8,)).eval()
+    writer = KeyedPredictionWriter(tmp_path / "pred")
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, callbacks=[writer],
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.predict(module, dm.predict_dataloader(), return_predictions=False)
+    assert sorted(p.name for p in (tmp_path / "pred").glob("rank*.parquet")) == ["rank0.parquet", "rank1.parquet"]
+    frame = merge_rank_outputs(tmp_path / "pred", load_embedding_cache(run_dir / "emb")["post_ids"])
+    assert len(frame) == N and frame.post_id.is_unique
+
+
+def test_oof_never_uses_the_model_that_saw_the_row():
+    folds = pd.DataFrame({"post_id": list("abcde"), "fold": [0, 1, 0, 1, NO_FOLD]})
+    # fold k's model outputs k for every post: a labelled post must get the output of its own fold's model
+    per_fold = {k: pd.DataFrame({"post_id": list("abcde"), "prediction": float(k) + 10}) for k in (0, 1)}
+    out = oof_and_test(per_fold, folds)
+    assert out.prediction.tolist() == [10, 11, 10, 11, 10.5]
+    with pytest.raises(ValueError, match="no model for folds"):
+        oof_and_test({0: per_fold[0]}, folds)

@@ -1,0 +1,170 @@
+"""The stacking layer on small synthetic regression data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from datamodules.folds import assign_folds, train_valid_masks
+from datamodules.schema import NO_FOLD
+from stacking import stack as stack_module
+from stacking.ablation import run_ablations
+from stacking.blend import blend, caruana_weights, fit_weights
+from stacking.members import CatBoostMember, LightGBMMember, NeuralMember, TabNetMember
+from stacking.pseudo import select_pseudo
+from stacking.selection import loss_based_keep
+from stacking.stack import StackConfig, predict_stack, run_stack
+
+FAST = {
+    "catboost": {"iterations": 30, "depth": 3, "learning_rate": 0.2, "loss_function": "Huber:delta=1.0",
+                 "eval_metric": "MAE", "early_stopping_rounds": 10, "thread_count": 1},
+    "lightgbm": {"objective": "huber", "n_estimators": 60, "learning_rate": 0.2, "num_leaves": 7,
+                 "min_data_in_leaf": 5, "early_stopping_rounds": 10, "num_threads": 1},
+    "tabnet": {"n_d": 4, "n_a": 4, "n_steps": 2, "max_epochs": 3, "patience": 2, "batch_size": 64,
+               "virtual_batch_size": 32},
+}
+
+
+def data(n=240, n_unlabelled=60, seed=0):
+    rng = np.random.default_rng(seed)
+    X = pd.DataFrame(rng.normal(size=(n + n_unlabelled, 5)).astype(np.float32), columns=[f"f{i}" for i in range(5)])
+    X["cat"] = rng.integers(0, 4, n + n_unlabelled).astype(np.float32)
+    y = 6 + 2 * X.f0 + X.f1 ** 2 + X.cat * 0.5 + rng.normal(0, 0.5, n + n_unlabelled)
+    y = y.to_numpy().copy()
+    y[n:] = np.nan
+    folds = assign_folds(y, 3, seed)
+    return X, y, folds
+
+
+def test_folds_disjoint_and_cover_labelled_rows():
+    _, y, folds = data()
+    labelled = ~np.isnan(y)
+    assert (folds[~labelled] == NO_FOLD).all()
+    seen = np.zeros(len(y), int)
+    for k in range(3):
+        tr, va = train_valid_masks(folds, k)
+        assert not (tr & va).any()
+        seen += va
+    assert (seen[labelled] == 1).all() and (seen[~labelled] == 0).all()
+    assert np.array_equal(assign_folds(y, 3, 0), folds)
+
+
+class Memoriser:
+    """A member that memorises its training rows (by the unique id in column f0): rows it saw come back exact."""
+
+    name, extension = "memo", "json"
+
+    def fit(self, X_tr, y_tr, X_va, y_va):
+        self.table = dict(zip(X_tr.f0.round(6), y_tr))
+        self.mean = float(np.mean(y_tr))
+        return self
+
+    def predict(self, X):
+        return np.array([self.table.get(v, self.mean) for v in X.f0.round(6)])
+
+    def feature_importance(self):
+        return None
+
+
+def test_oof_predictions_never_come_from_a_model_that_saw_the_row(monkeypatch):
+    X, y, folds = data()
+    monkeypatch.setattr(stack_module, "make_member", lambda kind, params, cats, seed: Memoriser())
+    res = run_stack(X, y, folds, [], StackConfig(members={"memo": {}}, pseudo_rounds=0, iqr_k=0))
+    labelled = ~np.isnan(y)
+    # a memoriser's OOF prediction is the fold mean, never the row's own label
+    assert not np.isclose(res.oof["memo"].to_numpy(), y[labelled]).any()
+
+
+def test_blend_weights_on_simplex_and_no_worse_than_best_member():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=300)
+    P = np.column_stack([y + rng.normal(0, 0.5, 300), y + rng.normal(0, 0.5, 300), y + 3.0])
+    for method in ("caruana", "mae", "spearman"):
+        params = fit_weights(P, y, method)
+        w = params["weights"]
+        assert (w >= 0).all() and w.sum() == pytest.approx(1.0)
+        best = min(np.mean(np.abs(P[:, j] - y)) for j in range(3))
+        if method != "spearman":
+            assert np.mean(np.abs(blend(P, params) - y)) <= best + 1e-12
+    assert caruana_weights(P, y)[2] == 0  # the biased member is never picked
+
+
+def test_pseudo_labels_never_enter_a_validation_part(monkeypatch):
+    X, y, folds = data()
+    seen_training_sizes = []
+
+    class Spy(Memoriser):
+        def __init__(self, kind):
+            self.jitter = 0.1 if kind == "memo2" else 0.0  # members disagree a little, row by row
+
+        def predict(self, X):
+            return super().predict(X) + self.jitter * X.f1.to_numpy()
+
+        def fit(self, X_tr, y_tr, X_va, y_va):
+            seen_training_sizes.append(len(X_tr))
+            assert len(X_va) == len(set(X_va.f0.round(6)) & set(X.f0[:240].round(6)))  # validation: labelled only
+            return super().fit(X_tr, y_tr, X_va, y_va)
+
+    monkeypatch.setattr(stack_module, "make_member", lambda kind, params, cats, seed: Spy(kind))
+    res = run_stack(X, y, folds, [], StackConfig(members={"memo": {}, "memo2": {}}, pseudo_rounds=1, iqr_k=0,
+                                                 pseudo_alpha=-10))
+    selected = int(res.rounds.selected_next[0])
+    assert selected == 60  # alpha = -10 keeps every unlabelled post
+    labelled_train = [int(train_valid_masks(folds, k)[0].sum()) for k in range(3)]
+    assert seen_training_sizes[:6] == [s for s in labelled_train for _ in range(2)]
+    assert seen_training_sizes[6:] == [s + selected for s in labelled_train for _ in range(2)]
+
+
+def test_select_pseudo_threshold():
+    preds = np.array([[1.0, 1.0], [1.0, 3.0], [2.0, 2.1], [0.0, 5.0]])
+    mask, tau = select_pseudo(preds, alpha=0.0)
+    assert mask.tolist() == [True, False, False, False]
+    assert select_pseudo(preds, alpha=-10.0)[0].all()
+
+
+def test_loss_based_selection_keeps_lowest_losses():
+    keep = loss_based_keep(np.array([5.0, 1.0, 3.0, 0.5]), 0.5)
+    assert keep.tolist() == [False, True, False, True]
+
+
+@pytest.mark.parametrize("cls", [CatBoostMember, LightGBMMember, TabNetMember])
+def test_member_save_load_identical(tmp_path, cls):
+    X, y, folds = data()
+    tr, va = train_valid_masks(folds, 0)
+    m = cls(FAST[cls.name], ["cat"], seed=0).fit(X[tr], y[tr], X[va], y[va])
+    path = tmp_path / f"m.{m.extension}"
+    m.save(path)
+    back = cls.load(path)
+    np.testing.assert_array_equal(back.predict(X), m.predict(X))
+    assert m.feature_importance() is not None
+
+
+def test_whole_stack_round_trip_seed_and_neural_member(tmp_path):
+    X, y, folds = data()
+    X["pred_nn"] = np.nan_to_num(y, nan=6.0).astype(np.float32) + 0.3  # a neural member's (OOF) predictions
+    cfg = StackConfig(members={k: FAST[k] for k in ("catboost", "lightgbm")}, neural_columns=["pred_nn"],
+                      pseudo_rounds=1, seed=3)
+    a = run_stack(X, y, folds, ["cat"], cfg)
+    b = run_stack(X, y, folds, ["cat"], cfg)
+    np.testing.assert_array_equal(a.test.blend.to_numpy(), b.test.blend.to_numpy())
+    np.testing.assert_array_equal(a.oof.blend.to_numpy(), b.oof.blend.to_numpy())
+    a.save(tmp_path / "stack")
+    again = predict_stack(tmp_path / "stack", X[np.isnan(y)])
+    np.testing.assert_allclose(again, a.test.blend.to_numpy(), rtol=1e-6)
+    assert set(a.scores.member) == {"catboost", "lightgbm", "pred_nn", "blend"}
+    assert isinstance(NeuralMember("pred_nn").fit(X, y, X, y), NeuralMember)
+
+
+def test_blend_beats_members_and_ablation_table():
+    X, y, folds = data(n=300)
+    cfg = StackConfig(members={k: FAST[k] for k in ("catboost", "lightgbm")}, pseudo_rounds=1)
+    families = {"f0": "user", "f1": "text", "f2": "spatial", "f3": "temporal", "f4": "visual", "cat": "category"}
+    groups = {"visual": ("visual",), "metadata": ("user", "temporal", "category"), "textual": ("text",),
+              "geolocation": ("spatial",)}
+    table = run_ablations(X, y, folds, ["cat"], families, groups, cfg)
+    assert len(table) == 9
+    full = table.set_index("variant").loc["full"]
+    no_meta = table.set_index("variant").loc["w/o metadata"]
+    assert no_meta.src < full.src  # f0 (the strongest signal) is "user" metadata
+    assert table.variant.str.startswith("w/o ensemble").any()
