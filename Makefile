@@ -5,8 +5,6 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.popstack-installed
 
 export WANDB_MODE ?= offline
-export HF_HUB_OFFLINE ?= 1
-export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: demo test install clean

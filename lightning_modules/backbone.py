@@ -50,11 +50,22 @@ def check_pretrained(model_name: str, pretrained: str | None) -> None:
         raise BackboneWeightsError(
             f"{pretrained!r} is neither a file nor a pretrained tag of {model_name} (tags: {', '.join(tags) or 'none'})"
         )
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("POPSTACK_OFFLINE") == "1":
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
         raise BackboneWeightsError(
-            f"cannot fetch {model_name}/{pretrained} weights offline; download them elsewhere and pass "
+            f"cannot fetch {model_name}/{pretrained} weights (no network); download them elsewhere and pass "
             f"backbone.pretrained=/path/to/open_clip_model.bin"
         )
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the weights hub answers a TCP connection (tags download from it on first use)."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 @dataclass

@@ -93,6 +93,8 @@ def prepare_new_posts(cfg: DictConfig, run_dir: Path, raw_dir: Path, work: Path)
     from datamodules.smpd import read_smpd, write_posts
 
     posts = read_smpd(raw_dir, check_images=bool(cfg.data.check_images), labels=False)
+    if len(posts) == 0:
+        raise UserError(f"{raw_dir}: no posts to predict (the image lists are empty)")
     vocab = json.loads((run_dir / "vocab.json").read_text())
     work.mkdir(parents=True, exist_ok=True)
     (work / "vocab.json").write_text(json.dumps(vocab))

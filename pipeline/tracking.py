@@ -74,16 +74,18 @@ class Tracker:
 
             self.run.log({key: wandb.Image(str(path))})
 
-    def artifact(self, name: str, kind: str, paths: list[Path]) -> None:
+    def artifact(self, name: str, kind: str, paths: list[Path], base: Path) -> None:
+        """Log files/folders as one artifact; entries are named by their path relative to ``base``."""
         if self.run is not None:
             import wandb
 
             art = wandb.Artifact(name=name, type=kind)
             for p in paths:
+                rel = str(p.relative_to(base))
                 if p.is_dir():
-                    art.add_dir(str(p), name=p.name)
+                    art.add_dir(str(p), name=rel)
                 elif p.is_file():
-                    art.add_file(str(p))
+                    art.add_file(str(p), name=rel)
             self.run.log_artifact(art)
 
     def finish(self) -> None:

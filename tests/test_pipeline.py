@@ -1,0 +1,215 @@
+"""train.py and predict.py end to end on the debug config: outputs, resume, inference, CLI errors, configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tests.conftest import compose_fast
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+
+
+def run_cli(script: str, *args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One full debug run, shared by the tests that only read its outputs."""
+    from train import train
+
+    tmp = tmp_path_factory.mktemp("pipeline")
+    cfg = compose_fast(tmp)
+    metrics = train(cfg)
+    return Path(cfg.run_dir), cfg, metrics
+
+
+def test_train_writes_every_output(finished_run):
+    run_dir, cfg, metrics = finished_run
+    for rel in ("config.yaml", "posts.parquet", "folds.parquet", "vocab.json", "features/features.parquet",
+                "embeddings/image_emb.npy", "neural/predictions.parquet", "stack/model/stack.json",
+                "submission.json", "predictions.parquet", "report.md", "prediction_distribution.png",
+                "feature_importance.png"):
+        assert (run_dir / rel).exists(), rel
+    sub = json.loads((run_dir / "submission.json").read_text())
+    posts = pd.read_parquet(run_dir / "posts.parquet")
+    test_ids = posts.loc[posts.split == "test"].sort_values("row").post_id
+    assert [r["post_id"] for r in sub["result"]] == [f"post{p}" for p in test_ids]
+    assert set(sub) == {"version", "result", "external_data"}
+    preds = pd.read_parquet(run_dir / "predictions.parquet")
+    assert preds.post_id.tolist() == posts.post_id.tolist() and preds.prediction.notna().all()
+    for name in ("prompt_prototype", "co_attention", "hierarchical"):
+        for fold in range(cfg.n_folds):
+            ckpt = run_dir / "neural" / name / f"fold{fold}" / "checkpoints" / "best.ckpt"
+            torch.load(ckpt, weights_only=True)
+    assert "src" in metrics["report"]
+
+
+def test_rerun_skips_finished_stages(finished_run, caplog):
+    from train import train
+
+    run_dir, cfg, _ = finished_run
+    before = (run_dir / "submission.json").stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="popstack"):
+        train(cfg)
+    assert sum("skipped" in r.message for r in caplog.records) == 6
+    assert (run_dir / "submission.json").stat().st_mtime_ns == before
+
+
+def test_predict_matches_train_on_the_same_posts(finished_run, tmp_path):
+    from predict import predict
+
+    run_dir, cfg, _ = finished_run
+    raw = Path(cfg.data.root)
+    result = predict(run_dir, raw, tmp_path / "out.parquet", work_dir=tmp_path)
+    posts = pd.read_parquet(run_dir / "posts.parquet")
+    assert result.post_id.tolist() == posts.post_id.tolist() and result.post_id.is_unique
+    trained = pd.read_parquet(run_dir / "predictions.parquet").set_index("post_id")
+    test_ids = posts.post_id[posts.split == "test"]
+    got = result.set_index("post_id").loc[test_ids, "popularity_score"].to_numpy()
+    np.testing.assert_allclose(got, trained.loc[test_ids, "prediction"].to_numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_predict_on_fresh_raw_posts_without_labels(finished_run, tmp_path):
+    from datamodules.synthetic import generate
+
+    run_dir, _, _ = finished_run
+    raw = tmp_path / "new"
+    generate(raw, 15, 10, seed=11, n_subcategories=8)
+    (raw / "train_allmetadata_json" / "train_label.txt").unlink()
+    proc = run_cli("predict.py", str(run_dir), str(raw), "--out", str(tmp_path / "new.json"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "new.json").read_text())["result"]
+    assert len(rows) == 25 and len({r["post_id"] for r in rows}) == 25
+    assert all(np.isfinite(r["popularity_score"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_kill_during_neural_then_resume_equals_uninterrupted(tmp_path):
+    args = ["debug=fast", f"paths.root_dir={tmp_path}", "model.prompt_prototype.epochs=3",
+            "model.co_attention.epochs=3", "model.hierarchical.epochs=3", "stacking.members.tabnet.enabled=false"]
+    ref = run_cli("train.py", *args, f"hydra.run.dir={tmp_path}/ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={tmp_path}/killed"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = tmp_path / "killed" / "neural" / "co_attention" / "fold0" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.exists(), "the run never reached the neural stage"
+    assert not (tmp_path / "killed" / "neural" / "co_attention" / "fold1" / "done.json").exists()
+    again = run_cli("train.py", *args, f"hydra.run.dir={tmp_path}/killed")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming fold0 from" in again.stderr or "skipped" in again.stderr
+    a = pd.read_parquet(tmp_path / "ref" / "predictions.parquet")
+    b = pd.read_parquet(tmp_path / "killed" / "predictions.parquet")
+    np.testing.assert_allclose(a.prediction, b.prediction, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_config_composes_and_runs(experiment, tmp_path):
+    """Configs cannot rot: each experiment file composes and fast-runs (on the synthetic data, tiny CLIP, CPU)."""
+    from train import train
+
+    cfg = compose_fast(tmp_path, f"experiment={experiment}", "data=synthetic", "backbone=tiny", "trainer=cpu",
+                       "stacking.members.tabnet.max_epochs=1", "stacking.pseudo_rounds=0")
+    assert cfg.name == experiment
+    train(cfg)
+    assert (Path(cfg.run_dir) / "submission.json").is_file()
+
+
+# ------------------------------------------------------------------ command-line errors: one line, exit != 0
+def _corrupt_checkpoint(run_dir: Path) -> None:
+    ckpt = run_dir / "neural" / "co_attention" / "fold0" / "checkpoints" / "best.ckpt"
+    ckpt.write_bytes(b"not a checkpoint")
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    run_dir, cfg, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    for done in copy.glob("neural/*/fold*/done.json"):  # checkpoints are referenced by absolute path
+        info = json.loads(done.read_text())
+        info["best"] = str(copy / Path(info["best"]).relative_to(run_dir))
+        done.write_text(json.dumps(info))
+    return copy, Path(cfg.data.root)
+
+
+@pytest.mark.parametrize("case", [
+    "train_missing_data_dir", "train_unknown_key", "train_bad_group", "train_bad_stage", "train_offline_tag",
+    "train_missing_pretrained_file", "train_wrong_layout", "train_readonly_output", "train_output_under_a_file",
+    "predict_missing_run",
+    "predict_missing_raw", "predict_wrong_layout", "predict_bad_extension", "predict_corrupt_checkpoint",
+    "predict_empty_split",
+])
+def test_cli_user_errors(case, tmp_path, run_copy):
+    run_dir, raw = run_copy
+    base = ["debug=fast", f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path}/out"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    if case == "train_missing_data_dir":
+        proc = run_cli("train.py", *base, "data=smpd", f"data.root={tmp_path}/nope", "backbone=tiny")
+    elif case == "train_unknown_key":
+        proc = run_cli("train.py", *base, "model.no_such_key=1")
+    elif case == "train_bad_group":
+        proc = run_cli("train.py", *base, "backbone=vit_h99")
+    elif case == "train_bad_stage":
+        proc = run_cli("train.py", *base, "stages=[prepare,fly]")
+    elif case == "train_offline_tag":
+        proc = run_cli("train.py", *base, "backbone=vit_b32")
+    elif case == "train_missing_pretrained_file":
+        proc = run_cli("train.py", *base, f"backbone.pretrained={tmp_path}/weights.bin")
+    elif case == "train_wrong_layout":
+        proc = run_cli("train.py", *base, "data=smpd", f"data.root={empty}", "backbone=tiny")
+    elif case == "train_readonly_output":
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user that ignores directory permissions")
+        proc = run_cli("train.py", "debug=fast", f"paths.root_dir={tmp_path}", f"hydra.run.dir={ro}/run")
+    elif case == "train_output_under_a_file":
+        (tmp_path / "afile").write_text("x")
+        proc = run_cli("train.py", "debug=fast", f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path}/afile/run")
+    elif case == "predict_missing_run":
+        proc = run_cli("predict.py", str(tmp_path / "nope"), str(raw), "--out", str(tmp_path / "p.json"))
+    elif case == "predict_missing_raw":
+        proc = run_cli("predict.py", str(run_dir), str(tmp_path / "nope"), "--out", str(tmp_path / "p.json"))
+    elif case == "predict_wrong_layout":
+        proc = run_cli("predict.py", str(run_dir), str(empty), "--out", str(tmp_path / "p.json"))
+    elif case == "predict_bad_extension":
+        proc = run_cli("predict.py", str(run_dir), str(raw), "--out", str(tmp_path / "p.xlsx"))
+    elif case == "predict_corrupt_checkpoint":
+        _corrupt_checkpoint(run_dir)
+        proc = run_cli("predict.py", str(run_dir), str(raw), "--out", str(tmp_path / "p.json"))
+    else:  # predict_empty_split: an image list with no posts
+        bad = tmp_path / "emptysplit" / "test_allmetadata_json"
+        bad.mkdir(parents=True)
+        (bad / "test_img_filepath.txt").write_text("")
+        for name in ("category", "text", "temporalspatial_information", "additional_information"):
+            (bad / f"test_{name}.json").write_text("[]")
+        (bad / "test_user_data.json").write_text("{}")
+        proc = run_cli("predict.py", str(run_dir), str(bad.parent), "--out", str(tmp_path / "p.json"))
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
