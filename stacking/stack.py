@@ -181,7 +181,8 @@ def run_stack(
         member_test = {n: np.mean([test_by_fold[n][k] for k in fold_ids], axis=0) if len(XU) else np.zeros(0)
                        for n in names}
         sc = scores(yl[scored], oof_blend[scored])
-        entry = {"round": r, "pseudo_rows": len(pseudo_y), **sc, "tau": np.nan, "selected_next": 0}
+        entry = {"round": r, "pseudo_rows": len(pseudo_y), **sc, "tau": np.nan, "selected_next": 0,
+                 "member_seconds": round(sum(seconds.values()), 3)}
         if r < cfg.pseudo_rounds and len(XU):
             mask, tau = select_pseudo(np.column_stack([member_test[n] for n in names]), cfg.pseudo_alpha)
             pseudo_X, pseudo_y = XU[mask], test_pred[mask]

@@ -1,0 +1,79 @@
+"""CLIP image-tower throughput: model only, decode only (the data pipeline's bound), and end to end (the
+embedding cache over shards); end-to-end as a fraction of min(model, decode). fp32 vs bf16 autocast.
+
+    python benchmarks/extraction_throughput.py [--model popstack-tiny-clip] [--n 1024] [--workers 2] [--device cpu]
+
+On a GPU: --model ViT-B-32 --device cuda --workers 8 (random weights are fine for speed).
+Target: end to end >= 80% of min(model, decode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from common import print_table, write_results
+from data_throughput import make_data
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="popstack-tiny-clip")
+    p.add_argument("--n", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--size", default="640x480")
+    a = p.parse_args()
+    import torch
+
+    from datamodules.shards import Collate, SampleDecoder, make_eval_pipeline, make_loader, shard_urls
+    from lightning_modules.backbone import load_backbone
+    from lightning_modules.embed import compute_embedding_cache
+
+    bb = load_backbone(a.model)
+    model = bb.model.to(a.device).eval()
+    w, h = map(int, a.size.split("x"))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        posts = make_data(work, a.n, w, h)
+        urls = shard_urls(work / "shards", ["train"])
+        decoder, collate = SampleDecoder(bb.image_size, "title"), Collate(bb.tokenizer)
+
+        def loader():
+            return make_loader(make_eval_pipeline(urls, decoder=decoder, collate=collate, batch_size=a.batch_size,
+                                                  rank=0, world_size=1), a.workers)
+
+        start = time.perf_counter()
+        n = sum(len(b["post_id"]) for b in loader())
+        decode_rate = n / (time.perf_counter() - start)
+        for dtype in (None, torch.bfloat16):
+            x = torch.randn(a.batch_size, 3, bb.image_size, bb.image_size, device=a.device)
+            ctx = torch.autocast(device_type=torch.device(a.device).type, dtype=dtype) if dtype else torch.no_grad()
+            with torch.inference_mode(), ctx:
+                model.encode_image(x)
+                if a.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                reps = max(1, a.n // a.batch_size)
+                for _ in range(reps):
+                    model.encode_image(x)
+                if a.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                model_rate = reps * a.batch_size / (time.perf_counter() - start)
+            start = time.perf_counter()
+            compute_embedding_cache(model, loader(), work / f"cache-{dtype}", post_ids=posts.post_id.tolist(),
+                                    token_len=32, device=a.device, autocast_dtype=dtype, progress=False)
+            e2e = a.n / (time.perf_counter() - start)
+            rows.append({"precision": "bf16-autocast" if dtype else "fp32", "model_img_per_s": round(model_rate, 1),
+                         "decode_img_per_s": round(decode_rate, 1), "end_to_end_img_per_s": round(e2e, 1),
+                         "e2e_fraction_of_bound": round(e2e / min(model_rate, decode_rate), 3)})
+    print_table(rows, f"{a.model} on {a.device}, {a.n} JPEGs {a.size}, {a.workers} workers")
+    write_results(f"extraction_{a.model}_{a.device}", {"args": vars(a), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Launched by tests/test_ddp.py with torchrun (2 CPU processes, gloo): one epoch of the prompt/prototype module
+over WebDataset shards through PopularityDataModule; each rank writes how many batches it trained on."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from datamodules.popularity import PopularityDataModule, SetShardEpoch
+from lightning_modules.backbone import TINY_MODEL
+from lightning_modules.prompt_prototype_module import PromptPrototypeModule
+
+
+class CountBatches(L.Callback):
+    def __init__(self, out: Path):
+        self.out, self.n = out, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.n += 1
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"batches": self.n}))
+
+
+def main(work: Path) -> None:
+    classes = json.loads((work / "vocab.json").read_text())["subcategory"]
+    torch.manual_seed(0)
+    module = PromptPrototypeModule(classes, backbone_name=TINY_MODEL, n_ctx=2, proj_dim=16, heads=2, token_len=16,
+                                   regression_hidden=8)
+    module.set_prototypes(torch.randn(len(classes), 64), torch.randn(len(classes), 64))
+    dm = PopularityDataModule(str(work / "shards"), str(work / "folds.parquet"), batch_size=8, num_workers=1,
+                              image_size=64, model_name=TINY_MODEL, fold=0, seed=0)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[CountBatches(work), SetShardEpoch()])
+    trainer.fit(module, dm)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
