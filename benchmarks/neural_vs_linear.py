@@ -56,7 +56,7 @@ def main() -> None:
                 for batch in dm.val_dataloader():
                     idx = posts.index[posts.post_id.isin(batch["post_id"])]
                     order = pd.Series(range(len(batch["post_id"])), index=batch["post_id"])
-                    logits = module(batch)["proto_logits"].argmax(-1).numpy()
+                    logits = module.class_scores(module(batch)).argmax(-1).numpy()
                     ppm_pred[idx] = logits[order.loc[posts.post_id[idx]].to_numpy()]
     known = labelled & (y_cls >= 0)
     chance = np.bincount(y_cls[known]).max() / known.sum()
@@ -64,7 +64,7 @@ def main() -> None:
     rows_cls.append({"model": "linear probe (logistic, frozen CLIP)", "oof_accuracy":
                      round(float((probe_pred[known] == y_cls[known]).mean()), 4)})
     if (ppm_pred >= 0).any():
-        rows_cls.append({"model": "prompt/prototype module", "oof_accuracy":
+        rows_cls.append({"model": "prompt/prototype module (fused heads)", "oof_accuracy":
                          round(float((ppm_pred[known] == y_cls[known]).mean()), 4)})
     y = posts.label.to_numpy()
     rows_reg.append({"model": "ridge on frozen CLIP features", **{k: round(v, 4) for k, v in

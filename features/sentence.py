@@ -46,15 +46,19 @@ class SentenceEncoder:
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> np.ndarray:
-        out = []
+        """Batches of similar length (sorted by character count) so little time goes into padding; rows come
+        back in input order."""
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
         for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
+            idx = order[start:start + self.batch_size]
+            batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
                                    max_length=self.max_length, return_tensors="pt")
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
+            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        return out
 
 
 def post_sentences(posts: pd.DataFrame) -> list[str]:

@@ -81,6 +81,7 @@ class PromptPrototypeModule(PostModule):
         ) if regression_weight > 0 else None
         self.val_acc = MulticlassAccuracy(num_classes=k, ignore_index=IGNORE, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes=k, top_k=min(5, k), ignore_index=IGNORE, average="micro")
+        self.val_acc_proto = MulticlassAccuracy(num_classes=k, ignore_index=IGNORE, average="micro")
         self._init_regression_metrics()
 
     @property
@@ -145,6 +146,12 @@ class PromptPrototypeModule(PostModule):
         parts["loss"] = total
         return parts
 
+    @staticmethod
+    def class_scores(out: dict) -> torch.Tensor:
+        """(B, K) fused class scores: the sum of the log-probabilities of the global prompt, local prompt and
+        prototype heads (each trained by its own cross-entropy term of eq. 8)."""
+        return sum(out[k].float().log_softmax(-1) for k in ("global_logits", "local_logits", "proto_logits"))
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self(batch)
         parts = self.losses(out, batch)
@@ -158,10 +165,13 @@ class PromptPrototypeModule(PostModule):
         self.log("val/loss", parts["loss"], on_epoch=True, sync_dist=True, batch_size=len(batch["label"]))
         y = batch["subcategory_id"].long()
         y = torch.where(y < self.n_classes, y, torch.full_like(y, IGNORE))
-        self.val_acc.update(out["proto_logits"], y)
-        self.val_top5.update(out["proto_logits"], y)
+        fused = self.class_scores(out)
+        self.val_acc.update(fused, y)
+        self.val_top5.update(fused, y)
+        self.val_acc_proto.update(out["proto_logits"], y)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
         self.log("val/top5", self.val_top5, on_epoch=True)
+        self.log("val/acc_proto", self.val_acc_proto, on_epoch=True)
         if self.regressor is not None:
             self.log_regression(out["prediction"], batch["label"], "val")
 
@@ -178,7 +188,7 @@ class PromptPrototypeModule(PostModule):
         return {
             "post_id": list(batch["post_id"]),
             "prediction": out["prediction"].float(),
-            "class_pred": out["proto_logits"].argmax(-1),
+            "class_pred": self.class_scores(out).argmax(-1),
             "image_emb": out["image_emb"], "text_emb": out["text_emb"],
             "w_global": out["global_logits"].float(), "w_local": out["local_logits"].float(),
             "x_tilde": out["x"].float(),

@@ -63,6 +63,12 @@ def mlp(sizes: list[int], dropout: float, batch_norm: bool) -> nn.Sequential:
 class RegressorModule(PostModule):
     """Shared training/validation/predict steps of the popularity regressors."""
 
+    def _init_inputs(self, backbone_name: str | None, backbone_pretrained: str | None) -> None:
+        """Metrics, and the frozen CLIP only when raw batches must be accepted (the cached path needs none)."""
+        if backbone_name:
+            self._init_backbone(backbone_name, backbone_pretrained, 0)
+        self._init_regression_metrics()
+
     def features(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
@@ -102,13 +108,11 @@ class CoAttentionMLPModule(RegressorModule):
                  backbone_name: str | None = None, backbone_pretrained: str | None = None):
         super().__init__()
         self.save_hyperparameters()
-        if backbone_name:
-            self._init_backbone(backbone_name, backbone_pretrained, 0)
+        self._init_inputs(backbone_name, backbone_pretrained)
         self.coattention = CoAttention(embed_dim, attn_dim, heads, n_visual_tokens)
         self.tabular = nn.Sequential(nn.Linear(tabular_dim, attn_dim), nn.ReLU()) if tabular_dim else None
         fused = 4 * attn_dim + (attn_dim if tabular_dim else 0)
         self.head = mlp([fused, *hidden], dropout, batch_norm=False)
-        self._init_regression_metrics()
 
     def features(self, b: dict) -> torch.Tensor:
         parts = [self.coattention(b["image_emb"], b["text_emb"], b["text_tokens"], b["text_mask"])]
@@ -128,10 +132,8 @@ class CLIPHierarchicalPredictor(RegressorModule):
                  backbone_name: str | None = None, backbone_pretrained: str | None = None):
         super().__init__()
         self.save_hyperparameters()
-        if backbone_name:
-            self._init_backbone(backbone_name, backbone_pretrained, 0)
+        self._init_inputs(backbone_name, backbone_pretrained)
         self.head = mlp([2 * embed_dim, *hidden], dropout, batch_norm=True)
-        self._init_regression_metrics()
 
     def features(self, b: dict) -> torch.Tensor:
         return torch.cat([b["image_emb"].float(), b["text_emb"].float()], dim=-1)
