@@ -30,7 +30,8 @@ def resolve_model_dir(name: str) -> Path:
 
 
 class SentenceEncoder:
-    """Texts -> (n, hidden) float32 unit vectors. Offline: ``local_files_only``; deterministic in eval mode."""
+    """Texts -> (n, hidden) float32 unit vectors. Offline: ``local_files_only``; deterministic in eval mode;
+    on the GPU when one is present (the family's cost at SMPD scale is this encoder)."""
 
     def __init__(self, model_dir: str | Path, max_length: int = 64, batch_size: int = 256):
         from transformers import AutoModel, AutoTokenizer
@@ -40,7 +41,8 @@ class SentenceEncoder:
         hf_logging.set_verbosity_error()
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval().to(self.device)
         self.max_length = max_length
         self.batch_size = batch_size
 
@@ -53,11 +55,11 @@ class SentenceEncoder:
         for start in range(0, len(texts), self.batch_size):
             idx = order[start:start + self.batch_size]
             batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt")
+                                   max_length=self.max_length, return_tensors="pt").to(self.device)
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
         return out
 
 
