@@ -58,7 +58,7 @@ def stack(cfg: DictConfig, run_dir: Path, tracker) -> StageResult:
     features = X.drop(columns=[KEY]).astype(np.float32)
     if not scfg.neural_columns:
         features = features.drop(columns=neural_cols)
-    result = run_stack(features, y, folds, categorical, scfg)
+    result = run_stack(features, y, folds, categorical, scfg, progress=bool(cfg.progress_bar))
     out = run_dir / "stack"
     result.save(out / "model")
     labelled = folds != NO_FOLD

@@ -117,12 +117,12 @@ def _first_pass_losses(X: pd.DataFrame, y: np.ndarray, folds: np.ndarray, catego
 
 def run_stack(
     X: pd.DataFrame, y: np.ndarray, folds: np.ndarray, categorical: list[str], cfg: StackConfig,
-    eval_folds: list[int] | None = None,
+    eval_folds: list[int] | None = None, progress: bool = False,
 ) -> StackResult:
     """Fit the stack. ``X``: float32 features of every post (neural prediction columns included);
     ``y``: labels (NaN = unlabelled); ``folds``: from ``datamodules.folds`` (NO_FOLD = unlabelled).
     ``eval_folds``: fit only these folds (e.g. ``[0]``: one hold-out split instead of K-fold); scores are then
-    computed on those folds' rows only."""
+    computed on those folds' rows only. ``progress`` shows a bar over (round, fold, member) fits."""
     y = np.asarray(y, dtype=np.float64)
     folds = np.asarray(folds)
     labelled = folds != NO_FOLD
@@ -146,6 +146,10 @@ def run_stack(
     log.info("stack: %d labelled rows, %d kept for fitting (IQR k=%s, selection %.2f), %d unlabelled",
              len(yl), int(keep.sum()), cfg.iqr_k, cfg.selection_fraction, len(XU))
 
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=(cfg.pseudo_rounds + 1) * len(fold_ids) * len(names), desc="stack", unit="fit",
+               disable=not progress, leave=False)
     pseudo_X = XU.iloc[:0]
     pseudo_y = np.zeros(0)
     round_log = []
@@ -167,6 +171,7 @@ def run_stack(
                 test_by_fold[n][k] = member.predict(XU[cols]) if len(XU) else np.zeros(0)
                 seconds[n] += time.perf_counter() - start
                 models[(n, k)] = member
+                bar.update()
         blend_params = {}
         oof_blend = np.full(len(yl), np.nan)
         test_blend_folds = []
@@ -191,6 +196,7 @@ def run_stack(
         log.info("stack round %d: OOF SRC %.4f MAE %.4f (pseudo rows in training: %d)", r, sc["src"], sc["mae"],
                  entry["pseudo_rows"])
 
+    bar.close()
     rows = [{"member": n, **scores(yl[scored], oof[n][scored]), "seconds": round(seconds[n], 2)} for n in names]
     rows.append({"member": "blend", **scores(yl[scored], oof_blend[scored]), "seconds": round(sum(seconds.values()), 2)})
     weights = pd.DataFrame([{"fold": k, "member": n, "weight": float(w)} for k, p in blend_params.items()
