@@ -64,9 +64,10 @@ class Manifest:
 class StageRunner:
     """Runs stages in one run directory, skipping those whose manifest matches."""
 
-    def __init__(self, run_dir: str | Path, log: Callable[[str], None] = print):
+    def __init__(self, run_dir: str | Path, log: Callable[[str], None] = print, write_manifests: bool = True):
         self.run_dir = Path(run_dir)
         self.log = log
+        self.write_manifests = write_manifests  # False in DDP child processes: only the first process records
         self.manifests: dict[str, Manifest] = {}
 
     def manifest_path(self, stage: str) -> Path:
@@ -101,7 +102,8 @@ class StageRunner:
             stage=stage, hash=digest, outputs=result.outputs, counts=result.counts, metrics=result.metrics,
             seconds=round(time.perf_counter() - start, 3),
         )
-        write_json_atomic(self.manifest_path(stage), manifest.__dict__ | {"skipped": False})
+        if self.write_manifests:
+            write_json_atomic(self.manifest_path(stage), manifest.__dict__ | {"skipped": False})
         self.manifests[stage] = manifest
         self.log(f"[{stage}] done in {manifest.seconds:.1f} s")
         return manifest

@@ -188,6 +188,7 @@ def predict_frames(cfg: DictConfig, dm: EmbeddingDataModule, work: Path, ckpts: 
                             strategy=t["strategy"], precision=t["precision"], logger=False, callbacks=[writer],
                             enable_progress_bar=False, enable_model_summary=False)
         trainer.predict(module, dataloaders=dm.predict_dataloader(), return_predictions=False)
+        trainer.strategy.barrier()  # every rank's file is written before anyone merges
         frames[fold] = merge_rank_outputs(out, post_ids).drop(columns=["class_pred"], errors="ignore")
     return frames
 
@@ -267,9 +268,13 @@ def load_pca(path: Path) -> dict:
 
 
 def extract_neural(cfg: DictConfig, run_dir: Path) -> StageResult:
+    from pipeline.stages import is_child_process
+
     pca_state: dict = {}
     nf, preds = neural_outputs(cfg, run_dir, run_dir, pca_state)
     out = run_dir / "neural"
+    if is_child_process():  # DDP children took part in trainer.predict; the first process writes the results
+        return StageResult(outputs=[])
     nf.to_parquet(out / "features.parquet", index=False)
     preds.to_parquet(out / "predictions.parquet", index=False)
     save_pca(pca_state, out / "pca.npz")

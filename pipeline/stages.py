@@ -54,7 +54,7 @@ class Pipeline:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        self.runner = StageRunner(self.run_dir, log.info)
+        self.runner = StageRunner(self.run_dir, log.info, write_manifests=not is_child_process())
         self.tracker = None
 
     # ------------------------------------------------------------------ driver

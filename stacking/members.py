@@ -36,7 +36,12 @@ def _int_categoricals(X: pd.DataFrame, categorical: list[str]) -> pd.DataFrame:
 
 
 class CatBoostMember:
-    """CatBoost regressor; categorical columns native; loss ``Huber:delta=d`` or ``RMSE``; GPU when asked."""
+    """CatBoost regressor; categorical columns native; loss ``Huber:delta=d`` or ``RMSE``; GPU when asked.
+
+    CatBoost's Huber loss cannot start from the label average (``boost_from_average`` is refused), so the member
+    fits ``y - offset`` with offset = the training median and adds it back: otherwise every tree spends its
+    clipped gradient walking from 0 to ~6.4.
+    """
 
     name, extension = "catboost", "cbm"
 
@@ -44,6 +49,7 @@ class CatBoostMember:
         self.params, self.categorical, self.seed = dict(params), list(categorical), seed
         self.model = None
         self.columns: list[str] = []
+        self.offset = 0.0
 
     def _model(self):
         from catboost import CatBoostRegressor
@@ -60,18 +66,20 @@ class CatBoostMember:
     def fit(self, X_tr, y_tr, X_va, y_va):
         self.columns = list(X_tr.columns)
         cats = [c for c in self.categorical if c in self.columns]
+        self.offset = float(np.median(y_tr))
         self.model = self._model()
-        self.model.fit(_int_categoricals(X_tr, cats), y_tr, cat_features=cats,
-                       eval_set=(_int_categoricals(X_va, cats), y_va), use_best_model=True)
+        self.model.fit(_int_categoricals(X_tr, cats), np.asarray(y_tr) - self.offset, cat_features=cats,
+                       eval_set=(_int_categoricals(X_va, cats), np.asarray(y_va) - self.offset), use_best_model=True)
         return self
 
     def predict(self, X):
         cats = [c for c in self.categorical if c in self.columns]
-        return self.model.predict(_int_categoricals(X[self.columns], cats)).astype(np.float64)
+        return self.model.predict(_int_categoricals(X[self.columns], cats)).astype(np.float64) + self.offset
 
     def save(self, path):
         self.model.save_model(str(path), format="cbm")
-        Path(f"{path}.json").write_text(json.dumps({"columns": self.columns, "categorical": self.categorical}))
+        Path(f"{path}.json").write_text(json.dumps({"columns": self.columns, "categorical": self.categorical,
+                                                    "offset": self.offset}))
 
     @classmethod
     def load(cls, path):
@@ -82,6 +90,7 @@ class CatBoostMember:
         member.model = CatBoostRegressor()
         member.model.load_model(str(path), format="cbm")
         member.columns = meta["columns"]
+        member.offset = float(meta["offset"])
         return member
 
     def feature_importance(self):
