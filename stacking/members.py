@@ -144,7 +144,8 @@ class LightGBMMember:
 
 
 class TabNetMember:
-    """TabNet regressor on imputed (training medians) and standardised float32 inputs; Huber loss."""
+    """TabNet regressor on imputed (training medians) and standardised float32 inputs; Huber loss on
+    ``y - offset`` (offset = training median; like CatBoost's Huber, TabNet would otherwise start from 0)."""
 
     name, extension = "tabnet", "zip"
 
@@ -152,6 +153,7 @@ class TabNetMember:
         self.params, self.seed = dict(params), seed
         self.model = None
         self.scaler = None
+        self.offset = 0.0
 
     def fit(self, X_tr, y_tr, X_va, y_va):
         import torch
@@ -165,24 +167,27 @@ class TabNetMember:
         delta = float(p.pop("huber_delta", 1.0))
         lr = float(p.pop("lr", 2e-2))
         self.scaler = Standardiser.fit(X_tr)
+        self.offset = float(np.median(y_tr))
         self.model = TabNetRegressor(seed=self.seed, verbose=0, optimizer_params={"lr": lr}, device_name="cpu"
                                      if not torch.cuda.is_available() else "auto", **p)
         bs = min(int(fit_args.pop("batch_size", 1024)), len(X_tr))
         vbs = min(int(fit_args.pop("virtual_batch_size", 128)), bs)
         with contextlib.redirect_stdout(io.StringIO()):  # TabNet prints its early-stopping summary
-            self.model.fit(self.scaler.transform(X_tr), np.asarray(y_tr, np.float32).reshape(-1, 1),
-                           eval_set=[(self.scaler.transform(X_va), np.asarray(y_va, np.float32).reshape(-1, 1))],
+            self.model.fit(self.scaler.transform(X_tr), (np.asarray(y_tr) - self.offset).astype(np.float32).reshape(-1, 1),
+                           eval_set=[(self.scaler.transform(X_va),
+                                      (np.asarray(y_va) - self.offset).astype(np.float32).reshape(-1, 1))],
                            eval_metric=["mae"], loss_fn=torch.nn.HuberLoss(delta=delta), batch_size=bs,
                            virtual_batch_size=vbs, drop_last=len(X_tr) > bs, **fit_args)
         return self
 
     def predict(self, X):
-        return self.model.predict(self.scaler.transform(X)).reshape(-1).astype(np.float64)
+        return self.model.predict(self.scaler.transform(X)).reshape(-1).astype(np.float64) + self.offset
 
     def save(self, path):
         with contextlib.redirect_stdout(io.StringIO()):
             self.model.save_model(str(path).removesuffix(".zip"))
         self.scaler.save(f"{path}.scaler.npz")
+        Path(f"{path}.json").write_text(json.dumps({"offset": self.offset}))
 
     @classmethod
     def load(cls, path):
@@ -194,6 +199,7 @@ class TabNetMember:
         member.model = TabNetRegressor()
         member.model.load_model(str(path))
         member.scaler = Standardiser.load(f"{path}.scaler.npz")
+        member.offset = float(json.loads(Path(f"{path}.json").read_text())["offset"])
         return member
 
     def feature_importance(self):
