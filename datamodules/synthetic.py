@@ -2,33 +2,24 @@
 
     python -m datamodules.synthetic OUT --n-train 2000 --n-test 800 --seed 0
 
-Latent model (``LatentModel`` holds every coefficient; defaults in brackets). For post i of user u in subcategory c,
-posted at UTC hour h on weekday d::
+Latent model (per post i of user u, subcategory c, posted at hour h on weekday d)::
 
-    signal_i = base + q_u + s_c + appeal_weight * a_i
-               + hot_tag_weight * hot_i + no_tag_effect * [no tags]_i
-               + hour_amplitude * cos(2 pi (h - peak_hour) / 24) + weekend_effect * [d is Sat/Sun]
-               + geo_effect * [geotagged]_i * geoaccuracy_i / 16
-    label_i  = round(clip(signal_i + e_i, label_min, label_max), decimals)
+    signal_i = 6.0 + user_u + sub_c + 0.9 * appeal_i + tags_i + 0.25 * sin(2 pi (h - 14) / 24)
+               + 0.15 * [d in weekend] + 0.4 * [has geo] * (geoaccuracy_i / 16)
+    label_i  = round(clip(signal_i + noise_i, 1, 16.5), 2),   noise_i ~ N(0, 0.9^2)
 
-* ``q_u ~ N(0, user_sd^2)`` [2.0]: user quality, the dominant factor as in SMPD (HyperFusion Table 2). Users with a
-  high q post more, have a larger ``photo_count`` and are more often ``ispro``; variant-A user vectors carry q/4 in
-  their first component.
-* ``s_c ~ N(0, subcategory_sd^2)`` [0.7]: subcategory effect. Each subcategory has its own tag/title vocabulary
-  (so text carries the class), and its own colour palette and shape in the image.
-* ``a_i ~ N(0, 1)``, ``appeal_weight`` [0.9]: image appeal, drawn into the picture (object size, brightness,
-  saturation), so a vision model sees part of the popularity in the pixels.
-* ``hot_i``: number of the subcategory's "hot" words among the post's tags, ``hot_tag_weight`` [0.15];
-  ``no_tag_effect`` [-0.1].
-* time: ``hour_amplitude`` [0.25] peaking at ``peak_hour`` [14], ``weekend_effect`` [0.15]; geo: ``geo_effect`` [0.4].
-* ``e_i ~ N(0, noise_sd^2)`` [0.9]; ``label_min, label_max, decimals`` [1, 16.5, 2] as in SMPD (SMPD_FORMAT.md sec. 3).
-* ``base`` [5.6]: with the defaults, train labels have mean about 6.4 and standard deviation about 2.5 (SMPD:
-  6.41, 2.48), and the noise-free signal explains about 85% of the label variance.
+* ``user_u ~ N(0, 1.9^2)``: the dominant factor, as in SMPD (HyperFusion Table 2). Users' ``photo_count`` and
+  ``ispro`` correlate with it; heavy users post more.
+* ``sub_c ~ N(0, 0.7^2)``: subcategory effect; each subcategory also has its own tag/title vocabulary.
+* ``appeal_i ~ N(0, 1)``: image content. It is drawn into the image (object size, brightness and saturation),
+  while the subcategory picks the palette and the shape, so a vision model can learn both the class and part of
+  the popularity from pixels alone.
+* ``tags_i = 0.15 * (#"hot" tags) - 0.1 * [no tags]``: some tags of every vocabulary are "hot".
 
-``signal`` (noise-free) and the hidden test labels are written to ``signal.parquet`` so benchmarks can score the
-test split and know the ceiling. The mess of real data is included: a few missing and truncated images, empty
-titles and tags, no-geo posts (``"0"`` and ``""``), ``"None"`` path aliases, null user fields, junk after the
-variant-A location vectors. Output is deterministic per seed (byte-identical files).
+``signal`` (noise-free) is written to ``signal.parquet`` so benchmarks know the achievable ceiling
+(SRC(signal, label) is the best any model can do). The mess of real data is included: a few missing and
+truncated images, empty titles and tags, no-geo posts (``"0"`` and ``""``), ``"None"`` path aliases and null
+user fields. Output is deterministic per seed.
 """
 
 from __future__ import annotations
@@ -38,15 +29,13 @@ import io
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from datamodules.schema import IMAGE_OK, SPLITS, VECTOR_COLUMNS
-from datamodules.smpd import LABEL_FILE, LABELLED_SPLIT, to_schema
+from datamodules.schema import COLUMNS, IMAGE_OK, VECTOR_COLUMNS
 
 #: The 11 SMPD categories and their 77 subcategories (SMPD_FORMAT.md section 4; commas stand for spaces).
 TAXONOMY: dict[str, list[str]] = {
@@ -66,67 +55,20 @@ TAXONOMY: dict[str, list[str]] = {
     "Urban": ["StreetArt", "Architecture"],
     "Electronics": ["Electronics"],
 }
-
-
-@dataclass(frozen=True)
-class LatentModel:
-    """Coefficients of the latent popularity model; the formula and defaults are in the module docstring."""
-
-    base: float = 5.6
-    user_sd: float = 2.0
-    subcategory_sd: float = 0.7
-    appeal_weight: float = 0.9
-    hot_tag_weight: float = 0.15
-    no_tag_effect: float = -0.1
-    hour_amplitude: float = 0.25
-    peak_hour: float = 14.0
-    weekend_effect: float = 0.15
-    geo_effect: float = 0.4
-    noise_sd: float = 0.9
-    label_min: float = 1.0
-    label_max: float = 16.5
-    decimals: int = 2
-
-
-START_EPOCH = 1_420_070_400  # 2015-01-01 00:00 UTC
-SPAN_DAYS = 480  # about 16 months, like SMPD
-MAX_GEOACCURACY = 16
-GEO_FRACTION = 0.35
-POSTS_PER_USER = 12  # default number of users: n / POSTS_PER_USER
-USER_PREFERENCE = 0.5  # share of a user's posts in the user's favourite subcategory
-VOCAB_WORDS = 12  # tag/title words per subcategory
-HOT_WORDS = 2  # the first HOT_WORDS words of each vocabulary raise popularity
-CONCEPTS = 4  # concepts per subcategory (the first words of its vocabulary)
-MAX_TAGS = 8
-NO_TAG_FRACTION = 0.12
-EMPTY_TITLE_FRACTION = 0.15
-MACHINE_TAG_FRACTION = 0.1
-NULL_USER_FRACTION = 0.05
-NO_ALIAS_USER_FRACTION = 0.4
-NO_ALIAS_ROW_FRACTION = 0.1
-LOCATION_FRACTION = 0.5
-VECTOR_DECIMALS = 4  # description vectors are written with this many decimals (and generated already rounded)
+START_EPOCH = 1_420_070_400  # 2015-01-01 UTC
+SPAN_DAYS = 480  # ~16 months
+LATENT = {"base": 6.0, "user_sd": 1.9, "sub_sd": 0.7, "appeal": 0.9, "noise_sd": 0.9}
 GENERIC_WORDS = ("photo", "day", "nice", "my", "new", "best", "look", "great", "the", "with", "and", "at")
-#: (UTC offset seconds, IANA name, numeric id as in variant A).
-TIMEZONES = ((-28800, "America/Los_Angeles", 3), (-18000, "America/New_York", 8), (0, "Europe/London", 17),
-             (3600, "Europe/Paris", 19), (28800, "Asia/Shanghai", 30), (32400, "Asia/Tokyo", 33))
-USER_VARIANTS = ("A", "B")
 
 
-def subcategory_pairs(n_subcategories: int | None = None) -> list[tuple[str, str]]:
-    """(category, subcategory) pairs; with a limit they are taken round-robin over the categories, so the first 11
-    cover all 11 categories and class sizes stay comparable."""
-    by_category = [[(cat, sub) for sub in subs] for cat, subs in TAXONOMY.items()]
-    ordered = [p[i] for i in range(max(map(len, by_category))) for p in by_category if i < len(p)]
-    if n_subcategories is None:
-        return ordered
-    if not 2 <= n_subcategories <= len(ordered):
-        raise ValueError(f"n_subcategories must be in 2..{len(ordered)}, got {n_subcategories}")
-    return ordered[:n_subcategories]
-
-
-def _slug(name: str) -> str:
-    return "".join(ch for ch in name.lower() if ch.isalnum())
+def _subcategories(n_subcategories: int | None) -> list[tuple[str, str]]:
+    """(category, subcategory) pairs; with a limit, taken round-robin over categories so all 11 stay present."""
+    pairs_by_cat = [[(cat, sub) for sub in subs] for cat, subs in TAXONOMY.items()]
+    ordered: list[tuple[str, str]] = []
+    depth = max(len(p) for p in pairs_by_cat)
+    for i in range(depth):
+        ordered.extend(p[i] for p in pairs_by_cat if i < len(p))
+    return ordered if n_subcategories is None else ordered[: max(2, n_subcategories)]
 
 
 def make_posts(
@@ -137,257 +79,176 @@ def make_posts(
     n_users: int | None = None,
     n_subcategories: int | None = None,
     user_variant: str = "A",
-    latent: LatentModel = LatentModel(),
 ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """A synthetic posts table in the ``datamodules.schema`` format, vectorised (200k posts in about a second).
-
-    Args:
-        n_train, n_test: posts per split; test posts are all later in time than train posts.
-        seed: everything is a function of the seed.
-        n_users: default ``max(5, n // POSTS_PER_USER)``.
-        n_subcategories: how many of the 77 subcategories to use (all by default; see ``subcategory_pairs``).
-        user_variant: ``"A"`` (399/400-float description vectors) or ``"B"`` (free-text descriptions).
-        latent: the popularity model's coefficients.
+    """A posts table in the ``datamodules.schema`` format (test labels NaN) plus hidden arrays.
 
     Returns:
-        posts: train rows then test rows; test labels are NaN (hidden).
-        signal: (n,) float64, noise-free latent popularity.
-        labels: (n,) float64, the true labels of all posts, test ones included.
-        ``posts.attrs["appeal"]`` holds the (n,) float64 image appeal that ``write_smpd`` draws into the images.
+        posts: one row per post, train rows then test rows (test posts are later in time).
+        signal: (n,) float64 noise-free latent popularity.
+        labels: (n,) float64 true labels of all posts, the test ones included (hidden from ``posts``).
+        Also stored in ``posts.attrs["appeal"]``: (n,) the per-post image appeal used to draw images.
     """
-    if user_variant not in USER_VARIANTS:
-        raise ValueError(f"user_variant must be one of {USER_VARIANTS}, got {user_variant!r}")
-    if n_train < 0 or n_test < 0 or n_train + n_test == 0:
-        raise ValueError(f"need a positive number of posts, got n_train={n_train}, n_test={n_test}")
+    if user_variant not in ("A", "B"):
+        raise ValueError(f"user_variant must be 'A' or 'B', got {user_variant!r}")
     rng = np.random.default_rng(seed)
     n = n_train + n_test
-    pairs = subcategory_pairs(n_subcategories)
+    pairs = _subcategories(n_subcategories)
     n_sub = len(pairs)
-    n_users = n_users or max(5, n // POSTS_PER_USER)
+    n_users = n_users or max(5, n // 12)
 
-    # users: quality, activity (better users post more), favourite subcategory, profile
-    quality = rng.normal(0, latent.user_sd, n_users)
-    activity = rng.lognormal(0, 1.0, n_users) * np.exp(0.15 * quality)
-    user = rng.choice(n_users, size=n, p=activity / activity.sum())
-    uid_digits = rng.choice(100 * n_users, size=n_users, replace=False) + 10
-    uids = np.array([f"{d}@N{s:02d}" for d, s in zip(uid_digits, rng.integers(0, 100, n_users))])
-    favourite = rng.integers(0, n_sub, n_users)
-    sub = np.where(rng.random(n) < USER_PREFERENCE, favourite[user], rng.integers(0, n_sub, n))
-    sub_effect = rng.normal(0, latent.subcategory_sd, n_sub)
+    # users: quality drives popularity, activity (heavy users post more), profile fields
+    user_q = rng.normal(0, LATENT["user_sd"], n_users)
+    activity = rng.lognormal(0, 1.0, n_users) * (1 + 0.3 * (user_q > 0))
+    user_of_post = rng.choice(n_users, size=n, p=activity / activity.sum())
+    uids = np.array([f"{rng.integers(10, 99999)}@N{rng.integers(0, 99):02d}" for _ in range(n_users)])
+    _, first = np.unique(uids, return_index=True)  # make uids unique
+    for j in set(range(n_users)) - set(first.tolist()):
+        uids[j] = f"{j + 100000}@N{j % 100:02d}"
+    user_sub_pref = rng.integers(0, n_sub, n_users)
+
+    sub_eff = rng.normal(0, LATENT["sub_sd"], n_sub)
+    sub_of_post = np.where(rng.random(n) < 0.5, user_sub_pref[user_of_post], rng.integers(0, n_sub, n))
     appeal = rng.normal(0, 1, n)
 
-    # time: sorted, so the split is chronological
-    postdate = START_EPOCH + np.sort(rng.integers(0, SPAN_DAYS * 86400, n))
+    # time: chronological split, test posts after train posts
+    t = np.sort(rng.uniform(0, SPAN_DAYS * 86400, n))
+    postdate = (START_EPOCH + t).astype(np.int64)
     hour = (postdate // 3600) % 24
-    weekday = (postdate // 86400 + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
+    weekday = ((postdate // 86400) + 3) % 7  # 1970-01-01 was a Thursday (weekday 3, Monday = 0)
 
-    geo = rng.random(n) < GEO_FRACTION
-    geoaccuracy = np.where(geo, rng.integers(1, MAX_GEOACCURACY + 1, n), 0)
-    latitude = np.where(geo, rng.uniform(-60, 70, n).round(6), np.nan)
-    longitude = np.where(geo, rng.uniform(-170, 170, n).round(6), np.nan)
+    has_geo = rng.random(n) < 0.35
+    geoacc = np.where(has_geo, rng.integers(1, 17, n), 0)
+    lat = np.where(has_geo, rng.uniform(-60, 70, n).round(6), np.nan)
+    lon = np.where(has_geo, rng.uniform(-170, 170, n).round(6), np.nan)
 
-    # text: per-subcategory vocabularies; the first HOT_WORDS words of each are "hot"
-    vocab = [[f"{_slug(s)}{k}" for k in range(VOCAB_WORDS)] for _, s in pairs]
-    n_tags = np.where(rng.random(n) < NO_TAG_FRACTION, 0, rng.integers(1, MAX_TAGS + 1, n))
-    order = np.argsort(rng.random((n, VOCAB_WORDS)), axis=1)[:, :MAX_TAGS]
-    hot = ((order < HOT_WORDS) & (np.arange(MAX_TAGS) < n_tags[:, None])).sum(1)
-    machine = (n_tags > 0) & (rng.random(n) < MACHINE_TAG_FRACTION)
-    app = rng.integers(1, 4, n)
-    tags = [" ".join([vocab[c][w] for w in o[:k]] + ([f"uploaded:by=app{a}"] if m else []))
-            for c, o, k, m, a in zip(sub.tolist(), order.tolist(), n_tags.tolist(), machine.tolist(), app.tolist())]
-    empty_title = rng.random(n) < EMPTY_TITLE_FRACTION
-    title_words = rng.integers(0, VOCAB_WORDS, (n, 2))
-    one_word = rng.random(n) < 0.5
-    generic = rng.integers(0, len(GENERIC_WORDS), n)
-    titles = ["" if e else " ".join([GENERIC_WORDS[g], vocab[c][w[0]]] + ([] if o else [vocab[c][w[1]]]))
-              for e, g, c, w, o in zip(empty_title.tolist(), generic.tolist(), sub.tolist(), title_words.tolist(),
-                                       one_word.tolist())]
-    concepts = [vocab[c][k] for c, k in zip(sub.tolist(), rng.integers(0, CONCEPTS, n).tolist())]
+    # text: per-subcategory vocabularies, some words "hot"
+    vocab = {c: [f"{pairs[c][1].lower().replace(',', '').replace('&', '')}{k}" for k in range(12)] for c in range(n_sub)}
+    titles, tags, n_hot = [], [], np.zeros(n)
+    for i in range(n):
+        words = vocab[int(sub_of_post[i])]
+        k = int(rng.integers(0, 9)) if rng.random() > 0.12 else 0
+        chosen = list(rng.choice(words, size=min(k, len(words)), replace=False)) if k else []
+        if k and rng.random() < 0.1:
+            chosen.append(f"uploaded:by=app{int(rng.integers(1, 4))}")
+        n_hot[i] = sum(w[-1] in "01" for w in chosen)
+        tags.append(" ".join(chosen))
+        if rng.random() < 0.15:
+            titles.append("")
+        else:
+            tw = [str(rng.choice(GENERIC_WORDS))] + [str(w) for w in rng.choice(words, size=int(rng.integers(1, 3)))]
+            titles.append(" ".join(tw))
+    tag_eff = 0.15 * n_hot - 0.1 * np.array([t == "" for t in tags])
 
-    signal = (latent.base + quality[user] + sub_effect[sub] + latent.appeal_weight * appeal
-              + latent.hot_tag_weight * hot + latent.no_tag_effect * (n_tags == 0)
-              + latent.hour_amplitude * np.cos(2 * np.pi * (hour - latent.peak_hour) / 24)
-              + latent.weekend_effect * (weekday >= 5)
-              + latent.geo_effect * geo * geoaccuracy / MAX_GEOACCURACY)
-    labels = np.round(np.clip(signal + rng.normal(0, latent.noise_sd, n), latent.label_min, latent.label_max),
-                      latent.decimals)
+    signal = (
+        LATENT["base"] + user_q[user_of_post] + sub_eff[sub_of_post] + LATENT["appeal"] * appeal + tag_eff
+        + 0.25 * np.sin(2 * np.pi * (hour - 14) / 24) + 0.15 * (weekday >= 5) + 0.4 * has_geo * geoacc / 16
+    )
+    labels = np.round(np.clip(signal + rng.normal(0, LATENT["noise_sd"], n), 1.0, 16.5), 2)
 
-    profile = _user_profiles(rng, quality, user_variant)
-    null_user = profile.pop("null")[user]
-    alias = profile.pop("alias")[user]
-    alias[rng.random(n) < NO_ALIAS_ROW_FRACTION] = None  # some rows of a user lack the alias (as in SMPD)
-    pids = (rng.choice(20 * n, size=n, replace=False) + 775).astype(str)
-    split = [SPLITS[0]] * n_train + [SPLITS[1]] * n_test
-    posts = to_schema({
-        "post_id": pids,
-        "uid": uids[user],
+    photo_count = np.round(np.exp(5 + 0.6 * user_q + rng.normal(0, 0.5, n_users)))
+    ispro = (rng.random(n_users) < 1 / (1 + np.exp(-(user_q - 1.0)))).astype(float)
+    canbuypro = (rng.random(n_users) < 0.5).astype(float)
+    firstdate = START_EPOCH - rng.uniform(30, 3000, n_users) * 86400
+    firsttaken = firstdate - rng.uniform(0, 2000, n_users) * 86400
+    user_null = rng.random(n_users) < 0.05
+    user_null[rng.integers(n_users)] = True  # at least one user with null profile fields
+    pathalias = np.array([None if rng.random() < 0.4 else f"alias{j}" for j in range(n_users)], dtype=object)
+    user_vecs = rng.normal(0, 0.1, (n_users, VECTOR_COLUMNS["user_vector"])).astype(np.float32)
+    user_vecs[:, 0] = user_q / 4  # a weak, real signal in the provided user vector
+    loc_vecs = rng.normal(0, 0.1, (n_users, VECTOR_COLUMNS["location_vector"])).astype(np.float32)
+    has_loc = rng.random(n_users) < 0.5
+
+    u = user_of_post
+    pids = rng.permutation(np.arange(1000, 1000 + 20 * n))[:n]
+    split = np.array(["train"] * n_train + ["test"] * n_test)
+    row = np.concatenate([np.arange(n_train), np.arange(n_test)])
+    concepts = np.array([f"{vocab[int(c)][int(k)]}" for c, k in zip(sub_of_post, rng.integers(0, 4, n))])
+    nullu = user_null[u]
+    posts = pd.DataFrame({
+        "post_id": pids.astype(str),
+        "uid": uids[u],
         "split": split,
-        "row": np.concatenate([np.arange(n_train), np.arange(n_test)]),
-        "image_relpath": [f"{s}/{u}/{p}.jpg" for s, u, p in zip(split, uids[user], pids)],
-        "image_status": [IMAGE_OK] * n,
-        "category": [pairs[c][0] for c in sub],
-        "subcategory": [pairs[c][1] for c in sub],
+        "row": row.astype(np.int64),
+        "image_relpath": [f"{s}/{uid}/{pid}.jpg" for s, uid, pid in zip(split, uids[u], pids)],
+        "image_status": IMAGE_OK,
+        "category": [pairs[c][0] for c in sub_of_post],
+        "subcategory": [pairs[c][1] for c in sub_of_post],
         "concept": concepts,
         "title": titles,
         "alltags": tags,
-        "mediatype": ["photo"] * n,
+        "mediatype": "photo",
         "postdate": postdate,
-        "latitude": latitude,
-        "longitude": longitude,
-        "geoaccuracy": geoaccuracy,
-        "pathalias": alias,
-        "ispublic": np.ones(n),
-        "mediastatus": ["ready"] * n,
-        **{col: values[user] if col in VECTOR_COLUMNS else _per_post(values, user, null_user)
-           for col, values in profile.items()},
-        "label": np.where(np.arange(n) < n_train, labels, np.nan),
+        "latitude": lat,
+        "longitude": lon,
+        "geoaccuracy": geoacc.astype(np.int64),
+        "pathalias": pathalias[u],
+        "ispublic": 1.0,
+        "mediastatus": "ready",
+        "photo_firstdate": np.where(nullu, np.nan, firstdate[u]),
+        "photo_firstdatetaken": np.where(nullu, np.nan, np.floor(firsttaken[u])),
+        "photo_count": np.where(nullu, np.nan, photo_count[u]),
+        "ispro": np.where(nullu, np.nan, ispro[u]),
+        "canbuypro": np.where(nullu, np.nan, canbuypro[u]) if user_variant == "A" else np.nan,
+        "timezone_offset": [None if x else "+01:00" for x in nullu],
+        "timezone_id": [None if x else "Europe/Paris" for x in nullu],
+        "user_vector": [user_vecs[j] for j in u] if user_variant == "A" else None,
+        "user_text": None if user_variant == "A" else [None if x else f"photographer number {j}" for j, x in zip(u, nullu)],
+        "location_vector": [loc_vecs[j] if has_loc[j] else None for j in u] if user_variant == "A" else None,
+        "location_text": None if user_variant == "A" else [f"City{j % 7}, Country{j % 3}" if has_loc[j] else None for j in u],
+        "label": np.where(split == "train", labels, np.nan),
     })
+    posts["photo_firstdate"] = np.floor(posts["photo_firstdate"])
     posts.attrs["appeal"] = appeal
-    return posts, signal, labels
-
-
-def _user_profiles(rng: np.random.Generator, quality: np.ndarray, user_variant: str) -> dict[str, np.ndarray]:
-    """Per-user profile columns (schema names), plus ``null`` (users whose profile fields are null) and ``alias``.
-
-    Variant A: description vectors (all zeros for null users, as SMPD gives unknown users), numeric timezone
-    strings; variant B: free texts, ``+HH:MM`` offsets and IANA zone names."""
-    m = len(quality)
-    null = rng.random(m) < NULL_USER_FRACTION
-    null[rng.integers(m)] = True  # at least one
-    firstdate = START_EPOCH - rng.integers(30, 3000, m) * 86400
-    zone = rng.integers(0, len(TIMEZONES), m)
-    offsets = np.array([TIMEZONES[z][0] for z in zone])
-    has_location = (rng.random(m) < LOCATION_FRACTION) & ~null
-    profile: dict[str, np.ndarray] = {
-        "null": null,
-        "alias": np.array([None if x else f"alias{j}" for j, x in enumerate(rng.random(m) < NO_ALIAS_USER_FRACTION)],
-                          dtype=object),
-        "photo_firstdate": firstdate.astype(float),
-        "photo_firstdatetaken": (firstdate - rng.integers(0, 2000, m) * 86400).astype(float),
-        "photo_count": np.round(np.exp(5 + 0.6 * quality + rng.normal(0, 0.5, m))),
-        "ispro": (rng.random(m) < 1 / (1 + np.exp(-(quality - 1.0)))).astype(float),
-        "canbuypro": (rng.random(m) < 0.5).astype(float) if user_variant == "A" else np.full(m, np.nan),
-    }
-    none = np.full(m, None, dtype=object)
-    if user_variant == "A":
-        user_vec = rng.normal(0, 0.1, (m, VECTOR_COLUMNS["user_vector"]))
-        user_vec[:, 0] = quality / 4  # a weak, real signal in the provided user vector
-        user_vec[null] = 0.0
-        loc_vec = rng.normal(0, 0.1, (m, VECTOR_COLUMNS["location_vector"]))
-        user_vec, loc_vec = (np.round(v, VECTOR_DECIMALS).astype(np.float32) for v in (user_vec, loc_vec))
-        vectors = np.empty(m, dtype=object)
-        vectors[:] = list(user_vec)
-        locations = np.empty(m, dtype=object)
-        locations[:] = [v if h else None for v, h in zip(loc_vec, has_location)]
-        profile.update({
-            "timezone_offset": np.array([str(o) for o in offsets], dtype=object),
-            "timezone_id": np.array([str(TIMEZONES[z][2]) for z in zone], dtype=object),
-            "user_vector": vectors, "user_text": none, "location_vector": locations, "location_text": none,
-        })
-    else:
-        profile.update({
-            "timezone_offset": np.array([f"{'-' if o < 0 else '+'}{abs(o) // 3600:02d}:00" for o in offsets],
-                                        dtype=object),
-            "timezone_id": np.array([TIMEZONES[z][1] for z in zone], dtype=object),
-            "user_vector": none,
-            "user_text": np.array([f"<p>Photographer #{j}, camera, travel &amp; life.</p>" for j in range(m)],
-                                  dtype=object),
-            "location_vector": none,
-            "location_text": np.array([f"City{j % 7}, Region{j % 5}, Country{j % 3}" if h else None
-                                       for j, h in enumerate(has_location)], dtype=object),
-        })
-    return profile
-
-
-def _per_post(values: np.ndarray, user: np.ndarray, null_user: np.ndarray) -> np.ndarray:
-    """A per-user column spread to posts; missing (None / NaN) for users whose profile is null."""
-    out = values[user]
-    if out.dtype == object:
-        out[null_user] = None
-        return out
-    return np.where(null_user, np.nan, out)
+    return posts[list(COLUMNS)], signal, labels
 
 
 # ----------------------------------------------------------------------------- images
-PALETTE_SEED = 12345  # class colours are fixed, independent of the data seed
-IMAGE_WIDTHS = (96, 160)
-IMAGE_HEIGHTS = (96, 120)
-JPEG_QUALITY = 88
-PIXEL_NOISE = 8  # +- grey levels of uniform pixel noise
-SHAPES = ("ellipse", "rectangle", "triangle", "stripes")
+PALETTE_SEED = 12345
 
 
-def _class_styles() -> tuple[np.ndarray, list[str]]:
-    """(77, 2, 3) background/foreground colours and a shape per subcategory, in ``subcategory_pairs()`` order."""
+def _class_style(n_sub: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-subcategory background/foreground colours (fixed, independent of the data seed) and shape ids."""
     rng = np.random.default_rng(PALETTE_SEED)
-    n = len(subcategory_pairs())
-    return rng.integers(30, 226, (n, 2, 3)), [SHAPES[i % len(SHAPES)] for i in range(n)]
+    colours = rng.integers(20, 236, (n_sub, 2, 3))
+    shapes = np.arange(n_sub) % 3
+    return colours, shapes
 
 
-def draw_image(colours: np.ndarray, shape: str, appeal: float, rng: np.random.Generator) -> Image.Image:
-    """One small picture: the class's colours (2, 3) and shape; appeal scales brightness, saturation and size.
-
-    Size is random in ``IMAGE_WIDTHS`` x ``IMAGE_HEIGHTS`` pixels.
-    """
-    w = int(rng.integers(IMAGE_WIDTHS[0], IMAGE_WIDTHS[1] + 1))
-    h = int(rng.integers(IMAGE_HEIGHTS[0], IMAGE_HEIGHTS[1] + 1))
-    a = float(np.clip(appeal, -2.5, 2.5))
-    grey = colours.mean(1, keepdims=True)
-    vivid = grey + (colours - grey) * (1 + 0.25 * a)  # saturation
-    bg, fg = (tuple(int(v) for v in np.clip(c * (1 + 0.15 * a), 0, 255)) for c in vivid)  # brightness
-    img = Image.new("RGB", (w, h), bg)
+def draw_image(sub_index: int, appeal: float, rng: np.random.Generator, n_sub: int) -> Image.Image:
+    """A small JPEG-able image: class palette + shape, appeal -> object size, brightness, saturation."""
+    colours, shapes = _class_style(max(n_sub, 77))
+    w, h = int(rng.integers(96, 161)), int(rng.integers(96, 121))
+    bg, fg = colours[sub_index]
+    gain = 1.0 + 0.18 * np.clip(appeal, -2.5, 2.5)
+    bg = np.clip(bg * gain, 0, 255).astype(int)
+    fg = np.clip(fg * gain, 0, 255).astype(int)
+    img = Image.new("RGB", (w, h), tuple(int(v) for v in bg))
     draw = ImageDraw.Draw(img)
-    size = min(w, h) * (0.45 + 0.1 * a)
-    cx, cy = w / 2 + rng.normal(0, w / 12), h / 2 + rng.normal(0, h / 12)
+    size = min(w, h) * (0.35 + 0.1 * np.clip(appeal, -2.5, 2.5))
+    cx, cy = w / 2 + rng.normal(0, w / 10), h / 2 + rng.normal(0, h / 10)
     box = (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2)
-    if shape == "ellipse":
-        draw.ellipse(box, fill=fg)
-    elif shape == "rectangle":
-        draw.rectangle(box, fill=fg)
-    elif shape == "triangle":
-        draw.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fg)
+    fill = tuple(int(v) for v in fg)
+    if shapes[sub_index] == 0:
+        draw.ellipse(box, fill=fill)
+    elif shapes[sub_index] == 1:
+        draw.rectangle(box, fill=fill)
     else:
-        step = max(4, int(size / 5))
-        for x in range(int(box[0]), int(box[2]), 2 * step):
-            draw.rectangle((x, box[1], x + step, box[3]), fill=fg)
-    noise = rng.integers(-PIXEL_NOISE, PIXEL_NOISE + 1, (h, w, 3), dtype=np.int16)
-    return Image.fromarray(np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
+        draw.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
+    noise = rng.normal(0, 6, (h, w, 3))
+    arr = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
 
 
 # ----------------------------------------------------------------------------- raw layout
-#: File name suffix (after ``{split}_``) of each logical file (``datamodules.smpd.FILE_ALIASES`` keys), per naming.
-FILE_NAMES: dict[str, dict[str, str]] = {
-    "2025": {"img_filepath": "img_filepath.txt", "category": "category.json", "text": "text.json",
-             "temporalspatial": "temporalspatial_information.json", "user": "user_data.json",
-             "additional": "additional_information.json"},
-    "2020": {"img_filepath": "img_filepath.txt", "category": "category.json", "text": "tags.json",
-             "temporalspatial": "temporalspatial.json", "user": "userdata.json", "additional": "additional.json"},
+FILE_NAMES = {
+    "2025": {"text": "text", "ts": "temporalspatial_information", "user": "user_data", "add": "additional_information"},
+    "2020": {"text": "tags", "ts": "temporalspatial", "user": "userdata", "add": "additional"},
 }
-MISSING_IMAGE_FRACTION = 0.01
-TRUNCATED_IMAGE_FRACTION = 0.01
-
-
-def metadata_dir(out_dir: str | Path, split: str) -> Path:
-    return Path(out_dir) / f"{split}_allmetadata_json"
-
-
-def metadata_path(out_dir: str | Path, split: str, logical: str, naming: str = "2025") -> Path:
-    """Path of a logical file (``FILE_NAMES`` key, or ``"label"``) of ``split`` in a directory ``write_smpd`` wrote."""
-    if logical == "label":
-        return metadata_dir(out_dir, split) / LABEL_FILE
-    return metadata_dir(out_dir, split) / f"{split}_{FILE_NAMES[naming][logical]}"
 
 
 def _num(x: float) -> str:
-    """Numbers as SMPD writes them in list files: strings, integers without a decimal point."""
+    """SMPD writes numbers as strings; integers without a decimal point."""
     return str(int(x)) if float(x).is_integer() else repr(float(x))
-
-
-def _json_value(x: object) -> object:
-    """A user-file cell: None for missing, floats as JSON floats (``1813.0``), strings as they are."""
-    if x is None or (isinstance(x, float) and np.isnan(x)):
-        return None
-    return float(x) if isinstance(x, (float, np.floating)) else x
 
 
 def write_smpd(
@@ -396,126 +257,102 @@ def write_smpd(
     signal: np.ndarray,
     labels: np.ndarray,
     *,
-    naming: str = "2025",
-    user_variant: str = "A",
     seed: int = 0,
+    naming: str = "2025",
     image_mess: bool = True,
+    write_images: bool = True,
 ) -> dict[str, int]:
-    """Write ``posts`` (from ``make_posts``) in the real SMPD layout under ``out_dir``; returns counts.
-
-    Per split: ``{split}_allmetadata_json/`` with ``{split}_img_filepath.txt``, ``train_label.txt`` (train only) and
-    the five JSON files (``naming`` picks the 2019-2025 or the 2020 names): list files of records with string values
-    and shuffled key order, the user file columnar with an int Pid; images at ``{split}/<Uid>/<Pid>.jpg``. Also
-    ``signal.parquet`` (post_id, split, signal, label incl. the hidden test labels) at the top, which is not part of
-    SMPD. ``image_mess``: about 1% of the images missing and 1% truncated.
-    """
+    """Write ``posts`` in the real SMPD layout under ``out_dir`` (see SMPD_FORMAT.md); returns counts."""
     if naming not in FILE_NAMES:
         raise ValueError(f"naming must be one of {sorted(FILE_NAMES)}, got {naming!r}")
-    has_text = posts.user_text.notna().any() or posts.location_text.notna().any()
-    if user_variant not in USER_VARIANTS or has_text != (user_variant == "B"):
-        raise ValueError(f"user_variant {user_variant!r} does not match the posts (made with variant "
-                         f"{'B' if has_text else 'A'})")
-    appeal = posts.attrs.get("appeal")
-    if appeal is None or len(appeal) != len(posts):
-        raise ValueError("posts.attrs['appeal'] is missing or has the wrong length: pass the table make_posts returned")
+    names = FILE_NAMES[naming]
     out = Path(out_dir)
-    rng = np.random.default_rng([seed, 1])
-    colours, shapes = _class_styles()
-    style = {sub: i for i, (_, sub) in enumerate(subcategory_pairs())}
+    rng = np.random.default_rng(seed + 7)
+    appeal = posts.attrs.get("appeal", np.zeros(len(posts)))
+    sub_names = [s for _, s in _subcategories(None)]
     counts = {"missing_images": 0, "truncated_images": 0}
-    for split in SPLITS:
-        index = np.flatnonzero((posts.split == split).to_numpy())
-        if len(index) == 0:
+    for split in ("train", "test"):
+        mask = (posts.split == split).to_numpy()
+        part = posts[mask]
+        if len(part) == 0:
             continue
-        part = posts.iloc[index]
-        metadata_dir(out, split).mkdir(parents=True, exist_ok=True)
-        path = {k: metadata_path(out, split, k, naming) for k in FILE_NAMES[naming]}
-        path["img_filepath"].write_text("".join(f"{p}\n" for p in part.image_relpath))
-        if split == LABELLED_SPLIT:
-            metadata_path(out, split, "label").write_text("".join(f"{v:.2f}\n" for v in part.label))
-        for key, rows in _list_files(part, rng).items():
-            path[key].write_text(json.dumps(rows))
-        path["user"].write_text(json.dumps(_user_columns(part, user_variant)))
-        for i, rel, sub in zip(index, part.image_relpath, part.subcategory):
-            r = rng.random()
-            if image_mess and r < MISSING_IMAGE_FRACTION:
-                counts["missing_images"] += 1
-                continue
-            k = style[sub]
-            buf = io.BytesIO()
-            draw_image(colours[k], shapes[k], float(appeal[i]), rng).save(buf, format="JPEG", quality=JPEG_QUALITY)
-            data = buf.getvalue()
-            if image_mess and r < MISSING_IMAGE_FRACTION + TRUNCATED_IMAGE_FRACTION:
-                counts["truncated_images"] += 1
-                data = data[: len(data) // 3]
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            (out / rel).write_bytes(data)
-    pd.DataFrame({"post_id": posts.post_id, "split": posts.split, "signal": signal, "label": labels}).to_parquet(
-        out / "signal.parquet", index=False)
+        meta = out / f"{split}_allmetadata_json"
+        meta.mkdir(parents=True, exist_ok=True)
+        (meta / f"{split}_img_filepath.txt").write_text("".join(f"{p}\n" for p in part.image_relpath))
+        if split == "train":
+            (meta / "train_label.txt").write_text("".join(f"{v:.2f}\n" for v in part.label))
+        ids = [{"Uid": u, "Pid": p} for u, p in zip(part.uid, part.post_id)]
+        cat = [{"Category": c, "Concept": k, "Pid": d["Pid"], "Uid": d["Uid"], "Subcategory": s}
+               for d, c, s, k in zip(ids, part.category, part.subcategory, part.concept)]
+        text = [{"Alltags": a, "Pid": d["Pid"], "Uid": d["Uid"], "Mediatype": m, "Title": t}
+                for d, a, m, t in zip(ids, part.alltags, part.mediatype, part.title)]
+        ts = []
+        for d, pd_, la, lo, ga in zip(ids, part.postdate, part.latitude, part.longitude, part.geoaccuracy):
+            missing_style = "0" if rng.random() < 0.5 else ""
+            ts.append({"Postdate": str(int(pd_)), "Uid": d["Uid"], "Pid": d["Pid"],
+                       "Longitude": missing_style if np.isnan(lo) else _num(lo), "Geoaccuracy": str(int(ga)),
+                       "Latitude": "0" if np.isnan(la) else _num(la)})
+        add = [{"Mediastatus": ms, "Pathalias": pa if pa else "None", "Ispublic": _num(ip), "Pid": d["Pid"],
+                "Uid": d["Uid"]} for d, ms, pa, ip in zip(ids, part.mediastatus, part.pathalias, part.ispublic)]
+        user = _user_columns(part)
+        for key, rows in (("category", cat), ("text", text), ("ts", ts), ("add", add)):
+            fname = names.get(key, key)
+            (meta / f"{split}_{fname}.json").write_text(json.dumps(rows))
+        (meta / f"{split}_{names['user']}.json").write_text(json.dumps(user))
+        if write_images:
+            for i, (rel, sub) in enumerate(zip(part.image_relpath, part.subcategory)):
+                path = out / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                r = rng.random()
+                if image_mess and r < 0.01:
+                    counts["missing_images"] += 1
+                    continue
+                img = draw_image(sub_names.index(sub), float(appeal[np.flatnonzero(mask)[i]]), rng, len(sub_names))
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=88)
+                data = buf.getvalue()
+                if image_mess and r < 0.02:
+                    counts["truncated_images"] += 1
+                    data = data[: len(data) // 3]
+                path.write_bytes(data)
+    sig = pd.DataFrame({"post_id": posts.post_id, "split": posts.split, "signal": signal, "label": labels})
+    sig.to_parquet(out / "signal.parquet", index=False)
     return counts
 
 
-def _list_files(part: pd.DataFrame, rng: np.random.Generator) -> dict[str, list[dict[str, str]]]:
-    """The four list-of-records files, string values and the key orders seen in the real files."""
-    ids = list(zip(part.uid, part.post_id))
-    no_geo_style = np.where(rng.random(len(part)) < 0.5, "0", "")  # real files write both
-    return {
-        "category": [{"Category": c, "Concept": k, "Pid": p, "Uid": u, "Subcategory": s}
-                     for (u, p), c, s, k in zip(ids, part.category, part.subcategory, part.concept)],
-        "text": [{"Alltags": a, "Pid": p, "Uid": u, "Mediatype": m, "Title": t}
-                 for (u, p), a, m, t in zip(ids, part.alltags, part.mediatype, part.title)],
-        "temporalspatial": [
-            {"Postdate": str(d), "Uid": u, "Pid": p, "Longitude": style if np.isnan(lo) else _num(lo),
-             "Geoaccuracy": str(g), "Latitude": "0" if np.isnan(la) else _num(la)}
-            for (u, p), d, la, lo, g, style in zip(ids, part.postdate, part.latitude, part.longitude,
-                                                   part.geoaccuracy, no_geo_style)],
-        "additional": [{"Mediastatus": ms, "Pathalias": "None" if pd.isna(pa) else pa, "Ispublic": _num(ip),
-                        "Pid": p, "Uid": u}
-                       for (u, p), ms, pa, ip in zip(ids, part.mediastatus, part.pathalias, part.ispublic)],
-    }
+def _user_columns(part: pd.DataFrame) -> dict[str, dict[str, object]]:
+    """The columnar (``DataFrame.to_json()``-style) user file: ``{column: {"0": value, ...}}``, Pid an int."""
+    variant_a = part.user_text.isna().all() and part.location_text.isna().all()
 
-
-def _user_columns(part: pd.DataFrame, user_variant: str) -> dict[str, dict[str, object]]:
-    """The columnar (``DataFrame.to_json()``) user file ``{column: {"0": value, ...}}``: Pid an int, numbers as JSON
-    floats, nulls; variant A has ``canbuypro``, ``timezone_timezone_id``, epoch strings and the vectors as
-    comma strings (location vectors with trailing junk); variant B has ``timezone_id``, datetime strings and texts."""
     def col(values) -> dict[str, object]:
-        return {str(i): _json_value(v) for i, v in enumerate(values)}
+        return {str(i): v for i, v in enumerate(values)}
 
-    def epoch_text(x: float) -> str | None:
-        return None if np.isnan(x) else str(int(x))
-
-    def date_text(x: float) -> str | None:
-        return None if np.isnan(x) else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(x))
-
-    cache: dict[int, str] = {}
-
-    def vector_text(v: np.ndarray | None, junk: str = "") -> str:
-        if v is None:
-            return ""
-        if id(v) not in cache:  # posts of one user share the array
-            cache[id(v)] = ",".join(f"{x:.{VECTOR_DECIMALS}f}" for x in v.tolist())
-        return cache[id(v)] + junk
+    def f(x):
+        return None if x is None or (isinstance(x, float) and np.isnan(x)) else float(x)
 
     users: dict[str, dict[str, object]] = {
         "Uid": col(part.uid),
-        "Pid": {str(i): int(p) for i, p in enumerate(part.post_id)},
-        "photo_firstdate": col(epoch_text(x) for x in part.photo_firstdate),
-        "photo_count": col(part.photo_count),
-        "ispro": col(part.ispro),
-        "timezone_offset": col(None if pd.isna(x) else x for x in part.timezone_offset),
+        "Pid": col(int(p) for p in part.post_id),
+        "photo_firstdate": col(None if np.isnan(x) else str(int(x)) for x in part.photo_firstdate),
+        "photo_count": col(f(x) for x in part.photo_count),
+        "ispro": col(f(x) for x in part.ispro),
+        "timezone_offset": col(part.timezone_offset),
     }
-    if user_variant == "A":
-        users["canbuypro"] = col(part.canbuypro)
-        users["photo_firstdatetaken"] = col(epoch_text(x) for x in part.photo_firstdatetaken)
-        users["timezone_timezone_id"] = col(None if pd.isna(x) else x for x in part.timezone_id)
-        users["user_description"] = col(vector_text(v) for v in part.user_vector)
-        users["location_description"] = col(vector_text(v, ",\r\n") for v in part.location_vector)
+    if variant_a:
+        users["canbuypro"] = col(f(x) for x in part.canbuypro)
+        users["photo_firstdatetaken"] = col(None if np.isnan(x) else str(int(x)) for x in part.photo_firstdatetaken)
+        users["timezone_timezone_id"] = col(part.timezone_id)
+        users["user_description"] = col(
+            "" if v is None else ",".join(f"{x:.4f}" for x in v) for v in part.user_vector)
+        users["location_description"] = col(
+            "" if v is None else ",".join(f"{x:.4f}" for x in v) + ",\n" for v in part.location_vector)
     else:
-        users["photo_firstdatetaken"] = col(date_text(x) for x in part.photo_firstdatetaken)
-        users["timezone_id"] = col(None if pd.isna(x) else x for x in part.timezone_id)
-        users["user_description"] = col(None if pd.isna(x) else x for x in part.user_text)
-        users["location_description"] = col(None if pd.isna(x) else x for x in part.location_text)
+        users["photo_firstdatetaken"] = col(
+            None if np.isnan(x) else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(x))
+            for x in part.photo_firstdatetaken)
+        users["timezone_id"] = col(part.timezone_id)
+        users["user_description"] = col(part.user_text)
+        users["location_description"] = col(part.location_text)
     return users
 
 
@@ -531,34 +368,29 @@ def generate(
     naming: str = "2025",
     image_mess: bool = True,
 ) -> dict[str, int]:
-    """``make_posts`` + ``write_smpd``: a complete synthetic SMPD directory, deterministic per seed; returns counts."""
-    posts, signal, labels = make_posts(n_train, n_test, seed, n_users=n_users, n_subcategories=n_subcategories,
-                                       user_variant=user_variant)
-    counts = write_smpd(out_dir, posts, signal, labels, naming=naming, user_variant=user_variant, seed=seed,
-                        image_mess=image_mess)
-    return {"train_posts": n_train, "test_posts": n_test, "users": int(posts.uid.nunique()), **counts}
+    """``make_posts`` + ``write_smpd``: a complete synthetic SMPD directory, deterministic per seed."""
+    posts, signal, labels = make_posts(
+        n_train, n_test, seed, n_users=n_users, n_subcategories=n_subcategories, user_variant=user_variant
+    )
+    counts = write_smpd(out_dir, posts, signal, labels, seed=seed, naming=naming, image_mess=image_mess)
+    return {"train_posts": n_train, "test_posts": n_test, **counts}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m datamodules.synthetic",
-                                description="Write a synthetic dataset in the real SMPD layout (see the module doc).")
+    p = argparse.ArgumentParser(description="Write a synthetic dataset in the real SMPD layout.")
     p.add_argument("out", type=Path, help="output directory")
-    p.add_argument("--n-train", type=int, default=2000, help="train posts (default 2000)")
-    p.add_argument("--n-test", type=int, default=800, help="test posts (default 800)")
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-test", type=int, default=800)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-users", type=int, default=None, help=f"default: posts / {POSTS_PER_USER}")
     p.add_argument("--n-subcategories", type=int, default=None, help="default: all 77")
-    p.add_argument("--user-variant", choices=USER_VARIANTS, default="A",
-                   help="A: 399/400-float description vectors; B: free-text descriptions")
-    p.add_argument("--naming", choices=sorted(FILE_NAMES), default="2025", help="file-name set")
-    p.add_argument("--no-mess", action="store_true", help="no missing or truncated images")
+    p.add_argument("--user-variant", choices=["A", "B"], default="A")
+    p.add_argument("--naming", choices=sorted(FILE_NAMES), default="2025")
+    p.add_argument("--no-mess", action="store_true", help="no missing/truncated images")
     a = p.parse_args(argv)
     start = time.perf_counter()
-    counts = generate(a.out, a.n_train, a.n_test, a.seed, n_users=a.n_users, n_subcategories=a.n_subcategories,
+    counts = generate(a.out, a.n_train, a.n_test, a.seed, n_subcategories=a.n_subcategories,
                       user_variant=a.user_variant, naming=a.naming, image_mess=not a.no_mess)
-    written = sorted(str(q.relative_to(a.out)) for q in a.out.glob("*_allmetadata_json/*")) + ["signal.parquet"]
     print(f"wrote {a.out} in {time.perf_counter() - start:.1f} s: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-    print("files: " + ", ".join(written) + ", images under " + ", ".join(f"{s}/" for s in SPLITS))
     return 0
 
 
