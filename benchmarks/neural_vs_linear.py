@@ -2,8 +2,9 @@
 
     python benchmarks/neural_vs_linear.py RUN_DIR
 
-* subcategory accuracy of the prompt/prototype module (each fold's checkpoint on its held-out fold) vs a
-  logistic-regression linear probe on [CLIP image; CLIP text] features with the same folds;
+* subcategory accuracy of the prompt/prototype module (each fold's checkpoint on its held-out fold: the fused
+  prediction and each head alone) vs logistic-regression linear probes on [CLIP image; CLIP text], image alone and
+  text alone, with the same folds;
 * SRC/MAE of each neural regressor's out-of-fold predictions vs ridge regression on the same CLIP features.
 """
 
@@ -36,17 +37,23 @@ def main() -> None:
     posts = pd.read_parquet(run / "posts.parquet", columns=["post_id", "label", "subcategory"])
     vocab = json.loads((run / "vocab.json").read_text())["subcategory"]
     y_cls = posts.subcategory.map({n: i for i, n in enumerate(vocab)}).fillna(-1).astype(int).to_numpy()
-    X = StandardScaler().fit_transform(np.hstack([cache["image_emb"], cache["text_emb"]]))
+    blocks = {"[image; text]": np.hstack([cache["image_emb"], cache["text_emb"]]), "image": np.asarray(cache["image_emb"]),
+              "text": np.asarray(cache["text_emb"])}
+    X = {name: StandardScaler().fit_transform(b) for name, b in blocks.items()}
     labelled = folds >= 0
     rows_cls, rows_reg = [], []
 
-    probe_pred = np.full(len(posts), -1)
+    probe_pred = {name: np.full(len(posts), -1) for name in X}
     ridge_pred = np.full(len(posts), np.nan)
-    ppm_pred = np.full(len(posts), -1)
+    heads = {"fused heads (the module's prediction)": None, "global prompt head": "global_logits",
+             "local prompt head": "local_logits", "prototype head": "proto_logits"}
+    ppm_pred = {name: np.full(len(posts), -1) for name in heads}
+    row_of = pd.Series(np.arange(len(posts)), index=posts.post_id)
     for k in np.unique(folds[labelled]):
         tr, va = labelled & (folds != k), folds == k
-        probe_pred[va] = LogisticRegression(max_iter=2000, C=1.0).fit(X[tr], y_cls[tr]).predict(X[va])
-        ridge_pred[va] = Ridge(alpha=10.0).fit(X[tr], posts.label[tr]).predict(X[va])
+        for name, x in X.items():
+            probe_pred[name][va] = LogisticRegression(max_iter=2000, C=1.0).fit(x[tr], y_cls[tr]).predict(x[va])
+        ridge_pred[va] = Ridge(alpha=10.0).fit(X["[image; text]"][tr], posts.label[tr]).predict(X["[image; text]"][va])
         done = run / "neural" / "prompt_prototype" / f"fold{k}" / "done.json"
         if done.is_file():
             module = load_module("prompt_prototype", json.loads(done.read_text())["best"]).eval()
@@ -54,18 +61,23 @@ def main() -> None:
                                      str(run / "vocab.json"), fold=int(k), batch_size=256)
             with torch.no_grad():
                 for batch in dm.val_dataloader():
-                    idx = posts.index[posts.post_id.isin(batch["post_id"])]
-                    order = pd.Series(range(len(batch["post_id"])), index=batch["post_id"])
-                    logits = module.class_scores(module(batch)).argmax(-1).numpy()
-                    ppm_pred[idx] = logits[order.loc[posts.post_id[idx]].to_numpy()]
+                    out = module(batch)
+                    rows = row_of.loc[list(batch["post_id"])].to_numpy()
+                    for name, key in heads.items():
+                        scores_k = module.class_scores(out) if key is None else out[key]
+                        ppm_pred[name][rows] = scores_k.argmax(-1).numpy()
     known = labelled & (y_cls >= 0)
     chance = np.bincount(y_cls[known]).max() / known.sum()
+
+    def accuracy(pred: np.ndarray) -> float:
+        return round(float((pred[known] == y_cls[known]).mean()), 4)
+
     rows_cls.append({"model": "majority class (chance)", "oof_accuracy": round(float(chance), 4)})
-    rows_cls.append({"model": "linear probe (logistic, frozen CLIP)", "oof_accuracy":
-                     round(float((probe_pred[known] == y_cls[known]).mean()), 4)})
-    if (ppm_pred >= 0).any():
-        rows_cls.append({"model": "prompt/prototype module (fused heads)", "oof_accuracy":
-                         round(float((ppm_pred[known] == y_cls[known]).mean()), 4)})
+    for name, pred in probe_pred.items():
+        rows_cls.append({"model": f"linear probe (logistic, frozen CLIP {name})", "oof_accuracy": accuracy(pred)})
+    for name, pred in ppm_pred.items():
+        if (pred[known] >= 0).any():
+            rows_cls.append({"model": f"prompt/prototype module: {name}", "oof_accuracy": accuracy(pred)})
     y = posts.label.to_numpy()
     rows_reg.append({"model": "ridge on frozen CLIP features", **{k: round(v, 4) for k, v in
                                                                    scores(y[labelled], ridge_pred[labelled]).items()}})

@@ -56,9 +56,13 @@ class PostModule(L.LightningModule):
             self.log("val/src", self.val_src, on_epoch=True, on_step=False, prog_bar=True)
             self.log("val/mae", self.val_mae, on_epoch=True, on_step=False, prog_bar=True)
 
+    def param_groups(self) -> list[dict]:
+        """AdamW parameter groups (trainable parameters only); subclasses may give some a learning rate of their own."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        groups = [g for g in self.param_groups() if g["params"]]
+        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         if self.hparams.scheduler == "constant":
             return opt
         if self.hparams.scheduler != "cosine":

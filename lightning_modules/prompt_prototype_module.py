@@ -34,7 +34,9 @@ class PromptPrototypeModule(PostModule):
     proj_dim, heads, tau_v, tau_t: the prototype classifier (eqs. 6-7).
     regression_weight, huber_delta, regression_hidden: the auxiliary popularity head, which predicts
     (y - target_mean) / target_std (training-label statistics given by the caller).
-    lr, weight_decay, scheduler: AdamW (paper: 1e-4, 1e-5). token_len: per-token features for raw batches.
+    lr, weight_decay, scheduler: AdamW (paper: 1e-4, 1e-5). prompt_lr: learning rate of the prompt contexts and
+    the prompt temperatures (None = ``lr``); context vectors are inputs of a frozen text tower and usually want a
+    larger step than the projection/attention/head weights. token_len: per-token features for raw batches.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class PromptPrototypeModule(PostModule):
         lr: float = 1e-4,
         weight_decay: float = 1e-5,
         scheduler: str = "cosine",
+        prompt_lr: float | None = None,
         token_len: int = 32,
         target_mean: float = 0.0,
         target_std: float = 1.0,
@@ -83,6 +86,14 @@ class PromptPrototypeModule(PostModule):
         self.val_top5 = MulticlassAccuracy(num_classes=k, top_k=min(5, k), ignore_index=IGNORE, average="micro")
         self.val_acc_proto = MulticlassAccuracy(num_classes=k, ignore_index=IGNORE, average="micro")
         self._init_regression_metrics()
+
+    def param_groups(self) -> list[dict]:
+        """Prompt contexts and prompt temperatures at ``prompt_lr``, everything else trainable at ``lr``."""
+        prompt = [self.prompts.ctx_global, self.prompts.ctx_local, self.log_scale, self.log_inv_tau_s]
+        prompt_ids = {id(p) for p in prompt}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in prompt_ids]
+        lr = self.hparams.prompt_lr if self.hparams.prompt_lr is not None else self.hparams.lr
+        return [{"params": rest}, {"params": [p for p in prompt if p.requires_grad], "lr": lr}]
 
     @property
     def n_classes(self) -> int:

@@ -90,6 +90,19 @@ def test_only_prompt_prototype_parameters_train():
     assert trainable and all(n.split(".")[0] in ("prompts", "classifier", "regressor") for n in trainable)
 
 
+def test_prompt_contexts_get_their_own_learning_rate():
+    m = make_module(prompt_lr=0.5, learn_tau=True)
+    opt = m.configure_optimizers()
+    rest, prompt = opt.param_groups
+    assert rest["lr"] == pytest.approx(1e-2) and prompt["lr"] == pytest.approx(0.5)
+    ids = {id(p) for p in prompt["params"]}
+    assert ids == {id(m.prompts.ctx_global), id(m.prompts.ctx_local), id(m.log_scale), id(m.log_inv_tau_s)}
+    trainable = {id(p) for p in m.parameters() if p.requires_grad}
+    assert ids | {id(p) for p in rest["params"]} == trainable and not ids & {id(p) for p in rest["params"]}
+    same = make_module().configure_optimizers().param_groups  # prompt_lr None: one learning rate for all
+    assert [g["lr"] for g in same] == [1e-2, 1e-2]
+
+
 def test_learns_separable_classes():
     m = make_module(regression_weight=0.0)
     batches = [cached_batch(32, seed=s, separable=True) for s in range(8)]
