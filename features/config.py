@@ -28,7 +28,7 @@ class FeatureConfig:
     tfidf_max_features: int = 50000
     sentence_model: str = "minilm"
     sentence_dim: int = 32
-    sentence_batch_size: int = 256
+    sentence_batch_size: int = 128
     sentence_max_length: int = 64
     glove_path: str = ""
     target_prior: float = 10.0

@@ -14,6 +14,7 @@ from features.config import FeatureConfig
 from features.crossmodal import crossmodal_features
 from features.glove import glove_features
 from features.preprocess import Standardiser, iqr_keep_mask
+from features.sentence import SentenceEncoder, resolve_model_dir
 from features.state import FeatureState
 from features.target import target_features
 from features.temporal import temporal_features
@@ -135,6 +136,23 @@ def test_sentence_encoder_family_is_offline_and_deterministic():
     assert len(cols) == 2 and np.isfinite(fs.frame[cols].to_numpy()).all()
     again = transform_features(posts, fs.state, cfg)
     np.testing.assert_allclose(again[cols].to_numpy(), fs.frame[cols].to_numpy(), atol=1e-5)
+
+
+def test_sentence_encoder_encodes_each_distinct_text_once_in_input_order():
+    enc = SentenceEncoder(resolve_model_dir("minilm"), batch_size=2)
+    calls = []
+    tokenize = enc.tokenizer
+    enc.tokenizer = lambda texts, **kw: calls.append(list(texts)) or tokenize(texts, **kw)
+    texts = ["red bike in the rain", "", "sunset", "red bike in the rain", "sunset", "a dog on a long beach walk"]
+    out = enc.encode(texts)
+    assert sorted(t for c in calls for t in c) == sorted(set(texts))  # duplicates encoded once
+    assert out.shape == (6, enc.model.config.hidden_size) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[0], out[3])
+    np.testing.assert_array_equal(out[2], out[4])
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    one_by_one = np.vstack([SentenceEncoder(resolve_model_dir("minilm"), batch_size=1).encode([t]) for t in texts])
+    np.testing.assert_allclose(out, one_by_one, atol=1e-5)  # padding and batching do not change a row
+    assert enc.encode([]).shape == (0, enc.model.config.hidden_size)
 
 
 def test_glove_mean_vectors(tmp_path):
