@@ -50,15 +50,17 @@ class SentenceEncoder:
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> np.ndarray:
         """(n, hidden) unit vectors, rows in input order. Each distinct text is encoded once (posts of one user
-        often repeat a title or tag set), in batches of similar length (sorted by character count) so little time
-        goes into padding."""
+        often repeat a title or tag set); texts are tokenized once and batched by token count, so a batch pads
+        to its own longest text and almost no time goes into padding."""
+        if len(texts) == 0:
+            return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
         unique, inverse = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
-        order = np.argsort([len(t) for t in unique], kind="stable")
+        ids = self.tokenizer(unique.tolist(), truncation=True, max_length=self.max_length)["input_ids"]
+        order = np.argsort([len(x) for x in ids], kind="stable")
         out = np.zeros((len(unique), self.model.config.hidden_size), dtype=np.float32)
         for start in range(0, len(unique), self.batch_size):
             idx = order[start:start + self.batch_size]
-            batch = self.tokenizer([str(unique[i]) for i in idx], padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt").to(self.device)
+            batch = self.tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(self.device)
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)

@@ -139,13 +139,22 @@ def test_sentence_encoder_family_is_offline_and_deterministic():
 
 
 def test_sentence_encoder_encodes_each_distinct_text_once_in_input_order():
+    class TokenizerSpy:
+        def __init__(self, tokenizer):
+            self.tokenizer, self.seen = tokenizer, []
+
+        def __call__(self, texts, **kw):
+            self.seen += list(texts)
+            return self.tokenizer(texts, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.tokenizer, name)
+
     enc = SentenceEncoder(resolve_model_dir("minilm"), batch_size=2)
-    calls = []
-    tokenize = enc.tokenizer
-    enc.tokenizer = lambda texts, **kw: calls.append(list(texts)) or tokenize(texts, **kw)
+    enc.tokenizer = spy = TokenizerSpy(enc.tokenizer)
     texts = ["red bike in the rain", "", "sunset", "red bike in the rain", "sunset", "a dog on a long beach walk"]
     out = enc.encode(texts)
-    assert sorted(t for c in calls for t in c) == sorted(set(texts))  # duplicates encoded once
+    assert sorted(spy.seen) == sorted(set(texts))  # duplicates encoded once
     assert out.shape == (6, enc.model.config.hidden_size) and out.dtype == np.float32
     np.testing.assert_array_equal(out[0], out[3])
     np.testing.assert_array_equal(out[2], out[4])
