@@ -7,6 +7,7 @@ with ``torch.save(model.state_dict(), path)`` or an open_clip release file), or 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,9 +81,20 @@ class Backbone:
     context_length: int
 
 
+class _DropRandomInitWarning(logging.Filter):
+    """open_clip warns on every random init; with ``pretrained=None`` that is what was asked for (the tiny demo
+    model, or a module whose weights come from its own checkpoint), so the line is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def load_backbone(model_name: str, pretrained: str | None = None, precision: str = "fp32") -> Backbone:
     """Build an open_clip model by name and load ``pretrained`` (tag, local file, or None for random init)."""
     register_local_configs()
+    quiet = _DropRandomInitWarning()
+    if not pretrained:
+        logging.getLogger().addFilter(quiet)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained or None, precision=precision
@@ -91,6 +103,8 @@ def load_backbone(model_name: str, pretrained: str | None = None, precision: str
         raise BackboneWeightsError(
             f"could not load {model_name} weights {pretrained!r}: {err}. Pass backbone.pretrained=/path/to/file"
         ) from err
+    finally:
+        logging.getLogger().removeFilter(quiet)
     cfg = open_clip.get_model_config(model_name)
     image_size = cfg["vision_cfg"]["image_size"]
     return Backbone(

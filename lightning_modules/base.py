@@ -4,6 +4,7 @@ and the AdamW optimiser with an optional cosine schedule."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning as L
 import torch
@@ -33,7 +34,9 @@ class PostModule(L.LightningModule):
         self.frozen = trainable_last_blocks == 0
 
     def _init_regression_metrics(self) -> None:
-        self.val_src = SpearmanCorrCoef()
+        with warnings.catch_warnings():  # it keeps the fold's predictions (a float each): expected, not a leak
+            warnings.filterwarnings("ignore", message="Metric `SpearmanCorrcoef` will save all targets")
+            self.val_src = SpearmanCorrCoef()
         self.val_mae = MeanAbsoluteError()
 
     def encode(self, batch: dict) -> dict:
