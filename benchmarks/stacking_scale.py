@@ -52,8 +52,12 @@ def main() -> None:
     p.add_argument("--folds", type=int, default=5)
     a = p.parse_args()
     members = tuple(a.members.split(","))
-    rows = [measure(fit, int(r), a.features, members, a.folds) for r in a.rows.split(",")]
-    print_table(rows, f"stack ({'+'.join(members)}, {a.folds} folds, 2 rounds: base + 1 pseudo-label round)")
+    title = f"stack ({'+'.join(members)}, {a.folds} folds, 2 rounds: base + 1 pseudo-label round)"
+    rows = []
+    for r in a.rows.split(","):
+        rows.append(measure(fit, int(r), a.features, members, a.folds))
+        print_table(rows[-1:], f"{title}: {r} rows done")
+    print_table(rows, title)
     print("overhead_pct = (stack total - sum of member fit+predict times over all rounds) / that sum")
     write_results("stacking_scale", {"members": members, "rows": rows})
 
