@@ -15,6 +15,7 @@ from features.crossmodal import crossmodal_features
 from features.glove import glove_features
 from features.preprocess import Standardiser, iqr_keep_mask
 from features.sentence import SentenceEncoder, resolve_model_dir
+from features.spatial import spatial_features
 from features.state import FeatureState
 from features.target import target_features
 from features.temporal import temporal_features
@@ -68,6 +69,24 @@ def test_user_values_and_unknown_user():
     again = user_features(new, st, cfg)
     assert again["user__post_count"].tolist() == [1]
     assert again["user__uid_code"].tolist() == [2]  # unknown users share the code after the known ones
+
+
+def test_spatial_values_missing_coordinates_and_location_vectors():
+    posts = tiny_posts()
+    posts["location_vector"] = [np.array([1.0, 2.0], np.float32), None, None, np.array([3.0, 0.0], np.float32)]
+    state = FeatureState()
+    cfg = FeatureConfig(location_vector_dim=0)
+    sp_ = spatial_features(posts, state, cfg)
+    assert sp_["spatial__has_geo"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert sp_["spatial__geoaccuracy"].tolist() == [16.0, 0.0, 0.0, 3.0]
+    assert np.isnan(sp_["spatial__latitude"][1]) and np.isnan(sp_["spatial__geo_x"][2])
+    lat, lon = np.radians(10.0), np.radians(20.0)
+    assert sp_["spatial__geo_x"][0] == pytest.approx(np.cos(lat) * np.cos(lon), rel=1e-6)
+    assert sp_["spatial__geo_y"][0] == pytest.approx(np.cos(lat) * np.sin(lon), rel=1e-6)
+    assert sp_["spatial__geo_z"][3] == pytest.approx(np.sin(np.radians(-5.0)), rel=1e-6)
+    assert sp_["spatial__location_vec_000"].tolist()[::3] == [1.0, 3.0]  # raw vector columns (dim 0)
+    assert np.isnan(sp_["spatial__location_vec_001"][1])  # no location description -> NaN, not zeros
+    assert all(sp_[c].dtype == np.float32 for c in sp_.columns)
 
 
 def test_category_unknown_value_gets_own_code():
