@@ -4,7 +4,7 @@
 
 Each size runs in a fresh process (synthetic posts from datamodules.synthetic.make_posts, no images); pass
 ``--sizes ...,486194`` to measure SMPD's size directly instead of extrapolating. The sentence encoder (MiniLM)
-dominates at scale and is linear in distinct texts, so it is measured separately on a sample (posts/s, for the
+dominates at scale and is linear in distinct texts, so it is measured separately on a sample (distinct texts/s, for the
 synthetic posts' short texts and for Flickr-shaped texts of 0-8 title words + 0-25 tags) and added to the
 estimate; the other families run in full at every size.
 Target: the 486k build under 8 GB peak RSS and under 15 min on 2 cores.
@@ -43,7 +43,7 @@ def flickr_like_texts(n: int, vocab: list[str], seed: int = 0) -> list[str]:
 
 
 def sentence_rate(n: int, batch_size: int) -> list[dict]:
-    """Posts/s of the MiniLM encoder on 2 threads for the synthetic posts' texts and for Flickr-like texts."""
+    """Distinct texts/s of the MiniLM encoder on 2 threads for the synthetic posts' texts and for Flickr-like texts."""
     import time
 
     import numpy as np

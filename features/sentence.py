@@ -31,8 +31,8 @@ def resolve_model_dir(name: str) -> Path:
 
 class SentenceEncoder:
     """Texts -> (n, hidden) float32 unit vectors. Offline: ``local_files_only``; deterministic in eval mode;
-    on the GPU when one is present (the family's cost at SMPD scale is this encoder: about 500 posts/s on 2 CPU
-    cores for ~20-token texts, batch 128; see benchmarks/README.md)."""
+    on the GPU when one is present (the family's cost at SMPD scale is this encoder: 575-685 distinct texts/s on
+    2 CPU cores for 14-19-token texts, batch 128; see benchmarks/README.md)."""
 
     def __init__(self, model_dir: str | Path, max_length: int = 64, batch_size: int = 128):
         from transformers import AutoModel, AutoTokenizer
@@ -54,8 +54,11 @@ class SentenceEncoder:
         to its own longest text and almost no time goes into padding."""
         if len(texts) == 0:
             return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
-        unique, inverse = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
-        ids = self.tokenizer(unique.tolist(), truncation=True, max_length=self.max_length)["input_ids"]
+        first_row: dict[str, int] = {}  # distinct text -> its row in ``unique``
+        inverse = np.fromiter((first_row.setdefault(t, len(first_row)) for t in texts), dtype=np.int64,
+                              count=len(texts))
+        unique = list(first_row)
+        ids = self.tokenizer(unique, truncation=True, max_length=self.max_length)["input_ids"]
         order = np.argsort([len(x) for x in ids], kind="stable")
         out = np.zeros((len(unique), self.model.config.hidden_size), dtype=np.float32)
         for start in range(0, len(unique), self.batch_size):
@@ -65,7 +68,7 @@ class SentenceEncoder:
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
             out[idx] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
-        return out[inverse.reshape(-1)]
+        return out[inverse]
 
 
 def post_sentences(posts: pd.DataFrame) -> list[str]:
