@@ -104,6 +104,8 @@ VECTOR_MIN_COMMAS = 50  # a description with this many commas and only numbers i
 MAX_MEMBER_BYTES = 4 * 2**30
 POSTDATE_RANGE = (1_072_915_200, 4_102_444_800)  # [2004-01-01, 2100-01-01) UTC: Flickr opened in February 2004
 EPOCH_RANGE = (-2_208_988_800, 4_102_444_800)  # [1900-01-01, 2100-01-01) UTC, user dates
+#: What the zipfile module raises for a damaged archive or member (CRC, broken stream, unsupported or encrypted).
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, OSError, ValueError)
 GEOACCURACY_MAX = 16  # Flickr accuracy levels 1 (world) .. 16 (street); 0 = no geotag
 #: Columns whose bad values are repaired (see the module docstring); ``posts.attrs["repairs"]`` has one count each.
 REPAIRABLE: tuple[str, ...] = (
@@ -151,8 +153,10 @@ class SplitSource:
                     raise SMPDFormatError(self._too_big(name, info.file_size))
                 with zf.open(info) as fh:
                     data = fh.read(self.max_bytes + 1)  # reads to the end, so the CRC is checked
-        except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, OSError) as err:
-            raise SMPDFormatError(f"{self.where}: member {member}: corrupt or unreadable ({err})") from err
+        except SMPDFormatError:
+            raise
+        except _ZIP_ERRORS as err:
+            raise SMPDFormatError(f"{self.where}: member {member}: corrupt or unreadable ({_short(err, 200)})") from err
         if len(data) > self.max_bytes:
             raise SMPDFormatError(self._too_big(name, len(data)))
         return data
@@ -204,8 +208,8 @@ def _zip_members(zpath: Path, split: str) -> dict[str, str]:
     try:
         with zipfile.ZipFile(zpath) as zf:
             members = [m for m in zf.namelist() if not m.endswith("/")]
-    except (zipfile.BadZipFile, OSError) as err:
-        raise SMPDFormatError(f"{zpath}: not a readable zip ({err})") from err
+    except _ZIP_ERRORS as err:
+        raise SMPDFormatError(f"{zpath}: not a readable zip ({_short(err, 200)})") from err
     found: dict[str, list[str]] = {}
     for member in members:
         name = PurePosixPath(member.replace("\\", "/")).name
