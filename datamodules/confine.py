@@ -1,6 +1,7 @@
 """Confinement to the data root: resolve a relative path from a raw file without ever leaving the root.
 
     real = resolve_inside(root_real, "train/12@N34/56789.jpg")   # a Path inside root_real, or None
+    confined = ConfinedRoot(root); confined.resolve("train/12@N34/56789.jpg")   # the same, folders cached
 
 The path is resolved one component at a time, the way the kernel would, but every symlink target is checked
 *before* it is followed: a ``..`` that climbs above the root, an absolute path, or a symlink whose target lies
@@ -89,3 +90,29 @@ def _below(root_real: Path, target: PurePosixPath) -> tuple[str, ...] | None:
     if target.parts[: len(root_parts)] != root_parts:
         return None
     return target.parts[len(root_parts):]
+
+
+class ConfinedRoot:
+    """``resolve_inside`` for many paths under one root, resolving each folder once (SMPD has ~70k user folders
+    for ~486k images: about 3x fewer system calls than resolving every path from the root)."""
+
+    def __init__(self, root: str | Path):
+        self.root = real_root(root)
+        self._folders: dict[str, Path | None] = {}
+
+    def resolve(self, relpath: str) -> Path | None:
+        """The real path of ``relpath`` inside the root, or None (see ``resolve_inside``)."""
+        head, _, name = relpath.rpartition("/")
+        if not head or name in ("", ".", "..") or "\x00" in relpath:
+            return resolve_inside(self.root, relpath)
+        if head not in self._folders:
+            self._folders[head] = resolve_inside(self.root, head)
+        folder = self._folders[head]
+        if folder is None:
+            return None
+        path = folder / name
+        try:
+            is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+        except OSError:
+            return path  # no such file; ``folder`` has no symlink in it
+        return resolve_inside(self.root, str(path.relative_to(self.root))) if is_link else path

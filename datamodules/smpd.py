@@ -75,7 +75,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datamodules.confine import real_root, resolve_inside
+from datamodules.confine import ConfinedRoot
 from datamodules.schema import (
     COLUMNS, FLOAT_COLUMNS, IMAGE_MISSING, IMAGE_OK, IMAGE_OUTSIDE, INT_COLUMNS, SPLITS, VECTOR_COLUMNS,
 )
@@ -368,7 +368,7 @@ def _epoch(v: Any) -> float:
     """Epoch seconds from a number, a numeric string, or a ``YYYY-MM-DD HH:MM:SS`` string (UTC); NaN if null."""
     if _is_null(v):
         return np.nan
-    if isinstance(v, str):
+    if isinstance(v, str) and not _is_number(v):
         s = v.strip()
         for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d"):
             try:
@@ -442,8 +442,7 @@ def _description(v: Any, dim: int, where: Callable[[], str]) -> tuple[np.ndarray
         return None, None
     if s.count(",") >= VECTOR_MIN_COMMAS:
         try:
-            with np.errstate(over="ignore"):
-                vec = np.array(s.replace("\n", "").replace("\r", "").split(","), dtype=np.float32)
+            vec = np.array(s.replace("\n", "").replace("\r", "").split(","), dtype=np.float32)
         except ValueError:
             return None, s  # a long comma-separated text, not a vector
         if len(vec) != dim:
@@ -570,14 +569,15 @@ def _descriptions(f: _Records, field: str, column: str, fix: Counter) -> tuple[l
     """(vectors, texts) of one description field; a vector with a non-finite value becomes None (counted)."""
     dim = VECTOR_COLUMNS[column]
     vectors, texts = [], []
-    for i, v in enumerate(f.column(field)):
-        try:
-            vec, text = _description(v, dim, lambda i=i: f.where(i, field))
-        except _BadValue:
-            vec, text = None, None
-            fix[column] += 1
-        vectors.append(vec)
-        texts.append(text)
+    with np.errstate(over="ignore"):  # "1e39" -> inf in float32 is a bad value, counted below, not a warning
+        for i, v in enumerate(f.column(field)):
+            try:
+                vec, text = _description(v, dim, lambda i=i: f.where(i, field))
+            except _BadValue:
+                vec, text = None, None
+                fix[column] += 1
+            vectors.append(vec)
+            texts.append(text)
     return vectors, texts
 
 
@@ -623,10 +623,10 @@ def _labels(src: SplitSource, n: int) -> np.ndarray:
 def _image_status(root: Path, raw: _RawSplit, check_images: bool) -> list[str]:
     """Per post: ``outside_root`` when the path leaves the data root (never opened); else, with ``check_images``,
     ``ok`` for a non-empty regular file and ``missing`` otherwise; without it ``ok``."""
-    root_real = real_root(root)
+    confined = ConfinedRoot(root)
     status = []
     for path in raw.paths:
-        real = resolve_inside(root_real, path)
+        real = confined.resolve(path)
         if real is None:
             status.append(IMAGE_OUTSIDE)
         elif not check_images:
@@ -641,7 +641,7 @@ def _image_status(root: Path, raw: _RawSplit, check_images: bool) -> list[str]:
     outside = [i for i, s in enumerate(status) if s == IMAGE_OUTSIDE]
     if outside:
         log.warning("%s: %d image paths lead outside the data root %s (e.g. row %d: %s); they are treated as "
-                    "missing images (status '%s') and never read", raw.image_list, len(outside), root_real,
+                    "missing images (status '%s') and never read", raw.image_list, len(outside), confined.root,
                     outside[0], _short(raw.paths[outside[0]]), IMAGE_OUTSIDE)
     return status
 
