@@ -22,7 +22,7 @@ MAX_SYMLINKS = 40
 
 
 def real_root(root: str | Path) -> Path:
-    """The data root with its own symlinks resolved (the root itself may be a link; what is below it may not leave it)."""
+    """The data root with its own symlinks resolved (the root may be a link; what is below it may not leave it)."""
     return Path(root).expanduser().resolve()
 
 

@@ -18,35 +18,31 @@ A path that is absolute, climbs out with ``..`` or follows a symlink out of the 
 the status does not tell whether a file exists there.
 
 Archives: only the known metadata file names of the split are looked up in a zip. Two members that could be the
-same metadata file (the same name in two folders, or two aliases such as ``_text.json`` and ``_tags.json``; also
-in folders), or metadata members spread over several folders, are refused. Each file or member may hold at most
-``max_member_bytes`` bytes (default ``MAX_MEMBER_BYTES``); a corrupt member (CRC error, broken stream, encrypted)
-is an error naming the archive and the member.
+same metadata file (the same name in two folders) or metadata members spread over several folders are refused; two
+aliases of one file (e.g. ``_text.json`` and ``_tags.json``) are refused in folders and zips alike. Each file or
+member may hold at most ``max_member_bytes`` bytes (default ``MAX_MEMBER_BYTES``); a damaged member (CRC error,
+broken stream, encrypted, unsupported) is an error naming the archive and the member.
 
-Bad values (per field; a *repair* is counted in ``posts.attrs["repairs"]``, which the prepare stage puts into its
-manifest as ``repaired_<column>``, and logged as one warning):
+Bad values, per field. A *repair* is counted per cell in ``posts.attrs["repairs"]`` (``{column: count}``, which the
+prepare stage writes into its manifest as ``repaired_<column>``) and logged in one warning::
 
-=====================================  ==========================================================  ===============
-field (file)                           bad value                                                    outcome
-=====================================  ==========================================================  ===============
-Postdate (temporalspatial)             missing, not a number, non-finite (``Infinity``, ``1e400``),  error: file, row,
-                                       outside [2004-01-01, 2100-01-01) UTC in epoch seconds        field
-Latitude / Longitude (temporalspatial) not a number, non-finite, outside [-90, 90] / [-180, 180]    repair: both
-                                                                                                    coordinates NaN
-                                                                                                    (no geotag)
-Geoaccuracy (temporalspatial)          not a number, non-finite, negative, above 16, not integral   repair: 0 (no
-                                                                                                    geotag)
-Ispublic, photo_count, ispro,          not a number, non-finite                                     repair: NaN
-canbuypro (additional, user)
-photo_firstdate, photo_firstdatetaken  not a number or date, non-finite, outside                    repair: NaN
-(user)                                 [1900-01-01, 2100-01-01) UTC
-user_description / location_description  a vector with a non-finite value                          repair: None
-(user, variant A)                      a vector of the wrong length                                 error
-every text field (title, tags,         a lone UTF-16 surrogate (e.g. ``"\\ud800"`` in the JSON)       repair: U+FFFD
-categories, user texts, ...)
-label (train_label.txt)                not a number, non-finite                                     error: file,
-                                                                                                    line
-=====================================  ==========================================================  ===============
+    field (file)                      bad value                                          outcome
+    --------------------------------  -------------------------------------------------  ------------------------
+    Postdate (temporalspatial)        missing, not a number, non-finite (Infinity,       error naming file, row
+                                      1e400), outside [2004-01-01, 2100-01-01) UTC       and field
+    Latitude, Longitude               not a number, non-finite, outside [-90, 90] /      repair: no geotag (both
+      (temporalspatial)               [-180, 180]                                        coordinates NaN)
+    Geoaccuracy (temporalspatial)     not a number, non-finite, negative, above 16,      repair: 0 (no geotag,
+                                      not integral                                       coordinates NaN)
+    Ispublic (additional); photo_     not a number, non-finite                           repair: NaN
+      count, ispro, canbuypro (user)
+    photo_firstdate, photo_first-     not a number or date, non-finite, outside          repair: NaN
+      datetaken (user)                [1900-01-01, 2100-01-01) UTC
+    user_/location_description        a vector holding a non-finite value                repair: None
+      (user, variant A)               a vector of the wrong length                       error (file, row, field)
+    every text field (title, tags,    a lone UTF-16 surrogate (``\\ud800`` in the         repair: U+FFFD
+      categories, user texts, ...)    JSON text)
+    label (train_label.txt)           not a number, non-finite                           error naming file, line
 
 Null-like values (``null``, ``""``, ``"None"``, ``"nan"``; ``"0"`` for a coordinate) are missing data, not repairs.
 
