@@ -443,3 +443,21 @@ def test_corrupt_zip_member_names_archive_and_member(tmp_path, compression):
         read_split(root, "train")
     msg = str(err.value)
     assert str(zpath) in msg and f"{META}/train_category.json" in msg, msg
+
+
+def test_prepare_manifest_counts_outside_images_and_repairs(tmp_path):
+    from pipeline.prepare import prepare
+    from tests.conftest import compose_fast
+
+    root = raw_dir(tmp_path)
+    posts = read_smpd(root)
+    _retarget(root, 0, "../" + posts.image_relpath[0])
+    i = _geo_row(root)
+    _set_raw(root, "train_temporalspatial_information.json", i, "Latitude", '"123.0"')
+    cfg = compose_fast(tmp_path, "data=smpd", f"data.root={root}")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    counts = prepare(cfg, run_dir).counts
+    assert counts["images_outside_root"] == 1
+    assert counts["repaired_latitude"] == 1 and counts["repaired_values"] == 1
+    assert read_posts(run_dir / "posts.parquet").image_status[0] == IMAGE_OUTSIDE
