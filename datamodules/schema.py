@@ -13,7 +13,8 @@ split                     str          ``"train"`` or ``"test"``.
 row                       int64        0-based row index inside the split's files (file order).
 image_relpath             str          ``{split}/<Uid>/<Pid>.jpg`` as listed in ``*_img_filepath.txt``.
 image_status              str          ``"ok"`` | ``"missing"`` (no file / empty file) | ``"unreadable"``
-                                       (set by the shard writer when decoding fails). Never fatal.
+                                       (set by the shard writer when decoding fails) | ``"outside_root"`` (the
+                                       path leaves the data root: never opened). Never fatal.
 category                  str          one of 11 categories (opaque string, e.g. ``"Whether&Season"``).
 subcategory               str          one of 77 subcategories (opaque string, may contain commas).
 concept                   str          one of ~668 concepts.
@@ -81,7 +82,7 @@ COLUMNS: tuple[str, ...] = (
     "timezone_offset", "timezone_id", "user_vector", "user_text", "location_vector", "location_text", "label",
 )
 
-IMAGE_OK, IMAGE_MISSING, IMAGE_UNREADABLE = "ok", "missing", "unreadable"
+IMAGE_OK, IMAGE_MISSING, IMAGE_UNREADABLE, IMAGE_OUTSIDE = "ok", "missing", "unreadable", "outside_root"
 
 
 def submission_post_id(post_id: str) -> str:

@@ -1,7 +1,7 @@
 """WebDataset shards of posts: writing (prepare stage) and the training / evaluation reader pipelines.
 
-Shard members per post (``__key__`` = post_id): ``jpg`` (image bytes; absent when the image is missing or
-unreadable), ``json`` (post_id, uid, split, row, title, alltags, category/subcategory/concept names and ids,
+Shard members per post (``__key__`` = ``encode_key(post_id)``): ``jpg`` (image bytes; absent when the image is
+missing or unreadable), ``json`` (post_id, uid, split, row, title, alltags, category/subcategory/concept names and ids,
 has_image, label or null) and ``cls`` (subcategory id, -1 unknown). Every split also gets ``{split}-index.json``
 with its shard names and sample counts: the explicit sample count the readers need.
 
@@ -20,6 +20,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -47,6 +48,17 @@ def build_vocab(train_posts: pd.DataFrame) -> dict[str, list[str]]:
 
 def class_id_maps(vocab: dict[str, list[str]]) -> dict[str, dict[str, int]]:
     return {f: {name: i for i, name in enumerate(names)} for f, names in vocab.items()}
+
+
+# ----------------------------------------------------------------------------- sample keys
+_KEY_UNSAFE = re.compile(r"[%./\x00-\x1f\x7f]")
+
+
+def encode_key(post_id: str) -> str:
+    """The tar ``__key__`` of a post. WebDataset splits a member name at the first ``.`` of its base name and
+    treats ``/`` as a folder, so ``%``, ``.``, ``/`` and control characters are percent-encoded
+    (``"1.5"`` -> ``"1%2E5"``; ``urllib.parse.unquote`` gives the post id back)."""
+    return _KEY_UNSAFE.sub(lambda m: f"%{ord(m.group()):02X}", post_id)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -120,7 +132,7 @@ def write_shards(
         for rec in posts.itertuples(index=False):
             status = rec.image_status
             jpg = None
-            if status != IMAGE_MISSING:
+            if status == IMAGE_OK:  # the reader's verdict: missing or outside the data root is never opened
                 path = raw_root / rec.image_relpath
                 try:
                     data = path.read_bytes()
@@ -138,7 +150,7 @@ def write_shards(
                 **{f: getattr(rec, f) for f in VOCAB_FIELDS},
                 **{f"{f}_id": maps[f].get(getattr(rec, f), UNKNOWN_ID) for f in VOCAB_FIELDS},
             }
-            sample = {"__key__": rec.post_id, "json": json.dumps(meta).encode(),
+            sample = {"__key__": encode_key(rec.post_id), "json": json.dumps(meta).encode(),
                       "cls": str(meta["subcategory_id"]).encode()}
             if jpg is not None:
                 sample["jpg"] = jpg
@@ -252,10 +264,10 @@ class Collate:
 
 
 class KeepPosts:
-    """Sample filter by post id (fold membership): keep samples whose ``__key__`` is in ``post_ids``."""
+    """Sample filter by post id (fold membership): keep samples whose ``__key__`` encodes a post of ``post_ids``."""
 
     def __init__(self, post_ids: Iterable[str] | None):
-        self.post_ids = None if post_ids is None else frozenset(post_ids)
+        self.post_ids = None if post_ids is None else frozenset(map(encode_key, post_ids))
 
     def __call__(self, sample: dict) -> bool:
         return self.post_ids is None or sample["__key__"] in self.post_ids

@@ -1,6 +1,7 @@
 """Reader for the real SMPD-Image release (SMPD_FORMAT.md): raw split folders or zips -> the posts table.
 
     posts = read_smpd("/data/SMPD")          # train rows then test rows, columns of datamodules.schema
+    posts.attrs["repairs"]                   # {column: cells repaired}, see "Bad values" below
 
 Accepted layouts for a split (first match wins): ``<root>/{split}_allmetadata_json/``, the zips
 ``<root>/{split}_allmetadata_json.zip`` or ``<root>/SMP_image_{split}_metadata.zip``, ``<root>/{split}/`` holding the
@@ -11,6 +12,40 @@ Rows of every file of a split are aligned by position; (Uid, Pid) is verified ac
 Errors name the file, the row and the field (``SMPDFormatError``). Missing images, empty titles/tags, missing
 coordinates and null user fields are normal data: they are recorded, never fatal.
 
+Confinement: every image path must resolve inside the data root, symlinks included (``datamodules.confine``).
+A path that is absolute, climbs out with ``..`` or follows a symlink out of the root gets the image status
+``outside_root`` (counted like a missing image); it is never opened and nothing outside the root is stat'ed, so
+the status does not tell whether a file exists there.
+
+Archives: only the known metadata file names of the split are looked up in a zip. Two members that could be the
+same metadata file (the same name in two folders) or metadata members spread over several folders are refused; two
+aliases of one file (e.g. ``_text.json`` and ``_tags.json``) are refused in folders and zips alike. Each file or
+member may hold at most ``max_member_bytes`` bytes (default ``MAX_MEMBER_BYTES``); a damaged member (CRC error,
+broken stream, encrypted, unsupported) is an error naming the archive and the member.
+
+Bad values, per field. A *repair* is counted per cell in ``posts.attrs["repairs"]`` (``{column: count}``, which the
+prepare stage writes into its manifest as ``repaired_<column>``) and logged in one warning::
+
+    field (file)                      bad value                                          outcome
+    --------------------------------  -------------------------------------------------  ------------------------
+    Postdate (temporalspatial)        missing, not a number, non-finite (Infinity,       error naming file, row
+                                      1e400), outside [2004-01-01, 2100-01-01) UTC       and field
+    Latitude, Longitude               not a number, non-finite, outside [-90, 90] /      repair: no geotag (both
+      (temporalspatial)               [-180, 180]                                        coordinates NaN)
+    Geoaccuracy (temporalspatial)     not a number, non-finite, negative, above 16,      repair: 0 (no geotag,
+                                      not integral                                       coordinates NaN)
+    Ispublic (additional); photo_     not a number, non-finite                           repair: NaN
+      count, ispro, canbuypro (user)
+    photo_firstdate, photo_first-     not a number or date, non-finite, outside          repair: NaN
+      datetaken (user)                [1900-01-01, 2100-01-01) UTC
+    user_/location_description        a vector holding a non-finite value                repair: None
+      (user, variant A)               a vector of the wrong length                       error (file, row, field)
+    every text field (title, tags,    a lone UTF-16 surrogate (``\\ud800`` in the         repair: U+FFFD
+      categories, user texts, ...)    JSON text)
+    label (train_label.txt)           not a number, non-finite                           error naming file, line
+
+Null-like values (``null``, ``""``, ``"None"``, ``"nan"``; ``"0"`` for a coordinate) are missing data, not repairs.
+
 Speed: parsing the 399/400-float description vectors dominates; about 2 s per 10k variant-A rows on one core
 (roughly 1.5 min for SMPD's 486k posts).
 """
@@ -18,12 +53,17 @@ Speed: parsing the 399/400-float description vectors dominates; about 2 s per 10
 from __future__ import annotations
 
 import calendar
-import io
 import json
+import logging
+import math
+import re
+import stat
 import time
 import zipfile
+import zlib
+from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import numpy as np
@@ -31,9 +71,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datamodules.confine import ConfinedRoot
 from datamodules.schema import (
-    COLUMNS, FLOAT_COLUMNS, IMAGE_MISSING, IMAGE_OK, INT_COLUMNS, SPLITS, VECTOR_COLUMNS,
+    COLUMNS, FLOAT_COLUMNS, IMAGE_MISSING, IMAGE_OK, IMAGE_OUTSIDE, INT_COLUMNS, SPLITS, VECTOR_COLUMNS,
 )
+
+log = logging.getLogger("popstack")
 
 
 class SMPDFormatError(ValueError):
@@ -48,8 +91,25 @@ FILE_ALIASES: dict[str, tuple[str, ...]] = {
     "temporalspatial": ("temporalspatial_information.json", "temporalspatial.json"),
     "user": ("user_data.json", "userdata.json"),
     "additional": ("additional_information.json", "additional.json"),
+    "label": ("label.txt",),
 }
+RECORD_FILES: tuple[str, ...] = ("category", "text", "temporalspatial", "additional", "user")
 VECTOR_MIN_COMMAS = 50  # a description with this many commas and only numbers is a vector (variant A)
+#: Bytes one metadata file or zip member may hold. SMPD's largest file, the variant-A train user data, is about
+#: 1.3-2.2 GB (4.3-7.2 kB per post of 399 + 400 float strings); the cap stops a zip bomb well before memory runs out.
+MAX_MEMBER_BYTES = 4 * 2**30
+POSTDATE_RANGE = (1_072_915_200, 4_102_444_800)  # [2004-01-01, 2100-01-01) UTC: Flickr opened in February 2004
+EPOCH_RANGE = (-2_208_988_800, 4_102_444_800)  # [1900-01-01, 2100-01-01) UTC, user dates
+#: What the zipfile module raises for a damaged archive or member (CRC, broken stream, unsupported or encrypted).
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, OSError, ValueError)
+GEOACCURACY_MAX = 16  # Flickr accuracy levels 1 (world) .. 16 (street); 0 = no geotag
+#: Columns whose bad values are repaired (see the module docstring); ``posts.attrs["repairs"]`` has one count each.
+REPAIRABLE: tuple[str, ...] = (
+    "latitude", "longitude", "geoaccuracy", "ispublic", "photo_firstdate", "photo_firstdatetaken", "photo_count",
+    "ispro", "canbuypro", "user_vector", "location_vector", "category", "subcategory", "concept", "title",
+    "alltags", "mediatype", "pathalias", "mediastatus", "timezone_offset", "timezone_id", "user_text",
+    "location_text",
+)
 
 
 # ----------------------------------------------------------------------------- file access
@@ -59,7 +119,8 @@ class SplitSource:
 
     split: str
     where: Path
-    zip_members: dict[str, str] | None = None  # basename -> member name, for zips
+    zip_members: dict[str, str] | None = None  # file name -> member name, for zips
+    max_bytes: int = MAX_MEMBER_BYTES
 
     def names(self) -> list[str]:
         if self.zip_members is not None:
@@ -67,26 +128,56 @@ class SplitSource:
         return [p.name for p in self.where.iterdir() if p.is_file()]
 
     def label(self, name: str) -> str:
-        return f"{self.where}:{name}" if self.zip_members is not None else str(self.where / name)
+        return f"{self.where}:{self.zip_members[name]}" if self.zip_members is not None else str(self.where / name)
 
     def read_bytes(self, name: str) -> bytes:
-        if self.zip_members is not None:
+        """The bytes of one metadata file; at most ``max_bytes``; zip damage becomes ``SMPDFormatError``."""
+        if self.zip_members is None:
+            path = self.where / name
+            try:
+                size = path.stat().st_size
+                if size > self.max_bytes:
+                    raise SMPDFormatError(self._too_big(name, size))
+                return path.read_bytes()
+            except OSError as err:
+                raise SMPDFormatError(f"{path}: cannot be read ({err})") from err
+        member = self.zip_members[name]
+        try:
             with zipfile.ZipFile(self.where) as zf:
-                return zf.read(self.zip_members[name])
-        return (self.where / name).read_bytes()
+                info = zf.getinfo(member)
+                if info.file_size > self.max_bytes:
+                    raise SMPDFormatError(self._too_big(name, info.file_size))
+                with zf.open(info) as fh:
+                    data = fh.read(self.max_bytes + 1)  # reads to the end, so the CRC is checked
+        except SMPDFormatError:
+            raise
+        except _ZIP_ERRORS as err:
+            raise SMPDFormatError(f"{self.where}: member {member}: corrupt or unreadable ({_short(err, 200)})") from err
+        if len(data) > self.max_bytes:
+            raise SMPDFormatError(self._too_big(name, len(data)))
+        return data
+
+    def _too_big(self, name: str, size: int) -> str:
+        return (f"{self.label(name)}: {size} bytes, more than the cap of {self.max_bytes} bytes per metadata file "
+                f"(max_member_bytes)")
 
     def find(self, logical: str, required: bool = True) -> str | None:
+        """The file name of ``logical`` (one of ``FILE_ALIASES``); two present aliases are ambiguous."""
         tried = [f"{self.split}_{suffix}" for suffix in FILE_ALIASES[logical]]
         present = set(self.names())
-        for name in tried:
-            if name in present:
-                return name
+        found = [name for name in tried if name in present]
+        if len(found) > 1:
+            raise SMPDFormatError(
+                f"{self.where}: {' and '.join(found)} are both candidates for '{logical}'; keep one of them"
+            )
+        if found:
+            return found[0]
         if required:
             raise SMPDFormatError(f"{self.where}: missing file for '{logical}' (tried {', '.join(tried)})")
         return None
 
 
-def find_split(root: Path, split: str) -> SplitSource:
+def find_split(root: Path, split: str, max_bytes: int = MAX_MEMBER_BYTES) -> SplitSource:
     """Locate the metadata of ``split`` under ``root`` (folder, zip, or files directly in root)."""
     if split not in SPLITS:
         raise SMPDFormatError(f"unknown split {split!r}; SMPD splits are {', '.join(SPLITS)}")
@@ -96,20 +187,42 @@ def find_split(root: Path, split: str) -> SplitSource:
     candidates = [root / f"{split}_allmetadata_json", root / f"{split}_all_json", root / split, root]
     for cand in candidates:
         if cand.is_dir() and any((cand / f"{split}_{s}").is_file() for s in FILE_ALIASES["img_filepath"]):
-            return SplitSource(split, cand)
+            return SplitSource(split, cand, max_bytes=max_bytes)
     for zname in (f"{split}_allmetadata_json.zip", f"SMP_image_{split}_metadata.zip"):
         zpath = root / zname
         if zpath.is_file():
-            try:
-                with zipfile.ZipFile(zpath) as zf:
-                    members = {Path(m).name: m for m in zf.namelist() if not m.endswith("/")}
-            except zipfile.BadZipFile as err:
-                raise SMPDFormatError(f"{zpath}: not a readable zip ({err})") from err
-            return SplitSource(split, zpath, members)
+            return SplitSource(split, zpath, _zip_members(zpath, split), max_bytes)
     raise SMPDFormatError(
         f"{root}: no metadata for split '{split}' (looked for {marker} in {split}_allmetadata_json/, {split}/, "
         f"the root, and {split}_allmetadata_json.zip)"
     )
+
+
+def _zip_members(zpath: Path, split: str) -> dict[str, str]:
+    """Metadata file name -> member name; refuses two candidates for one name and members in several folders."""
+    known = {f"{split}_{suffix}" for suffixes in FILE_ALIASES.values() for suffix in suffixes}
+    try:
+        with zipfile.ZipFile(zpath) as zf:
+            members = [m for m in zf.namelist() if not m.endswith("/")]
+    except _ZIP_ERRORS as err:
+        raise SMPDFormatError(f"{zpath}: not a readable zip ({_short(err, 200)})") from err
+    found: dict[str, list[str]] = {}
+    for member in members:
+        name = PurePosixPath(member.replace("\\", "/")).name
+        if name in known:
+            found.setdefault(name, []).append(member)
+    for name, candidates in found.items():
+        if len(candidates) > 1:
+            raise SMPDFormatError(
+                f"{zpath}: members {', '.join(candidates)} are all candidates for {name}; refusing to guess"
+            )
+    folders = {str(PurePosixPath(m[0].replace("\\", "/")).parent): m[0] for m in found.values()}
+    if len(folders) > 1:
+        raise SMPDFormatError(
+            f"{zpath}: unexpected members: metadata files in several folders ({', '.join(sorted(folders.values()))}); "
+            f"expected one folder"
+        )
+    return {name: candidates[0] for name, candidates in found.items()}
 
 
 def _load_json(src: SplitSource, name: str) -> Any:
@@ -120,6 +233,8 @@ def _load_json(src: SplitSource, name: str) -> Any:
         raise SMPDFormatError(
             f"{src.label(name)}: invalid JSON at line {err.lineno} column {err.colno} ({err.msg})"
         ) from err
+    except (ValueError, RecursionError) as err:  # bad UTF-8, an integer of over 4300 digits, deep nesting
+        raise SMPDFormatError(f"{src.label(name)}: invalid JSON ({_short(err)})") from err
 
 
 def _records(src: SplitSource, name: str) -> list[dict[str, Any]]:
@@ -158,50 +273,164 @@ def _columnar_to_records(src: SplitSource, name: str, data: dict) -> list[dict[s
     return rows
 
 
-def _lines(src: SplitSource, name: str) -> list[str]:
-    text = src.read_bytes(name).decode("utf-8-sig")
-    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+def _lines(src: SplitSource, name: str) -> list[tuple[int, str]]:
+    """(1-based line number in the file, stripped text) of every non-blank line."""
+    try:
+        text = src.read_bytes(name).decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SMPDFormatError(f"{src.label(name)}: not UTF-8 text (byte {err.start})") from err
+    return [(k, ln.strip()) for k, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
+
+
+@dataclass
+class _Records:
+    """The rows of one record file of a split, with the label used in error messages."""
+
+    label: str
+    rows: list[dict[str, Any]]
+
+    def where(self, i: int, field: str) -> str:
+        return f"{self.label}: row {i}: field '{field}'"
+
+    def column(self, name: str, aliases: tuple[str, ...] = (), required: bool = False) -> list[Any]:
+        """The value of ``name`` (or the first alias present) in every row; None where absent unless required."""
+        out = []
+        for i, rec in enumerate(self.rows):
+            for candidate in (name, *aliases):
+                if candidate in rec:
+                    out.append(rec[candidate])
+                    break
+            else:
+                if required:
+                    raise SMPDFormatError(f"{self.label}: row {i}: field '{name}' missing")
+                out.append(None)
+        return out
+
+
+@dataclass
+class _RawSplit:
+    """A located split: its source, the image paths (one per post) and the row-aligned record files."""
+
+    src: SplitSource
+    image_list: str  # label of the image-path file, for messages
+    paths: list[str]
+    files: dict[str, _Records]
 
 
 # ----------------------------------------------------------------------------- value parsing
+class _BadValue(Exception):
+    """A present value that is not valid for its field: the caller repairs it (and counts the repair)."""
+
+
 def _is_null(v: Any) -> bool:
     return v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and v.strip() in ("", "None", "nan", "NaN", "null"))
 
 
-def _float_or_nan(v: Any) -> float:
+def _number(v: Any) -> float:
+    """A finite float; NaN when null; ``_BadValue`` when not a number or not finite."""
     if _is_null(v):
         return np.nan
     try:
-        return float(v)
-    except (TypeError, ValueError):
-        return np.nan
+        x = float(v)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise _BadValue from err
+    if not math.isfinite(x):
+        raise _BadValue
+    return x
+
+
+def _coordinate(limit: float) -> Callable[[Any], float]:
+    """Parser of a latitude (``limit`` 90) or longitude (180): NaN when null or 0 (no geotag)."""
+    def parse(v: Any) -> float:
+        x = _number(v)
+        if x == 0.0:
+            return np.nan
+        if abs(x) > limit:
+            raise _BadValue
+        return x
+    return parse
+
+
+def _geoaccuracy(v: Any) -> int:
+    x = _number(v)
+    if np.isnan(x):
+        return 0
+    if not x.is_integer() or not 0 <= x <= GEOACCURACY_MAX:
+        raise _BadValue
+    return int(x)
 
 
 def _epoch(v: Any) -> float:
     """Epoch seconds from a number, a numeric string, or a ``YYYY-MM-DD HH:MM:SS`` string (UTC); NaN if null."""
     if _is_null(v):
         return np.nan
-    if isinstance(v, (int, float)):
-        return float(v)
-    s = str(v).strip()
-    try:
-        return float(s)
-    except ValueError:
-        pass
-    for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d"):
-        try:
-            return float(calendar.timegm(time.strptime(s, fmt)))
-        except ValueError:
-            continue
-    return np.nan
+    if isinstance(v, str) and not _is_number(v):
+        s = v.strip()
+        for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d"):
+            try:
+                v = calendar.timegm(time.strptime(s, fmt))
+                break
+            except ValueError:
+                continue
+    x = _number(v)
+    if not EPOCH_RANGE[0] <= x < EPOCH_RANGE[1]:
+        raise _BadValue
+    return x
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _str_or_none(v: Any) -> str | None:
     return None if _is_null(v) else str(v)
 
 
+def _valid_text(s: str) -> str:
+    """``s`` if it encodes as UTF-8; ``_BadValue`` when it holds a lone surrogate."""
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise _BadValue from err
+    return s
+
+
+def _repaired(values: list[Any], parse: Callable[[Any], Any], repair: Callable[[Any], Any], fix: Counter,
+              column: str) -> list[Any]:
+    """``parse`` every value; a ``_BadValue`` becomes ``repair(value)`` and one more ``fix[column]``."""
+    out = []
+    for v in values:
+        try:
+            out.append(parse(v))
+        except _BadValue:
+            out.append(repair(v))
+            fix[column] += 1
+    return out
+
+
+def _clean(strings: list[str | None], fix: Counter, column: str) -> list[str | None]:
+    """Text cells with every lone surrogate replaced by U+FFFD (one repair counted per cell)."""
+    return _repaired(strings, lambda s: s if s is None else _valid_text(s),
+                     lambda s: _SURROGATE.sub("\ufffd", s), fix, column)
+
+
+def _or_empty(values: list[Any]) -> list[str]:
+    return [_str_or_none(v) or "" for v in values]
+
+
+def _or_none(values: list[Any]) -> list[str | None]:
+    return [_str_or_none(v) for v in values]
+
+
+def _floats(values: list[Any], parse: Callable[[Any], float], fix: Counter, column: str) -> list[float]:
+    return _repaired(values, parse, lambda v: np.nan, fix, column)
+
+
 def _description(v: Any, dim: int, where: Callable[[], str]) -> tuple[np.ndarray | None, str | None]:
-    """(vector, text) of a user/location description: variant A float list, variant B free text, or null."""
+    """(vector, text) of a user/location description: variant A float list, variant B free text, or null.
+
+    ``_BadValue`` for a vector holding a non-finite value; ``SMPDFormatError`` for a vector of the wrong length.
+    """
     if _is_null(v):
         return None, None
     s = str(v).strip().strip("\r\n").rstrip(",").strip()
@@ -214,6 +443,8 @@ def _description(v: Any, dim: int, where: Callable[[], str]) -> tuple[np.ndarray
             return None, s  # a long comma-separated text, not a vector
         if len(vec) != dim:
             raise SMPDFormatError(f"{where()}: description vector has {len(vec)} values, expected {dim}")
+        if not np.isfinite(vec).all():
+            raise _BadValue
         return vec, None
     return None, s
 
@@ -228,41 +459,46 @@ def _pid(v: Any) -> str:
     return str(v).strip()
 
 
-# ----------------------------------------------------------------------------- the reader
-def read_split(root: str | Path, split: str, *, check_images: bool = True, labels: bool = True) -> pd.DataFrame:
-    """Read one split into the posts table (``datamodules.schema`` columns); see the module docstring.
+def _short(v: Any, limit: int = 60) -> str:
+    """repr of a value for an error message, cut to ``limit`` characters."""
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
-    ``labels=False`` reads no label file at all (inference on new posts): every label is NaN.
-    """
-    root = Path(root)
-    src = find_split(root, split)
-    paths = [_image_path(ln) for ln in _lines(src, src.find("img_filepath"))]
-    n = len(paths)
-    files = {key: src.find(key) for key in ("category", "text", "temporalspatial", "additional", "user")}
-    tables = {key: _records(src, name) for key, name in files.items()}
-    for key, rows in tables.items():
-        if len(rows) != n:
+
+# ----------------------------------------------------------------------------- the reader, step by step
+def _locate(root: Path, split: str, max_bytes: int) -> _RawSplit:
+    """Find the split's files, read the image list and the five record files, and check they are row-aligned."""
+    src = find_split(root, split, max_bytes)
+    img_name = src.find("img_filepath")
+    paths = [_image_path(ln) for _, ln in _lines(src, img_name)]
+    files = {key: _Records(src.label(name), _records(src, name))
+             for key, name in ((k, src.find(k)) for k in RECORD_FILES)}
+    for rec in files.values():
+        if len(rec.rows) != len(paths):
             raise SMPDFormatError(
-                f"{src.label(files[key])}: {len(rows)} rows but {src.label(src.find('img_filepath'))} lists {n} "
+                f"{rec.label}: {len(rec.rows)} rows but {src.label(img_name)} lists {len(paths)} "
                 f"images (files must be row-aligned)"
             )
+    return _RawSplit(src, src.label(img_name), paths, files)
 
-    # alignment: (Uid, Pid) of every file and of the image path
+
+def _align(raw: _RawSplit) -> tuple[list[str], list[str]]:
+    """(uids, pids) from the image paths, verified against (Uid, Pid) of every record file; Pids unique."""
     uids, pids = [], []
-    for i, path in enumerate(paths):
+    for i, path in enumerate(raw.paths):
         parts = path.split("/")
         if len(parts) < 2:
-            raise SMPDFormatError(f"{src.label(src.find('img_filepath'))}: row {i}: image path {path!r} is not <split>/<Uid>/<Pid>.jpg")
+            raise SMPDFormatError(f"{raw.image_list}: row {i}: image path {path!r} is not <split>/<Uid>/<Pid>.jpg")
         uid, pid = parts[-2], Path(parts[-1]).stem
-        for key, rows in tables.items():
-            rec = rows[i]
+        for rec in raw.files.values():
+            row = rec.rows[i]
             for field, expected in (("Uid", uid), ("Pid", pid)):
-                if field not in rec:
-                    raise SMPDFormatError(f"{src.label(files[key])}: row {i}: field '{field}' missing")
-                got = _pid(rec[field]) if field == "Pid" else str(rec[field]).strip()
+                if field not in row:
+                    raise SMPDFormatError(f"{rec.label}: row {i}: field '{field}' missing")
+                got = _pid(row[field]) if field == "Pid" else str(row[field]).strip()
                 if got != expected:
                     raise SMPDFormatError(
-                        f"{src.label(files[key])}: row {i}: field '{field}' is {got!r} but the image path says "
+                        f"{rec.label}: row {i}: field '{field}' is {_short(got)} but the image path says "
                         f"{expected!r} (rows misaligned?)"
                     )
         uids.append(uid)
@@ -270,118 +506,172 @@ def read_split(root: str | Path, split: str, *, check_images: bool = True, label
     seen: dict[str, int] = {}
     for i, pid in enumerate(pids):
         if pid in seen:
-            raise SMPDFormatError(
-                f"{src.label(src.find('img_filepath'))}: duplicate Pid {pid} at rows {seen[pid]} and {i}"
-            )
+            raise SMPDFormatError(f"{raw.image_list}: duplicate Pid {pid} at rows {seen[pid]} and {i}")
         seen[pid] = i
+    return uids, pids
 
-    cat, text, ts, add, user = (tables[k] for k in ("category", "text", "temporalspatial", "additional", "user"))
 
-    def field(key: str, i: int, name: str, aliases: tuple[str, ...] = (), required: bool = True) -> Any:
-        rec = tables[key][i]
-        for candidate in (name, *aliases):
-            if candidate in rec:
-                return rec[candidate]
-        if required:
-            raise SMPDFormatError(f"{src.label(files[key])}: row {i}: field '{name}' missing")
-        return None
+def _category_columns(f: _Records, fix: Counter) -> dict[str, list]:
+    return {col: _clean([str(v) for v in f.column(field, required=True)], fix, col)
+            for col, field in (("category", "Category"), ("subcategory", "Subcategory"), ("concept", "Concept"))}
 
-    def postdate(i: int) -> int:
-        v = field("temporalspatial", i, "Postdate")
+
+def _text_columns(f: _Records, fix: Counter) -> dict[str, list]:
+    return {
+        "title": _clean(_or_empty(f.column("Title", ("Tile",))), fix, "title"),
+        "alltags": _clean(_or_empty(f.column("Alltags")), fix, "alltags"),
+        "mediatype": _clean(_or_empty(f.column("Mediatype")), fix, "mediatype"),
+    }
+
+
+def _postdate(f: _Records) -> np.ndarray:
+    """Postdate as int64 epoch seconds; any bad value is an error (there is nothing to repair it with)."""
+    lo, hi = POSTDATE_RANGE
+    out = np.empty(len(f.rows), dtype=np.int64)
+    for i, v in enumerate(f.column("Postdate", required=True)):
         try:
-            return int(float(v))
-        except (TypeError, ValueError) as err:
+            x = float(v)
+        except (TypeError, ValueError, OverflowError) as err:
+            raise SMPDFormatError(f"{f.where(i, 'Postdate')} is {_short(v)}, expected epoch seconds") from err
+        if not lo <= x < hi:  # NaN and infinities fail too
             raise SMPDFormatError(
-                f"{src.label(files['temporalspatial'])}: row {i}: field 'Postdate' is {v!r}, expected epoch seconds"
-            ) from err
+                f"{f.where(i, 'Postdate')} is {_short(v)}, outside the plausible range 2004-01-01 .. 2100-01-01 "
+                f"UTC ({lo} .. {hi} epoch seconds)"
+            )
+        out[i] = int(x)
+    return out
 
-    def coord(i: int, name: str) -> float:
-        x = _float_or_nan(field("temporalspatial", i, name))
-        return np.nan if x == 0.0 else x
 
-    lat = np.array([coord(i, "Latitude") for i in range(n)])
-    lon = np.array([coord(i, "Longitude") for i in range(n)])
-    geoacc = np.nan_to_num(
-        np.array([_float_or_nan(field("temporalspatial", i, "Geoaccuracy")) for i in range(n)]), nan=0.0
-    ).astype(np.int64)
-    no_geo = np.isnan(lat) | np.isnan(lon) | (geoacc == 0)
+def _temporalspatial_columns(f: _Records, fix: Counter) -> dict[str, Any]:
+    """Postdate, and the geotag: coordinates NaN unless both are valid and geoaccuracy > 0."""
+    lat = np.array(_floats(f.column("Latitude", required=True), _coordinate(90.0), fix, "latitude"))
+    lon = np.array(_floats(f.column("Longitude", required=True), _coordinate(180.0), fix, "longitude"))
+    acc = np.array(_repaired(f.column("Geoaccuracy", required=True), _geoaccuracy, lambda v: 0, fix,
+                             "geoaccuracy"), dtype=np.int64)
+    no_geo = np.isnan(lat) | np.isnan(lon) | (acc == 0)
     lat[no_geo], lon[no_geo] = np.nan, np.nan
+    return {"postdate": _postdate(f), "latitude": lat, "longitude": lon, "geoaccuracy": acc}
 
-    user_vec, user_txt, loc_vec, loc_txt = [], [], [], []
-    user_label = src.label(files["user"])
-    for i in range(n):
-        uv, ut = _description(field("user", i, "user_description", required=False), VECTOR_COLUMNS["user_vector"],
-                              lambda i=i: f"{user_label}: row {i}: field 'user_description'")
-        lv, lt = _description(field("user", i, "location_description", required=False),
-                              VECTOR_COLUMNS["location_vector"],
-                              lambda i=i: f"{user_label}: row {i}: field 'location_description'")
-        user_vec.append(uv)
-        user_txt.append(ut)
-        loc_vec.append(lv)
-        loc_txt.append(lt)
 
-    label_values = np.full(n, np.nan)
-    if split == "train" and labels:
-        label_name = "train_label.txt"
-        if label_name not in src.names():
-            raise SMPDFormatError(f"{src.where}: missing file train_label.txt (the train split must be labelled)")
-        lines = _lines(src, label_name)
-        if lines and not _is_number(lines[0]) and len(lines) == n + 1:
-            lines = lines[1:]  # a caption line such as "Popularityscore"
-        if len(lines) != n:
-            raise SMPDFormatError(f"{src.label(label_name)}: {len(lines)} labels but {n} images (must be row-aligned)")
-        for i, ln in enumerate(lines):
+def _additional_columns(f: _Records, fix: Counter) -> dict[str, list]:
+    return {
+        "pathalias": _clean(_or_none(f.column("Pathalias")), fix, "pathalias"),
+        "ispublic": _floats(f.column("Ispublic"), _number, fix, "ispublic"),
+        "mediastatus": _clean(_or_empty(f.column("Mediastatus")), fix, "mediastatus"),
+    }
+
+
+def _descriptions(f: _Records, field: str, column: str, fix: Counter) -> tuple[list, list]:
+    """(vectors, texts) of one description field; a vector with a non-finite value becomes None (counted)."""
+    dim = VECTOR_COLUMNS[column]
+    vectors, texts = [], []
+    with np.errstate(over="ignore"):  # "1e39" -> inf in float32 is a bad value, counted below, not a warning
+        for i, v in enumerate(f.column(field)):
             try:
-                label_values[i] = float(ln)
-            except ValueError as err:
-                raise SMPDFormatError(f"{src.label(label_name)}: line {i + 1}: label {ln!r} is not a number") from err
-            if not np.isfinite(label_values[i]):
-                raise SMPDFormatError(f"{src.label(label_name)}: line {i + 1}: label {ln!r} is not finite")
-    # test splits: a label file, if any, is ignored (test labels were never released)
+                vec, text = _description(v, dim, lambda i=i: f.where(i, field))
+            except _BadValue:
+                vec, text = None, None
+                fix[column] += 1
+            vectors.append(vec)
+            texts.append(text)
+    return vectors, texts
 
-    if check_images:
-        status = []
-        for path in paths:
-            f = root / path
-            status.append(IMAGE_OK if f.is_file() and f.stat().st_size > 0 else IMAGE_MISSING)
-    else:
-        status = [IMAGE_OK] * n
 
+def _user_columns(f: _Records, fix: Counter) -> dict[str, list]:
+    user_vec, user_txt = _descriptions(f, "user_description", "user_vector", fix)
+    loc_vec, loc_txt = _descriptions(f, "location_description", "location_vector", fix)
+    return {
+        "photo_firstdate": _floats(f.column("photo_firstdate"), _epoch, fix, "photo_firstdate"),
+        "photo_firstdatetaken": _floats(f.column("photo_firstdatetaken"), _epoch, fix, "photo_firstdatetaken"),
+        "photo_count": _floats(f.column("photo_count"), _number, fix, "photo_count"),
+        "ispro": _floats(f.column("ispro"), _number, fix, "ispro"),
+        "canbuypro": _floats(f.column("canbuypro"), _number, fix, "canbuypro"),
+        "timezone_offset": _clean(_or_none(f.column("timezone_offset")), fix, "timezone_offset"),
+        "timezone_id": _clean(_or_none(f.column("timezone_id", ("timezone_timezone_id",))), fix, "timezone_id"),
+        "user_vector": user_vec,
+        "user_text": _clean(user_txt, fix, "user_text"),
+        "location_vector": loc_vec,
+        "location_text": _clean(loc_txt, fix, "location_text"),
+    }
+
+
+def _labels(src: SplitSource, n: int) -> np.ndarray:
+    """The ``n`` train labels (float64); a caption first line is skipped; errors name the file's line number."""
+    name = src.find("label", required=False)
+    if name is None:
+        raise SMPDFormatError(f"{src.where}: missing file train_label.txt (the train split must be labelled)")
+    lines = _lines(src, name)
+    if lines and not _is_number(lines[0][1]) and len(lines) == n + 1:
+        lines = lines[1:]  # a caption line such as "Popularityscore"
+    if len(lines) != n:
+        raise SMPDFormatError(f"{src.label(name)}: {len(lines)} labels but {n} images (must be row-aligned)")
+    values = np.full(n, np.nan)
+    for i, (lineno, ln) in enumerate(lines):
+        try:
+            values[i] = float(ln)
+        except ValueError as err:
+            raise SMPDFormatError(f"{src.label(name)}: line {lineno}: label {_short(ln)} is not a number") from err
+        if not np.isfinite(values[i]):
+            raise SMPDFormatError(f"{src.label(name)}: line {lineno}: label {_short(ln)} is not finite")
+    return values
+
+
+def _image_status(root: Path, raw: _RawSplit, check_images: bool) -> list[str]:
+    """Per post: ``outside_root`` when the path leaves the data root (never opened); else, with ``check_images``,
+    ``ok`` for a non-empty regular file and ``missing`` otherwise; without it ``ok``."""
+    confined = ConfinedRoot(root)
+    status = []
+    for path in raw.paths:
+        real = confined.resolve(path)
+        if real is None:
+            status.append(IMAGE_OUTSIDE)
+        elif not check_images:
+            status.append(IMAGE_OK)
+        else:
+            try:
+                st = real.lstat()  # no component of ``real`` is a symlink
+                ok = stat.S_ISREG(st.st_mode) and st.st_size > 0
+            except OSError:
+                ok = False
+            status.append(IMAGE_OK if ok else IMAGE_MISSING)
+    outside = [i for i, s in enumerate(status) if s == IMAGE_OUTSIDE]
+    if outside:
+        log.warning("%s: %d image paths lead outside the data root %s (e.g. row %d: %s); they are treated as "
+                    "missing images (status '%s') and never read", raw.image_list, len(outside), confined.root,
+                    outside[0], _short(raw.paths[outside[0]]), IMAGE_OUTSIDE)
+    return status
+
+
+def read_split(root: str | Path, split: str, *, check_images: bool = True, labels: bool = True,
+               max_member_bytes: int = MAX_MEMBER_BYTES) -> pd.DataFrame:
+    """Read one split into the posts table (``datamodules.schema`` columns); see the module docstring.
+
+    ``labels=False`` reads no label file at all (inference on new posts): every label is NaN.
+    ``posts.attrs["repairs"]``: {column: number of repaired cells} for every column of ``REPAIRABLE``.
+    """
+    root = Path(root)
+    raw = _locate(root, split, max_member_bytes)
+    uids, pids = _align(raw)
+    n = len(pids)
+    fix: Counter = Counter()
     posts = pd.DataFrame({
         "post_id": pids,
         "uid": uids,
         "split": split,
         "row": np.arange(n, dtype=np.int64),
-        "image_relpath": paths,
-        "image_status": status,
-        "category": [str(field("category", i, "Category")) for i in range(n)],
-        "subcategory": [str(field("category", i, "Subcategory")) for i in range(n)],
-        "concept": [str(field("category", i, "Concept")) for i in range(n)],
-        "title": [_str_or_none(field("text", i, "Title", ("Tile",), required=False)) or "" for i in range(n)],
-        "alltags": [_str_or_none(field("text", i, "Alltags", required=False)) or "" for i in range(n)],
-        "mediatype": [_str_or_none(field("text", i, "Mediatype", required=False)) or "" for i in range(n)],
-        "postdate": np.array([postdate(i) for i in range(n)], dtype=np.int64),
-        "latitude": lat,
-        "longitude": lon,
-        "geoaccuracy": geoacc,
-        "pathalias": [_str_or_none(field("additional", i, "Pathalias", required=False)) for i in range(n)],
-        "ispublic": [_float_or_nan(field("additional", i, "Ispublic", required=False)) for i in range(n)],
-        "mediastatus": [_str_or_none(field("additional", i, "Mediastatus", required=False)) or "" for i in range(n)],
-        "photo_firstdate": [_epoch(field("user", i, "photo_firstdate", required=False)) for i in range(n)],
-        "photo_firstdatetaken": [_epoch(field("user", i, "photo_firstdatetaken", required=False)) for i in range(n)],
-        "photo_count": [_float_or_nan(field("user", i, "photo_count", required=False)) for i in range(n)],
-        "ispro": [_float_or_nan(field("user", i, "ispro", required=False)) for i in range(n)],
-        "canbuypro": [_float_or_nan(field("user", i, "canbuypro", required=False)) for i in range(n)],
-        "timezone_offset": [_str_or_none(field("user", i, "timezone_offset", required=False)) for i in range(n)],
-        "timezone_id": [_str_or_none(field("user", i, "timezone_id", ("timezone_timezone_id",), required=False))
-                        for i in range(n)],
-        "user_vector": user_vec,
-        "user_text": user_txt,
-        "location_vector": loc_vec,
-        "location_text": loc_txt,
-        "label": label_values,
+        "image_relpath": raw.paths,
+        "image_status": _image_status(root, raw, check_images),
+        **_category_columns(raw.files["category"], fix),
+        **_text_columns(raw.files["text"], fix),
+        **_temporalspatial_columns(raw.files["temporalspatial"], fix),
+        **_additional_columns(raw.files["additional"], fix),
+        **_user_columns(raw.files["user"], fix),
+        # test splits: a label file, if any, is ignored (test labels were never released)
+        "label": _labels(raw.src, n) if split == "train" and labels else np.full(n, np.nan),
     })
-    return _typed(posts)
+    posts = _typed(posts)
+    posts.attrs["repairs"] = {col: int(fix[col]) for col in REPAIRABLE}
+    return posts
 
 
 def _is_number(s: str) -> bool:
@@ -401,29 +691,36 @@ def _typed(posts: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_smpd(root: str | Path, splits: tuple[str, ...] = SPLITS, *, check_images: bool = True,
-              labels: bool = True) -> pd.DataFrame:
+              labels: bool = True, max_member_bytes: int = MAX_MEMBER_BYTES) -> pd.DataFrame:
     """Read several splits (train rows first) into one posts table; Pids must be unique across splits.
 
     A split listed in ``splits`` but absent from ``root`` is an error except for ``test``, which may be missing
     (a labelled-only directory); with ``labels=False`` (inference) any absent split is skipped, but at least one
-    must be there. An unknown split name is always an error.
+    must be there. An unknown split name is always an error. ``posts.attrs["repairs"]`` sums the splits' repair
+    counts (one warning is logged when any value was repaired).
     """
     root = Path(root)
     frames = []
     for split in splits:
         try:
-            frames.append(read_split(root, split, check_images=check_images, labels=labels))
+            frames.append(read_split(root, split, check_images=check_images, labels=labels,
+                                     max_member_bytes=max_member_bytes))
         except SMPDFormatError as err:
             if (split == "test" or not labels) and "no metadata for split" in str(err):
                 continue
             raise
     if not frames:
         raise SMPDFormatError(f"{root}: no SMPD split found (looked for {', '.join(splits)})")
+    repairs = {col: sum(f.attrs["repairs"][col] for f in frames) for col in REPAIRABLE}
     posts = pd.concat(frames, ignore_index=True)
+    posts.attrs["repairs"] = repairs
     dup = posts.post_id.duplicated(keep=False)
     if dup.any():
         rows = posts.loc[dup, ["split", "row", "post_id"]].head(4).to_dict("records")
         raise SMPDFormatError(f"{root}: duplicate Pid across splits: {rows}")
+    if any(repairs.values()):
+        log.warning("%s: bad raw values repaired (see datamodules.smpd): %s", root,
+                    ", ".join(f"{col}={n}" for col, n in repairs.items() if n))
     return posts
 
 

@@ -51,6 +51,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> StageResult:
 
     root = raw_root(cfg)
     posts = read_smpd(root, check_images=bool(cfg.data.check_images))
+    repairs = {f"repaired_{col}": n for col, n in posts.attrs["repairs"].items() if n}
     train = posts[posts.split == "train"]
     if len(train) == 0 or train[LABEL].notna().sum() == 0:
         raise UserError(f"{root}: the train split has no labelled posts")
@@ -65,7 +66,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> StageResult:
     posts = write_split_shards(posts, root, run_dir / "shards", vocab, cfg)
     write_posts(posts, run_dir / "posts.parquet")
 
-    counts = _data_counts(posts)
+    counts = {**_data_counts(posts), "repaired_values": sum(repairs.values()), **repairs}
     log.info("prepare: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
     return StageResult(
         outputs=["posts.parquet", "vocab.json", "folds.parquet", "shards"], counts=counts,

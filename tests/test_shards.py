@@ -129,3 +129,36 @@ def test_training_order_changes_with_epoch_and_is_reproducible(shard_setup):
 
     assert order(0) == order(0)
     assert order(0) != order(1)
+
+
+def test_post_ids_with_dots_round_trip_through_shards_and_prediction_writer(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning_modules.extract import KeyedPredictionWriter, merge_rank_outputs
+
+    ids = ["12.5", "a.b.c", "50%", "x%2Ey", "ü.jpg", "7"]
+    root = tmp_path / "raw"
+    buf = io.BytesIO()
+    Image.fromarray(np.full((24, 24, 3), 128, dtype=np.uint8)).save(buf, format="JPEG")
+    rows = []
+    for i, pid in enumerate(ids):
+        rel = f"train/u@N01/{pid}.jpg"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(buf.getvalue())
+        rows.append({"post_id": pid, "uid": "u@N01", "split": "train", "row": i, "image_relpath": rel,
+                     "image_status": IMAGE_OK, "category": "Animal", "subcategory": "Cats", "concept": "c",
+                     "title": f"title {i}", "alltags": "", "label": float(i)})
+    posts = pd.DataFrame(rows)
+    write_shards(posts, root, tmp_path / "shards", split="train", class_ids=build_vocab(posts), shard_size=4)
+    register_local_configs()
+    dec, col = decoder_and_collate()
+    pipe = make_eval_pipeline(shard_urls(tmp_path / "shards", ["train"]), decoder=dec, collate=col, batch_size=4,
+                              keep=KeepPosts(ids[:5]), rank=0, world_size=1)
+    writer = KeyedPredictionWriter(tmp_path / "pred")
+    for batch in make_loader(pipe, 0):
+        assert batch["has_image"].all()
+        writer.write_on_batch_end(None, None, {"post_id": batch["post_id"], "y": batch["label"]}, None, batch, 0, 0)
+    writer.write_on_epoch_end(SimpleNamespace(global_rank=0), None, [], [])
+    merged = merge_rank_outputs(tmp_path / "pred", ids[:5])
+    assert merged.post_id.tolist() == ids[:5]
+    assert merged.y.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]

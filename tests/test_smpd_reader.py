@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from datamodules.schema import COLUMNS, IMAGE_MISSING, IMAGE_OK
+from datamodules.schema import COLUMNS, IMAGE_MISSING, IMAGE_OK, IMAGE_OUTSIDE
 from datamodules.smpd import SMPDFormatError, read_posts, read_smpd, read_split, vector_matrix, write_posts
 from datamodules.synthetic import generate, make_posts
 
@@ -167,6 +167,23 @@ def _no_labels(root):
     (root / META / "train_label.txt").unlink()
 
 
+def _bad_label_after_blank_lines(root):
+    p = root / META / "train_label.txt"
+    lines = p.read_text().splitlines()
+    lines[6] = "abc"
+    p.write_text("\n\n" + "\n".join(lines[:3]) + "\n\n" + "\n".join(lines[3:]) + "\n")  # "abc" on line 10
+
+
+def _postdate_raw(text):
+    """A breaker that writes ``text`` (raw JSON) as row 2's Postdate."""
+    def breaker(root):
+        recs = load(root, "train_temporalspatial_information.json")
+        recs[2]["Postdate"] = "@POSTDATE@"
+        path = root / META / "train_temporalspatial_information.json"
+        path.write_text(json.dumps(recs).replace('"@POSTDATE@"', text))
+    return breaker
+
+
 @pytest.mark.parametrize("breaker, expected", [
     (_truncate_json, ["train_category.json", "invalid JSON"]),
     (_misalign_rows, ["train_text.json", "rows"]),
@@ -177,6 +194,13 @@ def _no_labels(root):
     (_wrong_vector_length, ["train_user_data.json", "user_description", "120 values"]),
     (_bad_postdate, ["row 2", "Postdate"]),
     (_no_labels, ["train_label.txt"]),
+    (_bad_label_after_blank_lines, ["train_label.txt", "line 10", "abc"]),
+    (_postdate_raw('"Infinity"'), ["train_temporalspatial_information.json", "row 2", "Postdate"]),
+    (_postdate_raw("1e400"), ["train_temporalspatial_information.json", "row 2", "Postdate"]),
+    (_postdate_raw("Infinity"), ["train_temporalspatial_information.json", "row 2", "Postdate"]),
+    (_postdate_raw('"99999999999"'), ["row 2", "Postdate", "plausible range"]),
+    (_postdate_raw('"0"'), ["row 2", "Postdate", "plausible range"]),
+    (_postdate_raw("1" + "0" * 400), ["row 2", "Postdate"]),
 ])
 def test_bad_input_names_file_row_field(tmp_path, breaker, expected):
     root = raw_dir(tmp_path)
@@ -213,3 +237,227 @@ def test_inference_reads_without_labels(tmp_path):
     (root / META / "train_label.txt").unlink()
     posts = read_smpd(root, labels=False)
     assert len(posts) == 42 and posts.label.isna().all()
+
+
+# ------------------------------------------------------------------ bad values: counted repairs
+def _set_raw(root, name, row, field, raw_json):
+    """Row ``row``'s ``field`` of list file ``name`` becomes the raw JSON text ``raw_json`` (e.g. ``1e400``)."""
+    recs = load(root, name)
+    recs[row][field] = "@VALUE@"
+    (root / META / name).write_text(json.dumps(recs).replace('"@VALUE@"', raw_json))
+
+
+def _geo_row(root):
+    """A train row with a valid geotag (so that a repair is visible)."""
+    recs = load(root, "train_temporalspatial_information.json")
+    return next(i for i, r in enumerate(recs) if r["Latitude"] not in ("", "0") and r["Geoaccuracy"] != "0")
+
+
+@pytest.mark.parametrize("field, raw, column", [
+    ("Latitude", '"91.5"', "latitude"),
+    ("Latitude", "Infinity", "latitude"),
+    ("Longitude", '"-200"', "longitude"),
+    ("Longitude", "1e400", "longitude"),
+    ("Latitude", '"north"', "latitude"),
+])
+def test_bad_coordinate_is_a_counted_repair_to_no_geotag(tmp_path, field, raw, column):
+    root = raw_dir(tmp_path)
+    i = _geo_row(root)
+    _set_raw(root, "train_temporalspatial_information.json", i, field, raw)
+    posts = read_smpd(root)
+    assert np.isnan(posts.latitude[i]) and np.isnan(posts.longitude[i])
+    assert posts.attrs["repairs"][column] == 1
+    assert sum(posts.attrs["repairs"].values()) == 1
+
+
+@pytest.mark.parametrize("raw", ['"-3"', "1e400", '"17"', '"2.5"', "NaN"])
+def test_bad_geoaccuracy_is_repaired_to_no_geotag(tmp_path, raw):
+    root = raw_dir(tmp_path)
+    i = _geo_row(root)
+    _set_raw(root, "train_temporalspatial_information.json", i, "Geoaccuracy", raw)
+    posts = read_smpd(root)
+    assert posts.geoaccuracy[i] == 0 and np.isnan(posts.latitude[i])
+    assert (posts.geoaccuracy >= 0).all() and (posts.geoaccuracy <= 16).all()
+    assert posts.attrs["repairs"]["geoaccuracy"] == (0 if raw == "NaN" else 1)  # NaN is a null, not a repair
+
+
+def test_non_finite_user_numbers_and_dates_are_repaired(tmp_path):
+    root = raw_dir(tmp_path)
+    text = (root / META / "train_user_data.json").read_text()
+    users = json.loads(text)
+    users["photo_count"]["1"] = "@A@"
+    users["ispro"]["2"] = "@B@"
+    users["photo_firstdate"]["3"] = "@C@"
+    users["photo_firstdatetaken"]["4"] = "@D@"
+    desc = users["user_description"]["5"].split(",")
+    desc[7] = "inf"
+    users["user_description"]["5"] = ",".join(desc)
+    raw = json.dumps(users)
+    for mark, value in (("A", "Infinity"), ("B", "1e400"), ("C", "-Infinity"), ("D", '"99999999999999"')):
+        raw = raw.replace(f'"@{mark}@"', value)
+    (root / META / "train_user_data.json").write_text(raw)
+    posts = read_split(root, "train")
+    assert np.isnan(posts.photo_count[1]) and np.isnan(posts.ispro[2])
+    assert np.isnan(posts.photo_firstdate[3]) and np.isnan(posts.photo_firstdatetaken[4])
+    assert posts.user_vector[5] is None
+    fixed = {k: v for k, v in posts.attrs["repairs"].items() if v}
+    assert fixed == {"photo_count": 1, "ispro": 1, "photo_firstdate": 1, "photo_firstdatetaken": 1, "user_vector": 1}
+    for col in ("photo_count", "ispro", "photo_firstdate", "photo_firstdatetaken"):
+        assert not np.isinf(posts[col]).any(), col
+
+
+def test_lone_surrogate_in_title_is_replaced_and_counted(tmp_path):
+    root = raw_dir(tmp_path)
+    text = load(root, "train_text.json")
+    text[0]["Title"] = "caf\ud800e"  # json.dumps writes the escape \ud800: valid JSON, invalid Unicode
+    text[1]["Alltags"] = "\udfff"
+    dump(root, "train_text.json", text)
+    posts = read_smpd(root)
+    assert posts.title[0] == "caf\ufffde" and posts.alltags[1] == "\ufffd"
+    assert posts.attrs["repairs"]["title"] == 1 and posts.attrs["repairs"]["alltags"] == 1
+    write_posts(posts, tmp_path / "posts.parquet")  # UTF-8 encodable everywhere
+    assert read_posts(tmp_path / "posts.parquet").title[0] == "caf\ufffde"
+
+
+# ------------------------------------------------------------------ image paths confined to the data root
+def _retarget(root, row, new_path):
+    """Point row ``row`` of the train image list at ``new_path`` (same <Uid>/<Pid> tail, so rows stay aligned)."""
+    path = root / META / "train_img_filepath.txt"
+    lines = path.read_text().splitlines()
+    lines[row] = new_path
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_image_paths_outside_the_root_are_refused_and_never_touched(tmp_path, monkeypatch):
+    import builtins
+    import io
+    import os
+
+    from datamodules.shards import build_vocab, write_shards
+
+    root = raw_dir(tmp_path)
+    outside = tmp_path / "outside"
+    posts = read_smpd(root)
+    rel = posts.image_relpath.tolist()
+    good = (root / rel[9]).read_bytes()
+    tail = [r.split("/", 1)[1] for r in rel]  # "<Uid>/<Pid>.jpg"
+    for i in range(6):
+        (outside / tail[i]).parent.mkdir(parents=True, exist_ok=True)
+        if i % 2 == 0:  # the status must not depend on whether the outside file exists
+            (outside / tail[i]).write_bytes(good)
+    _retarget(root, 0, f"../outside/{tail[0]}")                       # climbs out with ..
+    _retarget(root, 1, str(outside / tail[1]))                        # absolute
+    _retarget(root, 2, f"train/{tail[2].split('/')[0]}/../../../outside/{tail[2]}")  # .. after real folders
+    (root / rel[3]).unlink()
+    (root / rel[3]).symlink_to(outside / tail[3])                     # file symlink out (absolute target)
+    (root / "linked").symlink_to("../outside")                         # folder symlink out (relative target)
+    _retarget(root, 4, f"linked/{tail[4]}")
+    (root / rel[5]).unlink()
+    (root / rel[5]).symlink_to(os.path.relpath(outside / tail[5], (root / rel[5]).parent))
+    store = root / "store"
+    store.mkdir()
+    (store / "x.jpg").write_bytes(good)
+    (root / rel[6]).unlink()
+    (root / rel[6]).symlink_to("../../store/x.jpg")                   # a symlink that stays inside: fine
+
+    touched = []
+    for module, name in ((os, "stat"), (os, "lstat"), (os, "open"), (os, "readlink"), (io, "open"),
+                         (builtins, "open")):
+        real = getattr(module, name)
+
+        def spy(path, *args, _real=real, **kwargs):
+            touched.append(str(path))
+            return _real(path, *args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    for check in (True, False):
+        again = read_smpd(root, check_images=check)
+        assert again.image_status[:6].tolist() == [IMAGE_OUTSIDE] * 6, check
+        assert again.image_status[6] == IMAGE_OK
+        vocab = build_vocab(again[again.split == "train"])
+        info = write_shards(again[again.split == "train"], root, tmp_path / f"shards{check}", split="train",
+                            class_ids=vocab, shard_size=100)
+        assert [info.image_status[p] for p in again.post_id[:7]] == [IMAGE_OUTSIDE] * 6 + [IMAGE_OK]
+    monkeypatch.undo()
+    assert any(p.startswith(str(root / "train")) for p in touched)  # the spies saw the reader's file accesses
+    assert not [p for p in touched if p.startswith(str(outside))]
+
+
+# ------------------------------------------------------------------ archives
+def _zip_root(tmp_path, extra=(), drop=(), compression=zipfile.ZIP_STORED):
+    """The train metadata as a zip; ``extra`` = (member name, source file name) pairs added at the end."""
+    root = raw_dir(tmp_path)
+    folder = root / META
+    with zipfile.ZipFile(root / f"{META}.zip", "w", compression=compression) as zf:
+        for f in sorted(folder.iterdir()):
+            if f.name not in drop:
+                zf.write(f, f"{META}/{f.name}")
+        for member, source in extra:
+            zf.write(folder / source, member)
+    shutil.rmtree(folder)
+    return root
+
+
+def test_zip_with_two_candidates_for_one_file_is_refused(tmp_path):
+    root = _zip_root(tmp_path, extra=[("backup/old/train_label.txt", "train_category.json")])
+    with pytest.raises(SMPDFormatError) as err:
+        read_split(root, "train")
+    msg = str(err.value)
+    assert f"{META}.zip" in msg and f"{META}/train_label.txt" in msg and "backup/old/train_label.txt" in msg
+
+
+def test_zip_with_metadata_spread_over_folders_is_refused(tmp_path):
+    root = _zip_root(tmp_path, extra=[("elsewhere/train_label.txt", "train_label.txt")], drop=("train_label.txt",))
+    with pytest.raises(SMPDFormatError, match="unexpected members.*elsewhere/train_label.txt"):
+        read_split(root, "train")
+
+
+def test_two_aliases_for_one_file_are_refused(tmp_path):
+    root = raw_dir(tmp_path)
+    shutil.copy(root / META / "train_text.json", root / META / "train_tags.json")
+    with pytest.raises(SMPDFormatError, match="train_text.json and train_tags.json are both candidates for 'text'"):
+        read_split(root, "train")
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_bytes_read_per_member_are_capped(tmp_path, zipped):
+    root = _zip_root(tmp_path) if zipped else raw_dir(tmp_path)
+    assert len(read_split(root, "train", max_member_bytes=10**6)) == 30
+    with pytest.raises(SMPDFormatError) as err:
+        read_split(root, "train", max_member_bytes=5000)
+    msg = str(err.value)
+    assert "train_user_data.json" in msg and "cap of 5000 bytes" in msg, msg
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_corrupt_zip_member_names_archive_and_member(tmp_path, compression):
+    root = _zip_root(tmp_path, compression=compression)
+    zpath = root / f"{META}.zip"
+    with zipfile.ZipFile(zpath) as zf:
+        info = zf.getinfo(f"{META}/train_category.json")
+    data = bytearray(zpath.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)  # the member's data
+    for k in range(start + 20, start + 60):
+        data[k] ^= 0x5A
+    zpath.write_bytes(bytes(data))
+    with pytest.raises(SMPDFormatError) as err:
+        read_split(root, "train")
+    msg = str(err.value)
+    assert str(zpath) in msg and f"{META}/train_category.json" in msg, msg
+
+
+def test_prepare_manifest_counts_outside_images_and_repairs(tmp_path):
+    from pipeline.prepare import prepare
+    from tests.conftest import compose_fast
+
+    root = raw_dir(tmp_path)
+    posts = read_smpd(root)
+    _retarget(root, 0, "../" + posts.image_relpath[0])
+    i = _geo_row(root)
+    _set_raw(root, "train_temporalspatial_information.json", i, "Latitude", '"123.0"')
+    cfg = compose_fast(tmp_path, "data=smpd", f"data.root={root}")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    counts = prepare(cfg, run_dir).counts
+    assert counts["images_outside_root"] == 1
+    assert counts["repaired_latitude"] == 1 and counts["repaired_values"] == 1
+    assert read_posts(run_dir / "posts.parquet").image_status[0] == IMAGE_OUTSIDE
