@@ -296,6 +296,9 @@ def load_pca(path: Path) -> dict:
     state: dict = {}
     with np.load(path, allow_pickle=False) as z:
         for name in sorted({k.rsplit(".", 1)[0] for k in z.files}):
+            if f"{name}.0" not in z.files:
+                raise ValueError(f"{path}: entry {name!r} is in an older layout (no '{name}.0'); rerun the extract "
+                                 f"stage of that run")
             pair = (z[f"{name}.0"], z[f"{name}.1"])
             if "/fold" in name:
                 key, fold = name.rsplit("/fold", 1)

@@ -57,8 +57,8 @@ def folds_line(cfg: DictConfig, folds: pd.DataFrame, postdate: np.ndarray) -> st
     if held.any():
         day = pd.to_datetime(postdate[held], unit="s")
         text += (f"Held-back chronological slice: the last {cfg.folds.holdout_fraction:.0%} of the labelled posts "
-                 f"by date, {int(held.sum())} posts from {day.min():%Y-%m-%d} to {day.max():%Y-%m-%d}, never "
-                 f"fitted on, used for early stopping, checkpoint choice or blend weights; scored here only.")
+                 f"by date, {int(held.sum())} posts from {day.min():%Y-%m-%d} to {day.max():%Y-%m-%d}, never used "
+                 f"for fitting, early stopping, checkpoint choice or blend weights; scored here only.")
     else:
         text += "No held-back slice (folds.holdout_fraction=0)."
     return text
