@@ -1,7 +1,8 @@
 """Target family: per-user label statistics, strictly out-of-fold.
 
-For a labelled post in fold k the statistics come from the labelled posts of the other folds; for unlabelled
-posts (test, new posts) from every labelled post. Means are smoothed towards the global mean with ``prior``
+For a labelled post in fold k the statistics come from the labelled posts of the other folds; for posts without a
+fold (test, new posts, and the held-back slice, whose labels exist but must not be used) from every post that has
+a fold. Means are smoothed towards the global mean with ``prior``
 pseudo-posts: (sum + prior * global_mean) / (count + prior).
 """
 
@@ -31,7 +32,7 @@ def target_features(posts: pd.DataFrame, folds: np.ndarray | None, state: Featur
     out = {k: np.full(n, np.nan) for k in ("user_mean", "user_median", "user_label_count")}
     if not state.fitted:
         labels = posts["label"].to_numpy(dtype=np.float64)
-        labelled = ~np.isnan(labels)
+        labelled = folds != NO_FOLD  # the fold decides, not the label: held-back posts have labels but no fold
         state.meta[f"{TARGET}.uids"] = uids[labelled].tolist()
         state.arrays[f"{TARGET}.labels"] = labels[labelled]
         for k in np.unique(folds[folds != NO_FOLD]):

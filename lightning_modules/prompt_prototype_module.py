@@ -5,6 +5,27 @@ the averaged prototype logits (posts of a class unknown to training, id -1, are 
 popularity head (Huber, weight ``regression_weight``; 0 switches it off) so the module's predictions can join the
 stack. Prototypes come from ``set_prototypes`` (computed by the caller from the training fold) and are buffers,
 so they travel in the checkpoint.
+
+The feature vector F (paper eq. 11: [f_I(x), f_T(t), w^G, w^L, x~, V~, T~, s]) is extracted once per fold model,
+and a training post's row comes from the one fold model that did not see it, a test post's from the mean over
+the fold models. A column is only usable by the tree members if it means the same thing whichever fold model
+produced it, so ``predict_step`` gives F in class coordinates over the fixed class list:
+
+* ``w_global`` / ``w_local`` (B, K): the post's cosine similarity to each class's global / local prompt embedding
+  w^G_i, w^L_i (eqs. 4-5), before the learned temperature: every fold model is trained to make column i high
+  for class i, so the columns agree across folds;
+* ``sim_visual`` (B, K): cos(x~, V~_i), the post's similarity to each class's attended visual prototype in the
+  shared space (eq. 7, before the temperature), and ``proto`` (B, K): the averaged visual/textual prototype logits
+  that L_c trains. They carry x~, V~ and T~ into F the way the classifier reads them: relative to the class
+  prototypes. cos(x~, T~_i) alone is not emitted: only its average with the visual half is trained, and on the
+  debug run its columns correlated 0.17-0.92 between two fold models (the other blocks: 0.84-1.0).
+
+The raw coordinates of x~, V~, T~ are not emitted: each fold model learns its own shared space (P_I, P_T and the
+attention are trained per fold; the same initialisation seed does not keep the trained axes aligned, and no
+label-free rotation between five spaces is well defined), so coordinate j of x~ means something different in every
+fold. f_I(x), f_T(t) are the frozen CLIP features; the caller takes them from the embedding cache, which no fold
+model touches. s (user behaviour) is the tabular feature table. Per-post ``class_loss`` (the eq. 8 cross-entropy
+terms summed per post, NaN for a class unknown to training) ranks rows for loss-based sample selection (§4.2).
 """
 
 from __future__ import annotations
@@ -118,18 +139,22 @@ class PromptPrototypeModule(PostModule):
         """Cached or raw batch -> outputs (B = batch, K = classes, D = CLIP dim, d = proj_dim):
 
         ``global_logits``, ``local_logits``, ``proto_logits``, ``logits_v``, ``logits_t`` (B, K); ``x`` (B, d); ``V``, ``T`` (B, K, d);
-        ``image_emb``, ``text_emb`` (B, D); ``prediction`` (B,) popularity (NaN when the head is off).
+        ``image_emb``, ``text_emb`` (B, D); ``global_sim``, ``local_sim``, ``cos_v`` (B, K) cosines before the
+        temperature;
+        ``prediction`` (B,) popularity, only when the popularity head is on.
         """
         if not bool(self.prototypes_set):
             raise RuntimeError("call set_prototypes(visual, textual) before using PromptPrototypeModule")
         b = self.encode(batch)
         g, l = self.prompts()
         scale = self.log_scale.exp()
-        global_logits = scale * global_similarity(b["text_emb"], g)
-        local_logits = scale * local_similarity(b["text_tokens"], b["text_mask"].bool(), l, 1 / self.log_inv_tau_s.exp())
+        global_sim = global_similarity(b["text_emb"], g)
+        local_sim = local_similarity(b["text_tokens"], b["text_mask"].bool(), l, 1 / self.log_inv_tau_s.exp())
+        global_logits, local_logits = scale * global_sim, scale * local_sim
         proto = self.classifier(b["image_emb"].float(), self.visual_prototypes, self.textual_prototypes)
         out = {"global_logits": global_logits, "local_logits": local_logits, "proto_logits": proto["logits"],
-               "logits_v": proto["logits_v"], "logits_t": proto["logits_t"],
+               "logits_v": proto["logits_v"], "logits_t": proto["logits_t"], "cos_v": proto["cos_v"],
+               "global_sim": global_sim, "local_sim": local_sim,
                "x": proto["x"], "V": proto["V"], "T": proto["T"], "image_emb": b["image_emb"].float(),
                "text_emb": b["text_emb"].float()}
         if self.regressor is not None:
@@ -137,13 +162,14 @@ class PromptPrototypeModule(PostModule):
                                out["image_emb"], out["text_emb"]], dim=-1)
             z = self.regressor(feats).squeeze(-1)
             out["prediction"] = z * self.hparams.target_std + self.hparams.target_mean
-        else:
-            out["prediction"] = torch.full((global_logits.shape[0],), float("nan"), device=global_logits.device)
         return out
 
-    def losses(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
+    def _class_targets(self, batch: dict) -> torch.Tensor:
         y = batch["subcategory_id"].long()
-        y = torch.where(y < self.n_classes, y, torch.full_like(y, IGNORE))
+        return torch.where(y < self.n_classes, y, torch.full_like(y, IGNORE))
+
+    def losses(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
+        y = self._class_targets(batch)
         has_class = bool((y != IGNORE).any())
 
         def ce(logits):
@@ -156,6 +182,15 @@ class PromptPrototypeModule(PostModule):
             total = total + self.hparams.regression_weight * parts["l_reg"]
         parts["loss"] = total
         return parts
+
+    def per_post_class_loss(self, out: dict, batch: dict) -> torch.Tensor:
+        """(B,) L_g + L_o + L_c of each post (eq. 8 without the batch mean); NaN where the class is unknown."""
+        y = self._class_targets(batch)
+        known = y != IGNORE
+        safe = torch.where(known, y, torch.zeros_like(y))
+        loss = sum(F.cross_entropy(out[k].float(), safe, reduction="none")
+                   for k in ("global_logits", "local_logits", "proto_logits"))
+        return torch.where(known, loss, torch.full_like(loss, float("nan")))
 
     @staticmethod
     def class_scores(out: dict) -> torch.Tensor:
@@ -174,8 +209,7 @@ class PromptPrototypeModule(PostModule):
         out = self(batch)
         parts = self.losses(out, batch)
         self.log("val/loss", parts["loss"], on_epoch=True, sync_dist=True, batch_size=len(batch["label"]))
-        y = batch["subcategory_id"].long()
-        y = torch.where(y < self.n_classes, y, torch.full_like(y, IGNORE))
+        y = self._class_targets(batch)
         fused = self.class_scores(out)
         self.val_acc.update(fused, y)
         self.val_top5.update(fused, y)
@@ -187,22 +221,17 @@ class PromptPrototypeModule(PostModule):
             self.log_regression(out["prediction"], batch["label"], "val")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """Per post: the prediction, the predicted class, and the paper's feature vector pieces (eq. 11).
-
-        ``w_global``/``w_local`` (B, K) are the post's global/local prompt logits (its similarity to each class's
-        prompt embeddings w^G_i, w^L_i); ``V_pool``/``T_pool`` (B, d) are the attended prototypes averaged with the
-        post's visual/textual prototype probabilities.
-        """
+        """Per post: the predicted class, the per-post class loss, the class-aligned F blocks (see the module
+        docstring: ``w_global``, ``w_local``, ``sim_visual``, ``proto``, each (B, K)) and, when the
+        popularity head is on, ``prediction``."""
         out = self(batch)
-        p_v = out["logits_v"].float().softmax(-1)
-        p_t = out["logits_t"].float().softmax(-1)
-        return {
+        result = {
             "post_id": list(batch["post_id"]),
-            "prediction": out["prediction"].float(),
             "class_pred": self.class_scores(out).argmax(-1),
-            "image_emb": out["image_emb"], "text_emb": out["text_emb"],
-            "w_global": out["global_logits"].float(), "w_local": out["local_logits"].float(),
-            "x_tilde": out["x"].float(),
-            "V_pool": (p_v.unsqueeze(-1) * out["V"].float()).sum(1),
-            "T_pool": (p_t.unsqueeze(-1) * out["T"].float()).sum(1),
+            "class_loss": self.per_post_class_loss(out, batch),
+            "w_global": out["global_sim"].float(), "w_local": out["local_sim"].float(),
+            "sim_visual": out["cos_v"].float(), "proto": out["proto_logits"].float(),
         }
+        if "prediction" in out:
+            result["prediction"] = out["prediction"].float()
+        return result

@@ -39,8 +39,9 @@ class CrossModalPrototypeClassifier(nn.Module):
     def forward(self, x: torch.Tensor, visual: torch.Tensor, textual: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (B, D) image features; visual, textual (K, D) prototypes.
 
-        Returns: ``x`` (B, d), ``V`` (B, K, d), ``T`` (B, K, d) attended features; ``logits_v``, ``logits_t``,
-        ``logits`` (B, K) with ``logits`` = (logits_v + logits_t) / 2 (the averaged logits of L_c).
+        Returns: ``x`` (B, d), ``V`` (B, K, d), ``T`` (B, K, d) attended features; ``cos_v``, ``cos_t`` (B, K)
+        cosines of x~ with each attended prototype; ``logits_v``, ``logits_t``, ``logits`` (B, K) with
+        ``logits`` = (logits_v + logits_t) / 2 (the averaged logits of L_c).
         """
         b, k = x.shape[0], visual.shape[0]
         seq = torch.cat([
@@ -56,5 +57,5 @@ class CrossModalPrototypeClassifier(nn.Module):
         cos_t = (xn * F.normalize(t_t.float(), dim=-1)).sum(-1)
         logits_v = cos_v * self.log_scale_v.exp().clamp(max=MAX_LOGIT_SCALE)
         logits_t = cos_t * self.log_scale_t.exp().clamp(max=MAX_LOGIT_SCALE)
-        return {"x": x_t, "V": v_t, "T": t_t, "logits_v": logits_v, "logits_t": logits_t,
+        return {"x": x_t, "V": v_t, "T": t_t, "cos_v": cos_v, "cos_t": cos_t, "logits_v": logits_v, "logits_t": logits_t,
                 "logits": (logits_v + logits_t) / 2}

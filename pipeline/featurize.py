@@ -28,6 +28,9 @@ def feature_config(cfg: DictConfig) -> FeatureConfig:
 
 
 def featurize(cfg: DictConfig, run_dir: Path) -> StageResult:
+    if not cfg.features.glove_path:
+        log.info("features: GloVe off (features.glove_path is empty; HyperFusion's 300-d tag/title vectors need a "
+                 "GloVe text file, e.g. features.glove_path=/data/glove.42B.300d.txt)")
     posts = read_posts(run_dir / "posts.parquet")
     folds = read_folds(run_dir / "folds.parquet")["fold"].to_numpy()
     fs = build_features(posts, folds, feature_config(cfg))

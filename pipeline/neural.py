@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.atomic import atomic_path, atomic_write_text
 from datamodules.cached import EmbeddingDataModule, load_embedding_cache
 from datamodules.folds import read_folds
 from datamodules.schema import KEY, LABEL, NO_FOLD
@@ -24,7 +25,7 @@ from features.crossmodal import crossmodal_features
 from features.families import NEURAL_PRED, NEURAL_TEXT, PROMPT, VISUAL
 from lightning_modules.backbone import load_backbone
 from lightning_modules.embed import compute_embedding_cache
-from lightning_modules.extract import KeyedPredictionWriter, merge_rank_outputs, oof_and_test
+from lightning_modules.extract import KeyedPredictionWriter, align_fold_outputs, merge_rank_outputs, oof_and_test
 from lightning_modules.prompt_prototype_module import PromptPrototypeModule
 from lightning_modules.prototypes import prototype_means, select_prototype_posts
 from lightning_modules.regressors import CLIPHierarchicalPredictor, CoAttentionMLPModule
@@ -40,10 +41,15 @@ MODULES = {
     "hierarchical": CLIPHierarchicalPredictor,
 }
 MONITOR = {"prompt_prototype": ("val/loss", "min"), "co_attention": ("val/mae", "min"), "hierarchical": ("val/mae", "min")}
-#: F-vector blocks of the prompt/prototype module (paper eq. 11) and the family each joins in the stack.
-F_BLOCKS = {"image_emb": VISUAL, "text_emb": NEURAL_TEXT, "w_global": PROMPT, "w_local": PROMPT,
-            "x_tilde": PROMPT, "V_pool": PROMPT, "T_pool": PROMPT}
+#: F-vector blocks (paper eq. 11) and the family each joins in the stack: the frozen CLIP features from the
+#: embedding cache, and the prompt/prototype module's class-aligned blocks (see its module docstring: the learned
+#: coordinates x~, V~, T~ differ from fold model to fold model and enter F as class-prototype similarities).
+CLIP_BLOCKS = ("image_emb", "text_emb")
+PROMPT_BLOCKS = ("w_global", "w_local", "sim_visual", "proto")
+F_BLOCKS = {"image_emb": VISUAL, "text_emb": NEURAL_TEXT, **dict.fromkeys(PROMPT_BLOCKS, PROMPT)}
 BACKBONE_FILE = "backbone.pt"
+#: Per-post out-of-fold classification loss of the prompt/prototype module (``post_id, class_loss``).
+CLASS_LOSS = "class_loss.parquet"
 
 
 def _device(cfg: DictConfig) -> str:
@@ -150,6 +156,7 @@ def train_neural(cfg: DictConfig, run_dir: Path) -> StageResult:
                 best = json.loads((out / "done.json").read_text())
             else:
                 log.info("neural: training %s fold %d/%d", name, fold + 1, cfg.n_folds)
+                torch.manual_seed(int(cfg.seed))  # one initialisation for every fold's model (training order: per fold)
                 module = build_module(cfg, run_dir, name, dm)
                 fit_resumable(module, dm, out, trainer_cfg=_trainer_cfg(cfg), max_epochs=int(cfg.model[name].epochs),
                               monitor=monitor, mode=mode, seed=int(cfg.seed) + fold, wandb_prefix=f"{name}/fold{fold}",
@@ -225,32 +232,45 @@ def checkpoints(cfg: DictConfig, run_dir: Path, name: str) -> dict[int, Path]:
     return out
 
 
-def neural_outputs(cfg: DictConfig, data_dir: Path, run_dir: Path, pca_state: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _block_frame(cache, blocks) -> pd.DataFrame:
+    return pd.concat([pd.DataFrame(np.asarray(cache[b]), columns=[f"{b}_{j:03d}" for j in range(cache[b].shape[1])])
+                      for b in blocks], axis=1)
+
+
+def neural_outputs(cfg: DictConfig, data_dir: Path, run_dir: Path, state: dict,
+                   extras: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Neural features (the F vector blocks, PCA-reduced, + the cross-modal cosine) and predictions of every post
     laid out in ``data_dir`` (posts, folds, vocab, embeddings, features), with the checkpoints of ``run_dir``.
 
-    Training posts get out-of-fold outputs, the others the mean over folds. ``pca_state`` is filled on the
-    training run and reused as is for new posts.
+    Posts with a fold get out-of-fold outputs, the others (test, new and held-back posts) the mean over folds.
+    The prompt/prototype module's class-aligned blocks are standardised per fold model first
+    (``align_fold_outputs``); the CLIP blocks are the frozen embedding cache. ``state`` (per-fold alignment
+    statistics, PCA bases) is filled on the training run and reused as is for new posts. A module without a
+    popularity head adds no prediction column. ``extras``, when given, receives ``class_loss``: (n,) per-post
+    classification loss of the prompt/prototype module (out-of-fold for posts with a fold), or nothing.
     """
     folds = read_folds(data_dir / "folds.parquet")
     post_ids = folds[KEY].tolist()
     labelled = folds["fold"].to_numpy() != NO_FOLD
     cache = load_embedding_cache(data_dir / "embeddings")
     preds = pd.DataFrame({KEY: post_ids})
-    f_frame = None
+    f_frame = _block_frame(cache, CLIP_BLOCKS)
     for name in enabled_modules(cfg):
         dm = _datamodule(cfg, data_dir, name, None)
         frames = predict_frames(cfg, dm, data_dir / "neural" / name / "predict", checkpoints(cfg, run_dir, name),
                                 name, post_ids)
-        merged = oof_and_test(frames, folds)
-        preds[f"pred_{name}"] = merged["prediction"].to_numpy(dtype=np.float32)
         if name == "prompt_prototype":
-            f_frame = merged.drop(columns=[KEY, "prediction"])
-    if f_frame is None:  # no prompt module: the trees still get the frozen CLIP features
-        f_frame = pd.concat([
-            pd.DataFrame(np.asarray(cache[b]), columns=[f"{b}_{j:03d}" for j in range(cache[b].shape[1])])
-            for b in ("image_emb", "text_emb")], axis=1)
-    nf = fit_pca_blocks(f_frame, labelled, int(cfg.model.extract.pca_dim), pca_state)
+            cols = [c for c in next(iter(frames.values())).columns if c.rsplit("_", 1)[0] in PROMPT_BLOCKS]
+            stats = state.setdefault(f"align.{name}", {})
+            frames = align_fold_outputs(frames, cols, stats)
+        merged = oof_and_test(frames, folds)
+        if "prediction" in merged:
+            preds[f"pred_{name}"] = merged["prediction"].to_numpy(dtype=np.float32)
+        if name == "prompt_prototype":
+            f_frame = pd.concat([f_frame, merged[cols]], axis=1)
+            if extras is not None:
+                extras["class_loss"] = merged["class_loss"].to_numpy(dtype=np.float64)
+    nf = fit_pca_blocks(f_frame, labelled, int(cfg.model.extract.pca_dim), state)
     nf = pd.concat([nf, crossmodal_features(np.asarray(cache["image_emb"]), np.asarray(cache["text_emb"]),
                                             np.asarray(cache["has_image"]))], axis=1)
     nf.insert(0, KEY, post_ids)
@@ -258,38 +278,65 @@ def neural_outputs(cfg: DictConfig, data_dir: Path, run_dir: Path, pca_state: di
 
 
 def save_pca(state: dict, path: Path) -> None:
-    np.savez(path, **{f"{b}.{part}": arr for b, (m, c) in state.items() for part, arr in (("mean", m), ("components", c))})
+    """The extract state (PCA bases ``{block: (mean, components)}`` and per-fold alignment statistics
+    ``{"align.<module>": {fold: (mean, std)}}``) as one ``.npz``."""
+    arrays = {}
+    for key, value in state.items():
+        pairs = value.items() if isinstance(value, dict) else [(None, value)]
+        for fold, (a, b) in pairs:
+            name = key if fold is None else f"{key}/fold{fold}"
+            arrays[f"{name}.0"], arrays[f"{name}.1"] = a, b
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
 
 
 def load_pca(path: Path) -> dict:
+    """Inverse of ``save_pca``."""
+    state: dict = {}
     with np.load(path, allow_pickle=False) as z:
-        blocks = {k.rsplit(".", 1)[0] for k in z.files}
-        return {b: (z[f"{b}.mean"], z[f"{b}.components"]) for b in blocks}
+        for name in sorted({k.rsplit(".", 1)[0] for k in z.files}):
+            if f"{name}.0" not in z.files:
+                raise ValueError(f"{path}: entry {name!r} is in an older layout (no '{name}.0'); rerun the extract "
+                                 f"stage of that run")
+            pair = (z[f"{name}.0"], z[f"{name}.1"])
+            if "/fold" in name:
+                key, fold = name.rsplit("/fold", 1)
+                state.setdefault(key, {})[int(fold)] = pair
+            else:
+                state[name] = pair
+    return state
 
 
 def extract_neural(cfg: DictConfig, run_dir: Path) -> StageResult:
     from pipeline.stages import is_child_process
 
     pca_state: dict = {}
-    nf, preds = neural_outputs(cfg, run_dir, run_dir, pca_state)
+    extras: dict = {}
+    nf, preds = neural_outputs(cfg, run_dir, run_dir, pca_state, extras)
     out = run_dir / "neural"
     if is_child_process():  # DDP children took part in trainer.predict; the first process writes the results
         return StageResult(outputs=[])
-    nf.to_parquet(out / "features.parquet", index=False)
-    preds.to_parquet(out / "predictions.parquet", index=False)
+    outputs = ["neural/features.parquet", "neural/predictions.parquet", "neural/families.json", "neural/pca.npz"]
+    for name, frame in (("features.parquet", nf), ("predictions.parquet", preds)):
+        with atomic_path(out / name) as tmp:
+            frame.to_parquet(tmp, index=False)
+    if "class_loss" in extras:  # ranks training rows for loss-based selection (CMPA-DGPL §4.2); not a feature
+        with atomic_path(out / CLASS_LOSS) as tmp:
+            pd.DataFrame({KEY: nf[KEY], "class_loss": extras["class_loss"]}).to_parquet(tmp, index=False)
+        outputs.append(f"neural/{CLASS_LOSS}")
     save_pca(pca_state, out / "pca.npz")
     labels = pd.read_parquet(run_dir / "posts.parquet", columns=[LABEL])[LABEL].to_numpy()
-    labelled = ~np.isnan(labels)
+    in_fold = read_folds(run_dir / "folds.parquet")["fold"].to_numpy() != NO_FOLD  # held-back labels stay unread
     from stacking.metrics import scores
 
     metrics = {f"{c}/{k}": v for c in preds.columns if c != KEY
-               for k, v in scores(labels[labelled], preds.loc[labelled, c].to_numpy()).items()}
+               for k, v in scores(labels[in_fold], preds.loc[in_fold, c].to_numpy()).items()}
     for k, v in metrics.items():
         log.info("extract: out-of-fold %s = %.4f", k, v)
     families = {c: c.split("__", 1)[0] for c in nf.columns if c != KEY}
     families.update({c: NEURAL_PRED for c in preds.columns if c != KEY})
-    (out / "families.json").write_text(json.dumps(families, indent=1))
-    return StageResult(outputs=["neural/features.parquet", "neural/predictions.parquet", "neural/families.json",
-                                "neural/pca.npz"],
+    atomic_write_text(out / "families.json", json.dumps(families, indent=1))
+    return StageResult(outputs=outputs,
                        counts={"neural_feature_columns": len(nf.columns) - 1, "prediction_columns": len(preds.columns) - 1},
                        metrics=metrics)

@@ -60,7 +60,8 @@ def prepare(cfg: DictConfig, run_dir: Path) -> StageResult:
 
     vocab = build_vocab(train)
     (run_dir / "vocab.json").write_text(json.dumps(vocab, indent=1))
-    folds = fold_table(posts, int(cfg.n_folds), int(cfg.seed))
+    folds = fold_table(posts, int(cfg.n_folds), int(cfg.seed), str(cfg.folds.strategy),
+                       float(cfg.folds.holdout_fraction))
     write_folds(folds, run_dir / "folds.parquet")
 
     posts = write_split_shards(posts, root, run_dir / "shards", vocab, cfg)

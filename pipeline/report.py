@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.stats import gaussian_kde  # noqa: E402
 
+from datamodules.atomic import atomic_path, atomic_write_text  # noqa: E402
 from datamodules.schema import submission_post_id  # noqa: E402
 
 SUBMISSION_VERSION = "VERSION 1.2"
@@ -34,7 +35,8 @@ def plot_prediction_distribution(y_true: np.ndarray, y_pred: np.ndarray, path: P
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -47,7 +49,8 @@ def plot_feature_importance(importance: pd.Series, path: Path, top: int = 20) ->
     ax.set_xlabel("importance (% of total)")
     ax.set_title(f"Top-{len(share)} features")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -66,9 +69,7 @@ def write_submission(post_ids: list[str], scores: np.ndarray, path: Path, detail
         ],
         "external_data": {"used": "false", "details": details},
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(payload, indent=1))
     return path
 
 
@@ -86,17 +87,17 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
 def write_report(path: Path, sections: list[tuple[str, str]]) -> Path:
     """``report.md`` from (heading, markdown body) sections."""
     text = "# popstack run report\n\n" + "\n\n".join(f"## {h}\n\n{body}" for h, body in sections) + "\n"
-    path.write_text(text)
+    atomic_write_text(path, text)
     return path
 
 
 def print_summary(members: pd.DataFrame, stage_seconds: dict[str, float]) -> None:
-    """Final stdout table: members and blend with SRC/MAE, and seconds per stage."""
+    """Final stdout table: members and blend with their out-of-fold and held-back SRC/MAE, and seconds per stage."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    table = Table(title="popstack: out-of-fold scores on the labelled posts")
+    table = Table(title="popstack: out-of-fold scores and the held-back chronological slice")
     for col in members.columns:
         table.add_column(str(col), justify="right" if col != "member" else "left")
     for row in members.itertuples(index=False):

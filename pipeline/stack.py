@@ -58,7 +58,10 @@ def stack(cfg: DictConfig, run_dir: Path, tracker) -> StageResult:
     features = X.drop(columns=[KEY]).astype(np.float32)
     if not scfg.neural_columns:
         features = features.drop(columns=neural_cols)
-    result = run_stack(features, y, folds, categorical, scfg, progress=bool(cfg.progress_bar))
+    loss_file = run_dir / "neural" / "class_loss.parquet"  # the prompt/prototype module's, for loss-based selection
+    losses = pd.read_parquet(loss_file)["class_loss"].to_numpy() if loss_file.is_file() else None
+    result = run_stack(features, y, folds, categorical, scfg, progress=bool(cfg.progress_bar),
+                       selection_losses=losses)
     out = run_dir / "stack"
     result.save(out / "model")
     labelled = folds != NO_FOLD

@@ -125,7 +125,7 @@ class Pipeline:
     def _stage_config(self, stage: str) -> dict:
         """The config sections a stage's outputs depend on (its manifest hash covers exactly these)."""
         c = OmegaConf.to_container(self.cfg, resolve=True)
-        common = {"seed": c["seed"], "n_folds": c["n_folds"]}
+        common = {"seed": c["seed"], "n_folds": c["n_folds"], "folds": c["folds"]}
         sections = {
             "prepare": {"data": c["data"], **common},
             "features": {"features": c["features"], **common},

@@ -8,6 +8,15 @@ pseudo-labelled posts of earlier rounds) with early stopping on fold k's validat
 validation part (its out-of-fold predictions: each labelled row gets exactly one, from the model of the fold
 that held it out) and every unlabelled row. Blend weights are fitted per fold on that fold's validation
 predictions (eq. 8); a test post's prediction is the mean over folds of the fold blends (eq. 9).
+
+Pseudo-labels are per fold: fold k's training part gets unlabelled posts labelled by fold k's own blend (its members
+were fitted without fold k's labelled rows), selected by the agreement of fold k's own members. A label-mean over
+all folds would carry fold k's labels back into fold k through the models of the other folds, and lift its
+out-of-fold score.
+
+Loss-based selection (CMPA-DGPL §4.2) ranks the labelled rows by a per-row loss given by the caller (the
+prompt/prototype module's out-of-fold classification loss); without one it falls back to the absolute error of an
+out-of-fold ``selection_member`` pass, and says so in the log.
 """
 
 from __future__ import annotations
@@ -115,19 +124,48 @@ def _first_pass_losses(X: pd.DataFrame, y: np.ndarray, folds: np.ndarray, catego
     return np.abs(oof - y)
 
 
+def _fit_one(name: str, cfg: StackConfig, categorical: list[str], X_tr: pd.DataFrame, y_tr: np.ndarray,
+             X_va: pd.DataFrame, y_va: np.ndarray, X_un: pd.DataFrame) -> tuple[Any, np.ndarray, np.ndarray, float]:
+    """One (fold, member) fit: the fitted member, its validation and unlabelled-row predictions, and seconds."""
+    start = time.perf_counter()
+    cols = [name] if name in cfg.neural_columns else [c for c in X_tr.columns if c not in cfg.neural_columns]
+    member = _new_member(name, cfg, categorical).fit(X_tr[cols], y_tr, X_va[cols], y_va)
+    va_pred = member.predict(X_va[cols])
+    un_pred = member.predict(X_un[cols]) if len(X_un) else np.zeros(0)
+    return member, va_pred, un_pred, time.perf_counter() - start
+
+
+def _selection_keep(XL: pd.DataFrame, yl: np.ndarray, fl: np.ndarray, categorical: list[str], cfg: StackConfig,
+                    losses: np.ndarray | None) -> np.ndarray:
+    """Keep-mask of loss-based selection over the labelled rows (NaN losses: no loss known, always kept)."""
+    if losses is None:
+        log.warning("stack: loss-based selection has no per-post classification loss (the prompt/prototype module "
+                    "is off); ranking by the absolute error of an out-of-fold %s pass instead", cfg.selection_member)
+        losses = _first_pass_losses(XL, yl, fl, categorical, cfg)
+    else:
+        log.info("stack: loss-based selection ranks rows by the prompt/prototype module's out-of-fold "
+                 "classification loss")
+    keep = np.ones(len(yl), dtype=bool)
+    known = ~np.isnan(losses)
+    keep[known] = loss_based_keep(losses[known], cfg.selection_fraction)
+    return keep
+
+
 def run_stack(
     X: pd.DataFrame, y: np.ndarray, folds: np.ndarray, categorical: list[str], cfg: StackConfig,
-    eval_folds: list[int] | None = None, progress: bool = False,
+    eval_folds: list[int] | None = None, progress: bool = False, selection_losses: np.ndarray | None = None,
 ) -> StackResult:
     """Fit the stack. ``X``: float32 features of every post (neural prediction columns included);
-    ``y``: labels (NaN = unlabelled); ``folds``: from ``datamodules.folds`` (NO_FOLD = unlabelled).
-    ``eval_folds``: fit only these folds (e.g. ``[0]``: one hold-out split instead of K-fold); scores are then
-    computed on those folds' rows only. ``progress`` shows a bar over (round, fold, member) fits."""
+    ``y``: labels (ignored where the fold is NO_FOLD: unlabelled and held-back posts); ``folds``: from
+    ``datamodules.folds``. ``eval_folds``: fit only these folds (e.g. ``[0]``: one hold-out split instead of
+    K-fold); scores are then computed on those folds' rows only. ``progress`` shows a bar over (round, fold,
+    member) fits. ``selection_losses``: (n,) per-row loss for loss-based selection (NaN = unknown), or None."""
     y = np.asarray(y, dtype=np.float64)
     folds = np.asarray(folds)
     labelled = folds != NO_FOLD
     if np.isnan(y[labelled]).any():
         raise ValueError("a row with a fold has no label")
+    y = np.where(labelled, y, np.nan)  # a held-back row's label never reaches a fit
     names = _member_list(cfg)
     if not names:
         raise ValueError("the stack has no members")
@@ -141,8 +179,8 @@ def run_stack(
     if cfg.iqr_k > 0:
         keep &= iqr_filter(yl, cfg.iqr_k)
     if cfg.selection_fraction < 1.0:
-        losses = _first_pass_losses(XL[feature_columns], yl, fl, categorical, cfg)
-        keep &= loss_based_keep(losses, cfg.selection_fraction)
+        losses = None if selection_losses is None else np.asarray(selection_losses, dtype=np.float64)[labelled]
+        keep &= _selection_keep(XL[feature_columns], yl, fl, categorical, cfg, losses)
     log.info("stack: %d labelled rows, %d kept for fitting (IQR k=%s, selection %.2f), %d unlabelled",
              len(yl), int(keep.sum()), cfg.iqr_k, cfg.selection_fraction, len(XU))
 
@@ -150,8 +188,7 @@ def run_stack(
 
     bar = tqdm(total=(cfg.pseudo_rounds + 1) * len(fold_ids) * len(names), desc="stack", unit="fit",
                disable=not progress, leave=False)
-    pseudo_X = XU.iloc[:0]
-    pseudo_y = np.zeros(0)
+    pseudo = {k: (XU.iloc[:0], np.zeros(0)) for k in fold_ids}  # per fold: rows and their pseudo-labels
     round_log = []
     for r in range(cfg.pseudo_rounds + 1):
         oof = {n: np.full(len(yl), np.nan) for n in names}
@@ -161,40 +198,41 @@ def run_stack(
         for k in fold_ids:
             tr, va = train_valid_masks(fl, k)
             tr &= keep
-            X_tr = pd.concat([XL[tr], pseudo_X], ignore_index=True)
-            y_tr = np.concatenate([yl[tr], pseudo_y])
+            X_tr = pd.concat([XL[tr], pseudo[k][0]], ignore_index=True)
+            y_tr = np.concatenate([yl[tr], pseudo[k][1]])
             for n in names:
-                start = time.perf_counter()
-                cols = [n] if n in cfg.neural_columns else feature_columns
-                member = _new_member(n, cfg, categorical).fit(X_tr[cols], y_tr, XL.loc[va, cols], yl[va])
-                oof[n][va] = member.predict(XL.loc[va, cols])
-                test_by_fold[n][k] = member.predict(XU[cols]) if len(XU) else np.zeros(0)
-                seconds[n] += time.perf_counter() - start
+                member, oof[n][va], test_by_fold[n][k], sec = _fit_one(n, cfg, categorical, X_tr, y_tr, XL[va],
+                                                                      yl[va], XU)
+                seconds[n] += sec
                 models[(n, k)] = member
                 bar.update()
         blend_params = {}
         oof_blend = np.full(len(yl), np.nan)
-        test_blend_folds = []
+        test_blend = {}
         for k in fold_ids:
             va = fl == k
             P = np.column_stack([oof[n][va] for n in names])
             blend_params[k] = fit_weights(P, yl[va], cfg.blend, cfg.caruana_size)
             oof_blend[va] = blend(P, blend_params[k])
             if len(XU):
-                test_blend_folds.append(blend(np.column_stack([test_by_fold[n][k] for n in names]), blend_params[k]))
-        test_pred = np.mean(test_blend_folds, axis=0) if len(XU) else np.zeros(0)
+                test_blend[k] = blend(np.column_stack([test_by_fold[n][k] for n in names]), blend_params[k])
+        test_pred = np.mean([test_blend[k] for k in fold_ids], axis=0) if len(XU) else np.zeros(0)
         member_test = {n: np.mean([test_by_fold[n][k] for k in fold_ids], axis=0) if len(XU) else np.zeros(0)
                        for n in names}
         sc = scores(yl[scored], oof_blend[scored])
-        entry = {"round": r, "pseudo_rows": len(pseudo_y), **sc, "tau": np.nan, "selected_next": 0,
-                 "member_seconds": round(sum(seconds.values()), 3)}
+        entry = {"round": r, "pseudo_rows": int(np.mean([len(pseudo[k][1]) for k in fold_ids])), **sc,
+                 "tau": np.nan, "selected_next": 0, "member_seconds": round(sum(seconds.values()), 3)}
         if r < cfg.pseudo_rounds and len(XU):
-            mask, tau = select_pseudo(np.column_stack([member_test[n] for n in names]), cfg.pseudo_alpha)
-            pseudo_X, pseudo_y = XU[mask], test_pred[mask]
-            entry.update(tau=tau, selected_next=int(mask.sum()))
+            taus = []
+            for k in fold_ids:  # fold k's pseudo-labels from fold k's own members only
+                mask, tau = select_pseudo(np.column_stack([test_by_fold[n][k] for n in names]), cfg.pseudo_alpha)
+                pseudo[k] = (XU[mask], test_blend[k][mask])
+                taus.append(tau)
+            entry.update(tau=float(np.mean(taus)),
+                         selected_next=int(np.mean([len(pseudo[k][1]) for k in fold_ids])))
         round_log.append(entry)
-        log.info("stack round %d: OOF SRC %.4f MAE %.4f (pseudo rows in training: %d)", r, sc["src"], sc["mae"],
-                 entry["pseudo_rows"])
+        log.info("stack round %d: OOF SRC %.4f MAE %.4f (pseudo rows per fold in training: %d)", r, sc["src"],
+                 sc["mae"], entry["pseudo_rows"])
 
     bar.close()
     rows = [{"member": n, **scores(yl[scored], oof[n][scored]), "seconds": round(seconds[n], 2)} for n in names]

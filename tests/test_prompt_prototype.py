@@ -70,7 +70,26 @@ def test_output_shapes():
     assert out["x"].shape == (16, 32) and out["V"].shape == (16, K, 32) and out["T"].shape == (16, K, 32)
     assert out["prediction"].shape == (16,)
     pred = m.predict_step(cached_batch(), 0)
-    assert pred["w_global"].shape == (16, K) and pred["V_pool"].shape == (16, 32) and len(pred["post_id"]) == 16
+    assert len(pred["post_id"]) == 16 and pred["prediction"].shape == (16,) and pred["class_loss"].shape == (16,)
+    for block in ("w_global", "w_local", "sim_visual", "proto"):  # F in class coordinates only (module docstring)
+        assert pred[block].shape == (16, K), block
+    assert not {"x_tilde", "V_pool", "T_pool", "image_emb", "text_emb"} & set(pred)
+
+
+def test_without_popularity_head_no_prediction_and_per_post_class_loss():
+    m = make_module(regression_weight=0.0).eval()
+    batch = cached_batch()
+    batch["subcategory_id"][0] = K + 5  # a class unknown to training: no loss
+    with torch.no_grad():
+        out = m(batch)
+        pred = m.predict_step(batch, 0)
+    assert "prediction" not in out and "prediction" not in pred and m.regressor is None
+    loss = pred["class_loss"]
+    assert torch.isnan(loss[0]) and torch.isfinite(loss[1:]).all()
+    known = {k: v[1:] for k, v in batch.items()}
+    with torch.no_grad():
+        total = m.losses(m(known), known)["loss"]
+    torch.testing.assert_close(loss[1:].mean(), total, rtol=1e-5, atol=1e-5)  # per-post terms of eq. 8
 
 
 def test_only_prompt_prototype_parameters_train():

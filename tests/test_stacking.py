@@ -116,6 +116,22 @@ def test_pseudo_labels_never_enter_a_validation_part(monkeypatch):
     assert seen_training_sizes[6:] == [s + selected for s in labelled_train for _ in range(2)]
 
 
+def test_pseudo_labels_of_a_fold_never_carry_its_own_labels(monkeypatch):
+    """Unlabelled posts that duplicate labelled ones: a memoriser of another fold returns the duplicate's label, so
+    a pseudo-label from any model but fold k's own would hand fold k its validation labels back."""
+    X, y, folds = data()
+    X.iloc[240:, :] = X.iloc[:60, :].to_numpy()  # the 60 unlabelled posts copy labelled posts 0..59
+    monkeypatch.setattr(stack_module, "make_member", lambda kind, params, cats, seed: Memoriser())
+    monkeypatch.setattr(stack_module, "select_pseudo", lambda P, alpha: (np.ones(len(P), bool), 0.0))
+    res = run_stack(X, y, folds, [], StackConfig(members={"memo": {}}, pseudo_rounds=1, iqr_k=0))
+    dup = np.arange(60)
+    pred = res.oof["memo"].to_numpy()[dup]
+    fold_mean = np.array([np.mean(y[:240][(folds[:240] != folds[i])]) for i in dup])
+    # the validation rows' predictions are the fold's training-label mean, never (a share of) their own label
+    np.testing.assert_allclose(pred, fold_mean, atol=0.05)
+    assert np.mean(np.abs(pred - y[dup])) >= 0.9 * np.mean(np.abs(fold_mean - y[dup]))
+
+
 def test_select_pseudo_threshold():
     preds = np.array([[1.0, 1.0], [1.0, 3.0], [2.0, 2.1], [0.0, 5.0]])
     mask, tau = select_pseudo(preds, alpha=0.0)
