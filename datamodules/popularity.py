@@ -137,12 +137,3 @@ class TabularCollate:
             raise ValueError(f"{self.path}: no tabular row for posts {missing[:5]}")
         batch["tabular"] = torch.from_numpy(self.values[[self.rows[p] for p in batch["post_id"]]])
         return batch
-
-
-class SetShardEpoch(L.Callback):
-    """Tell the datamodule the epoch number at each epoch start, so resampled shard order changes per epoch."""
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = trainer.datamodule
-        if hasattr(datamodule, "set_epoch"):
-            datamodule.set_epoch(trainer.current_epoch)

@@ -4,6 +4,11 @@ Read it with ``datamodules.cached.load_embedding_cache``. Files in the cache dir
 ``image_emb.npy`` (n, D) float32, ``text_emb.npy`` (n, D) float32, ``text_tokens.npy`` (n, L, D) float16,
 ``text_mask.npy`` (n, L) bool, ``has_image.npy`` (n,) bool, ``post_ids.json``.
 Large arrays are written through ``np.lib.format.open_memmap``, so memory stays flat at SMPD scale.
+
+Many ranks build one cache together (``pipeline.neural.build_cache``): rank 0 allocates the arrays in the one
+temporary folder ``<cache>.partial`` (``allocate_cache``), every rank writes the rows of its own posts there
+(``open_cache_arrays`` + ``encode_into``) and lists them in ``rank<r>.done.json``, and ``finish_cache`` checks that
+every post was written exactly once before renaming the folder into place.
 """
 
 from __future__ import annotations
@@ -117,7 +122,8 @@ def finish_cache(tmp: str | Path, out_dir: str | Path, post_ids: list[str], writ
         raise ValueError(f"embedding cache: posts encoded more than once, e.g. {dup}")
     if (count == 0).any():
         missing = [post_ids[i] for i in np.flatnonzero(count == 0)[:5]]
-        raise ValueError(f"embedding cache: {int((count == 0).sum())} posts never came out of the batches, e.g. {missing}")
+        raise ValueError(f"embedding cache: {int((count == 0).sum())} posts never came out of the batches, "
+                         f"e.g. {missing}")
     tmp, out_dir = Path(tmp), Path(out_dir)
     for done in tmp.glob(RANK_DONE.format(rank="*")):
         done.unlink()

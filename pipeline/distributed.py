@@ -107,7 +107,7 @@ def topology(env: Mapping[str, str] | None = None, devices_per_node: int | None 
 
 
 def wait_timeout(cfg) -> float:
-    """Seconds a rank waits for rank 0's files: ``trainer.rank_wait_s`` of the run config, default ``DEFAULT_WAIT_S``."""
+    """Seconds a rank waits for rank 0's files: the run config's ``trainer.rank_wait_s`` (or ``DEFAULT_WAIT_S``)."""
     return float(cfg.trainer.get("rank_wait_s", DEFAULT_WAIT_S))
 
 

@@ -31,8 +31,8 @@ from lightning_modules.extract import KeyedPredictionWriter, merge_rank_outputs,
 from lightning_modules.prompt_prototype_module import PromptPrototypeModule
 from lightning_modules.prototypes import prototype_means, select_prototype_posts
 from lightning_modules.regressors import CLIPHierarchicalPredictor, CoAttentionMLPModule
-from pipeline.errors import UserError
 from pipeline.distributed import topology, wait_for, wait_timeout
+from pipeline.errors import UserError
 from pipeline.featurize import TABULAR
 from pipeline.manifest import StageResult
 from pipeline.training import fit_resumable
@@ -109,6 +109,7 @@ def build_cache(cfg: DictConfig, run_dir: Path, weights: str | None = None) -> P
     written = encode_into(bb.model, loader, open_cache_arrays(tmp), {p: i for i, p in enumerate(post_ids)},
                           token_len=int(cfg.backbone.token_len), device=_device(cfg), autocast_dtype=amp,
                           progress=topo.is_zero)
+    log.info("embedding cache: rank %d of %d encoded %d posts", topo.rank, topo.world_size, len(written))
     atomic_write_json(tmp / RANK_DONE.format(rank=topo.rank), {"launch": topo.launch_id, "post_ids": written})
     if not topo.is_zero:
         wait_for(lambda: (cache / "post_ids.json").is_file(), f"{cache} (merged by rank 0)", timeout)
@@ -162,8 +163,8 @@ def shard_datamodule(cfg: DictConfig, run_dir: Path, name: str, fold: int | None
     shards = run_dir / "shards"
     return PopularityDataModule(
         str(shards), str(run_dir / "folds.parquet"), batch_size=int(m.batch_size), per_device=True,
-        num_workers=int(cfg.data.num_workers), image_size=model_image_size(cfg.backbone.name), text_field=cfg.data.text_field,
-        model_name=cfg.backbone.name, fold=fold, seed=int(cfg.seed) + (fold or 0),
+        num_workers=int(cfg.data.num_workers), image_size=model_image_size(cfg.backbone.name),
+        text_field=cfg.data.text_field, model_name=cfg.backbone.name, fold=fold, seed=int(cfg.seed) + (fold or 0),
         predict_splits=tuple(s for s in ("train", "test") if (shards / f"{s}-index.json").is_file()),
         tabular_path=str(run_dir / "features" / TABULAR) if name == "co_attention" and m.use_tabular else None,
     )
@@ -325,7 +326,8 @@ def neural_outputs(cfg: DictConfig, data_dir: Path, run_dir: Path, pca_state: di
     preds = pd.DataFrame({KEY: post_ids})
     f_frame = None
     for name in enabled_modules(cfg):
-        dm = shard_datamodule(cfg, data_dir, name, None) if uses_shards(cfg, name) else _datamodule(cfg, data_dir, name, None)
+        shards = uses_shards(cfg, name)
+        dm = shard_datamodule(cfg, data_dir, name, None) if shards else _datamodule(cfg, data_dir, name, None)
         frames = predict_frames(cfg, dm, data_dir / "neural" / name / "predict", checkpoints(cfg, run_dir, name),
                                 name, post_ids)
         merged = oof_and_test(frames, folds)
