@@ -55,8 +55,8 @@ def check_finished_run(run_dir: Path, log: str) -> None:
     assert all(np.isfinite(r["popularity_score"]) for r in rows)
     for stage in RANK_ZERO_STAGES:
         assert stage_runs(log, stage) == 1, stage
-    for stage in ("neural", "extract"):  # every rank takes part
-        assert stage_runs(log, stage) == 2, stage
+    for stage in ("neural", "extract"):  # every rank takes part, to the end
+        assert stage_runs(log, stage) == 2 and len(re.findall(rf"\[{stage}\] done in", log)) == 2, stage
     assert sorted(p.name for p in (run_dir / "manifests").iterdir()) == sorted(
         f"{s}.json" for s in ("prepare", "features", "neural", "extract", "stack", "report"))
     preds = pd.read_parquet(run_dir / "neural" / "predictions.parquet")
