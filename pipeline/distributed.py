@@ -19,10 +19,12 @@ group exists, e.g. for stage manifests) and fails after a timeout with an error 
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,20 +39,37 @@ DEFAULT_WAIT_S = 6 * 3600.0
 #: Environment variable through which the first process hands its shared temporary directory to the processes
 #: Lightning starts (they re-run the command line and would otherwise make a directory of their own).
 SHARED_TMP_ENV = "POPSTACK_SHARED_TMP"
+#: Key of the launch id in torchrun's agent store, and how long a rank waits for rank 0 to put it there.
+STORE_KEY = "popstack/launch_id"
+STORE_TIMEOUT_S = DEFAULT_WAIT_S
 
 
 @dataclass(frozen=True)
 class Topology:
     """This process among all of the launch: ``rank`` (global, 0..world_size-1), ``local_rank`` (on its node),
-    ``world_size`` (processes in all), ``node_rank``, ``launcher`` (torchrun | slurm | lightning | single) and
-    ``launch_id`` (the same string in every process of one launch, different across launches; "" when single)."""
+    ``world_size`` (processes in all), ``node_rank``, ``launcher`` (torchrun | slurm | lightning | single),
+    ``launch`` (a label of the launch from the environment) and ``store`` (torchrun's agent store, host and port,
+    when it serves one: ``launch_id`` then agrees on a fresh random id through it)."""
 
     rank: int
     local_rank: int
     world_size: int
     node_rank: int
     launcher: str
-    launch_id: str = ""
+    launch: str = ""
+    store: tuple[str, int] | None = None
+
+    @property
+    def launch_id(self) -> str:
+        """The same string in every process of one launch and a different one in the next launch ("" single).
+
+        SLURM: job and step id; Lightning: the address and port its processes share; torchrun: a random id that
+        rank 0 puts in the agent's store (its run id is "none" unless ``--rdzv-id``/``--standalone`` is given).
+        Files that ranks leave for each other carry it, so those of an interrupted launch are never taken as new.
+        """
+        if self.store is None:
+            return self.launch
+        return f"{self.launch}-{_store_nonce(*self.store, self.rank == 0)}"
 
     @property
     def is_zero(self) -> bool:
@@ -90,8 +109,10 @@ def topology(env: Mapping[str, str] | None = None, devices_per_node: int | None 
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (or any launcher following its convention)
         node = env.get("GROUP_RANK", env.get("NODE_RANK", "0"))
         launch = env.get("TORCHELASTIC_RUN_ID") or f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
+        store = (env["MASTER_ADDR"], _int(env, "MASTER_PORT")) \
+            if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_ADDR" in env else None
         return Topology(_int(env, "RANK"), _int(env, "LOCAL_RANK", 0), _int(env, "WORLD_SIZE"), int(node),
-                        "torchrun", f"torchrun-{launch}")
+                        "torchrun", f"torchrun-{launch}", store)
     if slurm_launched(env):
         launch = f"slurm-{env.get('SLURM_JOB_ID', '')}.{env.get('SLURM_STEP_ID', '')}"
         return Topology(_int(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID", 0), _int(env, "SLURM_NTASKS"),
@@ -109,6 +130,23 @@ def topology(env: Mapping[str, str] | None = None, devices_per_node: int | None 
 def wait_timeout(cfg) -> float:
     """Seconds a rank waits for rank 0's files: the run config's ``trainer.rank_wait_s`` (or ``DEFAULT_WAIT_S``)."""
     return float(cfg.trainer.get("rank_wait_s", DEFAULT_WAIT_S))
+
+
+@functools.lru_cache(maxsize=None)
+def _store_nonce(host: str, port: int, first: bool) -> str:
+    """A random id that the first process writes to torchrun's agent store and every process reads back."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    try:
+        store = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S),
+                         wait_for_workers=False)
+        if first:
+            store.set(STORE_KEY, uuid.uuid4().hex)
+        return store.get(STORE_KEY).decode()
+    except RuntimeError as err:  # torch raises its DistStoreError (a RuntimeError) on timeouts and refusals
+        raise UserError(f"cannot agree on a launch id through torchrun's store at {host}:{port}: {err}") from err
 
 
 def is_rank_zero() -> bool:

@@ -115,7 +115,12 @@ def test_predict_devices_2_equals_devices_1(lightning_ddp_run, tmp_path):
                   tmp_path, {"MASTER_PORT": str(free_port())})
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = pd.read_csv(tmp_path / "two.csv", dtype={"post_id": str})
-    one = predict(run, raw, tmp_path / "one.parquet", devices=1, work_dir=tmp_path)
+    saved = dict(os.environ)
+    try:  # in this process: Lightning's DDP launcher (the run's strategy) sets LOCAL_RANK etc., which must not leak
+        one = predict(run, raw, tmp_path / "one.parquet", devices=1, work_dir=tmp_path)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     assert two.post_id.is_unique and two.post_id.tolist() == one.post_id.tolist()
     assert len(two) == len(pd.read_parquet(run / "posts.parquet"))
     np.testing.assert_allclose(two.popularity_score.to_numpy(), one.popularity_score.to_numpy(), atol=1e-5)

@@ -43,6 +43,23 @@ def test_torchrun_variables_win_over_slurm():
     assert (t.rank, t.local_rank, t.world_size, t.node_rank, t.launcher) == (3, 1, 4, 1, "torchrun")
 
 
+def test_torchrun_ranks_agree_on_a_fresh_launch_id_through_the_agent_store():
+    """torchrun's run id is "none" unless --rdzv-id/--standalone: the id comes from the store, new per launch."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    ids = []
+    for _ in range(2):  # two launches, each with its agent's store
+        store = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
+        env = {"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_USE_AGENT_STORE": "True",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port)}
+        first, second = (topology({**env, "RANK": r, "LOCAL_RANK": r}).launch_id for r in ("0", "1"))
+        assert first == second and first.startswith("torchrun-none-")
+        ids.append(first)
+    assert ids[0] != ids[1]
+
+
 def test_lightning_children_and_first_process():
     assert topology({}) == Topology(0, 0, 1, 0, "single")
     child = topology({"LOCAL_RANK": "1", "NODE_RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "5"})
