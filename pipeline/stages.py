@@ -44,7 +44,13 @@ RANK_ZERO_ONLY: frozenset[str] = frozenset({"prepare", "features", "stack", "rep
 
 
 class Pipeline:
-    """Runs ``cfg.stages`` in order into ``cfg.run_dir``; see the module docstring for the data flow."""
+    """Runs ``cfg.stages`` in order into ``cfg.run_dir``; see the module docstring for the data flow.
+
+    Under many processes every process runs this (torchrun and SLURM start them together, Lightning's launcher
+    starts the others at the first ``Trainer``). ``pipeline.distributed.topology`` tells rank 0, which alone checks
+    the run directory, writes the config and the manifests, and runs ``RANK_ZERO_ONLY``; the others wait for those
+    manifests (matching this run's hashes) before neural and extract, which every rank runs.
+    """
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
