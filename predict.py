@@ -14,7 +14,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -27,7 +26,8 @@ OUTPUT_FORMATS = (".json", ".parquet", ".csv")
 
 
 def predict(run_dir: Path, raw_dir: Path, out: Path, devices: int | None = None, work_dir: Path | None = None):
-    """Predictions for every post of ``raw_dir``, written to ``out``; returns the DataFrame."""
+    """Predictions for every post of ``raw_dir``, written to ``out``; returns the DataFrame (None on ranks above 0,
+    which only take their share of the neural predictions)."""
     import numpy as np
     import pandas as pd
     from omegaconf import open_dict
@@ -36,7 +36,9 @@ def predict(run_dir: Path, raw_dir: Path, out: Path, devices: int | None = None,
     from features.build import transform_features
     from features.preprocess import Standardiser
     from features.state import FeatureState
+    from datamodules.atomic import atomic_path
     from pipeline.config import load_run_config
+    from pipeline.distributed import shared_tmpdir, topology, wait_for, wait_timeout
     from pipeline.errors import UserError
     from pipeline.featurize import TABULAR, TABULAR_SCALER, feature_config
     from pipeline.neural import backbone_file, build_cache, load_pca, neural_outputs
@@ -59,8 +61,13 @@ def predict(run_dir: Path, raw_dir: Path, out: Path, devices: int | None = None,
     if not os.access(out.parent, os.W_OK):
         raise UserError(f"cannot write to {out.parent}")
 
-    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        work = Path(tmp)
+    weights = backbone_file(cfg, run_dir)
+    with shared_tmpdir(work_dir) as work:  # one folder for every rank of --devices N
+        if not topology().is_zero:  # rank 0 lays the posts out; the others encode and predict their share
+            wait_for(lambda: (work / "features" / TABULAR).is_file(), f"{work} laid out by rank 0", wait_timeout(cfg))
+            build_cache(cfg, work, weights=weights)
+            neural_outputs(cfg, work, run_dir, load_pca(run_dir / "neural" / "pca.npz"))
+            return None
         posts = prepare_new_posts(cfg, run_dir, raw_dir, work)
         log.info("predict: %d posts from %s", len(posts), raw_dir)
         fcfg = feature_config(cfg)
@@ -68,10 +75,9 @@ def predict(run_dir: Path, raw_dir: Path, out: Path, devices: int | None = None,
         scaler = Standardiser.load(run_dir / "features" / TABULAR_SCALER)
         tab = pd.DataFrame(scaler.transform(feats[scaler.columns]), columns=scaler.columns)
         tab.insert(0, KEY, feats[KEY].to_numpy())
-        (work / "features").mkdir()
-        tab.to_parquet(work / "features" / TABULAR, index=False)
+        with atomic_path(work / "features" / TABULAR) as tmp:
+            tab.to_parquet(tmp, index=False)
 
-        weights = backbone_file(cfg, run_dir)
         if not Path(weights).is_file():
             raise UserError(f"backbone weights {weights} are missing from the run")
         build_cache(cfg, work, weights=weights)
@@ -116,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {len(result)} predictions to {args.out}")
+    if result is not None:
+        print(f"wrote {len(result)} predictions to {args.out}")
     return 0
 
 

@@ -128,9 +128,10 @@ class EmbeddingDataModule(L.LightningDataModule):
         return CachedPosts(self.cache, self.meta, indices, self.tabular)
 
     def train_dataloader(self) -> DataLoader:
+        world = self.trainer.world_size if self.trainer is not None else 1  # each rank gets 1/world of the posts
         return DataLoader(self.dataset(self.train_idx), batch_size=self.batch_size,
                           sampler=EpochSeededSampler(len(self.train_idx), self.seed), num_workers=self.num_workers,
-                          drop_last=len(self.train_idx) > self.batch_size)
+                          drop_last=len(self.train_idx) // world > self.batch_size)
 
     def val_dataloader(self) -> DataLoader | list:
         if len(self.val_idx) == 0:

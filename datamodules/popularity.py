@@ -1,4 +1,11 @@
-"""LightningDataModule over the WebDataset shards, with fold support (raw image + token batches)."""
+"""LightningDataModule over the WebDataset shards, with fold support (raw image + token batches).
+
+``train.py`` trains a neural module through it when the module needs images, not the frozen-embedding cache:
+``backbone.trainable_last_blocks > 0`` (the last CLIP blocks fine-tune) or ``model.<name>.input: images``.
+Training is resampled (shards drawn with replacement from a (seed, epoch, rank, worker) RNG) and cut to the same
+number of batches on every rank, so DDP ranks never wait on each other; evaluation and prediction read every post
+exactly once across ranks.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import lightning as L
 import numpy as np
 import open_clip
 import pandas as pd
+import torch
 
 from datamodules.folds import read_folds
 from datamodules.schema import KEY, NO_FOLD
@@ -24,9 +32,12 @@ class PopularityDataModule(L.LightningDataModule):
         shard_dir: folder with ``{split}-*.tar`` and ``{split}-index.json`` (prepare stage).
         folds_path: ``folds.parquet`` (``post_id, fold``); training = labelled posts with fold != ``fold``
             (all labelled posts when ``fold`` is None), validation = posts of ``fold``.
-        batch_size: global batch size; each of the ``world_size`` ranks loads ``batch_size / world_size``.
+        batch_size: global batch size; each of the ``world_size`` ranks loads ``batch_size / world_size``
+            (``per_device=True``: every rank loads ``batch_size``, as ``EmbeddingDataModule`` does).
         model_name: open_clip model whose tokenizer encodes the post text.
         predict_splits: splits read by ``predict_dataloader`` (every post once, across ranks).
+        tabular_path: optional parquet keyed by ``post_id`` (imputed, standardised tabular features); its row of
+            each post joins the batch as ``tabular`` (B, F) float32.
     """
 
     def __init__(
@@ -43,18 +54,22 @@ class PopularityDataModule(L.LightningDataModule):
         seed: int = 0,
         shuffle_buffer: int = 1000,
         predict_splits: tuple[str, ...] = ("train", "test"),
+        tabular_path: str | None = None,
+        per_device: bool = False,
     ):
         super().__init__()
         self.shard_dir = Path(shard_dir)
         self.folds = read_folds(folds_path)
         self.global_batch_size = batch_size
+        self.per_device = per_device
         self.num_workers = num_workers
         self.fold = fold
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.predict_splits = tuple(predict_splits)
         self.decoder = SampleDecoder(image_size, text_field)
-        self.collate = Collate(open_clip.get_tokenizer(model_name))
+        collate = Collate(open_clip.get_tokenizer(model_name))
+        self.collate = collate if tabular_path is None else TabularCollate(collate, tabular_path)
         self.epoch = SharedEpoch()
         labelled = self.folds[self.folds.fold != NO_FOLD]
         if fold is None:
@@ -66,6 +81,8 @@ class PopularityDataModule(L.LightningDataModule):
                 raise ValueError(f"fold {fold} has no posts in {folds_path}")
 
     def per_device_batch_size(self) -> int:
+        if self.per_device:
+            return self.global_batch_size
         _, world = dist_info()
         if self.global_batch_size % world:
             raise ValueError(f"batch_size {self.global_batch_size} is not divisible by the world size {world}")
@@ -99,10 +116,24 @@ class PopularityDataModule(L.LightningDataModule):
         return make_loader(pipeline, self.num_workers)
 
 
-class SetShardEpoch(L.Callback):
-    """Tell the datamodule the epoch number at each epoch start, so resampled shard order changes per epoch."""
+class TabularCollate:
+    """``Collate`` plus each post's tabular row (looked up by post id). Picklable, so it runs in loader workers."""
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = trainer.datamodule
-        if hasattr(datamodule, "set_epoch"):
-            datamodule.set_epoch(trainer.current_epoch)
+    def __init__(self, collate: Collate, tabular_path: str):
+        table = pd.read_parquet(tabular_path)
+        self.path = str(tabular_path)
+        self.rows = {pid: i for i, pid in enumerate(table[KEY].tolist())}
+        self.values = table.drop(columns=[KEY]).to_numpy(dtype=np.float32)
+        self.collate = collate
+
+    @property
+    def dim(self) -> int:
+        return self.values.shape[1]
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = self.collate(samples)
+        missing = [p for p in batch["post_id"] if p not in self.rows]
+        if missing:
+            raise ValueError(f"{self.path}: no tabular row for posts {missing[:5]}")
+        batch["tabular"] = torch.from_numpy(self.values[[self.rows[p] for p in batch["post_id"]]])
+        return batch

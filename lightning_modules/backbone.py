@@ -89,6 +89,13 @@ class _DropRandomInitWarning(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
+def model_image_size(model_name: str) -> int:
+    """Side in pixels of the square images the open_clip model ``model_name`` takes (from its config, no weights)."""
+    register_local_configs()
+    size = open_clip.get_model_config(model_name)["vision_cfg"]["image_size"]
+    return size if isinstance(size, int) else size[0]
+
+
 def load_backbone(model_name: str, pretrained: str | None = None, precision: str = "fp32") -> Backbone:
     """Build an open_clip model by name and load ``pretrained`` (tag, local file, or None for random init)."""
     register_local_configs()
@@ -106,13 +113,12 @@ def load_backbone(model_name: str, pretrained: str | None = None, precision: str
     finally:
         logging.getLogger().removeFilter(quiet)
     cfg = open_clip.get_model_config(model_name)
-    image_size = cfg["vision_cfg"]["image_size"]
     return Backbone(
         model=model,
         preprocess=preprocess,
         tokenizer=open_clip.get_tokenizer(model_name),
         embed_dim=cfg["embed_dim"],
-        image_size=image_size if isinstance(image_size, int) else image_size[0],
+        image_size=model_image_size(model_name),
         context_length=cfg["text_cfg"].get("context_length", 77),
     )
 

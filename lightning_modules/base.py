@@ -51,6 +51,13 @@ class PostModule(L.LightningModule):
             enc = encode_posts(self.clip, batch["image"], batch["text_ids"], self.hparams.token_len)
         return {**batch, **enc}
 
+    def on_train_epoch_start(self) -> None:
+        """Training over shards: tell the datamodule the epoch, so each epoch draws its own resampled shard order
+        (``PopularityDataModule.set_epoch``; the cached path's sampler gets its epoch from Lightning)."""
+        set_epoch = getattr(self.trainer.datamodule, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(self.current_epoch)
+
     def log_regression(self, pred: torch.Tensor, label: torch.Tensor, stage: str) -> None:
         keep = torch.isfinite(label)
         if stage == "val" and bool(keep.any()):

@@ -1,7 +1,8 @@
 """HyperFusion's neural ensemble members (§3.4): the co-attention MLP and the CLIP hierarchical predictor.
 
 Both regress popularity with the Huber loss (eq. 7) from the cached CLIP features (the default, frozen-backbone
-path); given ``backbone_name`` they also accept raw shard batches (encoded by the frozen CLIP).
+path); given ``backbone_name`` they also accept raw shard batches (image + tokens), encoded by their own CLIP copy,
+whose last ``trainable_last_blocks`` residual blocks per tower train with the head (0 = frozen).
 """
 
 from __future__ import annotations
@@ -63,10 +64,13 @@ def mlp(sizes: list[int], dropout: float, batch_norm: bool) -> nn.Sequential:
 class RegressorModule(PostModule):
     """Shared training/validation/predict steps of the popularity regressors."""
 
-    def _init_inputs(self, backbone_name: str | None, backbone_pretrained: str | None) -> None:
-        """Metrics, and the frozen CLIP only when raw batches must be accepted (the cached path needs none)."""
+    def _init_inputs(self, backbone_name: str | None, backbone_pretrained: str | None,
+                     trainable_last_blocks: int) -> None:
+        """Metrics, and CLIP only when raw batches must be accepted (the cached path needs none)."""
+        if trainable_last_blocks and not backbone_name:
+            raise ValueError("trainable_last_blocks > 0 needs backbone_name (the CLIP model to fine-tune)")
         if backbone_name:
-            self._init_backbone(backbone_name, backbone_pretrained, 0)
+            self._init_backbone(backbone_name, backbone_pretrained, trainable_last_blocks)
         self._init_regression_metrics()
 
     def features(self, batch: dict) -> torch.Tensor:
@@ -98,17 +102,18 @@ class CoAttentionMLPModule(RegressorModule):
     Args: embed_dim (CLIP dim D), tabular_dim (0 = no tabular input), attn_dim, heads, n_visual_tokens,
     hidden (MLP widths), dropout, huber_delta, lr, weight_decay, scheduler, token_len, target_mean/target_std
     (training-label statistics: the head predicts (y - mean) / std), and optionally backbone_name /
-    backbone_pretrained to accept raw batches.
+    backbone_pretrained (+ trainable_last_blocks) to accept raw batches.
     """
 
     def __init__(self, embed_dim: int, tabular_dim: int = 0, attn_dim: int = 128, heads: int = 4,
                  n_visual_tokens: int = 4, hidden: tuple[int, ...] = (256, 64), dropout: float = 0.1,
                  huber_delta: float = 1.0, lr: float = 1e-3, weight_decay: float = 1e-4, scheduler: str = "cosine",
                  token_len: int = 32, target_mean: float = 0.0, target_std: float = 1.0,
-                 backbone_name: str | None = None, backbone_pretrained: str | None = None):
+                 backbone_name: str | None = None, backbone_pretrained: str | None = None,
+                 trainable_last_blocks: int = 0):
         super().__init__()
         self.save_hyperparameters()
-        self._init_inputs(backbone_name, backbone_pretrained)
+        self._init_inputs(backbone_name, backbone_pretrained, trainable_last_blocks)
         self.coattention = CoAttention(embed_dim, attn_dim, heads, n_visual_tokens)
         self.tabular = nn.Sequential(nn.Linear(tabular_dim, attn_dim), nn.ReLU()) if tabular_dim else None
         fused = 4 * attn_dim + (attn_dim if tabular_dim else 0)
@@ -129,10 +134,11 @@ class CLIPHierarchicalPredictor(RegressorModule):
     def __init__(self, embed_dim: int, hidden: tuple[int, ...] = (512, 128, 32), dropout: float = 0.1,
                  huber_delta: float = 1.0, lr: float = 1e-3, weight_decay: float = 1e-4, scheduler: str = "cosine",
                  token_len: int = 32, target_mean: float = 0.0, target_std: float = 1.0,
-                 backbone_name: str | None = None, backbone_pretrained: str | None = None):
+                 backbone_name: str | None = None, backbone_pretrained: str | None = None,
+                 trainable_last_blocks: int = 0):
         super().__init__()
         self.save_hyperparameters()
-        self._init_inputs(backbone_name, backbone_pretrained)
+        self._init_inputs(backbone_name, backbone_pretrained, trainable_last_blocks)
         self.head = mlp([2 * embed_dim, *hidden], dropout, batch_norm=True)
 
     def features(self, b: dict) -> torch.Tensor:

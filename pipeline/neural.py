@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,19 +17,22 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.atomic import atomic_path, atomic_write_text
+from datamodules.atomic import atomic_path, atomic_write_json, atomic_write_text
 from datamodules.cached import EmbeddingDataModule, load_embedding_cache
 from datamodules.folds import read_folds
+from datamodules.popularity import PopularityDataModule
 from datamodules.schema import KEY, LABEL, NO_FOLD
 from datamodules.shards import Collate, SampleDecoder, make_eval_pipeline, make_loader, shard_urls
 from features.crossmodal import crossmodal_features
 from features.families import NEURAL_PRED, NEURAL_TEXT, PROMPT, VISUAL
-from lightning_modules.backbone import load_backbone
-from lightning_modules.embed import compute_embedding_cache
+from lightning_modules.backbone import load_backbone, model_image_size
+from lightning_modules.embed import RANK_DONE, allocate_cache, encode_into, finish_cache, open_cache_arrays, partial_dir
 from lightning_modules.extract import KeyedPredictionWriter, align_fold_outputs, merge_rank_outputs, oof_and_test
 from lightning_modules.prompt_prototype_module import PromptPrototypeModule
 from lightning_modules.prototypes import prototype_means, select_prototype_posts
 from lightning_modules.regressors import CLIPHierarchicalPredictor, CoAttentionMLPModule
+from pipeline.distributed import topology, wait_for, wait_timeout
+from pipeline.errors import UserError
 from pipeline.featurize import TABULAR
 from pipeline.manifest import StageResult
 from pipeline.training import fit_resumable
@@ -69,27 +73,68 @@ def backbone_file(cfg: DictConfig, run_dir: Path) -> str:
 
 
 def build_cache(cfg: DictConfig, run_dir: Path, weights: str | None = None) -> Path:
-    """Encode every post once with the frozen backbone (skipped when the cache exists).
+    """Encode every post once with the frozen backbone (skipped when the cache exists), split across ranks.
+
+    Each of the ``world_size`` processes (``pipeline.distributed.topology``) encodes its share of the shards
+    (``make_eval_pipeline``: shard ``i`` goes to rank ``i % world_size``) into the rows of its posts in the one
+    temporary folder ``embeddings.partial`` that rank 0 allocated, and lists the post ids it wrote in
+    ``rank<r>.done.json``; rank 0 checks that every post was written exactly once and renames the folder to
+    ``embeddings``; the other ranks wait for that. Without a process group yet, the ranks meet through files,
+    each marked with the launch id so files of an earlier, interrupted launch are never mistaken for this one's.
 
     ``weights``: CLIP weights file to use instead of ``cfg.backbone.pretrained`` (inference uses the run's).
     """
     cache = run_dir / "embeddings"
     if (cache / "post_ids.json").is_file():
         return cache
+    topo = topology()
+    timeout = wait_timeout(cfg)
+    tmp = partial_dir(cache)
+    ready = tmp / "allocated.json"
     torch.manual_seed(int(cfg.seed))
     bb = load_backbone(cfg.backbone.name, weights or cfg.backbone.pretrained)
     posts = pd.read_parquet(run_dir / "posts.parquet", columns=[KEY, "split"])
+    post_ids = posts[KEY].tolist()
+    if topo.is_zero:
+        if tmp.exists():  # left by an interrupted launch
+            shutil.rmtree(tmp)
+        positions = min(int(cfg.backbone.token_len), bb.context_length)
+        for arr in allocate_cache(tmp, len(post_ids), bb.embed_dim, positions).values():
+            arr.flush()
+        atomic_write_json(ready, {"launch": topo.launch_id})
+    else:
+        wait_for(lambda: _launch_file(ready, topo.launch_id), f"{ready} (cache allocated by rank 0)", timeout)
     splits = [s for s in ("train", "test") if (posts.split == s).any()]
     loader = make_loader(make_eval_pipeline(
         shard_urls(run_dir / "shards", splits), decoder=SampleDecoder(bb.image_size, cfg.data.text_field),
-        collate=Collate(bb.tokenizer), batch_size=int(cfg.backbone.embed_batch_size), rank=0, world_size=1,
+        collate=Collate(bb.tokenizer), batch_size=int(cfg.backbone.embed_batch_size),
+        rank=topo.rank, world_size=topo.world_size,
     ), int(cfg.data.num_workers))
     amp = torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") and _device(cfg) == "cuda" else None
-    compute_embedding_cache(bb.model, loader, cache, post_ids=posts[KEY].tolist(),
-                            token_len=int(cfg.backbone.token_len), device=_device(cfg), autocast_dtype=amp)
+    written = encode_into(bb.model, loader, open_cache_arrays(tmp), {p: i for i, p in enumerate(post_ids)},
+                          token_len=int(cfg.backbone.token_len), device=_device(cfg), autocast_dtype=amp,
+                          progress=topo.is_zero)
+    log.info("embedding cache: rank %d of %d encoded %d posts", topo.rank, topo.world_size, len(written))
+    atomic_write_json(tmp / RANK_DONE.format(rank=topo.rank), {"launch": topo.launch_id, "post_ids": written})
+    if not topo.is_zero:
+        wait_for(lambda: (cache / "post_ids.json").is_file(), f"{cache} (merged by rank 0)", timeout)
+        return cache
+    parts = [wait_for(lambda r=r: _launch_file(tmp / RANK_DONE.format(rank=r), topo.launch_id),
+                      f"{tmp / RANK_DONE.format(rank=r)} (rank {r}'s share of the cache)", timeout)["post_ids"]
+             for r in range(topo.world_size)]
     if weights is None and not (cfg.backbone.pretrained and Path(cfg.backbone.pretrained).is_file()):
-        torch.save(bb.model.cpu().state_dict(), cache / BACKBONE_FILE)
-    return cache
+        torch.save(bb.model.cpu().state_dict(), tmp / BACKBONE_FILE)  # renamed into place with the folder
+    ready.unlink()
+    return finish_cache(tmp, cache, post_ids, parts)
+
+
+def _launch_file(path: Path, launch_id: str) -> dict | None:
+    """The JSON at ``path`` when it was written by this launch (its ``launch`` field), else None."""
+    try:
+        payload = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return payload if payload.get("launch") == launch_id else None
 
 
 def _datamodule(cfg: DictConfig, run_dir: Path, name: str, fold: int | None) -> EmbeddingDataModule:
@@ -102,11 +147,43 @@ def _datamodule(cfg: DictConfig, run_dir: Path, name: str, fold: int | None) -> 
     )
 
 
+INPUTS = ("embeddings", "images")
+
+
+def uses_shards(cfg: DictConfig, name: str) -> bool:
+    """Whether module ``name`` trains (and predicts) on images read from the WebDataset shards rather than on the
+    frozen-embedding cache: when CLIP is partly trainable (``backbone.trainable_last_blocks > 0``, the cache would
+    hold stale features) or ``model.<name>.input: images`` asks for it. The cache stays the fast default."""
+    kind = str(cfg.model[name].get("input", "embeddings"))
+    if kind not in INPUTS:
+        raise UserError(f"model.{name}.input must be one of {list(INPUTS)}, got {kind!r}")
+    return int(cfg.backbone.trainable_last_blocks) > 0 or kind == "images"
+
+
+def shard_datamodule(cfg: DictConfig, run_dir: Path, name: str, fold: int | None) -> PopularityDataModule:
+    """Raw image + token batches of ``run_dir/shards`` for module ``name`` (``model.<name>.batch_size`` per device,
+    as on the cached path): resampled training with equal batches per rank, epoch-seeded; every post once to
+    predict. ``fold`` None: all labelled posts train (and prediction reads whichever splits have shards)."""
+    m = cfg.model[name]
+    shards = run_dir / "shards"
+    return PopularityDataModule(
+        str(shards), str(run_dir / "folds.parquet"), batch_size=int(m.batch_size), per_device=True,
+        num_workers=int(cfg.data.num_workers), image_size=model_image_size(cfg.backbone.name),
+        text_field=cfg.data.text_field, model_name=cfg.backbone.name, fold=fold, seed=int(cfg.seed) + (fold or 0),
+        predict_splits=tuple(s for s in ("train", "test") if (shards / f"{s}-index.json").is_file()),
+        tabular_path=str(run_dir / "features" / TABULAR) if name == "co_attention" and m.use_tabular else None,
+    )
+
+
 def build_module(cfg: DictConfig, run_dir: Path, name: str, dm: EmbeddingDataModule):
-    """The module ``name`` for one fold, with the fold's label statistics (and prototypes)."""
+    """The module ``name`` for one fold, with the fold's label statistics (and prototypes).
+
+    Modules trained over shards (``uses_shards``) get their own CLIP copy (the run's weights, the last
+    ``backbone.trainable_last_blocks`` blocks trainable); prototypes and sizes always come from the cache.
+    """
     m = OmegaConf.to_container(cfg.model[name], resolve=True)
     hp = {k: v for k, v in m.items() if k not in ("enabled", "batch_size", "epochs", "use_tabular", "shots",
-                                                   "n_time_bins")}
+                                                   "n_time_bins", "input")}
     y = dm.meta.label.to_numpy()[dm.train_idx]
     hp.update(target_mean=float(np.mean(y)), target_std=float(np.std(y) or 1.0), token_len=int(cfg.backbone.token_len))
     cache = dm.cache
@@ -131,6 +208,9 @@ def build_module(cfg: DictConfig, run_dir: Path, name: str, dm: EmbeddingDataMod
         module.set_prototypes(torch.from_numpy(visual), torch.from_numpy(textual))
         return module
     embed_dim = int(cache["image_emb"].shape[1])
+    if uses_shards(cfg, name):
+        hp.update(backbone_name=cfg.backbone.name, backbone_pretrained=backbone_file(cfg, run_dir),
+                  trainable_last_blocks=int(cfg.backbone.trainable_last_blocks))
     if name == "co_attention":
         return CoAttentionMLPModule(embed_dim=embed_dim, tabular_dim=dm.tabular_dim, **hp)
     return CLIPHierarchicalPredictor(embed_dim=embed_dim, **hp)
@@ -145,6 +225,7 @@ def enabled_modules(cfg: DictConfig) -> list[str]:
 
 
 def train_neural(cfg: DictConfig, run_dir: Path) -> StageResult:
+    """Train every enabled module once per fold: on the embedding cache, or over the shards (``uses_shards``)."""
     build_cache(cfg, run_dir)
     metrics = {}
     for name in enabled_modules(cfg):
@@ -158,7 +239,8 @@ def train_neural(cfg: DictConfig, run_dir: Path) -> StageResult:
                 log.info("neural: training %s fold %d/%d", name, fold + 1, cfg.n_folds)
                 torch.manual_seed(int(cfg.seed))  # one initialisation for every fold's model (training order: per fold)
                 module = build_module(cfg, run_dir, name, dm)
-                fit_resumable(module, dm, out, trainer_cfg=_trainer_cfg(cfg), max_epochs=int(cfg.model[name].epochs),
+                data = shard_datamodule(cfg, run_dir, name, fold) if uses_shards(cfg, name) else dm
+                fit_resumable(module, data, out, trainer_cfg=_trainer_cfg(cfg), max_epochs=int(cfg.model[name].epochs),
                               monitor=monitor, mode=mode, seed=int(cfg.seed) + fold, wandb_prefix=f"{name}/fold{fold}",
                               progress_bar=bool(cfg.get("progress_bar", True)))
                 best = json.loads((out / "done.json").read_text())
@@ -168,21 +250,25 @@ def train_neural(cfg: DictConfig, run_dir: Path) -> StageResult:
 
 def load_module(name: str, checkpoint: str | Path):
     """A trained module from its checkpoint alone (CLIP weights come from the checkpoint itself)."""
-    from pipeline.errors import UserError
-
     cls = MODULES[name]
-    kwargs = {"backbone_pretrained": None} if name == "prompt_prototype" else {}
     try:
-        return cls.load_from_checkpoint(str(checkpoint), map_location="cpu", weights_only=True, **kwargs)
+        return cls.load_from_checkpoint(str(checkpoint), map_location="cpu", weights_only=True,
+                                        backbone_pretrained=None)
     except FileNotFoundError as err:
         raise UserError(f"checkpoint not found: {checkpoint}") from err
     except Exception as err:  # torch raises several types for a damaged file
         raise UserError(f"cannot load checkpoint {checkpoint}: {type(err).__name__}: {err}") from err
 
 
-def predict_frames(cfg: DictConfig, dm: EmbeddingDataModule, work: Path, ckpts: dict[int, Path], name: str,
-                   post_ids: list[str]) -> dict[int, pd.DataFrame]:
-    """Every post's outputs from each fold's checkpoint (``trainer.predict`` + keyed writer, merged by id)."""
+def predict_frames(cfg: DictConfig, dm: EmbeddingDataModule | PopularityDataModule, work: Path,
+                   ckpts: dict[int, Path], name: str, post_ids: list[str]) -> dict[int, pd.DataFrame]:
+    """Every post's outputs from each fold's checkpoint (``trainer.predict`` + keyed writer, merged by id).
+
+    On many devices each rank predicts its share of the posts (the loader is made by the Trainer, once the ranks
+    are known) and writes ``work/fold<k>/rank<r>.parquet``; ``work`` must be the same folder on every rank (the
+    run directory, or ``pipeline.distributed.shared_tmpdir`` for ``predict.py``). After a barrier every rank reads
+    all rank files, joined by post id (``merge_rank_outputs``: every post exactly once).
+    """
     import lightning as L
 
     frames = {}
@@ -194,7 +280,7 @@ def predict_frames(cfg: DictConfig, dm: EmbeddingDataModule, work: Path, ckpts: 
         trainer = L.Trainer(accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"],
                             strategy=t["strategy"], precision=t["precision"], logger=False, callbacks=[writer],
                             enable_progress_bar=False, enable_model_summary=False)
-        trainer.predict(module, dataloaders=dm.predict_dataloader(), return_predictions=False)
+        trainer.predict(module, datamodule=dm, return_predictions=False)
         trainer.strategy.barrier()  # every rank's file is written before anyone merges
         frames[fold] = merge_rank_outputs(out, post_ids).drop(columns=["class_pred"], errors="ignore")
     return frames
@@ -256,7 +342,8 @@ def neural_outputs(cfg: DictConfig, data_dir: Path, run_dir: Path, state: dict,
     preds = pd.DataFrame({KEY: post_ids})
     f_frame = _block_frame(cache, CLIP_BLOCKS)
     for name in enabled_modules(cfg):
-        dm = _datamodule(cfg, data_dir, name, None)
+        shards = uses_shards(cfg, name)
+        dm = shard_datamodule(cfg, data_dir, name, None) if shards else _datamodule(cfg, data_dir, name, None)
         frames = predict_frames(cfg, dm, data_dir / "neural" / name / "predict", checkpoints(cfg, run_dir, name),
                                 name, post_ids)
         if name == "prompt_prototype":
@@ -309,13 +396,11 @@ def load_pca(path: Path) -> dict:
 
 
 def extract_neural(cfg: DictConfig, run_dir: Path) -> StageResult:
-    from pipeline.stages import is_child_process
-
     pca_state: dict = {}
     extras: dict = {}
     nf, preds = neural_outputs(cfg, run_dir, run_dir, pca_state, extras)
     out = run_dir / "neural"
-    if is_child_process():  # DDP children took part in trainer.predict; the first process writes the results
+    if not topology().is_zero:  # the other ranks took part in trainer.predict; the first process writes the results
         return StageResult(outputs=[])
     outputs = ["neural/features.parquet", "neural/predictions.parquet", "neural/families.json", "neural/pca.npz"]
     for name, frame in (("features.parquet", nf), ("predictions.parquet", preds)):

@@ -23,6 +23,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import RUN_DIR_ENV, save_config
+from pipeline.distributed import topology
 from pipeline.errors import UserError
 from pipeline.manifest import StageResult, StageRunner
 
@@ -37,24 +38,26 @@ DEPENDS: dict[str, tuple[str, ...]] = {
     "stack": ("features", "extract"),
     "report": ("stack",),
 }
-#: Stages that only the first process runs (DDP children re-run the command line and must skip them).
+#: Stages that only the first process runs (``pipeline.distributed.topology().is_zero``); the other ranks wait for
+#: their manifests when a later stage they run (neural, extract) reads them, and skip them otherwise.
 RANK_ZERO_ONLY: frozenset[str] = frozenset({"prepare", "features", "stack", "report"})
 
 
-def is_child_process() -> bool:
-    """True in a DDP child launched by Lightning/torchrun (local rank or global rank above 0)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("RANK", "0")) > 0 or int(
-        os.environ.get("NODE_RANK", "0")
-    ) > 0
-
-
 class Pipeline:
-    """Runs ``cfg.stages`` in order into ``cfg.run_dir``; see the module docstring for the data flow."""
+    """Runs ``cfg.stages`` in order into ``cfg.run_dir``; see the module docstring for the data flow.
+
+    Under many processes every process runs this (torchrun and SLURM start them together, Lightning's launcher
+    starts the others at the first ``Trainer``). ``pipeline.distributed.topology`` tells rank 0, which alone checks
+    the run directory, writes the config and the manifests, and runs ``RANK_ZERO_ONLY``; the others wait for those
+    manifests (matching this run's hashes) before neural and extract, which every rank runs.
+    """
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        self.runner = StageRunner(self.run_dir, log.info, write_manifests=not is_child_process())
+        devices = cfg.trainer.devices
+        self.topology = topology(devices_per_node=devices if isinstance(devices, int) and devices > 0 else None)
+        self.runner = StageRunner(self.run_dir, log.info, write_manifests=self.topology.is_zero)
         self.tracker = None
 
     # ------------------------------------------------------------------ driver
@@ -75,13 +78,17 @@ class Pipeline:
 
         quiet_lightning()
         L.seed_everything(cfg.seed, verbose=False)
-        child = is_child_process()
+        child = not self.topology.is_zero
         self.tracker = Tracker(cfg, self.run_dir) if not child else None
         metrics: dict = {}
         try:
-            for stage in STAGES:
-                if stage not in cfg.stages or (child and stage in RANK_ZERO_ONLY):
+            for i, stage in enumerate(STAGES):
+                if stage not in cfg.stages:
                     self.runner.load_existing(stage)
+                    continue
+                if child and stage in RANK_ZERO_ONLY:
+                    if any(s in cfg.stages and s not in RANK_ZERO_ONLY for s in STAGES[i + 1:]):
+                        self._await_rank_zero(stage)
                     continue
                 self._require_upstream(stage)
                 manifest = self.runner.run(
@@ -95,6 +102,15 @@ class Pipeline:
                 self.tracker.finish()
         return metrics
 
+    def _await_rank_zero(self, stage: str) -> None:
+        """On ranks above 0: wait until rank 0 has recorded ``stage`` with this run's config (its manifest)."""
+        from pipeline.distributed import wait_for, wait_timeout
+
+        digest = self.runner.stage_hash(stage, self._stage_config(stage), DEPENDS[stage])
+        path = self.runner.manifest_path(stage)
+        self.runner.manifests[stage] = wait_for(lambda: self.runner.done(stage, digest),
+                                                f"{path} (stage {stage!r} run by rank 0)", wait_timeout(self.cfg))
+
     def _is_distributed(self) -> bool:
         t = self.cfg.trainer
         return int(t.devices) * int(t.num_nodes) > 1 or "ddp" in str(t.strategy)
@@ -105,6 +121,8 @@ class Pipeline:
         check_pretrained(self.cfg.backbone.name, self.cfg.backbone.pretrained)
 
     def _prepare_run_dir(self) -> None:
+        if not self.topology.is_zero:  # rank 0 checks the directory and writes the config
+            return
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             probe = self.run_dir / ".write-test"

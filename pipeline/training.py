@@ -126,6 +126,7 @@ def fit_resumable(
         tmp.write_text(json.dumps({"best": str(best), "best_score": _float(checkpoint.best_model_score),
                                    "epochs": trainer.current_epoch}))
         os.replace(tmp, done)
+    trainer.strategy.barrier()  # the other ranks read done.json next
     return best
 
 

@@ -1,5 +1,6 @@
 """Launched by tests/test_ddp.py with torchrun (2 CPU processes, gloo): one epoch of the prompt/prototype module
-over WebDataset shards through PopularityDataModule; each rank writes how many batches it trained on."""
+over WebDataset shards through PopularityDataModule, with the last CLIP block of each tower trainable. Each rank
+writes how many batches it trained on and, per CLIP parameter, whether it changed and a checksum of its values."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from datamodules.popularity import PopularityDataModule, SetShardEpoch
+from datamodules.popularity import PopularityDataModule
 from lightning_modules.backbone import TINY_MODEL
 from lightning_modules.prompt_prototype_module import PromptPrototypeModule
 
@@ -30,14 +31,19 @@ def main(work: Path) -> None:
     classes = json.loads((work / "vocab.json").read_text())["subcategory"]
     torch.manual_seed(0)
     module = PromptPrototypeModule(classes, backbone_name=TINY_MODEL, n_ctx=2, proj_dim=16, heads=2, token_len=16,
-                                   regression_hidden=8)
+                                   regression_hidden=8, trainable_last_blocks=1)
     module.set_prototypes(torch.randn(len(classes), 64), torch.randn(len(classes), 64))
+    before = {k: v.clone() for k, v in module.clip.state_dict().items()}
     dm = PopularityDataModule(str(work / "shards"), str(work / "folds.parquet"), batch_size=8, num_workers=1,
                               image_size=64, model_name=TINY_MODEL, fold=0, seed=0)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[CountBatches(work), SetShardEpoch()])
+                        callbacks=[CountBatches(work)])
     trainer.fit(module, dm)
+    params = {name: {"changed": not torch.equal(before[name], p.detach()), "sum": float(p.detach().double().sum()),
+                     "trainable": p.requires_grad}
+              for name, p in module.clip.named_parameters()}
+    (work / f"params{trainer.global_rank}.json").write_text(json.dumps(params))
 
 
 if __name__ == "__main__":
