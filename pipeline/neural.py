@@ -100,7 +100,7 @@ def build_module(cfg: DictConfig, run_dir: Path, name: str, dm: EmbeddingDataMod
     """The module ``name`` for one fold, with the fold's label statistics (and prototypes)."""
     m = OmegaConf.to_container(cfg.model[name], resolve=True)
     hp = {k: v for k, v in m.items() if k not in ("enabled", "batch_size", "epochs", "use_tabular", "shots",
-                                                   "n_time_bins")}
+                                                   "n_time_bins", "early_stopping_patience")}
     y = dm.meta.label.to_numpy()[dm.train_idx]
     hp.update(target_mean=float(np.mean(y)), target_std=float(np.std(y) or 1.0), token_len=int(cfg.backbone.token_len))
     cache = dm.cache
@@ -153,7 +153,8 @@ def train_neural(cfg: DictConfig, run_dir: Path) -> StageResult:
                 module = build_module(cfg, run_dir, name, dm)
                 fit_resumable(module, dm, out, trainer_cfg=_trainer_cfg(cfg), max_epochs=int(cfg.model[name].epochs),
                               monitor=monitor, mode=mode, seed=int(cfg.seed) + fold, wandb_prefix=f"{name}/fold{fold}",
-                              progress_bar=bool(cfg.get("progress_bar", True)))
+                              progress_bar=bool(cfg.get("progress_bar", True)),
+                              early_stopping_patience=cfg.model[name].get("early_stopping_patience"))
                 best = json.loads((out / "done.json").read_text())
             metrics[f"{name}/fold{fold}/{monitor}"] = best["best_score"]
     return StageResult(outputs=["embeddings", "neural"], metrics=metrics)
