@@ -84,6 +84,8 @@ class Pipeline:
                     self.runner.load_existing(stage)
                     continue
                 self._require_upstream(stage)
+                if self.tracker is not None:
+                    self.tracker.start(stage)  # W&B: one run per stage (job_type), in the pipeline's group
                 manifest = self.runner.run(
                     stage, self._stage_config(stage), getattr(self, f"stage_{stage}"), DEPENDS[stage]
                 )
