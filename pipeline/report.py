@@ -1,8 +1,10 @@
-"""Run reports for people without W&B: PNG plots, ``report.md``, the submission file and the stdout summary."""
+"""Run reports for people without W&B: PNG plots, ``report.md`` and the stdout summary.
+
+The submission file is written by ``pipeline/submission.py`` (no matplotlib there, for ``predict.py``).
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -12,10 +14,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.stats import gaussian_kde  # noqa: E402
-
-from datamodules.schema import submission_post_id  # noqa: E402
-
-SUBMISSION_VERSION = "VERSION 1.2"
 
 
 def plot_prediction_distribution(y_true: np.ndarray, y_pred: np.ndarray, path: Path, title: str) -> Path:
@@ -49,26 +47,6 @@ def plot_feature_importance(importance: pd.Series, path: Path, top: int = 20) ->
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
-
-
-def write_submission(post_ids: list[str], scores: np.ndarray, path: Path, details: str) -> Path:
-    """The official SMP submission JSON: one row per test post, in test-file order."""
-    if len(post_ids) != len(scores):
-        raise ValueError(f"{len(post_ids)} post ids but {len(scores)} scores")
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("non-finite popularity scores in the submission")
-    payload = {
-        "version": SUBMISSION_VERSION,
-        "result": [
-            {"post_id": submission_post_id(pid), "popularity_score": round(float(s), 4)}
-            for pid, s in zip(post_ids, scores)
-        ],
-        "external_data": {"used": "false", "details": details},
-    }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
     return path
 
 
