@@ -80,7 +80,8 @@ def build_cache(cfg: DictConfig, run_dir: Path, weights: str | None = None) -> P
     ), int(cfg.data.num_workers))
     amp = torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") and _device(cfg) == "cuda" else None
     compute_embedding_cache(bb.model, loader, cache, post_ids=posts[KEY].tolist(),
-                            token_len=int(cfg.backbone.token_len), device=_device(cfg), autocast_dtype=amp)
+                            token_len=int(cfg.backbone.token_len), device=_device(cfg), autocast_dtype=amp,
+                            progress=bool(cfg.get("progress_bar", True)))
     if weights is None and not (cfg.backbone.pretrained and Path(cfg.backbone.pretrained).is_file()):
         torch.save(bb.model.cpu().state_dict(), cache / BACKBONE_FILE)
     return cache
@@ -187,7 +188,7 @@ def predict_frames(cfg: DictConfig, dm: EmbeddingDataModule, work: Path, ckpts: 
         writer = KeyedPredictionWriter(out)
         trainer = L.Trainer(accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"],
                             strategy=t["strategy"], precision=t["precision"], logger=False, callbacks=[writer],
-                            enable_progress_bar=False, enable_model_summary=False)
+                            enable_progress_bar=bool(cfg.get("progress_bar", True)), enable_model_summary=False)
         trainer.predict(module, dataloaders=dm.predict_dataloader(), return_predictions=False)
         trainer.strategy.barrier()  # every rank's file is written before anyone merges
         frames[fold] = merge_rank_outputs(out, post_ids).drop(columns=["class_pred"], errors="ignore")
