@@ -128,7 +128,7 @@ PATHS = {"root_dir": Str(), "data_dir": Str(), "output_dir": Str()}
 
 SYNTHETIC = {
     "n_train": Int(lo=1), "n_test": Int(lo=0), "seed": Int(), "n_subcategories": Int(lo=1),
-    "user_variant": OneOf("A", "B"), "naming": OneOf("2025", "2020"),
+    "user_variant": OneOf("A", "B"), "naming": OneOf("2025", "2020", 2025, 2020),
 }
 DATA = {
     "kind": OneOf("synthetic", "smpd"), "root": Str(), "synthetic": SYNTHETIC, "check_images": Bool(),
