@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 log = logging.getLogger("popstack")
@@ -117,10 +117,12 @@ def fit_resumable(
     if early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=int(early_stopping_patience)))
     if wandb_prefix is not None:
-        import wandb
+        from pipeline.tracking import model_job_logger
 
-        if wandb.run is not None:  # reuse the pipeline's run (one W&B run per run directory)
-            loggers.append(WandbLogger(prefix=wandb_prefix, experiment=wandb.run))
+        job = model_job_logger(wandb_prefix)  # one W&B run per model fold, in the pipeline's group
+        if job is not None:
+            loggers.append(job[0])
+            callbacks.append(job[1])
     trainer = L.Trainer(**trainer_kwargs(trainer_cfg, max_epochs=max_epochs, logger=loggers, callbacks=callbacks,
                                          plugins=[AtomicCheckpointIO()], enable_progress_bar=progress_bar,
                                          default_root_dir=str(out_dir)))
