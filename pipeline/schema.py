@@ -19,6 +19,10 @@ from typing import Any, Callable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pipeline.errors import UserError
+from pipeline.stages import STAGES
+from stacking.ablation import VARIANTS as ABLATION_VARIANTS
+from stacking.blend import METHODS as BLEND_METHODS
+from stacking.members import TREE_MEMBERS as TREE_MEMBER_CLASSES
 
 
 class ConfigError(UserError):
@@ -118,11 +122,9 @@ class Named:
 
 
 # ----------------------------------------------------------------------------- sections (one line per key)
-STAGE_NAMES = ("prepare", "features", "neural", "extract", "stack", "report")
-TREE_MEMBERS = ("catboost", "lightgbm", "tabnet")
-BLENDS = ("caruana", "mae", "spearman", "ridge")
-ABLATION_VARIANTS = ("full", "w/o visual", "w/o metadata", "w/o textual", "w/o geolocation", "w/o ensemble",
-                     "w/o pseudo label", "w/o filter", "w/o 5-fold")
+# Allowed names come from the code that uses them (one list each).
+STAGE_NAMES = STAGES
+TREE_MEMBERS = tuple(TREE_MEMBER_CLASSES)
 
 PATHS = {"root_dir": Str(), "data_dir": Str(), "output_dir": Str()}
 
@@ -173,7 +175,7 @@ LOGGER = {
 }
 MEMBER = Open({"enabled": Bool()})
 STACKING = {
-    "members": Named(TREE_MEMBERS, MEMBER), "use_neural_members": Bool(), "blend": OneOf(*BLENDS),
+    "members": Named(TREE_MEMBERS, MEMBER), "use_neural_members": Bool(), "blend": OneOf(*BLEND_METHODS),
     "caruana_size": Int(lo=1), "pseudo_rounds": Int(lo=0), "pseudo_alpha": Num(),
     "iqr_k": Num(lo=0), "selection_fraction": Num(lo=0, hi=1, lo_open=True), "selection_member": OneOf(*TREE_MEMBERS),
     "ablation": {"enabled": Bool(), "members": ListOf(OneOf(*TREE_MEMBERS)),

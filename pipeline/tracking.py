@@ -6,7 +6,8 @@ so the runs of a pipeline are found together in the group view. Run ids are stab
 (``wandb_run_ids.json``), so a resumed pipeline appends to the same W&B runs.
 
 The standard environment variables win over the config: ``WANDB_MODE``, ``WANDB_PROJECT``, ``WANDB_ENTITY``,
-``WANDB_RUN_GROUP``, ``WANDB_TAGS`` (comma-separated, added to the config's). Files go up as artifacts with
+``WANDB_RUN_GROUP``, ``WANDB_TAGS`` (comma-separated, added to the config's); under a sweep agent
+(``WANDB_RUN_ID``/``WANDB_SWEEP_ID`` set) the pipeline is the agent's single run. Files go up as artifacts with
 ``wandb.log_artifact`` (works offline; ``WandbLogger(offline=True)`` refuses ``log_model``), staged inside
 ``<run_dir>/wandb/data`` so that ``wandb sync <run_dir>/wandb/offline-run-*`` finds them with the run directory.
 """
@@ -82,6 +83,9 @@ class Tracker:
         self.config = _public_config(cfg)
         self.ids_file = run_dir / RUN_IDS
         self.ids = json.loads(self.ids_file.read_text()) if self.ids_file.is_file() else {}
+        # Under a W&B sweep agent (which sets WANDB_RUN_ID) the whole pipeline is the agent's one run, so the
+        # sweep sees its metric; stages and folds then log under prefixes instead of in runs of their own.
+        self.single_run = bool(os.environ.get("WANDB_RUN_ID") or os.environ.get("WANDB_SWEEP_ID"))
         Tracker.active = self
 
     def start(self, job_type: str, name: str | None = None, extra_config: dict[str, Any] | None = None):
@@ -90,6 +94,11 @@ class Tracker:
             return None
         import wandb
 
+        if self.single_run:
+            if self.run is None:
+                self.run = wandb.init(**self.settings, id=os.environ.get("WANDB_RUN_ID"), job_type="pipeline",
+                                      config=self.config, reinit="finish_previous")
+            return self.run
         self.finish_run()
         self.pending = None
         name = name or job_type
@@ -111,6 +120,8 @@ class Tracker:
 
     def close_job(self) -> None:
         """Finish a nested job's run; the outer job's run is reopened only if something is logged to it again."""
+        if self.single_run:
+            return
         self.finish_run()
         self.pending, self._outer = self._outer, None
 
@@ -203,4 +214,4 @@ def model_job_logger(prefix: str):
         def teardown(self, trainer, pl_module, stage: str) -> None:
             tracker.close_job()
 
-    return WandbLogger(experiment=run), CloseJob()
+    return WandbLogger(experiment=run, prefix=prefix if tracker.single_run else ""), CloseJob()

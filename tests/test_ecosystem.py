@@ -151,3 +151,23 @@ def test_predict_checks_out_before_any_work(case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --out"), err
     assert not (tmp_path / "nope").exists()
+
+
+def test_under_a_sweep_agent_the_pipeline_is_the_agents_single_run(tmp_path, monkeypatch):
+    from pipeline.tracking import Tracker, model_job_logger
+
+    cfg = compose_fast(tmp_path, "logger=wandb_offline")
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_RUN_ID", "sweep0001")  # what `wandb agent` sets for the command it launches
+    tracker = Tracker(cfg, run_dir)
+    try:
+        first = tracker.start("prepare")
+        assert first.id == "sweep0001" and tracker.start("stack") is first
+        logger, callback = model_job_logger("co_attention/fold0")
+        assert logger.experiment is first and logger._prefix == "co_attention/fold0"
+        callback.teardown(None, None, "fit")
+        assert tracker.run is first
+    finally:
+        tracker.finish()
