@@ -37,8 +37,10 @@ def train(cfg: DictConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hydra.errors import HydraException
+
     from pipeline.config import compose_config
-    from pipeline.errors import user_error_types
+    from pipeline.errors import UserError, user_error_types
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
@@ -62,13 +64,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if (table.status == "ok").all() else 1
         else:
             train(compose_config(overrides))
+    except (UserError, HydraException) as err:  # config errors: caught before user_error_types() imports the rooms
+        return _error(err)
     except user_error_types() as err:
-        print(f"error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
-        return 2
+        return _error(err)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command with hydra.run.dir=<run dir> to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _error(err: BaseException) -> int:
+    """One ``error:`` line on stderr; exit status 2."""
+    print(f"error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
+    return 2
 
 
 def _flags(argv: list[str]) -> tuple[bool, bool, list[str]]:

@@ -223,14 +223,12 @@ def trainer_arguments() -> tuple[str, ...]:
     return tuple(n for n in inspect.signature(lightning.Trainer).parameters if n not in PIPELINE_OWNED_TRAINER_ARGS)
 
 
-#: Marks the ``trainer`` section, checked by ``_check_trainer`` against ``lightning.Trainer``'s signature.
-TRAINER = object()
-
 SCHEMA = {
     "name": Str(), "seed": Int(), "progress_bar": Bool(), "stages": ListOf(OneOf(*STAGE_NAMES)), "n_folds": Int(lo=2),
     "run_dir": Str(), "paths": PATHS, "data": DATA, "backbone": BACKBONE, "features": FEATURES, "model": MODEL,
-    "trainer": TRAINER, "logger": LOGGER, "stacking": STACKING,
+    "trainer": Spec("any"), "logger": LOGGER, "stacking": STACKING,
 }
+#: ``trainer`` is checked apart, last (``_check_trainer``): against ``lightning.Trainer``'s signature.
 
 
 # ----------------------------------------------------------------------------- walking
@@ -253,8 +251,6 @@ def _unknown(key: str, names) -> ConfigError:
 
 
 def _check(node: Any, rule: Any, path: str) -> None:
-    if rule is TRAINER:
-        return _check_trainer(node, path)
     if isinstance(rule, Spec):
         plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
         allowed = rule.error(plain)
@@ -303,4 +299,5 @@ def _check_trainer(node: Any, path: str) -> None:
 def validate(cfg: DictConfig) -> DictConfig:
     """Raise ``ConfigError`` for the first key of ``cfg`` the schema refuses; return ``cfg`` unchanged otherwise."""
     _check(cfg, SCHEMA, "")
+    _check_trainer(cfg.trainer, "trainer")  # last: it imports lightning (its signature) and torch (the GPU check)
     return cfg

@@ -74,7 +74,7 @@ def test_stack_config_defaults_are_the_yaml():
     from pipeline.config import compose_config
     from stacking.stack import StackConfig
 
-    yaml = compose_config([]).stacking
+    yaml = compose_config(["~experiment"]).stacking  # the stacking group alone, no experiment overlay
     cfg = StackConfig()
     for key in ("blend", "caruana_size", "pseudo_rounds", "pseudo_alpha", "iqr_k", "selection_fraction",
                 "selection_member"):
