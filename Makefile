@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.popstack-installed
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean wheel-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,5 +26,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# The packaged commands work from any directory: build the wheel, install it (no deps: they come from $(VENV)
+# through a .pth file) into a fresh venv, and run `popstack-train debug=fast` + `popstack-predict` outside the repo.
+WHEEL_DIR  := build/wheel-check
+WHEEL_VENV := $(WHEEL_DIR)/venv
+wheel-check: $(STAMP)
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)/work
+	$(PY) -m pip wheel --no-deps --no-build-isolation -q -w $(WHEEL_DIR)/dist .
+	$(PY) -m venv --without-pip $(WHEEL_VENV)
+	$(PY) -m pip --python $(WHEEL_VENV)/bin/python install -q --no-deps $(WHEEL_DIR)/dist/*.whl
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+	  "$$($(WHEEL_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/project-deps.pth"
+	cd $(WHEEL_DIR)/work && ../venv/bin/python -c "import pipeline, configs, sys; \
+	  assert '/venv/' in pipeline.__file__, pipeline.__file__; print('imports from', pipeline.__file__)"
+	cd $(WHEEL_DIR)/work && ../venv/bin/popstack-train debug=fast hydra.run.dir=run stacking.members.tabnet.enabled=false
+	cd $(WHEEL_DIR)/work && ../venv/bin/popstack-predict run data/synthetic-120-40-s0 --out preds.csv --no-progress
+
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs .pytest_cache build

@@ -5,7 +5,9 @@
 RUN_DIR is a finished ``train.py`` run (its ``config.yaml``, feature state, checkpoints and stacker are all that is
 read); RAW_DIR holds posts in the SMPD layout (either or both splits; labels are not needed and are ignored).
 The output format follows the extension: ``.json`` (the SMP submission format, in file order), ``.parquet`` or
-``.csv`` (``post_id, split, popularity_score``).
+``.csv`` (``post_id, split, popularity_score``); ``<out>.meta.json`` records the run, the number of posts and of
+images that could not be read (all of them missing is also warned about loudly).
+From Python, without files: ``pipeline.inference.Predictor``.
 """
 
 from __future__ import annotations
@@ -23,79 +25,51 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 log = logging.getLogger("popstack")
 OUTPUT_FORMATS = (".json", ".parquet", ".csv")
+META_SUFFIX = ".meta.json"
 
 
-def predict(run_dir: Path, raw_dir: Path, out: Path, devices: int | None = None, work_dir: Path | None = None):
-    """Predictions for every post of ``raw_dir``, written to ``out``; returns the DataFrame (None on ranks above 0,
-    which only take their share of the neural predictions)."""
-    import numpy as np
-    import pandas as pd
-    from omegaconf import open_dict
-
-    from datamodules.schema import KEY
-    from features.build import transform_features
-    from features.preprocess import Standardiser
-    from features.state import FeatureState
-    from datamodules.atomic import atomic_path
-    from pipeline.config import load_run_config
-    from pipeline.distributed import shared_tmpdir, topology, wait_for, wait_timeout
+def check_out(out: Path) -> Path:
+    """Refuse a bad ``--out`` before any work: known extension, parent an existing writable directory, not a directory."""
     from pipeline.errors import UserError
-    from pipeline.featurize import TABULAR, TABULAR_SCALER, feature_config
-    from pipeline.neural import backbone_file, build_cache, load_pca, neural_outputs
-    from pipeline.prepare import prepare_new_posts
-    from pipeline.report import write_submission
-    from pipeline.stack import stack_inputs
-    from stacking.stack import predict_stack
 
-    cfg = load_run_config(run_dir)
     if out.suffix not in OUTPUT_FORMATS:
         raise UserError(f"--out must end with one of {', '.join(OUTPUT_FORMATS)}: {out}")
-    if not (run_dir / "stack" / "model" / "stack.json").is_file():
-        raise UserError(f"{run_dir}: the run has no trained stacker (stack/model/stack.json); finish train.py first")
-    if not raw_dir.is_dir():
-        raise UserError(f"raw posts directory not found: {raw_dir}")
-    if devices is not None:
-        with open_dict(cfg):
-            cfg.trainer.devices = devices
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"cannot write to {out.parent}")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file name such as {out / 'predictions.json'}")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: the folder {parent} does not exist (or is not a directory)")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out}: cannot write to {parent}")
+    return out
 
-    weights = backbone_file(cfg, run_dir)
-    with shared_tmpdir(work_dir) as work:  # one folder for every rank of --devices N
-        if not topology().is_zero:  # rank 0 lays the posts out; the others encode and predict their share
-            wait_for(lambda: (work / "features" / TABULAR).is_file(), f"{work} laid out by rank 0", wait_timeout(cfg))
-            build_cache(cfg, work, weights=weights)
-            neural_outputs(cfg, work, run_dir, load_pca(run_dir / "neural" / "pca.npz"))
-            return None
-        posts = prepare_new_posts(cfg, run_dir, raw_dir, work)
-        log.info("predict: %d posts from %s", len(posts), raw_dir)
-        fcfg = feature_config(cfg)
-        feats = transform_features(posts, FeatureState.load(run_dir / "features" / "state"), fcfg)
-        scaler = Standardiser.load(run_dir / "features" / TABULAR_SCALER)
-        tab = pd.DataFrame(scaler.transform(feats[scaler.columns]), columns=scaler.columns)
-        tab.insert(0, KEY, feats[KEY].to_numpy())
-        with atomic_path(work / "features" / TABULAR) as tmp:
-            tab.to_parquet(tmp, index=False)
 
-        if not Path(weights).is_file():
-            raise UserError(f"backbone weights {weights} are missing from the run")
-        build_cache(cfg, work, weights=weights)
-        pca = load_pca(run_dir / "neural" / "pca.npz")
-        nf, preds = neural_outputs(cfg, work, run_dir, pca)
+def write_predictions(result, out: Path, run_name: str) -> None:
+    """``result`` (``post_id, split, popularity_score``) in the format of ``out``'s extension, and its metadata
+    (``result.attrs["popstack"]``: posts, images that could not be read) next to it as ``<out>.meta.json``."""
+    from datamodules.atomic import atomic_path, atomic_write_json
+    from datamodules.schema import KEY
+    from pipeline.submission import write_submission
 
-    train_cols, _, _ = stack_inputs(run_dir)
-    X = pd.concat([feats.reset_index(drop=True), nf.drop(columns=[KEY]), preds.drop(columns=[KEY])], axis=1)
-    X = X[[c for c in train_cols.columns if c != KEY]].astype(np.float32)
-    scores = predict_stack(run_dir / "stack" / "model", X)
-    result = pd.DataFrame({KEY: posts[KEY].to_numpy(), "split": posts["split"].to_numpy(), "popularity_score": scores})
     if out.suffix == ".json":
         write_submission(result[KEY].tolist(), result.popularity_score.to_numpy(), out,
-                         details=f"popstack predict.py with run {run_dir.name}")
-    elif out.suffix == ".parquet":
-        result.to_parquet(out, index=False)
+                         details=f"popstack predict.py with run {run_name}")
     else:
-        result.to_csv(out, index=False)
+        with atomic_path(out) as tmp:
+            result.to_parquet(tmp, index=False) if out.suffix == ".parquet" else result.to_csv(tmp, index=False)
+    atomic_write_json(out.with_name(out.name + META_SUFFIX), result.attrs.get("popstack", {}))
+
+
+def predict(run_dir: Path, raw_dir: Path, out: Path, devices: int | None = None, work_dir: Path | None = None,
+            progress_bar: bool = True):
+    """Predictions for every post of ``raw_dir``, written to ``out``; returns the DataFrame (None on ranks above 0)."""
+    from pipeline.inference import Predictor
+
+    check_out(out)
+    predictor = Predictor.from_run_dir(run_dir, devices=devices, progress_bar=progress_bar)
+    result = predictor.predict(raw_dir, work_dir=work_dir)
+    if result is not None:  # ranks above 0 of --devices N only took their share of the neural predictions
+        write_predictions(result, out, run_dir.name)
     return result
 
 
@@ -105,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("raw_dir", type=Path, help="new posts in the SMPD layout")
     parser.add_argument("--out", type=Path, required=True, help="output file (.json, .parquet or .csv)")
     parser.add_argument("--devices", type=int, default=None, help="devices for the neural models (default: the run's)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
@@ -115,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_lightning()
     try:
-        result = predict(args.run_dir.resolve(), args.raw_dir.resolve(), args.out, devices=args.devices)
+        result = predict(args.run_dir.resolve(), args.raw_dir.resolve(), args.out, devices=args.devices,
+                         progress_bar=not args.no_progress)
     except user_error_types() as err:
         print(f"error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
         return 2

@@ -4,6 +4,11 @@
     python train.py experiment=smpd data.root=DIR hydra.run.dir=OUT
     python train.py hydra.run.dir=OUT                 # rerun: finished stages are skipped, training resumes
     python train.py stages=[prepare,features]         # a subset of the stages
+    python train.py trainer.gradient_clip_val=1       # any lightning.Trainer argument, no "+" needed
+    python train.py -m model.co_attention.lr=1e-3,3e-4   # multirun: one run dir per job + comparison.csv/md
+    python train.py --cfg job [overrides]             # print the composed, validated config and exit
+
+Every config value is checked (pipeline/schema.py) before anything runs: a bad one ends in one "error:" line, exit 2.
 
 ``train(cfg)`` is importable (tests call it with a composed config); ``main()`` is the command line.
 """
@@ -16,7 +21,6 @@ import warnings
 import sys
 from pathlib import Path
 
-os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -33,27 +37,68 @@ def train(cfg: DictConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hydra.errors import HydraException
+
     from pipeline.config import compose_config
-    from pipeline.errors import user_error_types
+    from pipeline.errors import UserError, user_error_types
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     warnings.filterwarnings("ignore", message=".*(LeafSpec|does not have many workers|GPU available).*")
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
     try:
-        cfg = compose_config(argv)
-        train(cfg)
+        multirun, show, overrides = _flags(argv)
+        if show:
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(compose_config(overrides)), end="")
+        elif multirun:
+            from pipeline.sweep import run_sweep
+
+            root, table = run_sweep(overrides, compose_config, train)
+            print(f"multirun: {len(table)} jobs in {root} (comparison.csv, comparison.md)")
+            return 0 if (table.status == "ok").all() else 1
+        else:
+            train(compose_config(overrides))
+    except (UserError, HydraException) as err:  # config errors: caught before user_error_types() imports the rooms
+        return _error(err)
     except user_error_types() as err:
-        print(f"error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
-        return 2
+        return _error(err)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command with hydra.run.dir=<run dir> to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _error(err: BaseException) -> int:
+    """One ``error:`` line on stderr; exit status 2."""
+    print(f"error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
+    return 2
+
+
+def _flags(argv: list[str]) -> tuple[bool, bool, list[str]]:
+    """(multirun, print config, overrides) from the command line: ``-m/--multirun``, ``--cfg job`` / ``-c job``."""
+    from pipeline.errors import UserError
+
+    multirun, show, rest = False, False, []
+    it = iter(argv)
+    for arg in it:
+        if arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg in ("--cfg", "-c") or arg.startswith("--cfg="):
+            what = arg.split("=", 1)[1] if "=" in arg else next(it, "")
+            if what != "job":
+                raise UserError(f"--cfg {what}: only --cfg job is supported (the composed, validated config)")
+            show = True
+        elif arg.startswith("-"):
+            raise UserError(f"unknown option {arg}; options are -m/--multirun, --cfg job, -h (the rest are key=value)")
+        else:
+            rest.append(arg)
+    return multirun, show, rest
 
 
 if __name__ == "__main__":

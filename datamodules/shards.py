@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 import webdataset as wds
 from PIL import Image
+from tqdm.auto import tqdm
 
 from datamodules.schema import IMAGE_MISSING, IMAGE_OK, IMAGE_UNREADABLE, KEY, UNKNOWN_ID
 
@@ -104,6 +105,7 @@ def write_shards(
     class_ids: dict[str, list[str]],
     shard_size: int = 5000,
     image_max_side: int | None = None,
+    progress: bool = False,
 ) -> ShardsInfo:
     """Stream the posts of one split into ``out_dir/{split}-%06d.tar`` (temporary name, renamed when complete).
 
@@ -113,6 +115,7 @@ def write_shards(
         class_ids: ``vocab.json`` content (field -> sorted names).
         shard_size: posts per shard.
         image_max_side: re-encode images whose longer side exceeds this many pixels (None: keep the bytes).
+        progress: a bar over the posts (images) written (stderr).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +132,8 @@ def write_shards(
 
     pattern = str(out_dir / f"{split}-%06d.tar.tmp")
     with wds.ShardWriter(pattern, maxcount=shard_size, post=finished, verbose=0) as sink:
-        for rec in posts.itertuples(index=False):
+        for rec in tqdm(posts.itertuples(index=False), total=len(posts), desc=f"prepare {split}", unit="post",
+                        disable=not progress, leave=False):
             status = rec.image_status
             jpg = None
             if status == IMAGE_OK:  # the reader's verdict: missing or outside the data root is never opened

@@ -59,14 +59,19 @@ def read_schema(directory: str | Path) -> dict:
     return json.loads((Path(directory) / "schema.json").read_text())
 
 
-def _families(posts, folds, state, cfg, encoder) -> tuple[list[pd.DataFrame], dict[str, float]]:
+def _families(posts, folds, state, cfg, encoder, progress: bool = False) -> tuple[list[pd.DataFrame], dict[str, float]]:
+    from tqdm.auto import tqdm
+
     seconds: dict[str, float] = {}
     blocks: list[pd.DataFrame] = []
+    bar = tqdm(desc="features", unit="family", disable=not progress, leave=False)
 
     def timed(name, fn):
+        bar.set_postfix_str(name)
         start = time.perf_counter()
         blocks.append(fn())
         seconds[name] = round(time.perf_counter() - start, 3)
+        bar.update()
 
     timed("user", lambda: user_features(posts, state, cfg))
     timed("temporal", lambda: temporal_features(posts, state))
@@ -78,6 +83,7 @@ def _families(posts, folds, state, cfg, encoder) -> tuple[list[pd.DataFrame], di
     if cfg.glove_path:
         timed("glove", lambda: glove_features(posts, cfg.glove_path))
     timed("target", lambda: target_features(posts, folds, state, cfg.target_prior))
+    bar.close()
     return blocks, seconds
 
 
@@ -88,13 +94,14 @@ def _assemble(posts: pd.DataFrame, blocks: list[pd.DataFrame]) -> pd.DataFrame:
 
 
 def build_features(posts: pd.DataFrame, folds: np.ndarray, cfg: FeatureConfig,
-                   encoder: SentenceEncoder | None = None) -> FeatureSet:
-    """Fit every family on the training run's posts (train + test rows) and return the matrix."""
+                   encoder: SentenceEncoder | None = None, progress: bool = False) -> FeatureSet:
+    """Fit every family on the training run's posts (train + test rows) and return the matrix.
+    ``progress``: a bar over the families (stderr)."""
     state = FeatureState()
     if cfg.sentence_model and encoder is None:
         encoder = SentenceEncoder(resolve_model_dir(cfg.sentence_model), cfg.sentence_max_length,
                                   cfg.sentence_batch_size)
-    blocks, seconds = _families(posts.reset_index(drop=True), np.asarray(folds), state, cfg, encoder)
+    blocks, seconds = _families(posts.reset_index(drop=True), np.asarray(folds), state, cfg, encoder, progress)
     state.fitted = True
     frame = _assemble(posts, blocks)
     families = {c: family_of(c) for c in frame.columns if c != KEY}

@@ -17,13 +17,21 @@ RESOLVED_CONFIG = "config.yaml"
 RUN_DIR_ENV = "POPSTACK_RUN_DIR"
 
 
-def compose_config(overrides: list[str], config_name: str = "train") -> DictConfig:
-    """Compose ``configs/<config_name>.yaml`` with ``overrides`` and fix ``run_dir`` (from ``hydra.run.dir``).
+def trainer_overrides(overrides: list[str]) -> list[str]:
+    """``trainer.<arg>=v`` -> ``++trainer.<arg>=v``: any Trainer argument is settable without a ``+`` prefix
+    (the schema then refuses names that are not ``lightning.Trainer`` arguments)."""
+    return [f"++{o}" if o.startswith("trainer.") and "=" in o else o for o in overrides]
 
-    Raises hydra's ``HydraException`` subclasses for unknown keys, groups or malformed overrides.
+
+def compose_config(overrides: list[str], config_name: str = "train", validate: bool = True) -> DictConfig:
+    """Compose ``configs/<config_name>.yaml`` with ``overrides``, fix ``run_dir`` (from ``hydra.run.dir``) and check
+    the result against ``pipeline.schema`` (nothing is written).
+
+    Raises hydra's ``HydraException`` subclasses for unknown groups or malformed overrides and
+    ``pipeline.schema.ConfigError`` for values the schema refuses.
     """
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+        cfg = compose(config_name, overrides=trainer_overrides(list(overrides)), return_hydra_config=True)
     # DDP launchers re-run the command line in child processes: they must land in the same run directory,
     # not in a new ${now:...} one, so the first process publishes its run directory in the environment.
     run_dir = cfg.run_dir or os.environ.get(RUN_DIR_ENV) or cfg.hydra.run.dir
@@ -31,7 +39,18 @@ def compose_config(overrides: list[str], config_name: str = "train") -> DictConf
         cfg.run_dir = str(Path(run_dir).resolve())
         del cfg["hydra"]
     OmegaConf.resolve(cfg)
+    if validate:
+        from pipeline.schema import validate as check
+
+        check(cfg)
     return cfg
+
+
+def sweep_dir(overrides: list[str], config_name: str = "train") -> Path:
+    """The multirun directory (``hydra.sweep.dir``) of one job's overrides, resolved once for the whole sweep."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=trainer_overrides(list(overrides)), return_hydra_config=True)
+    return Path(OmegaConf.select(cfg, "hydra.sweep.dir")).resolve()
 
 
 def save_config(cfg: DictConfig, run_dir: str | Path) -> Path:

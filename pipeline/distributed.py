@@ -128,8 +128,8 @@ def topology(env: Mapping[str, str] | None = None, devices_per_node: int | None 
 
 
 def wait_timeout(cfg) -> float:
-    """Seconds a rank waits for rank 0's files: the run config's ``trainer.rank_wait_s`` (or ``DEFAULT_WAIT_S``)."""
-    return float(cfg.trainer.get("rank_wait_s", DEFAULT_WAIT_S))
+    """Seconds a rank waits for rank 0's files: the run config's ``rank_wait_s`` (or ``DEFAULT_WAIT_S``)."""
+    return float(cfg.get("rank_wait_s", DEFAULT_WAIT_S))
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,7 +169,7 @@ def wait_for(condition: Callable[[], T | None], what: str, timeout_s: float = DE
         if time.monotonic() - start > timeout_s:
             topo = topology()
             raise UserError(f"rank {topo.rank} of {topo.world_size} waited {timeout_s:.0f} s for {what}; rank 0 "
-                            f"has failed or is still working (see its log); raise trainer.rank_wait_s if it is slow")
+                            f"has failed or is still working (see its log); raise rank_wait_s if it is slow")
         time.sleep(poll_s)
 
 

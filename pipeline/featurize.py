@@ -33,7 +33,7 @@ def featurize(cfg: DictConfig, run_dir: Path) -> StageResult:
                  "GloVe text file, e.g. features.glove_path=/data/glove.42B.300d.txt)")
     posts = read_posts(run_dir / "posts.parquet")
     folds = read_folds(run_dir / "folds.parquet")["fold"].to_numpy()
-    fs = build_features(posts, folds, feature_config(cfg))
+    fs = build_features(posts, folds, feature_config(cfg), progress=bool(cfg.progress_bar))
     out = run_dir / "features"
     fs.save(out)
     labelled = folds != NO_FOLD

@@ -113,7 +113,7 @@ def build_cache(cfg: DictConfig, run_dir: Path, weights: str | None = None) -> P
     amp = torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") and _device(cfg) == "cuda" else None
     written = encode_into(bb.model, loader, open_cache_arrays(tmp), {p: i for i, p in enumerate(post_ids)},
                           token_len=int(cfg.backbone.token_len), device=_device(cfg), autocast_dtype=amp,
-                          progress=topo.is_zero)
+                          progress=topo.is_zero and bool(cfg.get("progress_bar", True)))
     log.info("embedding cache: rank %d of %d encoded %d posts", topo.rank, topo.world_size, len(written))
     atomic_write_json(tmp / RANK_DONE.format(rank=topo.rank), {"launch": topo.launch_id, "post_ids": written})
     if not topo.is_zero:
@@ -183,7 +183,8 @@ def build_module(cfg: DictConfig, run_dir: Path, name: str, dm: EmbeddingDataMod
     """
     m = OmegaConf.to_container(cfg.model[name], resolve=True)
     hp = {k: v for k, v in m.items() if k not in ("enabled", "batch_size", "epochs", "use_tabular", "shots",
-                                                   "n_time_bins", "input")}
+                                                   "n_time_bins", "input",
+                                                   "early_stopping_patience")}
     y = dm.meta.label.to_numpy()[dm.train_idx]
     hp.update(target_mean=float(np.mean(y)), target_std=float(np.std(y) or 1.0), token_len=int(cfg.backbone.token_len))
     cache = dm.cache
@@ -242,7 +243,8 @@ def train_neural(cfg: DictConfig, run_dir: Path) -> StageResult:
                 data = shard_datamodule(cfg, run_dir, name, fold) if uses_shards(cfg, name) else dm
                 fit_resumable(module, data, out, trainer_cfg=_trainer_cfg(cfg), max_epochs=int(cfg.model[name].epochs),
                               monitor=monitor, mode=mode, seed=int(cfg.seed) + fold, wandb_prefix=f"{name}/fold{fold}",
-                              progress_bar=bool(cfg.get("progress_bar", True)))
+                              progress_bar=bool(cfg.get("progress_bar", True)),
+                              early_stopping_patience=cfg.model[name].get("early_stopping_patience"))
                 best = json.loads((out / "done.json").read_text())
             metrics[f"{name}/fold{fold}/{monitor}"] = best["best_score"]
     return StageResult(outputs=["embeddings", "neural"], metrics=metrics)
@@ -279,7 +281,7 @@ def predict_frames(cfg: DictConfig, dm: EmbeddingDataModule | PopularityDataModu
         writer = KeyedPredictionWriter(out)
         trainer = L.Trainer(accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"],
                             strategy=t["strategy"], precision=t["precision"], logger=False, callbacks=[writer],
-                            enable_progress_bar=False, enable_model_summary=False)
+                            enable_progress_bar=bool(cfg.get("progress_bar", True)), enable_model_summary=False)
         trainer.predict(module, datamodule=dm, return_predictions=False)
         trainer.strategy.barrier()  # every rank's file is written before anyone merges
         frames[fold] = merge_rank_outputs(out, post_ids).drop(columns=["class_pred"], errors="ignore")

@@ -83,20 +83,28 @@ def write_split_shards(posts: pd.DataFrame, root: Path, shard_dir: Path, vocab: 
         part = posts[posts.split == split]
         if len(part):
             info = write_shards(part, root, shard_dir, split=split, class_ids=vocab,
-                                shard_size=int(cfg.data.shard_size), image_max_side=cfg.data.image_max_side)
+                                shard_size=int(cfg.data.shard_size), image_max_side=cfg.data.image_max_side,
+                                progress=bool(cfg.get("progress_bar", False)))
             statuses.update(info.image_status)
     return posts.assign(image_status=posts[KEY].map(statuses).fillna(posts["image_status"]))
 
 
 def prepare_new_posts(cfg: DictConfig, run_dir: Path, raw_dir: Path, work: Path) -> pd.DataFrame:
     """Lay out new (unlabelled) posts in ``work`` the way the training run is laid out, with the run's vocab."""
-    from datamodules.folds import write_folds
-    from datamodules.schema import NO_FOLD
-    from datamodules.smpd import read_smpd, write_posts
+    from datamodules.smpd import read_smpd
 
     posts = read_smpd(raw_dir, check_images=bool(cfg.data.check_images), labels=False)
     if len(posts) == 0:
         raise UserError(f"{raw_dir}: no posts to predict (the image lists are empty)")
+    return lay_out_new_posts(cfg, run_dir, posts, raw_dir, work)
+
+
+def lay_out_new_posts(cfg: DictConfig, run_dir: Path, posts: pd.DataFrame, raw_dir: Path, work: Path) -> pd.DataFrame:
+    """Shards, posts table, vocab and (empty) folds of ``posts`` in ``work``; images at ``raw_dir / image_relpath``."""
+    from datamodules.folds import write_folds
+    from datamodules.schema import NO_FOLD
+    from datamodules.smpd import write_posts
+
     vocab = json.loads((run_dir / "vocab.json").read_text())
     work.mkdir(parents=True, exist_ok=True)
     (work / "vocab.json").write_text(json.dumps(vocab))

@@ -1,8 +1,10 @@
-"""Run reports for people without W&B: PNG plots, ``report.md``, the submission file and the stdout summary."""
+"""Run reports for people without W&B: PNG plots, ``report.md`` and the stdout summary.
+
+The submission file is written by ``pipeline/submission.py`` (no matplotlib there, for ``predict.py``).
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -12,11 +14,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.stats import gaussian_kde  # noqa: E402
-
-from datamodules.atomic import atomic_path, atomic_write_text  # noqa: E402
-from datamodules.schema import submission_post_id  # noqa: E402
-
-SUBMISSION_VERSION = "VERSION 1.2"
 
 
 def plot_prediction_distribution(y_true: np.ndarray, y_pred: np.ndarray, path: Path, title: str) -> Path:
@@ -35,8 +32,7 @@ def plot_prediction_distribution(y_true: np.ndarray, y_pred: np.ndarray, path: P
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -49,27 +45,8 @@ def plot_feature_importance(importance: pd.Series, path: Path, top: int = 20) ->
     ax.set_xlabel("importance (% of total)")
     ax.set_title(f"Top-{len(share)} features")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
-
-
-def write_submission(post_ids: list[str], scores: np.ndarray, path: Path, details: str) -> Path:
-    """The official SMP submission JSON: one row per test post, in test-file order."""
-    if len(post_ids) != len(scores):
-        raise ValueError(f"{len(post_ids)} post ids but {len(scores)} scores")
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("non-finite popularity scores in the submission")
-    payload = {
-        "version": SUBMISSION_VERSION,
-        "result": [
-            {"post_id": submission_post_id(pid), "popularity_score": round(float(s), 4)}
-            for pid, s in zip(post_ids, scores)
-        ],
-        "external_data": {"used": "false", "details": details},
-    }
-    atomic_write_text(path, json.dumps(payload, indent=1))
     return path
 
 
@@ -87,17 +64,17 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
 def write_report(path: Path, sections: list[tuple[str, str]]) -> Path:
     """``report.md`` from (heading, markdown body) sections."""
     text = "# popstack run report\n\n" + "\n\n".join(f"## {h}\n\n{body}" for h, body in sections) + "\n"
-    atomic_write_text(path, text)
+    path.write_text(text)
     return path
 
 
 def print_summary(members: pd.DataFrame, stage_seconds: dict[str, float]) -> None:
-    """Final stdout table: members and blend with their out-of-fold and held-back SRC/MAE, and seconds per stage."""
+    """Final stdout table: members and blend with SRC/MAE, and seconds per stage."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    table = Table(title="popstack: out-of-fold scores and the held-back chronological slice")
+    table = Table(title="popstack: out-of-fold scores on the labelled posts")
     for col in members.columns:
         table.add_column(str(col), justify="right" if col != "member" else "left")
     for row in members.itertuples(index=False):

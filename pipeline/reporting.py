@@ -25,8 +25,8 @@ from pipeline.report import (
     plot_prediction_distribution,
     print_summary,
     write_report,
-    write_submission,
 )
+from pipeline.submission import write_submission
 
 log = logging.getLogger("popstack")
 
@@ -133,12 +133,7 @@ def report(cfg: DictConfig, run_dir: Path, tracker, manifests: dict[str, Manifes
         for png in outputs:
             if png.endswith(".png"):
                 tracker.image(f"plots/{png.removesuffix('.png')}", run_dir / png)
-        tracker.artifact("submission", "submission", [run_dir / "submission.json", run_dir / "predictions.parquet"],
-                         run_dir)
-        checkpoints = sorted((run_dir / "neural").glob("*/fold*/checkpoints/best.ckpt"))
-        if checkpoints:
-            tracker.artifact("neural-checkpoints", "model", checkpoints, run_dir)
-        tracker.artifact("stacker", "model", [stack_dir / "model", run_dir / "config.yaml"], run_dir)
+        tracker.log_run_artifacts()
 
     print_summary(scores, stage_seconds)
     log.info("report: %s", run_dir / "report.md")

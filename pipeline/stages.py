@@ -91,6 +91,8 @@ class Pipeline:
                         self._await_rank_zero(stage)
                     continue
                 self._require_upstream(stage)
+                if self.tracker is not None:
+                    self.tracker.start(stage)  # W&B: one run per stage (job_type), in the pipeline's group
                 manifest = self.runner.run(
                     stage, self._stage_config(stage), getattr(self, f"stage_{stage}"), DEPENDS[stage]
                 )

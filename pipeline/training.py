@@ -18,8 +18,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 log = logging.getLogger("popstack")
@@ -66,6 +66,19 @@ class RNGState(Callback):
         random.setstate((version, tuple(py_state), gauss))
 
 
+#: Trainer defaults of the pipeline that the ``trainer`` config section may override.
+TRAINER_DEFAULTS: dict[str, Any] = {"num_sanity_val_steps": 0, "enable_model_summary": False}
+
+
+def trainer_kwargs(trainer_cfg: dict[str, Any], **pipeline_owned: Any) -> dict[str, Any]:
+    """``lightning.Trainer`` arguments: the pipeline defaults, then every key of ``trainer_cfg`` (already checked
+    against the Trainer's signature by ``pipeline.schema``), then the arguments the pipeline sets itself."""
+    clash = sorted(set(trainer_cfg) & set(pipeline_owned))
+    if clash:
+        raise ValueError(f"trainer config sets {clash}, which the pipeline sets itself")
+    return {**TRAINER_DEFAULTS, **trainer_cfg, **pipeline_owned}
+
+
 def fit_resumable(
     module: L.LightningModule,
     datamodule: L.LightningDataModule,
@@ -78,8 +91,13 @@ def fit_resumable(
     seed: int,
     wandb_prefix: str | None = None,
     progress_bar: bool = True,
+    early_stopping_patience: int | None = None,
 ) -> Path:
-    """Fit ``module`` (or resume it) and return the path of the best checkpoint."""
+    """Fit ``module`` (or resume it) and return the path of the best checkpoint.
+
+    ``trainer_cfg``: the config's ``trainer`` section, any ``lightning.Trainer`` arguments (see ``trainer_kwargs``);
+    ``early_stopping_patience``: stop after this many validations without improvement of ``monitor`` (None = off).
+    """
     out_dir = Path(out_dir)
     done = out_dir / DONE
     if done.is_file():
@@ -95,30 +113,19 @@ def fit_resumable(
         auto_insert_metric_name=False, enable_version_counter=False,
     )
     loggers: list = [CSVLogger(str(out_dir), name="csv", version="")]
-    callbacks: list = [checkpoint, RNGState()]
+    callbacks: list = [checkpoint, RNGState(), LearningRateMonitor(logging_interval="epoch")]
+    if early_stopping_patience is not None:
+        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=int(early_stopping_patience)))
     if wandb_prefix is not None:
-        import wandb
+        from pipeline.tracking import model_job_logger
 
-        if wandb.run is not None:  # reuse the pipeline's run (one W&B run per run directory)
-            loggers.append(WandbLogger(prefix=wandb_prefix, experiment=wandb.run))
-            callbacks.append(LearningRateMonitor(logging_interval="epoch"))
-    trainer = L.Trainer(
-        max_epochs=max_epochs,
-        accelerator=trainer_cfg["accelerator"],
-        devices=trainer_cfg["devices"],
-        num_nodes=trainer_cfg["num_nodes"],
-        strategy=trainer_cfg["strategy"],
-        precision=trainer_cfg["precision"],
-        deterministic=trainer_cfg["deterministic"],
-        log_every_n_steps=trainer_cfg["log_every_n_steps"],
-        logger=loggers,
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        num_sanity_val_steps=0,
-        enable_progress_bar=progress_bar,
-        enable_model_summary=False,
-        default_root_dir=str(out_dir),
-    )
+        job = model_job_logger(wandb_prefix)  # one W&B run per model fold, in the pipeline's group
+        if job is not None:
+            loggers.append(job[0])
+            callbacks.append(job[1])
+    trainer = L.Trainer(**trainer_kwargs(trainer_cfg, max_epochs=max_epochs, logger=loggers, callbacks=callbacks,
+                                         plugins=[AtomicCheckpointIO()], enable_progress_bar=progress_bar,
+                                         default_root_dir=str(out_dir)))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else last
     if trainer.is_global_zero:

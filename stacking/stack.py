@@ -42,30 +42,42 @@ from stacking.selection import iqr_filter, loss_based_keep
 log = logging.getLogger("popstack")
 
 
+#: The one source of the stack's defaults: the Hydra group ``stacking/`` (``StackConfig()`` reads it).
+DEFAULTS_YAML = Path(__file__).resolve().parent.parent / "configs" / "stacking" / "default.yaml"
+
+
+def yaml_default(key: str) -> Any:
+    """``key`` of ``configs/stacking/default.yaml``; ``members`` = the enabled members' params (``enabled`` dropped)."""
+    import yaml
+
+    raw = yaml.safe_load(DEFAULTS_YAML.read_text())
+    if key == "members":
+        return {n: {k: v for k, v in p.items() if k != "enabled"} for n, p in raw[key].items() if p.get("enabled", True)}
+    return raw[key]
+
+
+def _from_yaml(key: str):
+    return field(default_factory=lambda: yaml_default(key))
+
+
 @dataclass
 class StackConfig:
     """members: tree members to fit ({name: params}); neural_columns: prediction columns read as members.
     blend: caruana | mae | spearman | ridge; caruana_size: greedy steps.
     pseudo_rounds, pseudo_alpha: eq. 10. iqr_k: IQR fence factor for training labels (0 = no filter).
     selection_fraction: loss-based selection (1.0 = keep all; the paper uses 0.77).
+    Defaults come from ``configs/stacking/default.yaml`` (``DEFAULTS_YAML``), never from this class.
     """
 
-    members: dict[str, dict[str, Any]] = field(default_factory=lambda: {
-        "catboost": {"iterations": 500, "learning_rate": 0.05, "depth": 6, "loss_function": "Huber:delta=1.0",
-                     "eval_metric": "MAE", "early_stopping_rounds": 50, "thread_count": 2},
-        "lightgbm": {"objective": "huber", "alpha": 1.0, "learning_rate": 0.05, "num_leaves": 31,
-                     "n_estimators": 1000, "early_stopping_rounds": 50, "num_threads": 2, "min_data_in_leaf": 20},
-        "tabnet": {"n_d": 16, "n_a": 16, "n_steps": 3, "max_epochs": 30, "patience": 5, "batch_size": 512,
-                   "virtual_batch_size": 128, "lr": 0.02, "huber_delta": 1.0},
-    })
+    members: dict[str, dict[str, Any]] = _from_yaml("members")
     neural_columns: list[str] = field(default_factory=list)
-    blend: str = "caruana"
-    caruana_size: int = 25
-    pseudo_rounds: int = 1
-    pseudo_alpha: float = 1.0
-    iqr_k: float = 3.0
-    selection_fraction: float = 1.0
-    selection_member: str = "lightgbm"
+    blend: str = _from_yaml("blend")
+    caruana_size: int = _from_yaml("caruana_size")
+    pseudo_rounds: int = _from_yaml("pseudo_rounds")
+    pseudo_alpha: float = _from_yaml("pseudo_alpha")
+    iqr_k: float = _from_yaml("iqr_k")
+    selection_fraction: float = _from_yaml("selection_fraction")
+    selection_member: str = _from_yaml("selection_member")
     seed: int = 0
 
 

@@ -1,0 +1,187 @@
+"""Checkpoint-based inference from Python: load a finished run directory once, predict new posts.
+
+    from pipeline.inference import Predictor
+    predictor = Predictor.from_run_dir("outputs/demo/2026-01-01_00-00-00")
+    scores = predictor.predict("/data/new_posts")                     # a directory in the SMPD layout
+    scores = predictor.predict(frame, image_root="/data/images")      # or a DataFrame of posts
+
+Both return a DataFrame keyed by ``post_id`` (columns ``split``, ``popularity_score`` in log-views), in input order;
+``result.attrs["popstack"]`` holds the run, the number of posts and of missing images. What is read from the run:
+``config.yaml``, the fitted feature state and standardiser, the PCA of the neural features, the neural checkpoints,
+the backbone weights and the stacker (``stack/model``); nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, open_dict
+
+from datamodules.atomic import atomic_path
+from datamodules.schema import (
+    COLUMNS,
+    FLOAT_COLUMNS,
+    IMAGE_MISSING,
+    IMAGE_OK,
+    INT_COLUMNS,
+    KEY,
+    NULLABLE_STRING_COLUMNS,
+    VECTOR_COLUMNS,
+)
+from pipeline.errors import UserError
+
+log = logging.getLogger("popstack")
+
+#: Columns a DataFrame of posts must have (the image path may also be given as ``image_relpath``).
+REQUIRED_FRAME_COLUMNS = (KEY, "uid", "image_path")
+
+
+def posts_from_frame(frame: pd.DataFrame, image_root: Path) -> pd.DataFrame:
+    """A posts table (``datamodules.schema.COLUMNS``) from a user DataFrame of posts.
+
+    Needs ``post_id``, ``uid`` and ``image_path`` (absolute, or relative to ``image_root``); any other column of
+    the posts table is taken when present and otherwise filled as a reader fills an absent field (empty text,
+    NaN numbers, no vectors). Rows keep their order; ``split`` defaults to ``test``.
+    """
+    frame = frame.rename(columns={"image_relpath": "image_path"}).reset_index(drop=True)
+    missing = [c for c in REQUIRED_FRAME_COLUMNS if c not in frame.columns]
+    if missing:
+        raise UserError(f"posts DataFrame: missing column(s) {missing}; needed: {list(REQUIRED_FRAME_COLUMNS)}")
+    ids = frame[KEY].astype(str)
+    if ids.duplicated().any():
+        raise UserError(f"posts DataFrame: duplicate {KEY} values, e.g. {ids[ids.duplicated()].head(3).tolist()}")
+    n = len(frame)
+    paths = [str((image_root / str(p)).resolve()) for p in frame["image_path"]]
+    out = {}
+    for col in COLUMNS:
+        if col in frame.columns and col != "image_relpath":
+            out[col] = frame[col].to_numpy()
+        elif col in FLOAT_COLUMNS:
+            out[col] = np.full(n, np.nan)
+        elif col in INT_COLUMNS:
+            out[col] = np.arange(n) if col == "row" else np.zeros(n, dtype=np.int64)
+        elif col in VECTOR_COLUMNS or col in NULLABLE_STRING_COLUMNS:
+            out[col] = [None] * n
+        else:
+            out[col] = [""] * n
+    posts = pd.DataFrame(out)
+    posts[KEY] = ids
+    posts["image_relpath"] = paths
+    posts["split"] = frame["split"].to_numpy() if "split" in frame.columns else "test"
+    posts["image_status"] = [IMAGE_OK if Path(p).is_file() else IMAGE_MISSING for p in paths]
+    posts["label"] = np.nan
+    for col in INT_COLUMNS:
+        posts[col] = posts[col].astype(np.int64)
+    for col in FLOAT_COLUMNS:
+        posts[col] = posts[col].astype(np.float64)
+    return posts[list(COLUMNS)]
+
+
+class Predictor:
+    """A finished run, loaded once: feature state, standardiser, PCA and stacker manifest; see the module docstring."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig):
+        from features.preprocess import Standardiser
+        from features.state import FeatureState
+        from pipeline.featurize import TABULAR_SCALER
+        from pipeline.neural import backbone_file, load_pca
+
+        self.run_dir, self.cfg = run_dir, cfg
+        self.state = FeatureState.load(run_dir / "features" / "state")
+        self.scaler = Standardiser.load(run_dir / "features" / TABULAR_SCALER)
+        self.pca = load_pca(run_dir / "neural" / "pca.npz")
+        self.weights = backbone_file(cfg, run_dir)
+        if not Path(self.weights).is_file():
+            raise UserError(f"backbone weights {self.weights} are missing from the run")
+        stack = json.loads((run_dir / "stack" / "model" / "stack.json").read_text())
+        self.columns = list(stack["feature_columns"]) + list(stack["config"]["neural_columns"])
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path, devices: int | None = None, progress_bar: bool = True) -> "Predictor":
+        """Load ``run_dir`` (a finished ``train.py`` run); ``devices``: GPUs/processes for the neural models
+        (default: the run's; with more than one, every rank takes part and the first writes the result)."""
+        from pipeline.config import load_run_config
+
+        run_dir = Path(run_dir).resolve()
+        cfg = load_run_config(run_dir)
+        if not (run_dir / "stack" / "model" / "stack.json").is_file():
+            raise UserError(f"{run_dir}: the run has no trained stacker (stack/model/stack.json); finish train.py first")
+        with open_dict(cfg):
+            if devices is not None:
+                cfg.trainer.devices = devices
+            cfg.progress_bar = progress_bar
+        return cls(run_dir, cfg)
+
+    def predict(self, posts: str | Path | pd.DataFrame, image_root: str | Path = ".",
+                work_dir: str | Path | None = None) -> pd.DataFrame | None:
+        """Scores of every post of ``posts``: a directory in the SMPD layout (either or both splits, labels
+        ignored) or a DataFrame (see ``posts_from_frame``). Returns ``post_id, split, popularity_score``.
+
+        With several devices every rank calls this: all share one temporary folder (``shared_tmpdir``); rank 0
+        lays the posts out and returns the result, the others encode and predict their share and return None.
+        """
+        from pipeline.distributed import shared_tmpdir, topology, wait_for, wait_timeout
+        from pipeline.featurize import TABULAR
+        from pipeline.neural import build_cache, neural_outputs
+        from pipeline.prepare import lay_out_new_posts, prepare_new_posts
+
+        with shared_tmpdir(work_dir) as work:
+            if not topology().is_zero:
+                wait_for(lambda: (work / "features" / TABULAR).is_file(), f"{work} laid out by rank 0",
+                         wait_timeout(self.cfg))
+                build_cache(self.cfg, work, weights=self.weights)
+                neural_outputs(self.cfg, work, self.run_dir, self.pca)
+                return None
+            if isinstance(posts, pd.DataFrame):
+                if posts.empty:
+                    raise UserError("posts DataFrame: no posts to predict")
+                table = lay_out_new_posts(self.cfg, self.run_dir, posts_from_frame(posts, Path(image_root)),
+                                          Path("/"), work)
+                source = f"a DataFrame of {len(posts)} posts"
+            else:
+                raw = Path(posts)
+                if not raw.is_dir():
+                    raise UserError(f"raw posts directory not found: {raw}")
+                table = prepare_new_posts(self.cfg, self.run_dir, raw, work)
+                source = str(raw)
+            log.info("predict: %d posts from %s", len(table), source)
+            X = self._stack_inputs(table, work)
+        from stacking.stack import predict_stack
+
+        scores = predict_stack(self.run_dir / "stack" / "model", X)
+        result = pd.DataFrame({KEY: table[KEY].to_numpy(), "split": table["split"].to_numpy(),
+                               "popularity_score": scores})
+        result.attrs["popstack"] = self._metadata(table, source)
+        return result
+
+    def _stack_inputs(self, posts: pd.DataFrame, work: Path) -> pd.DataFrame:
+        """The stacker's input columns for ``posts`` laid out in ``work`` (float32, rows in posts order)."""
+        from features.build import transform_features
+        from pipeline.featurize import TABULAR, feature_config
+        from pipeline.neural import build_cache, neural_outputs
+
+        feats = transform_features(posts, self.state, feature_config(self.cfg))
+        tab = pd.DataFrame(self.scaler.transform(feats[self.scaler.columns]), columns=self.scaler.columns)
+        tab.insert(0, KEY, feats[KEY].to_numpy())
+        with atomic_path(work / "features" / TABULAR) as tmp:  # the other ranks wait for this file
+            tab.to_parquet(tmp, index=False)
+        build_cache(self.cfg, work, weights=self.weights)
+        nf, preds = neural_outputs(self.cfg, work, self.run_dir, self.pca)
+        X = pd.concat([feats.reset_index(drop=True), nf.drop(columns=[KEY]), preds.drop(columns=[KEY])], axis=1)
+        return X[self.columns].astype(np.float32)
+
+    def _metadata(self, posts: pd.DataFrame, source: str) -> dict:
+        """What the output's metadata records; every image missing is warned about loudly (scores then rest on
+        text and metadata alone)."""
+        not_ok = int((posts["image_status"] != IMAGE_OK).sum())
+        meta = {"run_dir": str(self.run_dir), "source": source, "posts": len(posts), "images_not_ok": not_ok,
+                "all_images_missing": bool(not_ok == len(posts))}
+        if meta["all_images_missing"]:
+            meta["warning"] = (f"none of the {len(posts)} images of {source} could be read: the predictions use "
+                               f"no visual information (check the image paths)")
+            log.warning("predict: %s", meta["warning"].upper())
+        return meta

@@ -1,0 +1,95 @@
+"""Bad configs end before any stage runs: one ``error:`` line naming the key, the value and what is allowed; exit 2."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+# (override(s), the key the message must name, the bad value it must show)
+BAD_CONFIGS = [
+    (["stacking.blend=foo"], "stacking.blend", "foo"),
+    (["+stacking.members.xgboost.depth=3"], "stacking.members.xgboost", "xgboost"),
+    (["stacking.selection_member=xgboost"], "stacking.selection_member", "xgboost"),
+    (["model.prompt_prototype.lr=abc"], "model.prompt_prototype.lr", "abc"),
+    (["n_folds=1"], "n_folds", "1"),
+    (["seed=abc"], "seed", "abc"),
+    (["trainer.devices=0"], "trainer.devices", "0"),
+    (["data.text_field=foo"], "data.text_field", "foo"),
+    (["trainer=gpu"], "trainer.accelerator", "gpu"),
+    (["model.co_attention.epochs=-1"], "model.co_attention.epochs", "-1"),
+    (["+trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val", "-1"),
+    (["trainer.no_such_flag=1"], "trainer.no_such_flag", "no_such_flag"),
+    (["trainer.max_epochs=3"], "trainer.max_epochs", "max_epochs"),
+    (["model.no_such_key=1"], "model.no_such_key", "no_such_key"),
+    (["logger.wandb.mode=sometimes"], "logger.wandb.mode", "sometimes"),
+    (["stages=[prepare,fly]"], "stages", "fly"),
+    (["backbone=vit_h99"], "backbone", "vit_h99"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,value", BAD_CONFIGS, ids=[c[0][0] for c in BAD_CONFIGS])
+def test_bad_config_is_one_error_line_before_anything_runs(overrides, key, value, tmp_path, capsys, monkeypatch):
+    import lightning  # noqa: F401  (imports are paid once per process; the check itself is what is timed)
+    import torch
+
+    from train import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the GPU case reads the same on every machine
+    start = time.perf_counter()
+    rc = main(["debug=fast", f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run", *overrides])
+    seconds = time.perf_counter() - start
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2, err[-2000:]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert key in lines[0] and value in lines[0], lines[0]
+    assert list(tmp_path.iterdir()) == [], "a refused config must write nothing"
+    assert seconds < 15
+
+
+def test_gpu_trainer_without_gpu_names_the_cpu_override(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from train import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["debug=fast", f"paths.root_dir={tmp_path}", "trainer.accelerator=cuda"]) == 2
+    assert "use trainer=cpu" in capsys.readouterr().err
+
+
+def test_every_allowed_value_of_the_shipped_configs_passes():
+    """The schema accepts what the YAML files ship (each experiment, trainer and logger), so defaults and rules agree."""
+    from pipeline.config import compose_config
+    from pipeline.schema import validate
+
+    for overrides in (["experiment=smpd", "data.root=/data"], ["experiment=hyperfusion", "data.root=/data"],
+                      ["experiment=cmpa_dgpl", "data.root=/data"], ["trainer=ddp"], ["logger=wandb"], ["logger=none"],
+                      ["debug=fast"], ["data.synthetic.naming=2020", "data.synthetic.user_variant=B"]):
+        validate(compose_config([*overrides, "trainer.accelerator=cpu"], validate=False))  # ConfigError if refused
+
+
+def test_stack_config_defaults_are_the_yaml():
+    """One source of defaults: ``StackConfig()`` equals ``configs/stacking/default.yaml`` (enabled members)."""
+    from pipeline.config import compose_config
+    from stacking.stack import StackConfig
+
+    yaml = compose_config(["~experiment"]).stacking  # the stacking group alone, no experiment overlay
+    cfg = StackConfig()
+    for key in ("blend", "caruana_size", "pseudo_rounds", "pseudo_alpha", "iqr_k", "selection_fraction",
+                "selection_member"):
+        assert getattr(cfg, key) == yaml[key], key
+    assert cfg.members == {n: {k: v for k, v in p.items() if k != "enabled"}
+                           for n, p in yaml.members.items() if p.enabled}
+
+
+def test_schema_refuses_unknown_keys_and_adding_one_is_one_line(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from pipeline import schema
+
+    cfg = OmegaConf.create({"data": {"kind": "smpd", "brand_new": 3}})
+    with pytest.raises(schema.ConfigError, match="data.brand_new"):
+        schema._check(cfg, {"data": schema.DATA}, "")
+    monkeypatch.setitem(schema.DATA, "brand_new", schema.Int(lo=0))
+    schema._check(cfg, {"data": schema.DATA}, "")
