@@ -15,6 +15,7 @@ from datamodules.smpd import read_posts
 from features.build import build_features
 from features.config import FeatureConfig
 from features.preprocess import Standardiser
+from datamodules.atomic import atomic_path
 from pipeline.manifest import StageResult
 
 log = logging.getLogger("popstack")
@@ -28,10 +29,15 @@ def feature_config(cfg: DictConfig) -> FeatureConfig:
 
 
 def featurize(cfg: DictConfig, run_dir: Path) -> StageResult:
+    """The features stage; ``features/`` is written under a temporary name and replaces the old one when complete."""
+    with atomic_path(run_dir / "features") as out:
+        return _featurize(cfg, run_dir, out)
+
+
+def _featurize(cfg: DictConfig, run_dir: Path, out: Path) -> StageResult:
     posts = read_posts(run_dir / "posts.parquet")
     folds = read_folds(run_dir / "folds.parquet")["fold"].to_numpy()
     fs = build_features(posts, folds, feature_config(cfg))
-    out = run_dir / "features"
     fs.save(out)
     labelled = folds != NO_FOLD
     scaler = Standardiser.fit(fs.frame.loc[labelled, list(fs.families)])

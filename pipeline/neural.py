@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.atomic import atomic_path, atomic_write_json
 from datamodules.cached import EmbeddingDataModule, load_embedding_cache
 from datamodules.folds import read_folds
 from datamodules.schema import KEY, LABEL, NO_FOLD
@@ -30,7 +31,7 @@ from lightning_modules.prototypes import prototype_means, select_prototype_posts
 from lightning_modules.regressors import CLIPHierarchicalPredictor, CoAttentionMLPModule
 from pipeline.featurize import TABULAR
 from pipeline.manifest import StageResult
-from pipeline.training import fit_resumable
+from pipeline.training import DONE, finished_checkpoint, fit_resumable, read_done, start_fresh_unless
 
 log = logging.getLogger("popstack")
 
@@ -55,20 +56,33 @@ def _trainer_cfg(cfg: DictConfig) -> dict:
 
 
 def backbone_file(cfg: DictConfig, run_dir: Path) -> str:
-    """The CLIP weights every neural module of this run uses (a user file, or the run's saved copy)."""
-    pre = cfg.backbone.pretrained
-    if pre and Path(pre).is_file():
-        return str(Path(pre).resolve())
+    """The CLIP weights every neural module of this run uses: the run's own copy (``embeddings/backbone.pt``,
+    written by :func:`build_cache` from the user's file, tag or random init), so inference reads nothing outside
+    the run directory."""
     return str(run_dir / "embeddings" / BACKBONE_FILE)
 
 
-def build_cache(cfg: DictConfig, run_dir: Path, weights: str | None = None) -> Path:
-    """Encode every post once with the frozen backbone (skipped when the cache exists).
+def backbone_key(cfg: DictConfig) -> dict:
+    """What the frozen backbone's weights are made of: name, and the sha256 of a user file, the hub tag, or
+    random init with the run's seed."""
+    from pipeline.manifest import file_digest
+
+    pre = cfg.backbone.pretrained
+    source = f"sha256:{file_digest(Path(pre))}" if pre and Path(pre).is_file() else (pre or f"random:{cfg.seed}")
+    return {"name": cfg.backbone.name, "weights": source}
+
+
+def build_cache(cfg: DictConfig, run_dir: Path, weights: str | None = None, key: dict | None = None) -> Path:
+    """Encode every post once with the frozen backbone; skipped when the cache exists and was built with ``key``
+    (the shards, posts and backbone it encodes; None at inference, where the work directory is new).
 
     ``weights``: CLIP weights file to use instead of ``cfg.backbone.pretrained`` (inference uses the run's).
     """
     cache = run_dir / "embeddings"
-    if (cache / "post_ids.json").is_file():
+    key_file = cache / "key.json"
+    stored = json.loads(key_file.read_text()) if key_file.is_file() else None
+    ready = (cache / "post_ids.json").is_file() and stored == json.loads(json.dumps(key, sort_keys=True, default=str))
+    if ready and (weights is not None or (cache / BACKBONE_FILE).is_file()):
         return cache
     torch.manual_seed(int(cfg.seed))
     bb = load_backbone(cfg.backbone.name, weights or cfg.backbone.pretrained)
@@ -81,8 +95,11 @@ def build_cache(cfg: DictConfig, run_dir: Path, weights: str | None = None) -> P
     amp = torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") and _device(cfg) == "cuda" else None
     compute_embedding_cache(bb.model, loader, cache, post_ids=posts[KEY].tolist(),
                             token_len=int(cfg.backbone.token_len), device=_device(cfg), autocast_dtype=amp)
-    if weights is None and not (cfg.backbone.pretrained and Path(cfg.backbone.pretrained).is_file()):
-        torch.save(bb.model.cpu().state_dict(), cache / BACKBONE_FILE)
+    if weights is None:  # training: the run keeps its own copy of the weights it encoded with
+        with atomic_path(cache / BACKBONE_FILE) as tmp:
+            torch.save(bb.model.cpu().state_dict(), tmp)
+    if key is not None:
+        atomic_write_json(key_file, key)
     return cache
 
 
@@ -138,25 +155,38 @@ def enabled_modules(cfg: DictConfig) -> list[str]:
     return names
 
 
-def train_neural(cfg: DictConfig, run_dir: Path) -> StageResult:
-    build_cache(cfg, run_dir)
+def train_neural(cfg: DictConfig, run_dir: Path, inputs: dict) -> StageResult:
+    """Train every enabled module on every fold. ``inputs``: content checksums of the run files this stage reads
+    (``pipeline.manifest``); the embedding cache and each fold's directory are keyed by them, by the fold
+    assignment, the module's config and the backbone weights, so nothing made from other inputs is reused."""
+    bb = backbone_key(cfg)
+    cache_key = {"shards": inputs.get("shards"), "posts": inputs.get("posts.parquet"), "backbone": bb,
+                 "token_len": int(cfg.backbone.token_len), "text_field": cfg.data.text_field,
+                 "precision": str(cfg.trainer.precision)}
+    build_cache(cfg, run_dir, key=cache_key)
+    t = _trainer_cfg(cfg)
     metrics = {}
+    outputs = ["embeddings"]
     for name in enabled_modules(cfg):
         monitor, mode = MONITOR[name]
         for fold in range(int(cfg.n_folds)):
             out = run_dir / "neural" / name / f"fold{fold}"
-            dm = _datamodule(cfg, run_dir, name, fold)
-            if (out / "done.json").is_file():
-                best = json.loads((out / "done.json").read_text())
-            else:
+            key = {"data": inputs, "folds": inputs.get("folds.parquet"), "fold": fold, "seed": int(cfg.seed) + fold,
+                   "model": OmegaConf.to_container(cfg.model[name], resolve=True), "backbone": {
+                       **bb, "trainable_last_blocks": int(cfg.backbone.trainable_last_blocks),
+                       "token_len": int(cfg.backbone.token_len)},
+                   "trainer": {k: t[k] for k in ("precision", "deterministic")}}
+            start_fresh_unless(out, key)
+            if finished_checkpoint(out) is None:
                 log.info("neural: training %s fold %d/%d", name, fold + 1, cfg.n_folds)
-                module = build_module(cfg, run_dir, name, dm)
-                fit_resumable(module, dm, out, trainer_cfg=_trainer_cfg(cfg), max_epochs=int(cfg.model[name].epochs),
-                              monitor=monitor, mode=mode, seed=int(cfg.seed) + fold, wandb_prefix=f"{name}/fold{fold}",
+                dm = _datamodule(cfg, run_dir, name, fold)
+                fit_resumable(build_module(cfg, run_dir, name, dm), dm, out, key=key, trainer_cfg=t,
+                              max_epochs=int(cfg.model[name].epochs), monitor=monitor, mode=mode,
+                              seed=int(cfg.seed) + fold, wandb_prefix=f"{name}/fold{fold}",
                               progress_bar=bool(cfg.get("progress_bar", True)))
-                best = json.loads((out / "done.json").read_text())
-            metrics[f"{name}/fold{fold}/{monitor}"] = best["best_score"]
-    return StageResult(outputs=["embeddings", "neural"], metrics=metrics)
+            metrics[f"{name}/fold{fold}/{monitor}"] = read_done(out)["best_score"]
+            outputs.append(f"neural/{name}/fold{fold}")
+    return StageResult(outputs=outputs, metrics=metrics)
 
 
 def load_module(name: str, checkpoint: str | Path):
@@ -218,10 +248,11 @@ def checkpoints(cfg: DictConfig, run_dir: Path, name: str) -> dict[int, Path]:
     """The best checkpoint of each fold of module ``name``."""
     out = {}
     for fold in range(int(cfg.n_folds)):
-        done = run_dir / "neural" / name / f"fold{fold}" / "done.json"
-        if not done.is_file():
-            raise FileNotFoundError(f"{done}: {name} fold {fold} has not finished training")
-        out[fold] = Path(json.loads(done.read_text())["best"])
+        fold_dir = run_dir / "neural" / name / f"fold{fold}"
+        best = finished_checkpoint(fold_dir)
+        if best is None:
+            raise FileNotFoundError(f"{fold_dir / DONE}: {name} fold {fold} has not finished training")
+        out[fold] = best
     return out
 
 
@@ -257,7 +288,8 @@ def neural_outputs(cfg: DictConfig, data_dir: Path, run_dir: Path, pca_state: di
     return nf, preds
 
 
-def save_pca(state: dict, path: Path) -> None:
+def save_pca(state: dict, path) -> None:
+    """``state`` (block -> (mean, components)) as an npz at ``path`` (a path ending in .npz, or an open file)."""
     np.savez(path, **{f"{b}.{part}": arr for b, (m, c) in state.items() for part, arr in (("mean", m), ("components", c))})
 
 
@@ -275,9 +307,12 @@ def extract_neural(cfg: DictConfig, run_dir: Path) -> StageResult:
     out = run_dir / "neural"
     if is_child_process():  # DDP children took part in trainer.predict; the first process writes the results
         return StageResult(outputs=[])
-    nf.to_parquet(out / "features.parquet", index=False)
-    preds.to_parquet(out / "predictions.parquet", index=False)
-    save_pca(pca_state, out / "pca.npz")
+    with atomic_path(out / "features.parquet") as tmp:
+        nf.to_parquet(tmp, index=False)
+    with atomic_path(out / "predictions.parquet") as tmp:
+        preds.to_parquet(tmp, index=False)
+    with atomic_path(out / "pca.npz") as tmp, open(tmp, "wb") as f:
+        save_pca(pca_state, f)
     labels = pd.read_parquet(run_dir / "posts.parquet", columns=[LABEL])[LABEL].to_numpy()
     labelled = ~np.isnan(labels)
     from stacking.metrics import scores
@@ -288,7 +323,7 @@ def extract_neural(cfg: DictConfig, run_dir: Path) -> StageResult:
         log.info("extract: out-of-fold %s = %.4f", k, v)
     families = {c: c.split("__", 1)[0] for c in nf.columns if c != KEY}
     families.update({c: NEURAL_PRED for c in preds.columns if c != KEY})
-    (out / "families.json").write_text(json.dumps(families, indent=1))
+    atomic_write_json(out / "families.json", families)
     return StageResult(outputs=["neural/features.parquet", "neural/predictions.parquet", "neural/families.json",
                                 "neural/pca.npz"],
                        counts={"neural_feature_columns": len(nf.columns) - 1, "prediction_columns": len(preds.columns) - 1},

@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.stats import gaussian_kde  # noqa: E402
 
+from datamodules.atomic import atomic_path, atomic_write_text  # noqa: E402
 from datamodules.schema import submission_post_id  # noqa: E402
 
 SUBMISSION_VERSION = "VERSION 1.2"
@@ -34,7 +35,8 @@ def plot_prediction_distribution(y_true: np.ndarray, y_pred: np.ndarray, path: P
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -47,7 +49,8 @@ def plot_feature_importance(importance: pd.Series, path: Path, top: int = 20) ->
     ax.set_xlabel("importance (% of total)")
     ax.set_title(f"Top-{len(share)} features")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -66,10 +69,7 @@ def write_submission(post_ids: list[str], scores: np.ndarray, path: Path, detail
         ],
         "external_data": {"used": "false", "details": details},
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(payload, indent=1))
 
 
 def markdown_table(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
@@ -86,8 +86,7 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
 def write_report(path: Path, sections: list[tuple[str, str]]) -> Path:
     """``report.md`` from (heading, markdown body) sections."""
     text = "# popstack run report\n\n" + "\n\n".join(f"## {h}\n\n{body}" for h, body in sections) + "\n"
-    path.write_text(text)
-    return path
+    return atomic_write_text(path, text)
 
 
 def print_summary(members: pd.DataFrame, stage_seconds: dict[str, float]) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from datamodules.atomic import atomic_path
 from datamodules.schema import KEY, LABEL
 from pipeline.manifest import Manifest, StageResult
 from pipeline.report import (
@@ -35,7 +36,8 @@ def report(cfg: DictConfig, run_dir: Path, tracker, manifests: dict[str, Manifes
 
     labels = pd.read_parquet(run_dir / "posts.parquet", columns=[KEY, LABEL])
     preds = preds.merge(labels, on=KEY)
-    preds[["post_id", "split", "prediction", "label"]].to_parquet(run_dir / "predictions.parquet", index=False)
+    with atomic_path(run_dir / "predictions.parquet") as tmp:
+        preds[["post_id", "split", "prediction", "label"]].to_parquet(tmp, index=False)
 
     test = preds[preds.split == "test"].sort_values("row")
     write_submission(
