@@ -124,8 +124,10 @@ def build_module(cfg: DictConfig, run_dir: Path, name: str, dm: EmbeddingDataMod
     if name == "prompt_prototype":
         vocab = json.loads((run_dir / "vocab.json").read_text())
         module = PromptPrototypeModule(class_names=vocab["subcategory"], backbone_name=cfg.backbone.name,
-                                       backbone_pretrained=backbone_file(cfg, run_dir),
+                                       backbone_pretrained=None,
                                        trainable_last_blocks=int(cfg.backbone.trainable_last_blocks), **hp)
+        # the run's weights, loaded here so no path (absolute or not) lands in the checkpoint's hyperparameters
+        module.clip.load_state_dict(torch.load(backbone_file(cfg, run_dir), map_location="cpu", weights_only=True))
         posts = pd.read_parquet(run_dir / "posts.parquet", columns=["postdate", "concept", "uid", "title", "alltags"])
         train = posts.iloc[dm.train_idx].reset_index(drop=True).assign(
             subcategory_id=dm.meta.subcategory_id.to_numpy()[dm.train_idx])

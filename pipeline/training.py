@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 from pathlib import Path
@@ -40,16 +41,38 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+#: Stands for the checkpoint's own directory in the paths callbacks store in it (ModelCheckpoint's dirpath and
+#: best/last paths), so a checkpoint names no absolute path and a moved run resumes with its best-model record.
+CHECKPOINT_DIR = "<checkpoint-dir>"
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written atomically (``datamodules.atomic``) and read back with an explicit
-    ``weights_only=True`` (tensors, containers and primitives only: a planted pickle never runs)."""
+    """Checkpoints written atomically (``datamodules.atomic``) with callback paths relative to the checkpoint's
+    directory, and read back with an explicit ``weights_only=True`` (tensors, containers and primitives only: a
+    planted pickle never runs)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        here = os.path.realpath(Path(path).parent)
+        checkpoint = {**checkpoint, "callbacks": _swap_prefix(checkpoint.get("callbacks", {}), here, CHECKPOINT_DIR)}
         with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
-        return load_checkpoint_safely(path)
+        checkpoint = load_checkpoint_safely(path)
+        here = os.path.realpath(Path(path).parent)
+        checkpoint["callbacks"] = _swap_prefix(checkpoint.get("callbacks", {}), CHECKPOINT_DIR, here)
+        return checkpoint
+
+
+def _swap_prefix(obj: Any, old: str, new: str) -> Any:
+    """``obj`` with every string (values and dict keys) equal to ``old`` or under ``old/`` re-rooted at ``new``."""
+    if isinstance(obj, dict):
+        return {_swap_prefix(k, old, new): _swap_prefix(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_swap_prefix(v, old, new) for v in obj)
+    if isinstance(obj, str) and (obj == old or obj.startswith(old + "/")):
+        return new + obj[len(old):]
+    return obj
 
 
 def load_checkpoint_safely(path: str | Path) -> dict[str, Any]:
