@@ -31,7 +31,8 @@ from lightning_modules.prototypes import prototype_means, select_prototype_posts
 from lightning_modules.regressors import CLIPHierarchicalPredictor, CoAttentionMLPModule
 from pipeline.featurize import TABULAR
 from pipeline.manifest import StageResult
-from pipeline.training import DONE, finished_checkpoint, fit_resumable, read_done, start_fresh_unless
+from pipeline.training import (DONE, KEY_FILE, finished_checkpoint, fit_resumable, read_done, recorded_key_is,
+                               start_fresh_unless)
 
 log = logging.getLogger("popstack")
 
@@ -79,9 +80,8 @@ def build_cache(cfg: DictConfig, run_dir: Path, weights: str | None = None, key:
     ``weights``: CLIP weights file to use instead of ``cfg.backbone.pretrained`` (inference uses the run's).
     """
     cache = run_dir / "embeddings"
-    key_file = cache / "key.json"
-    stored = json.loads(key_file.read_text()) if key_file.is_file() else None
-    ready = (cache / "post_ids.json").is_file() and stored == json.loads(json.dumps(key, sort_keys=True, default=str))
+    key_file = cache / KEY_FILE
+    ready = (cache / "post_ids.json").is_file() and (recorded_key_is(key_file, key) if key else not key_file.exists())
     if ready and (weights is not None or (cache / BACKBONE_FILE).is_file()):
         return cache
     torch.manual_seed(int(cfg.seed))

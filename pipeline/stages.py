@@ -4,10 +4,14 @@ Stage order and what each reads:
 
     prepare  -> posts.parquet, vocab.json, folds.parquet, shards/
     features -> features/                       (reads prepare)
-    neural   -> embeddings/, neural/<model>/     (reads prepare, features)
-    extract  -> neural/features.parquet, neural/predictions.parquet  (reads neural)
-    stack    -> stack/                          (reads features, extract)
-    report   -> report.md, *.png, submission.json, predictions.parquet  (reads stack)
+    neural   -> embeddings/, neural/<model>/fold<k>/  (reads prepare, features)
+    extract  -> neural/features.parquet, neural/predictions.parquet  (reads prepare, features, neural)
+    stack    -> stack/                          (reads prepare, features, extract)
+    report   -> report.md, *.png, submission.json, predictions.parquet  (reads prepare, stack)
+
+A stage reruns when its config section, the outside files it reads (``_stage_inputs``) or the checksums of the
+upstream outputs it reads (``READS``) changed, or when one of its own outputs no longer matches its checksum
+(``pipeline.manifest``). Only the first process holds the run directory's lock (``pipeline.lock``).
 """
 
 from __future__ import annotations
@@ -156,13 +160,20 @@ class Pipeline:
         return sections[stage]
 
     def _stage_inputs(self, stage: str) -> dict | None:
-        """The raw files a stage reads from outside the run directory (only prepare: the data root)."""
-        if stage != "prepare":
-            return None
-        from pipeline.manifest import raw_fingerprint
-        from pipeline.prepare import raw_root
+        """Fingerprints of the files a stage reads from outside the run directory: the data root (prepare), the
+        user's CLIP weights file (neural), the GloVe file (features)."""
+        from pipeline.manifest import file_digest, raw_fingerprint
 
-        return raw_fingerprint(raw_root(self.cfg))
+        if stage == "prepare":
+            from pipeline.prepare import raw_root
+
+            return raw_fingerprint(raw_root(self.cfg))
+        if stage == "neural":
+            from pipeline.neural import backbone_key
+
+            return backbone_key(self.cfg)
+        glove = self.cfg.features.get("glove_path") if stage == "features" else None
+        return {"glove": file_digest(Path(glove))} if glove and Path(glove).is_file() else None
 
     def path(self, *parts: str) -> Path:
         return self.run_dir.joinpath(*parts)

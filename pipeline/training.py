@@ -128,13 +128,20 @@ def read_done(out_dir: Path) -> dict:
     return json.loads((Path(out_dir) / DONE).read_text())
 
 
+def recorded_key_is(key_file: Path, key: Any) -> bool:
+    """True when ``key_file`` holds ``key`` (as ``atomic_write_json`` wrote it); False if absent or damaged."""
+    try:
+        return json.loads(Path(key_file).read_text()) == json.loads(json.dumps(key, sort_keys=True, default=str))
+    except (OSError, ValueError):
+        return False
+
+
 def start_fresh_unless(out_dir: Path, key: dict[str, Any]) -> None:
     """Keep ``out_dir`` (finished or resumable) only when it was made with ``key``; otherwise empty it and
     record ``key``. A ``done.json`` pointing at no checkpoint also empties it (the fit starts again)."""
     out_dir = Path(out_dir)
     key_file = out_dir / KEY_FILE
-    recorded = json.loads(key_file.read_text()) if key_file.is_file() else None
-    if recorded == json.loads(json.dumps(key, sort_keys=True, default=str)):
+    if recorded_key_is(key_file, key):
         if not (out_dir / DONE).is_file() or finished_checkpoint(out_dir) is not None:
             return
         log.info("%s: done.json names a checkpoint that is gone; training from scratch", out_dir)
