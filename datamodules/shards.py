@@ -32,6 +32,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
+from datamodules.atomic import atomic_write_json
 from datamodules.schema import IMAGE_MISSING, IMAGE_OK, IMAGE_UNREADABLE, KEY, UNKNOWN_ID
 
 log = logging.getLogger("popstack")
@@ -162,9 +163,7 @@ def write_shards(
     n = len(posts)
     info.counts = [min(shard_size, n - i * shard_size) for i in range(len(info.shards))]
     index = {"split": split, "shards": info.shards, "counts": info.counts, "total": info.total}
-    tmp = out_dir / f".{split}-index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, out_dir / f"{split}-index.json")
+    atomic_write_json(out_dir / f"{split}-index.json", index)
     return info
 
 

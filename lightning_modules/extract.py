@@ -8,7 +8,6 @@ mean over the fold models. ``align_fold_outputs`` first puts every fold model's 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from datamodules.atomic import atomic_path
 from datamodules.schema import KEY, NO_FOLD
 
 
@@ -58,9 +58,8 @@ class KeyedPredictionWriter(BasePredictionWriter):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         frame = outputs_to_frame(self._outputs)
         path = self.out_dir / f"rank{trainer.global_rank}.parquet"
-        tmp = path.with_suffix(".tmp")
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            frame.to_parquet(tmp, index=False)
         self._outputs = []
 
 

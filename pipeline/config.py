@@ -12,6 +12,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from datamodules.atomic import atomic_write_text
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RESOLVED_CONFIG = "config.yaml"
 RUN_DIR_ENV = "POPSTACK_RUN_DIR"
@@ -54,19 +56,22 @@ def sweep_dir(overrides: list[str], config_name: str = "train") -> Path:
 
 
 def save_config(cfg: DictConfig, run_dir: str | Path) -> Path:
-    """Write the resolved config next to the run's checkpoints, so inference needs only the run directory."""
-    path = Path(run_dir) / RESOLVED_CONFIG
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tmp.replace(path)
-    return path
+    """Write the resolved config into the run directory, so inference needs only the run directory.
+
+    ``run_dir`` is saved as ``.`` (the directory holding the file): a moved or copied run stays self-contained.
+    """
+    saved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    saved.run_dir = "."
+    return atomic_write_text(Path(run_dir) / RESOLVED_CONFIG, OmegaConf.to_yaml(saved))
 
 
 def load_run_config(run_dir: str | Path) -> DictConfig:
+    """The saved config of a run, with ``run_dir`` set to where the run directory is now."""
     path = Path(run_dir) / RESOLVED_CONFIG
     if not path.is_file():
         from pipeline.errors import UserError
 
         raise UserError(f"{run_dir} is not a popstack run directory: {RESOLVED_CONFIG} not found")
-    return OmegaConf.load(path)
+    cfg = OmegaConf.load(path)
+    cfg.run_dir = str(Path(run_dir).resolve())
+    return cfg

@@ -15,6 +15,7 @@ from datamodules.smpd import read_posts
 from features.build import build_features
 from features.config import FeatureConfig
 from features.preprocess import Standardiser
+from datamodules.atomic import atomic_path
 from pipeline.manifest import StageResult
 
 log = logging.getLogger("popstack")
@@ -28,13 +29,18 @@ def feature_config(cfg: DictConfig) -> FeatureConfig:
 
 
 def featurize(cfg: DictConfig, run_dir: Path) -> StageResult:
+    """The features stage; ``features/`` is written under a temporary name and replaces the old one when complete."""
     if not cfg.features.glove_path:
         log.info("features: GloVe off (features.glove_path is empty; HyperFusion's 300-d tag/title vectors need a "
                  "GloVe text file, e.g. features.glove_path=/data/glove.42B.300d.txt)")
+    with atomic_path(run_dir / "features") as out:
+        return _featurize(cfg, run_dir, out)
+
+
+def _featurize(cfg: DictConfig, run_dir: Path, out: Path) -> StageResult:
     posts = read_posts(run_dir / "posts.parquet")
     folds = read_folds(run_dir / "folds.parquet")["fold"].to_numpy()
     fs = build_features(posts, folds, feature_config(cfg), progress=bool(cfg.progress_bar))
-    out = run_dir / "features"
     fs.save(out)
     labelled = folds != NO_FOLD
     scaler = Standardiser.fit(fs.frame.loc[labelled, list(fs.families)])

@@ -1,19 +1,37 @@
-"""Stage manifests: what a stage ran with and what it wrote, so a rerun skips finished stages.
+"""Stage manifests: what a stage ran with and what it wrote, so a rerun skips finished stages, and only those.
 
-A manifest is ``<run>/manifests/<stage>.json`` holding the stage's config hash (the hash of its own config
-section plus the hashes of the stages it reads from), its outputs (paths relative to the run directory),
-counts and seconds. A stage is skipped when its manifest exists, the hash matches and every output exists.
+A manifest is ``<run>/manifests/<stage>.json`` holding
+
+- ``hash``: the hash of the stage's config section, of the raw files it read (``inputs``; the prepare stage's
+  data root, see :func:`raw_fingerprint`) and of the checksums of the upstream outputs it reads;
+- ``outputs``: paths relative to the run directory, and ``checksums``: one :func:`checksum` per output;
+- counts, metrics and seconds.
+
+A stage is skipped when its manifest exists, the hash matches and every output still matches its checksum; a
+missing, truncated or altered output makes the stage rerun. Checksums are content hashes (sha256 of the bytes;
+files above ``FULL_HASH_BYTES`` hash their size and ``SAMPLE_BLOCKS`` evenly spaced 1 MiB blocks), plus each
+file's size and modification time: a file whose size and mtime are unchanged is trusted without reading it, so
+verifying a finished stage costs one ``stat`` per file; a file with a new mtime (a copied run directory, an
+edit) is re-hashed and accepted when its content is unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from datamodules.atomic import TMP_MARK, atomic_write_json
+
+#: Files up to this size are hashed whole; larger ones (embedding caches at SMPD scale: tens of GB) are sampled.
+FULL_HASH_BYTES = 256 << 20
+SAMPLE_BLOCKS = 64
+BLOCK = 1 << 20
+#: Image files of a raw data root are fingerprinted by size and mtime (reading 486k photos per run is too slow).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 
 
 def config_hash(payload: Any) -> str:
@@ -22,13 +40,63 @@ def config_hash(payload: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    """Write JSON to a temporary file in the same directory, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+def file_digest(path: Path, size: int | None = None) -> str:
+    """sha256 of a file's bytes (whole up to ``FULL_HASH_BYTES``, else size + ``SAMPLE_BLOCKS`` blocks), hex."""
+    size = path.stat().st_size if size is None else size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            for chunk in iter(lambda: f.read(BLOCK), b""):
+                h.update(chunk)
+        else:
+            h.update(f"sampled:{size}".encode())
+            for i in range(SAMPLE_BLOCKS):
+                f.seek((size - BLOCK) * i // (SAMPLE_BLOCKS - 1))
+                h.update(f.read(BLOCK))
+    return h.hexdigest()
+
+
+def _files(path: Path) -> list[tuple[str, Path]]:
+    """(relative name, path) of ``path`` itself or of every file under it, sorted; temporary files excluded."""
+    if path.is_file():
+        return [("", path)]
+    return sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*")
+                  if p.is_file() and TMP_MARK not in p.name)
+
+
+def checksum(path: Path, previous: dict | None = None) -> dict | None:
+    """``{name: [size, mtime_ns, digest]}`` for a file (name ``""``) or every file of a directory; None if absent.
+
+    Files whose size and mtime equal those in ``previous`` keep their recorded digest without being read.
+    """
+    if not path.exists():
+        return None
+    known = previous or {}
+    out = {}
+    for name, p in _files(path):
+        st = p.stat()
+        old = known.get(name)
+        if old is not None and old[0] == st.st_size and old[1] == st.st_mtime_ns:
+            out[name] = list(old)
+        else:
+            out[name] = [st.st_size, st.st_mtime_ns, file_digest(p, st.st_size)]
+    return out
+
+
+def content_of(check: dict | None) -> dict | None:
+    """The part of a checksum that identifies content (sizes and digests; mtimes dropped)."""
+    return None if check is None else {name: [size, digest] for name, (size, _, digest) in check.items()}
+
+
+def raw_fingerprint(root: Path) -> dict:
+    """What the prepare stage read from a raw data root: ``{relative path: [size, sha256]}`` for metadata files,
+    ``{relative path: [size, mtime_ns]}`` for images (their list, sizes and modification times)."""
+    out = {}
+    for name, p in _files(root):
+        st = p.stat()
+        second = st.st_mtime_ns if p.suffix.lower() in IMAGE_SUFFIXES else file_digest(p, st.st_size)
+        out[name] = [st.st_size, second]
+    return out
 
 
 @dataclass
@@ -45,10 +113,13 @@ class Manifest:
     stage: str
     hash: str
     outputs: list[str]
+    checksums: dict[str, dict | None]
     counts: dict[str, Any]
     metrics: dict[str, Any]
     seconds: float
     skipped: bool = False
+
+    FIELDS = ("stage", "hash", "outputs", "checksums", "counts", "metrics", "seconds")
 
     @classmethod
     def read(cls, path: Path) -> "Manifest | None":
@@ -56,9 +127,12 @@ class Manifest:
             return None
         try:
             data = json.loads(path.read_text())
-            return cls(**{k: data[k] for k in ("stage", "hash", "outputs", "counts", "metrics", "seconds")})
+            return cls(**{k: data[k] for k in cls.FIELDS})
         except (json.JSONDecodeError, KeyError, TypeError):
-            return None  # a damaged manifest means "not finished": the stage reruns
+            return None  # a damaged (or older) manifest means "not finished": the stage reruns
+
+    def record(self) -> dict:
+        return {k: getattr(self, k) for k in self.FIELDS}
 
 
 class StageRunner:
@@ -73,37 +147,66 @@ class StageRunner:
     def manifest_path(self, stage: str) -> Path:
         return self.run_dir / "manifests" / f"{stage}.json"
 
-    def stage_hash(self, stage: str, config: Any, depends_on: tuple[str, ...]) -> str:
-        upstream = {name: self.manifests[name].hash for name in depends_on if name in self.manifests}
-        return config_hash({"stage": stage, "config": config, "upstream": upstream})
+    def upstream(self, reads: dict[str, tuple[str, ...] | None]) -> dict[str, dict | None]:
+        """Content checksums of the upstream outputs a stage reads: ``reads`` maps an upstream stage to the
+        outputs read from it (None: all of them); stages without a manifest contribute nothing."""
+        out = {}
+        for name, paths in reads.items():
+            manifest = self.manifests.get(name)
+            if manifest is None:
+                continue
+            for rel in manifest.outputs if paths is None else paths:
+                out[rel] = content_of(manifest.checksums.get(rel))
+        return out
 
-    def done(self, stage: str, digest: str) -> Manifest | None:
-        manifest = Manifest.read(self.manifest_path(stage))
-        if manifest is None or manifest.hash != digest:
-            return None
-        if not all((self.run_dir / out).exists() for out in manifest.outputs):
-            return None
-        return manifest
+    def stage_hash(self, stage: str, config: Any, inputs: Any, reads: dict[str, tuple[str, ...] | None]) -> str:
+        return config_hash({"stage": stage, "config": config, "inputs": inputs, "upstream": self.upstream(reads)})
+
+    def verify(self, manifest: Manifest) -> str | None:
+        """None when every output matches its checksum (refreshing recorded mtimes), else what is wrong."""
+        fresh = {}
+        for rel in manifest.outputs:
+            recorded = manifest.checksums.get(rel)
+            current = checksum(self.run_dir / rel, recorded)
+            if current is None:
+                return f"{rel} is missing"
+            if content_of(current) != content_of(recorded):
+                return f"{rel} changed since the stage wrote it"
+            fresh[rel] = current
+        if fresh != manifest.checksums:
+            manifest.checksums = fresh
+            if self.write_manifests:
+                atomic_write_json(self.manifest_path(manifest.stage), manifest.record())
+        return None
 
     def run(
-        self, stage: str, config: Any, fn: Callable[[], StageResult], depends_on: tuple[str, ...] = ()
+        self, stage: str, config: Any, fn: Callable[[], StageResult], inputs: Any = None,
+        reads: dict[str, tuple[str, ...] | None] | None = None,
     ) -> Manifest:
-        digest = self.stage_hash(stage, config, depends_on)
-        finished = self.done(stage, digest)
-        if finished is not None:
-            self.log(f"[{stage}] skipped: finished earlier with the same config ({self.manifest_path(stage)})")
-            finished.skipped = True
-            self.manifests[stage] = finished
-            return finished
-        self.log(f"[{stage}] running")
+        digest = self.stage_hash(stage, config, inputs, reads or {})
+        previous = Manifest.read(self.manifest_path(stage))
+        if previous is not None and previous.hash == digest:
+            problem = self.verify(previous)
+            if problem is None:
+                self.log(f"[{stage}] skipped: finished earlier with the same config and inputs "
+                         f"({self.manifest_path(stage)})")
+                previous.skipped = True
+                self.manifests[stage] = previous
+                return previous
+            self.log(f"[{stage}] running: {problem}")
+        elif previous is not None:
+            self.log(f"[{stage}] running: its config or inputs changed")
+        else:
+            self.log(f"[{stage}] running")
         start = time.perf_counter()
         result = fn()
+        checksums = {rel: checksum(self.run_dir / rel) for rel in result.outputs}
         manifest = Manifest(
-            stage=stage, hash=digest, outputs=result.outputs, counts=result.counts, metrics=result.metrics,
-            seconds=round(time.perf_counter() - start, 3),
+            stage=stage, hash=digest, outputs=result.outputs, checksums=checksums, counts=result.counts,
+            metrics=result.metrics, seconds=round(time.perf_counter() - start, 3),
         )
         if self.write_manifests:
-            write_json_atomic(self.manifest_path(stage), manifest.__dict__ | {"skipped": False})
+            atomic_write_json(self.manifest_path(stage), manifest.record())
         self.manifests[stage] = manifest
         self.log(f"[{stage}] done in {manifest.seconds:.1f} s")
         return manifest

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.atomic import atomic_path, atomic_write_json, atomic_write_text
+from datamodules.atomic import atomic_path, atomic_write_json
 from datamodules.cached import EmbeddingDataModule, load_embedding_cache
 from datamodules.folds import read_folds
 from datamodules.popularity import PopularityDataModule
@@ -35,7 +35,8 @@ from pipeline.distributed import topology, wait_for, wait_timeout
 from pipeline.errors import UserError
 from pipeline.featurize import TABULAR
 from pipeline.manifest import StageResult
-from pipeline.training import fit_resumable
+from pipeline.training import (DONE, KEY_FILE, finished_checkpoint, fit_resumable, read_done, recorded_key_is,
+                               start_fresh_unless)
 
 log = logging.getLogger("popstack")
 
@@ -65,27 +66,41 @@ def _trainer_cfg(cfg: DictConfig) -> dict:
 
 
 def backbone_file(cfg: DictConfig, run_dir: Path) -> str:
-    """The CLIP weights every neural module of this run uses (a user file, or the run's saved copy)."""
-    pre = cfg.backbone.pretrained
-    if pre and Path(pre).is_file():
-        return str(Path(pre).resolve())
+    """The CLIP weights every neural module of this run uses: the run's own copy (``embeddings/backbone.pt``,
+    written by :func:`build_cache` from the user's file, tag or random init), so inference reads nothing outside
+    the run directory."""
     return str(run_dir / "embeddings" / BACKBONE_FILE)
 
 
-def build_cache(cfg: DictConfig, run_dir: Path, weights: str | None = None) -> Path:
-    """Encode every post once with the frozen backbone (skipped when the cache exists), split across ranks.
+def backbone_key(cfg: DictConfig) -> dict:
+    """What the frozen backbone's weights are made of: name, and the sha256 of a user file, the hub tag, or
+    random init with the run's seed."""
+    from pipeline.manifest import file_digest
+
+    pre = cfg.backbone.pretrained
+    source = f"sha256:{file_digest(Path(pre))}" if pre and Path(pre).is_file() else (pre or f"random:{cfg.seed}")
+    return {"name": cfg.backbone.name, "weights": source}
+
+
+def build_cache(cfg: DictConfig, run_dir: Path, weights: str | None = None, key: dict | None = None) -> Path:
+    """Encode every post once with the frozen backbone, split across ranks; skipped when the cache exists and was
+    built with ``key`` (the shards, posts and backbone it encodes; None at inference, where the work directory is
+    new).
 
     Each of the ``world_size`` processes (``pipeline.distributed.topology``) encodes its share of the shards
     (``make_eval_pipeline``: shard ``i`` goes to rank ``i % world_size``) into the rows of its posts in the one
     temporary folder ``embeddings.partial`` that rank 0 allocated, and lists the post ids it wrote in
-    ``rank<r>.done.json``; rank 0 checks that every post was written exactly once and renames the folder to
-    ``embeddings``; the other ranks wait for that. Without a process group yet, the ranks meet through files,
-    each marked with the launch id so files of an earlier, interrupted launch are never mistaken for this one's.
+    ``rank<r>.done.json``; rank 0 checks that every post was written exactly once and renames the folder (with
+    ``key.json`` and, when training, the run's copy of the weights) to ``embeddings``; the other ranks wait for
+    that. Without a process group yet, the ranks meet through files, each marked with the launch id so files of
+    an earlier, interrupted launch are never mistaken for this one's.
 
     ``weights``: CLIP weights file to use instead of ``cfg.backbone.pretrained`` (inference uses the run's).
     """
     cache = run_dir / "embeddings"
-    if (cache / "post_ids.json").is_file():
+    key_file = cache / KEY_FILE
+    ready = (cache / "post_ids.json").is_file() and (recorded_key_is(key_file, key) if key else not key_file.exists())
+    if ready and (weights is not None or (cache / BACKBONE_FILE).is_file()):
         return cache
     topo = topology()
     timeout = wait_timeout(cfg)
@@ -117,13 +132,16 @@ def build_cache(cfg: DictConfig, run_dir: Path, weights: str | None = None) -> P
     log.info("embedding cache: rank %d of %d encoded %d posts", topo.rank, topo.world_size, len(written))
     atomic_write_json(tmp / RANK_DONE.format(rank=topo.rank), {"launch": topo.launch_id, "post_ids": written})
     if not topo.is_zero:
-        wait_for(lambda: (cache / "post_ids.json").is_file(), f"{cache} (merged by rank 0)", timeout)
+        merged = (lambda: recorded_key_is(key_file, key)) if key else (lambda: (cache / "post_ids.json").is_file())
+        wait_for(merged, f"{cache} (merged by rank 0)", timeout)
         return cache
     parts = [wait_for(lambda r=r: _launch_file(tmp / RANK_DONE.format(rank=r), topo.launch_id),
                       f"{tmp / RANK_DONE.format(rank=r)} (rank {r}'s share of the cache)", timeout)["post_ids"]
              for r in range(topo.world_size)]
-    if weights is None and not (cfg.backbone.pretrained and Path(cfg.backbone.pretrained).is_file()):
+    if weights is None:  # training: the run keeps its own copy of the weights it encoded with
         torch.save(bb.model.cpu().state_dict(), tmp / BACKBONE_FILE)  # renamed into place with the folder
+    if key is not None:
+        atomic_write_json(tmp / KEY_FILE, key)
     ready.unlink()
     return finish_cache(tmp, cache, post_ids, parts)
 
@@ -191,8 +209,9 @@ def build_module(cfg: DictConfig, run_dir: Path, name: str, dm: EmbeddingDataMod
     if name == "prompt_prototype":
         vocab = json.loads((run_dir / "vocab.json").read_text())
         module = PromptPrototypeModule(class_names=vocab["subcategory"], backbone_name=cfg.backbone.name,
-                                       backbone_pretrained=backbone_file(cfg, run_dir),
+                                       backbone_pretrained=None,
                                        trainable_last_blocks=int(cfg.backbone.trainable_last_blocks), **hp)
+        _load_run_clip(module, cfg, run_dir)
         posts = pd.read_parquet(run_dir / "posts.parquet", columns=["postdate", "concept", "uid", "title", "alltags"])
         train = posts.iloc[dm.train_idx].reset_index(drop=True).assign(
             subcategory_id=dm.meta.subcategory_id.to_numpy()[dm.train_idx])
@@ -209,12 +228,23 @@ def build_module(cfg: DictConfig, run_dir: Path, name: str, dm: EmbeddingDataMod
         module.set_prototypes(torch.from_numpy(visual), torch.from_numpy(textual))
         return module
     embed_dim = int(cache["image_emb"].shape[1])
-    if uses_shards(cfg, name):
-        hp.update(backbone_name=cfg.backbone.name, backbone_pretrained=backbone_file(cfg, run_dir),
+    shards = uses_shards(cfg, name)
+    if shards:
+        hp.update(backbone_name=cfg.backbone.name, backbone_pretrained=None,
                   trainable_last_blocks=int(cfg.backbone.trainable_last_blocks))
     if name == "co_attention":
-        return CoAttentionMLPModule(embed_dim=embed_dim, tabular_dim=dm.tabular_dim, **hp)
-    return CLIPHierarchicalPredictor(embed_dim=embed_dim, **hp)
+        module = CoAttentionMLPModule(embed_dim=embed_dim, tabular_dim=dm.tabular_dim, **hp)
+    else:
+        module = CLIPHierarchicalPredictor(embed_dim=embed_dim, **hp)
+    if shards:
+        _load_run_clip(module, cfg, run_dir)
+    return module
+
+
+def _load_run_clip(module, cfg: DictConfig, run_dir: Path) -> None:
+    """Load the run's CLIP weights into ``module.clip`` (built with ``backbone_pretrained=None``), so no weights
+    path, absolute or not, lands in the checkpoint's hyperparameters: checkpoints carry the weights themselves."""
+    module.clip.load_state_dict(torch.load(backbone_file(cfg, run_dir), map_location="cpu", weights_only=True))
 
 
 def enabled_modules(cfg: DictConfig) -> list[str]:
@@ -225,29 +255,41 @@ def enabled_modules(cfg: DictConfig) -> list[str]:
     return names
 
 
-def train_neural(cfg: DictConfig, run_dir: Path) -> StageResult:
-    """Train every enabled module once per fold: on the embedding cache, or over the shards (``uses_shards``)."""
-    build_cache(cfg, run_dir)
+def train_neural(cfg: DictConfig, run_dir: Path, inputs: dict) -> StageResult:
+    """Train every enabled module on every fold, on the embedding cache or over the shards (``uses_shards``). ``inputs``: content checksums of the run files this stage reads
+    (``pipeline.manifest``); the embedding cache and each fold's directory are keyed by them, by the fold
+    assignment, the module's config and the backbone weights, so nothing made from other inputs is reused."""
+    bb = backbone_key(cfg)
+    cache_key = {"shards": inputs.get("shards"), "posts": inputs.get("posts.parquet"), "backbone": bb,
+                 "token_len": int(cfg.backbone.token_len), "text_field": cfg.data.text_field,
+                 "precision": str(cfg.trainer.precision)}
+    build_cache(cfg, run_dir, key=cache_key)
+    t = _trainer_cfg(cfg)
     metrics = {}
+    outputs = ["embeddings"]
     for name in enabled_modules(cfg):
         monitor, mode = MONITOR[name]
         for fold in range(int(cfg.n_folds)):
             out = run_dir / "neural" / name / f"fold{fold}"
-            dm = _datamodule(cfg, run_dir, name, fold)
-            if (out / "done.json").is_file():
-                best = json.loads((out / "done.json").read_text())
-            else:
+            key = {"data": inputs, "folds": inputs.get("folds.parquet"), "fold": fold, "seed": int(cfg.seed) + fold,
+                   "model": OmegaConf.to_container(cfg.model[name], resolve=True), "backbone": {
+                       **bb, "trainable_last_blocks": int(cfg.backbone.trainable_last_blocks),
+                       "token_len": int(cfg.backbone.token_len)},
+                   "trainer": {k: t[k] for k in ("precision", "deterministic")}}
+            start_fresh_unless(out, key)
+            if finished_checkpoint(out) is None:
                 log.info("neural: training %s fold %d/%d", name, fold + 1, cfg.n_folds)
                 torch.manual_seed(int(cfg.seed))  # one initialisation for every fold's model (training order: per fold)
+                dm = _datamodule(cfg, run_dir, name, fold)
                 module = build_module(cfg, run_dir, name, dm)
                 data = shard_datamodule(cfg, run_dir, name, fold) if uses_shards(cfg, name) else dm
-                fit_resumable(module, data, out, trainer_cfg=_trainer_cfg(cfg), max_epochs=int(cfg.model[name].epochs),
+                fit_resumable(module, data, out, key=key, trainer_cfg=t, max_epochs=int(cfg.model[name].epochs),
                               monitor=monitor, mode=mode, seed=int(cfg.seed) + fold, wandb_prefix=f"{name}/fold{fold}",
                               progress_bar=bool(cfg.get("progress_bar", True)),
                               early_stopping_patience=cfg.model[name].get("early_stopping_patience"))
-                best = json.loads((out / "done.json").read_text())
-            metrics[f"{name}/fold{fold}/{monitor}"] = best["best_score"]
-    return StageResult(outputs=["embeddings", "neural"], metrics=metrics)
+            metrics[f"{name}/fold{fold}/{monitor}"] = read_done(out)["best_score"]
+            outputs.append(f"neural/{name}/fold{fold}")
+    return StageResult(outputs=outputs, metrics=metrics)
 
 
 def load_module(name: str, checkpoint: str | Path):
@@ -313,10 +355,11 @@ def checkpoints(cfg: DictConfig, run_dir: Path, name: str) -> dict[int, Path]:
     """The best checkpoint of each fold of module ``name``."""
     out = {}
     for fold in range(int(cfg.n_folds)):
-        done = run_dir / "neural" / name / f"fold{fold}" / "done.json"
-        if not done.is_file():
-            raise FileNotFoundError(f"{done}: {name} fold {fold} has not finished training")
-        out[fold] = Path(json.loads(done.read_text())["best"])
+        fold_dir = run_dir / "neural" / name / f"fold{fold}"
+        best = finished_checkpoint(fold_dir)
+        if best is None:
+            raise FileNotFoundError(f"{fold_dir / DONE}: {name} fold {fold} has not finished training")
+        out[fold] = best
     return out
 
 
@@ -375,9 +418,8 @@ def save_pca(state: dict, path: Path) -> None:
         for fold, (a, b) in pairs:
             name = key if fold is None else f"{key}/fold{fold}"
             arrays[f"{name}.0"], arrays[f"{name}.1"] = a, b
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
 
 
 def load_pca(path: Path) -> dict:
@@ -423,7 +465,7 @@ def extract_neural(cfg: DictConfig, run_dir: Path) -> StageResult:
         log.info("extract: out-of-fold %s = %.4f", k, v)
     families = {c: c.split("__", 1)[0] for c in nf.columns if c != KEY}
     families.update({c: NEURAL_PRED for c in preds.columns if c != KEY})
-    atomic_write_text(out / "families.json", json.dumps(families, indent=1))
+    atomic_write_json(out / "families.json", families)
     return StageResult(outputs=outputs,
                        counts={"neural_feature_columns": len(nf.columns) - 1, "prediction_columns": len(preds.columns) - 1},
                        metrics=metrics)

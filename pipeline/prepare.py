@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import pandas as pd
 from omegaconf import DictConfig
 
+from datamodules.atomic import atomic_path, atomic_write_json
 from datamodules.folds import fold_table, write_folds
 from datamodules.schema import IMAGE_OK, KEY, LABEL
 from pipeline.errors import UserError
@@ -32,16 +32,13 @@ def raw_root(cfg: DictConfig) -> Path:
     from datamodules.synthetic import generate
 
     syn = cfg.data.synthetic
-    tmp = root.with_name(root.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     log.info("generating synthetic SMPD data (%d train + %d test posts) in %s", syn.n_train, syn.n_test, root)
-    generate(
-        tmp, n_train=syn.n_train, n_test=syn.n_test, seed=syn.seed, n_subcategories=syn.n_subcategories,
-        user_variant=syn.user_variant, naming=str(syn.naming),
-    )
-    (tmp / GENERATED_MARKER).write_text(json.dumps(dict(syn)))
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
+    with atomic_path(root) as tmp:
+        generate(
+            tmp, n_train=syn.n_train, n_test=syn.n_test, seed=syn.seed, n_subcategories=syn.n_subcategories,
+            user_variant=syn.user_variant, naming=str(syn.naming),
+        )
+        (tmp / GENERATED_MARKER).write_text(json.dumps(dict(syn)))
     return root
 
 
@@ -59,13 +56,16 @@ def prepare(cfg: DictConfig, run_dir: Path) -> StageResult:
         log.warning("%s: no test split; the submission will be empty", root)
 
     vocab = build_vocab(train)
-    (run_dir / "vocab.json").write_text(json.dumps(vocab, indent=1))
+    atomic_write_json(run_dir / "vocab.json", vocab)
     folds = fold_table(posts, int(cfg.n_folds), int(cfg.seed), str(cfg.folds.strategy),
                        float(cfg.folds.holdout_fraction))
-    write_folds(folds, run_dir / "folds.parquet")
+    with atomic_path(run_dir / "folds.parquet") as tmp:
+        write_folds(folds, tmp)
 
-    posts = write_split_shards(posts, root, run_dir / "shards", vocab, cfg)
-    write_posts(posts, run_dir / "posts.parquet")
+    with atomic_path(run_dir / "shards") as tmp:
+        posts = write_split_shards(posts, root, tmp, vocab, cfg)
+    with atomic_path(run_dir / "posts.parquet") as tmp:
+        write_posts(posts, tmp)
 
     counts = {**_data_counts(posts), "repaired_values": sum(repairs.values()), **repairs}
     log.info("prepare: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))

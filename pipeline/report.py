@@ -32,7 +32,8 @@ def plot_prediction_distribution(y_true: np.ndarray, y_pred: np.ndarray, path: P
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -45,7 +46,8 @@ def plot_feature_importance(importance: pd.Series, path: Path, top: int = 20) ->
     ax.set_xlabel("importance (% of total)")
     ax.set_title(f"Top-{len(share)} features")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -64,8 +66,7 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
 def write_report(path: Path, sections: list[tuple[str, str]]) -> Path:
     """``report.md`` from (heading, markdown body) sections."""
     text = "# popstack run report\n\n" + "\n\n".join(f"## {h}\n\n{body}" for h, body in sections) + "\n"
-    path.write_text(text)
-    return path
+    return atomic_write_text(path, text)
 
 
 def print_summary(members: pd.DataFrame, stage_seconds: dict[str, float]) -> None:

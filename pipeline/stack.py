@@ -14,6 +14,7 @@ from datamodules.folds import read_folds
 from datamodules.schema import KEY, LABEL, NO_FOLD
 from features.build import read_schema
 from features.families import ABLATION_GROUPS, NEURAL_PRED
+from datamodules.atomic import atomic_path
 from pipeline.manifest import StageResult
 from stacking.ablation import run_ablations
 from stacking.stack import StackConfig, run_stack
@@ -50,6 +51,12 @@ def stack_config(cfg: DictConfig, neural_columns: list[str]) -> StackConfig:
 
 
 def stack(cfg: DictConfig, run_dir: Path, tracker) -> StageResult:
+    """The stack stage; ``stack/`` is written under a temporary name and replaces the old one when complete."""
+    with atomic_path(run_dir / "stack") as out:
+        return _stack(cfg, run_dir, tracker, out)
+
+
+def _stack(cfg: DictConfig, run_dir: Path, tracker, out: Path) -> StageResult:
     X, families, categorical = stack_inputs(run_dir)
     y = pd.read_parquet(run_dir / "posts.parquet", columns=[LABEL])[LABEL].to_numpy()
     folds = read_folds(run_dir / "folds.parquet")["fold"].to_numpy()
@@ -62,7 +69,6 @@ def stack(cfg: DictConfig, run_dir: Path, tracker) -> StageResult:
     losses = pd.read_parquet(loss_file)["class_loss"].to_numpy() if loss_file.is_file() else None
     result = run_stack(features, y, folds, categorical, scfg, progress=bool(cfg.progress_bar),
                        selection_losses=losses)
-    out = run_dir / "stack"
     result.save(out / "model")
     labelled = folds != NO_FOLD
     pred = np.empty(len(X))
@@ -79,7 +85,7 @@ def stack(cfg: DictConfig, run_dir: Path, tracker) -> StageResult:
     if len(result.importance):
         result.importance.rename("importance").rename_axis("feature").reset_index().to_csv(
             out / "importance.csv", index=False)
-    outputs = ["stack/model", "stack/predictions.parquet", "stack/scores.csv", "stack/pseudo_rounds.csv"]
+    outputs = ["stack"]
     ab = cfg.stacking.ablation
     if ab.enabled:
         ab_cfg = scfg
@@ -88,7 +94,6 @@ def stack(cfg: DictConfig, run_dir: Path, tracker) -> StageResult:
         table = run_ablations(features, y, folds, categorical, families, ABLATION_GROUPS, ab_cfg,
                               tuple(ab.variants), full=None if ab.members else result)
         table.to_csv(out / "ablation.csv", index=False)
-        outputs.append("stack/ablation.csv")
         log.info("ablations:\n%s", table.to_string(index=False))
     if tracker is not None:
         for row in result.scores.itertuples():

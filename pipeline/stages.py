@@ -4,10 +4,14 @@ Stage order and what each reads:
 
     prepare  -> posts.parquet, vocab.json, folds.parquet, shards/
     features -> features/                       (reads prepare)
-    neural   -> embeddings/, neural/<model>/     (reads prepare, features)
-    extract  -> neural/features.parquet, neural/predictions.parquet  (reads neural)
-    stack    -> stack/                          (reads features, extract)
-    report   -> report.md, *.png, submission.json, predictions.parquet  (reads stack)
+    neural   -> embeddings/, neural/<model>/fold<k>/  (reads prepare, features)
+    extract  -> neural/features.parquet, neural/predictions.parquet  (reads prepare, features, neural)
+    stack    -> stack/                          (reads prepare, features, extract)
+    report   -> report.md, *.png, submission.json, predictions.parquet  (reads prepare, stack)
+
+A stage reruns when its config section, the outside files it reads (``_stage_inputs``) or the checksums of the
+upstream outputs it reads (``READS``) changed, or when one of its own outputs no longer matches its checksum
+(``pipeline.manifest``). Only the first process holds the run directory's lock (``pipeline.lock``).
 """
 
 from __future__ import annotations
@@ -25,19 +29,23 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import RUN_DIR_ENV, save_config
 from pipeline.distributed import topology
 from pipeline.errors import UserError
+from pipeline.lock import RunLock
 from pipeline.manifest import StageResult, StageRunner
 
 log = logging.getLogger("popstack")
 
 STAGES: tuple[str, ...] = ("prepare", "features", "neural", "extract", "stack", "report")
-DEPENDS: dict[str, tuple[str, ...]] = {
-    "prepare": (),
-    "features": ("prepare",),
-    "neural": ("prepare", "features"),
-    "extract": ("neural",),
-    "stack": ("features", "extract"),
-    "report": ("stack",),
+#: The upstream outputs each stage reads (None: all outputs of that stage). A stage's manifest hash covers their
+#: content checksums, so it reruns exactly when something it reads changed.
+READS: dict[str, dict[str, tuple[str, ...] | None]] = {
+    "prepare": {},
+    "features": {"prepare": ("posts.parquet", "folds.parquet")},
+    "neural": {"prepare": None, "features": ("features/tabular.parquet",)},
+    "extract": {"prepare": None, "features": ("features/tabular.parquet",), "neural": None},
+    "stack": {"prepare": ("posts.parquet", "folds.parquet"), "features": None, "extract": None},
+    "report": {"prepare": ("posts.parquet",), "stack": None},
 }
+DEPENDS: dict[str, tuple[str, ...]] = {stage: tuple(reads) for stage, reads in READS.items()}
 #: Stages that only the first process runs (``pipeline.distributed.topology().is_zero``); the other ranks wait for
 #: their manifests when a later stage they run (neural, extract) reads them, and skip them otherwise.
 RANK_ZERO_ONLY: frozenset[str] = frozenset({"prepare", "features", "stack", "report"})
@@ -68,6 +76,18 @@ class Pipeline:
             raise UserError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
         self._check_backbone()  # before any other work: no network -> one clear line
         self._prepare_run_dir()
+        child = not self.topology.is_zero
+        lock = None if child else RunLock(self.run_dir).acquire()  # before the first write into the run
+        try:
+            return self._run_stages(child)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run_stages(self, child: bool) -> dict:
+        cfg = self.cfg
+        if not child:
+            save_config(cfg, self.run_dir)
         if self._is_distributed():
             os.environ.setdefault(RUN_DIR_ENV, str(self.run_dir))
         from pipeline.tracking import Tracker
@@ -78,7 +98,6 @@ class Pipeline:
 
         quiet_lightning()
         L.seed_everything(cfg.seed, verbose=False)
-        child = not self.topology.is_zero
         self.tracker = Tracker(cfg, self.run_dir) if not child else None
         metrics: dict = {}
         try:
@@ -94,7 +113,8 @@ class Pipeline:
                 if self.tracker is not None:
                     self.tracker.start(stage)  # W&B: one run per stage (job_type), in the pipeline's group
                 manifest = self.runner.run(
-                    stage, self._stage_config(stage), getattr(self, f"stage_{stage}"), DEPENDS[stage]
+                    stage, self._stage_config(stage), getattr(self, f"stage_{stage}"),
+                    inputs=self._stage_inputs(stage), reads=READS[stage],
                 )
                 metrics[stage] = manifest.metrics
                 if self.tracker is not None:
@@ -123,16 +143,15 @@ class Pipeline:
         check_pretrained(self.cfg.backbone.name, self.cfg.backbone.pretrained)
 
     def _prepare_run_dir(self) -> None:
-        if not self.topology.is_zero:  # rank 0 checks the directory and writes the config
+        if not self.topology.is_zero:  # rank 0 checks the directory (and later writes the config)
             return
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.run_dir / ".write-test"
+            probe = self.run_dir / f".write-test-{os.getpid()}"
             probe.write_text("ok")
             probe.unlink()
         except OSError as err:
             raise UserError(f"cannot write to run directory {self.run_dir}: {err.strerror or err}") from err
-        save_config(self.cfg, self.run_dir)
 
     def _require_upstream(self, stage: str) -> None:
         for dep in DEPENDS[stage]:
@@ -143,18 +162,38 @@ class Pipeline:
                 )
 
     def _stage_config(self, stage: str) -> dict:
-        """The config sections a stage's outputs depend on (its manifest hash covers exactly these)."""
+        """The config sections a stage's outputs depend on (its manifest hash covers these, its raw inputs and
+        the upstream outputs it reads)."""
         c = OmegaConf.to_container(self.cfg, resolve=True)
         common = {"seed": c["seed"], "n_folds": c["n_folds"], "folds": c["folds"]}
+        # Where the raw data lives is not part of it: its content is (``_stage_inputs``), so a moved data root
+        # with the same files changes nothing.
+        data = {k: v for k, v in c["data"].items() if k != "root"}
         sections = {
-            "prepare": {"data": c["data"], **common},
+            "prepare": {"data": data, **common},
             "features": {"features": c["features"], **common},
-            "neural": {"backbone": c["backbone"], "model": c["model"], "data": c["data"], **common},
+            "neural": {"backbone": c["backbone"], "model": c["model"], "data": data, **common},
             "extract": {"model": c["model"]},
             "stack": {"stacking": c["stacking"], **common},
             "report": {"name": c["name"]},
         }
         return sections[stage]
+
+    def _stage_inputs(self, stage: str) -> dict | None:
+        """Fingerprints of the files a stage reads from outside the run directory: the data root (prepare), the
+        user's CLIP weights file (neural), the GloVe file (features)."""
+        from pipeline.manifest import file_digest, raw_fingerprint
+
+        if stage == "prepare":
+            from pipeline.prepare import raw_root
+
+            return raw_fingerprint(raw_root(self.cfg))
+        if stage == "neural":
+            from pipeline.neural import backbone_key
+
+            return backbone_key(self.cfg)
+        glove = self.cfg.features.get("glove_path") if stage == "features" else None
+        return {"glove": file_digest(Path(glove))} if glove and Path(glove).is_file() else None
 
     def path(self, *parts: str) -> Path:
         return self.run_dir.joinpath(*parts)
@@ -173,7 +212,7 @@ class Pipeline:
     def stage_neural(self) -> StageResult:
         from pipeline.neural import train_neural
 
-        return train_neural(self.cfg, self.run_dir)
+        return train_neural(self.cfg, self.run_dir, inputs=self.runner.upstream(READS["neural"]))
 
     def stage_extract(self) -> StageResult:
         from pipeline.neural import extract_neural

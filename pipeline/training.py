@@ -1,9 +1,13 @@
-"""Fit one LightningModule into its own directory, resumably.
+"""Fit one LightningModule into its own directory, resumably, keyed by what produces it.
 
-Layout of ``out_dir``: ``checkpoints/last.ckpt`` (every epoch, atomic), ``checkpoints/best.ckpt`` (best validation
-score), ``csv/`` (CSVLogger), ``done.json`` (written when fit finished). A rerun with ``done.json`` present does
-nothing; a rerun with only ``last.ckpt`` resumes from it, with the RNG states saved in the checkpoint, so the
-result equals an uninterrupted run with the same seed.
+Layout of ``out_dir``: ``key.json`` (what the fit is made of: data, fold assignment, model config, backbone
+weights; written before training), ``checkpoints/last.ckpt`` (every epoch, atomic), ``checkpoints/best.ckpt``
+(best validation score), ``csv/`` (CSVLogger), ``done.json`` (written when fit finished; ``best`` is relative to
+``out_dir``). A rerun with the same key and a ``done.json`` whose checkpoint exists does nothing; with the same key
+and only ``last.ckpt`` it resumes from it, with the RNG states saved in the checkpoint, so the result equals an
+uninterrupted run with the same seed. A different key (new folds, config or weights) starts from scratch.
+Checkpoints are read with ``torch.load(weights_only=True)`` always, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+says: a file that is not a plain tensor checkpoint is refused with a ``UserError`` naming it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import logging
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +27,12 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMon
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from datamodules.atomic import atomic_path, atomic_write_json
+
 log = logging.getLogger("popstack")
 
 DONE = "done.json"
+KEY_FILE = "key.json"
 
 
 def quiet_lightning() -> None:
@@ -33,14 +41,51 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint to a temporary name in the same directory, then rename it into place."""
+#: Stands for the checkpoint's own directory in the paths callbacks store in it (ModelCheckpoint's dirpath and
+#: best/last paths), so a checkpoint names no absolute path and a moved run resumes with its best-model record.
+CHECKPOINT_DIR = "<checkpoint-dir>"
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written atomically (``datamodules.atomic``) with callback paths relative to the checkpoint's
+    directory, and read back with an explicit ``weights_only=True`` (tensors, containers and primitives only: a
+    planted pickle never runs)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        here = os.path.realpath(Path(path).parent)
+        checkpoint = {**checkpoint, "callbacks": _swap_prefix(checkpoint.get("callbacks", {}), here, CHECKPOINT_DIR)}
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        checkpoint = load_checkpoint_safely(path)
+        here = os.path.realpath(Path(path).parent)
+        checkpoint["callbacks"] = _swap_prefix(checkpoint.get("callbacks", {}), CHECKPOINT_DIR, here)
+        return checkpoint
+
+
+def _swap_prefix(obj: Any, old: str, new: str) -> Any:
+    """``obj`` with every string (values and dict keys) equal to ``old`` or under ``old/`` re-rooted at ``new``."""
+    if isinstance(obj, dict):
+        return {_swap_prefix(k, old, new): _swap_prefix(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_swap_prefix(v, old, new) for v in obj)
+    if isinstance(obj, str) and (obj == old or obj.startswith(old + "/")):
+        return new + obj[len(old):]
+    return obj
+
+
+def load_checkpoint_safely(path: str | Path) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` on the CPU; anything else than a tensor checkpoint -> ``UserError``."""
+    from pipeline.errors import UserError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise UserError(f"checkpoint not found: {path}") from err
+    except Exception as err:  # UnpicklingError for code, RuntimeError/EOFError for damaged files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} is not a plain tensor checkpoint ({type(err).__name__}: {reason[:200]})") from err
 
 
 class RNGState(Callback):
@@ -79,11 +124,52 @@ def trainer_kwargs(trainer_cfg: dict[str, Any], **pipeline_owned: Any) -> dict[s
     return {**TRAINER_DEFAULTS, **trainer_cfg, **pipeline_owned}
 
 
+def finished_checkpoint(out_dir: Path) -> Path | None:
+    """The best checkpoint recorded in ``out_dir/done.json`` when it exists, else None (not finished)."""
+    done = Path(out_dir) / DONE
+    if not done.is_file():
+        return None
+    try:
+        best = Path(out_dir) / json.loads(done.read_text())["best"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return best if best.is_file() else None
+
+
+def read_done(out_dir: Path) -> dict:
+    """``done.json`` of a finished fit (``best`` relative to ``out_dir``)."""
+    return json.loads((Path(out_dir) / DONE).read_text())
+
+
+def recorded_key_is(key_file: Path, key: Any) -> bool:
+    """True when ``key_file`` holds ``key`` (as ``atomic_write_json`` wrote it); False if absent or damaged."""
+    try:
+        return json.loads(Path(key_file).read_text()) == json.loads(json.dumps(key, sort_keys=True, default=str))
+    except (OSError, ValueError):
+        return False
+
+
+def start_fresh_unless(out_dir: Path, key: dict[str, Any]) -> None:
+    """Keep ``out_dir`` (finished or resumable) only when it was made with ``key``; otherwise empty it and
+    record ``key``. A ``done.json`` pointing at no checkpoint also empties it (the fit starts again)."""
+    out_dir = Path(out_dir)
+    key_file = out_dir / KEY_FILE
+    if recorded_key_is(key_file, key):
+        if not (out_dir / DONE).is_file() or finished_checkpoint(out_dir) is not None:
+            return
+        log.info("%s: done.json names a checkpoint that is gone; training from scratch", out_dir)
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        log.info("%s: made from other data, folds, config or weights; training from scratch", out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    atomic_write_json(key_file, key)
+
+
 def fit_resumable(
     module: L.LightningModule,
     datamodule: L.LightningDataModule,
     out_dir: Path,
     *,
+    key: dict[str, Any],
     trainer_cfg: dict[str, Any],
     max_epochs: int,
     monitor: str,
@@ -97,11 +183,18 @@ def fit_resumable(
 
     ``trainer_cfg``: the config's ``trainer`` section, any ``lightning.Trainer`` arguments (see ``trainer_kwargs``);
     ``early_stopping_patience``: stop after this many validations without improvement of ``monitor`` (None = off).
+    ``key``: JSON-serialisable description of everything the fit depends on (see the module docstring).
+    Raises ``UserError`` when ``max_epochs`` < 1 or the fit ended without writing a checkpoint.
     """
+    from pipeline.errors import UserError
+
     out_dir = Path(out_dir)
-    done = out_dir / DONE
-    if done.is_file():
-        return Path(json.loads(done.read_text())["best"])
+    if max_epochs < 1:
+        raise UserError(f"{out_dir}: epochs must be at least 1 to train a model (got {max_epochs})")
+    start_fresh_unless(out_dir, key)
+    best = finished_checkpoint(out_dir)
+    if best is not None:
+        return best
     ckpt_dir = out_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     resume = last if last.is_file() else None
@@ -124,15 +217,16 @@ def fit_resumable(
             loggers.append(job[0])
             callbacks.append(job[1])
     trainer = L.Trainer(**trainer_kwargs(trainer_cfg, max_epochs=max_epochs, logger=loggers, callbacks=callbacks,
-                                         plugins=[AtomicCheckpointIO()], enable_progress_bar=progress_bar,
+                                         plugins=[SafeCheckpointIO()], enable_progress_bar=progress_bar,
                                          default_root_dir=str(out_dir)))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else last
+    if not best.is_file():
+        raise UserError(f"{out_dir}: training ended without a checkpoint ({best} was not written)")
     if trainer.is_global_zero:
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"best": str(best), "best_score": _float(checkpoint.best_model_score),
-                                   "epochs": trainer.current_epoch}))
-        os.replace(tmp, done)
+        atomic_write_json(out_dir / DONE, {"best": best.resolve().relative_to(out_dir.resolve()).as_posix(),
+                                           "best_score": _float(checkpoint.best_model_score),
+                                           "epochs": trainer.current_epoch})
     trainer.strategy.barrier()  # the other ranks read done.json next
     return best
 

@@ -147,7 +147,7 @@ class TabNetMember:
     """TabNet regressor on imputed (training medians) and standardised float32 inputs; Huber loss on
     ``y - offset`` (offset = training median; like CatBoost's Huber, TabNet would otherwise start from 0)."""
 
-    name, extension = "tabnet", "zip"
+    name, extension = "tabnet", "safetensors"
 
     def __init__(self, params: dict[str, Any], categorical: list[str], seed: int):
         self.params, self.seed = dict(params), seed
@@ -184,22 +184,42 @@ class TabNetMember:
         return self.model.predict(self.scaler.transform(X)).reshape(-1).astype(np.float64) + self.offset
 
     def save(self, path):
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.model.save_model(str(path).removesuffix(".zip"))
+        """Weights as safetensors at ``path`` (no pickle), the constructor arguments and offset in ``path.json``."""
+        from safetensors.torch import save_model
+
+        from datamodules.atomic import atomic_path, atomic_write_json
+
+        init = {k: v for k, v in self.model.get_params().items() if not isinstance(v, type)}
+        with atomic_path(path) as tmp:
+            save_model(self.model.network, str(tmp))  # tied (shared) weights are stored once
         self.scaler.save(f"{path}.scaler.npz")
-        Path(f"{path}.json").write_text(json.dumps({"offset": self.offset}))
+        atomic_write_json(f"{path}.json", {"offset": self.offset, "init_params": init,
+                                           "feature_importances": self.model.feature_importances_.tolist()})
 
     @classmethod
     def load(cls, path):
+        """Rebuild the network from ``path.json`` and load its safetensors weights; nothing is unpickled.
+        A file that is not a safetensors tensor file raises ``ValueError`` naming it."""
+        import torch
         from pytorch_tabnet.tab_model import TabNetRegressor
+        from safetensors import SafetensorError
+        from safetensors.torch import load_model
 
         from features.preprocess import Standardiser
 
+        meta = json.loads(Path(f"{path}.json").read_text())
         member = cls({}, [], 0)
-        member.model = TabNetRegressor()
-        member.model.load_model(str(path))
+        member.model = TabNetRegressor(**{**meta["init_params"], "device_name": "cpu"
+                                          if not torch.cuda.is_available() else "auto"})
+        member.model._set_network()
+        try:
+            load_model(member.model.network, str(path), device=str(member.model.device))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path} is not a TabNet weights file (safetensors): {err}") from err
+        member.model.network.eval()
+        member.model.feature_importances_ = np.asarray(meta["feature_importances"])
         member.scaler = Standardiser.load(f"{path}.scaler.npz")
-        member.offset = float(json.loads(Path(f"{path}.json").read_text())["offset"])
+        member.offset = float(meta["offset"])
         return member
 
     def feature_importance(self):
