@@ -15,6 +15,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.stats import gaussian_kde  # noqa: E402
 
+from datamodules.atomic import atomic_path, atomic_write_text  # noqa: E402
+
 
 def plot_prediction_distribution(y_true: np.ndarray, y_pred: np.ndarray, path: Path, title: str) -> Path:
     """Histogram + KDE of predicted vs ground-truth labels (HyperFusion Figure 2). Inputs: (n,) log-views."""
