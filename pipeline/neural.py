@@ -36,7 +36,7 @@ from pipeline.errors import UserError
 from pipeline.featurize import TABULAR
 from pipeline.manifest import StageResult
 from pipeline.training import (DONE, KEY_FILE, finished_checkpoint, fit_resumable, read_done, recorded_key_is,
-                               start_fresh_unless)
+                               result_trainer_args, start_fresh_unless)
 
 log = logging.getLogger("popstack")
 
@@ -275,7 +275,7 @@ def train_neural(cfg: DictConfig, run_dir: Path, inputs: dict) -> StageResult:
                    "model": OmegaConf.to_container(cfg.model[name], resolve=True), "backbone": {
                        **bb, "trainable_last_blocks": int(cfg.backbone.trainable_last_blocks),
                        "token_len": int(cfg.backbone.token_len)},
-                   "trainer": {k: t[k] for k in ("precision", "deterministic")}}
+                   "trainer": result_trainer_args(t)}
             start_fresh_unless(out, key)
             if finished_checkpoint(out) is None:
                 log.info("neural: training %s fold %d/%d", name, fold + 1, cfg.n_folds)

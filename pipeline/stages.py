@@ -164,6 +164,8 @@ class Pipeline:
     def _stage_config(self, stage: str) -> dict:
         """The config sections a stage's outputs depend on (its manifest hash covers these, its raw inputs and
         the upstream outputs it reads)."""
+        from pipeline.training import result_trainer_args
+
         c = OmegaConf.to_container(self.cfg, resolve=True)
         common = {"seed": c["seed"], "n_folds": c["n_folds"], "folds": c["folds"]}
         # Where the raw data lives is not part of it: its content is (``_stage_inputs``), so a moved data root
@@ -172,7 +174,8 @@ class Pipeline:
         sections = {
             "prepare": {"data": data, **common},
             "features": {"features": c["features"], **common},
-            "neural": {"backbone": c["backbone"], "model": c["model"], "data": data, **common},
+            "neural": {"backbone": c["backbone"], "model": c["model"], "data": data,
+                       "trainer": result_trainer_args(c["trainer"]), **common},
             "extract": {"model": c["model"]},
             "stack": {"stacking": c["stacking"], **common},
             "report": {"name": c["name"]},

@@ -113,6 +113,15 @@ class RNGState(Callback):
 
 #: Trainer defaults of the pipeline that the ``trainer`` config section may override.
 TRAINER_DEFAULTS: dict[str, Any] = {"num_sanity_val_steps": 0, "enable_model_summary": False}
+#: Trainer arguments that say where and how visibly a fit runs, not what it computes: changing them reuses the
+#: trained models. Every other ``trainer`` key (precision, gradient clipping, accumulation, ...) retrains.
+PLACEMENT_TRAINER_ARGS = frozenset({"accelerator", "devices", "num_nodes", "strategy", "log_every_n_steps",
+                                    "enable_model_summary", "profiler", "barebones"})
+
+
+def result_trainer_args(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ``trainer`` keys that change what a fit computes (all but ``PLACEMENT_TRAINER_ARGS``)."""
+    return {k: v for k, v in trainer_cfg.items() if k not in PLACEMENT_TRAINER_ARGS}
 
 
 def trainer_kwargs(trainer_cfg: dict[str, Any], **pipeline_owned: Any) -> dict[str, Any]:
