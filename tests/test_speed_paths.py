@@ -46,3 +46,79 @@ def test_prompt_embeddings_reused_until_the_contexts_change():
     assert len(calls) == 2 and not torch.allclose(g3, g1)
     g4, _ = learner()  # training (autograd on): always recomputed, with a graph to the contexts
     assert len(calls) == 3 and g4.requires_grad
+
+
+def _tiny_cache(tmp_path, n: int = 40, d: int = 8, length: int = 5):
+    """An embedding cache + posts/folds/vocab of ``n`` posts (every 4th unlabelled) in ``tmp_path``."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    cache = tmp_path / "embeddings"
+    cache.mkdir()
+    ids = [f"p{i}" for i in range(n)]
+    np.save(cache / "image_emb.npy", rng.normal(size=(n, d)).astype(np.float32))
+    np.save(cache / "text_emb.npy", rng.normal(size=(n, d)).astype(np.float32))
+    np.save(cache / "text_tokens.npy", rng.normal(size=(n, length, d)).astype(np.float16))
+    np.save(cache / "text_mask.npy", rng.random((n, length)) > 0.3)
+    np.save(cache / "has_image.npy", rng.random(n) > 0.2)
+    (cache / "post_ids.json").write_text(json.dumps(ids))
+    labels = np.where(np.arange(n) % 4 == 3, np.nan, rng.normal(6, 2, n))
+    pd.DataFrame({"post_id": ids, "label": labels, "subcategory": [f"s{i % 3}" for i in range(n)],
+                  "category": [f"c{i % 2}" for i in range(n)]}).to_parquet(tmp_path / "posts.parquet")
+    folds = np.where(np.isnan(labels), -1, np.arange(n) % 3)
+    pd.DataFrame({"post_id": ids, "fold": folds}).to_parquet(tmp_path / "folds.parquet")
+    (tmp_path / "vocab.json").write_text(json.dumps({"subcategory": ["s0", "s1", "s2"], "category": ["c0", "c1"]}))
+    return [str(cache), str(tmp_path / "posts.parquet"), str(tmp_path / "folds.parquet"), str(tmp_path / "vocab.json")]
+
+
+class _CountingArray:
+    """Wraps a cache array and counts reads (or refuses them)."""
+
+    def __init__(self, arr, refuse: bool = False):
+        self.arr, self.refuse, self.reads = arr, refuse, 0
+        self.shape, self.dtype = arr.shape, arr.dtype
+
+    def __getitem__(self, idx):
+        if self.refuse:
+            raise AssertionError("this cache array must not be read")
+        self.reads += 1
+        return self.arr[idx]
+
+    def __len__(self):
+        return len(self.arr)
+
+
+def test_cached_loader_gathers_per_batch_and_reads_only_the_fields_used(tmp_path):
+    import numpy as np
+
+    from datamodules.cached import EmbeddingDataModule
+
+    paths = _tiny_cache(tmp_path)
+    full = EmbeddingDataModule(*paths, fold=0, batch_size=8)
+    ref = full.dataset(full.train_idx)
+    batches = list(full.train_dataloader())
+    order = [pid for b in batches for pid in b["post_id"]]
+    pos = {pid: i for i, pid in enumerate(ref.cache["post_ids"])}
+    for b in batches:  # every field equals the row's cached values, in the sampler's order
+        rows = [pos[p] for p in b["post_id"]]
+        np.testing.assert_array_equal(b["image_emb"].numpy(), np.asarray(ref.cache["image_emb"])[rows])
+        np.testing.assert_array_equal(b["text_tokens"].numpy(), np.asarray(ref.cache["text_tokens"])[rows])
+        np.testing.assert_array_equal(b["text_mask"].numpy(), np.asarray(ref.cache["text_mask"])[rows])
+        assert b["text_tokens"].dtype == torch.float32 and b["label"].dtype == torch.float32
+    train_ids = {ref.cache["post_ids"][r] for r in full.train_idx}
+    assert len(set(order)) == len(order) == 16 and set(order) <= train_ids  # 20 rows, batch 8, last dropped
+    one = ref[3]
+    assert one["post_id"] == ref.cache["post_ids"][ref.indices[3]] and one["image_emb"].shape == (8,)
+
+    slim = EmbeddingDataModule(*paths, fold=0, batch_size=8, fields=("image_emb", "text_emb"))
+    slim.cache["image_emb"] = counter = _CountingArray(slim.cache["image_emb"])
+    slim.cache["text_tokens"] = _CountingArray(slim.cache["text_tokens"], refuse=True)
+    slim.cache["text_mask"] = _CountingArray(slim.cache["text_mask"], refuse=True)
+    loader = slim.train_dataloader()
+    got = list(loader)
+    assert counter.reads == len(got) == len(loader)  # one gather per batch
+    assert "text_tokens" not in got[0] and got[0]["image_emb"].shape == (8, 8)
+    assert EmbeddingDataModule(*paths, fold=0, num_workers=2).train_dataloader().num_workers == 2
