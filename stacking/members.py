@@ -10,12 +10,18 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 
+log = logging.getLogger("popstack")
+
+#: CatBoost parameters its GPU trainer rejects for regression (feature subsampling per split is CPU-only there).
+CATBOOST_CPU_ONLY = ("rsm",)
 
 class Member(Protocol):
     name: str
@@ -25,6 +31,33 @@ class Member(Protocol):
     def predict(self, X: pd.DataFrame) -> np.ndarray: ...
     def save(self, path: Path) -> None: ...
     def feature_importance(self) -> pd.Series | None: ...
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (affinity-aware; ``os.cpu_count()`` where affinity is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def auto_learning_rate(n_rows: int) -> float:
+    """Boosting step for ``learning_rate: auto``: 0.1 at 10k training rows, scaled by (10k / n) ** 0.25 and kept in
+    [0.03, 0.2] (about 0.13 at 3k rows, 0.04 at 300k). Small folds converge in a few hundred trees instead of running
+    out a schedule made for SMPD; large ones take smaller steps, which early stopping turns into more trees."""
+    return float(np.clip(0.1 * (10_000 / max(n_rows, 1)) ** 0.25, 0.03, 0.2))
+
+
+def fit_params(params: dict[str, Any], n_rows: int, lr_key: str, thread_key: str, all_threads: int) -> dict[str, Any]:
+    """Copy of ``params`` with ``learning_rate: auto`` resolved for ``n_rows`` and an ``auto`` thread count (or the
+    library's own "all cores" value ``all_threads``) set to ``available_cores()``: fits run one at a time, so each
+    gets every core, and never more threads than cores."""
+    p = dict(params)
+    if str(p.get(lr_key, "")).lower() == "auto":
+        p[lr_key] = auto_learning_rate(n_rows)
+    if str(p.get(thread_key, "auto")).lower() == "auto" or p.get(thread_key) == all_threads:
+        p[thread_key] = available_cores()
+    return p
 
 
 def _int_categoricals(X: pd.DataFrame, categorical: list[str]) -> pd.DataFrame:
@@ -51,25 +84,44 @@ class CatBoostMember:
         self.columns: list[str] = []
         self.offset = 0.0
 
-    def _model(self):
+    def _model(self, n_rows: int, gpu: bool):
         from catboost import CatBoostRegressor
 
-        p = dict(self.params)
-        use_gpu = p.pop("use_gpu", False)
-        if use_gpu:
-            from catboost.utils import get_gpu_device_count
-
-            use_gpu = get_gpu_device_count() > 0
-        return CatBoostRegressor(random_seed=self.seed, task_type="GPU" if use_gpu else "CPU", verbose=False,
+        p = fit_params(self.params, n_rows, "learning_rate", "thread_count", -1)
+        p.pop("use_gpu", None)
+        if gpu:
+            p = {k: v for k, v in p.items() if k not in CATBOOST_CPU_ONLY}
+        return CatBoostRegressor(random_seed=self.seed, task_type="GPU" if gpu else "CPU", verbose=False,
                                  allow_writing_files=False, **p)
 
+    def _use_gpu(self) -> bool:
+        """``use_gpu``: true, false or auto (default: a GPU when CatBoost sees one)."""
+        want = str(self.params.get("use_gpu", "auto")).lower()
+        if want in ("false", "0", "no"):
+            return False
+        from catboost.utils import get_gpu_device_count
+
+        return get_gpu_device_count() > 0
+
     def fit(self, X_tr, y_tr, X_va, y_va):
+        from catboost import CatBoostError
+
         self.columns = list(X_tr.columns)
         cats = [c for c in self.categorical if c in self.columns]
         self.offset = float(np.median(y_tr))
-        self.model = self._model()
-        self.model.fit(_int_categoricals(X_tr, cats), np.asarray(y_tr) - self.offset, cat_features=cats,
-                       eval_set=(_int_categoricals(X_va, cats), np.asarray(y_va) - self.offset), use_best_model=True)
+        args = (_int_categoricals(X_tr, cats), np.asarray(y_tr) - self.offset)
+        kwargs = dict(cat_features=cats, eval_set=(_int_categoricals(X_va, cats), np.asarray(y_va) - self.offset),
+                      use_best_model=True)
+        gpu = self._use_gpu()
+        try:
+            self.model = self._model(len(X_tr), gpu)
+            self.model.fit(*args, **kwargs)
+        except CatBoostError as err:  # e.g. a loss its GPU trainer does not implement: the CPU trainer has them all
+            if not gpu:
+                raise
+            log.warning("catboost: GPU training refused (%s); fitting on the CPU", err)
+            self.model = self._model(len(X_tr), False)
+            self.model.fit(*args, **kwargs)
         return self
 
     def predict(self, X):
@@ -114,7 +166,7 @@ class LightGBMMember:
 
         self.columns = list(X_tr.columns)
         cats = [c for c in self.categorical if c in self.columns and X_tr[c].nunique() <= self.max_cat_levels]
-        p = dict(self.params)
+        p = fit_params(self.params, len(X_tr), "learning_rate", "num_threads", 0)
         rounds = int(p.pop("n_estimators", 1000))
         patience = int(p.pop("early_stopping_rounds", 100))
         p.update(seed=self.seed, deterministic=True, verbosity=-1, force_col_wise=True)

@@ -122,3 +122,41 @@ def test_cached_loader_gathers_per_batch_and_reads_only_the_fields_used(tmp_path
     assert counter.reads == len(got) == len(loader)  # one gather per batch
     assert "text_tokens" not in got[0] and got[0]["image_emb"].shape == (8, 8)
     assert EmbeddingDataModule(*paths, fold=0, num_workers=2).train_dataloader().num_workers == 2
+
+
+def _regression(n: int = 300, seed: int = 0):
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    X = pd.DataFrame(rng.normal(size=(n, 6)).astype(np.float32), columns=[f"f{i}" for i in range(6)])
+    y = 6 + 2 * X.f0.to_numpy() + X.f1.to_numpy() ** 2 + rng.normal(0, 0.3, n)
+    return X, y
+
+
+def test_auto_learning_rate_and_threads_resolve_per_fit():
+    from stacking.members import auto_learning_rate, available_cores, fit_params
+
+    assert auto_learning_rate(10_000) == 0.1
+    assert auto_learning_rate(100) == 0.2 and auto_learning_rate(10_000_000) == 0.03
+    assert auto_learning_rate(3_000) > auto_learning_rate(300_000)
+    p = fit_params({"learning_rate": "auto", "thread_count": -1, "depth": 6}, 10_000, "learning_rate", "thread_count", -1)
+    assert p == {"learning_rate": 0.1, "thread_count": available_cores(), "depth": 6}
+    p = fit_params({"learning_rate": 0.05, "num_threads": 1}, 10, "learning_rate", "num_threads", 0)
+    assert p == {"learning_rate": 0.05, "num_threads": 1}
+
+
+def test_catboost_gpu_refusal_falls_back_to_cpu_without_cpu_only_params(monkeypatch):
+    import catboost.utils
+
+    from stacking.members import make_member
+
+    monkeypatch.setattr(catboost.utils, "get_gpu_device_count", lambda: 1)  # claims a GPU this machine lacks
+    X, y = _regression()
+    params = {"iterations": 30, "learning_rate": "auto", "depth": 3, "rsm": 0.5, "loss_function": "Huber:delta=1.0",
+              "eval_metric": "MAE", "early_stopping_rounds": 10, "thread_count": 1, "use_gpu": "auto"}
+    member = make_member("catboost", params, [], 0)
+    assert "rsm" not in member._model(len(X), gpu=True).get_params()
+    member.fit(X[:200], y[:200], X[200:], y[200:])  # the GPU trainer fails here; the CPU one fits
+    assert member.model.get_params()["task_type"] == "CPU" and member.model.get_params()["rsm"] == 0.5
+    assert abs(member.predict(X[200:]) - y[200:]).mean() < 1.5
