@@ -137,13 +137,15 @@ def _regression(n: int = 300, seed: int = 0):
 def test_auto_learning_rate_and_threads_resolve_per_fit():
     from stacking.members import auto_learning_rate, available_cores, fit_params
 
-    assert auto_learning_rate(10_000) == 0.1
-    assert auto_learning_rate(100) == 0.2 and auto_learning_rate(10_000_000) == 0.03
+    assert auto_learning_rate(3_000) == 0.1
+    assert auto_learning_rate(100) == 0.2 and auto_learning_rate(10_000_000) == 0.02
     assert auto_learning_rate(3_000) > auto_learning_rate(300_000)
-    p = fit_params({"learning_rate": "auto", "thread_count": -1, "depth": 6}, 10_000, "learning_rate", "thread_count", -1)
-    assert p == {"learning_rate": 0.1, "thread_count": available_cores(), "depth": 6}
-    p = fit_params({"learning_rate": 0.05, "num_threads": 1}, 10, "learning_rate", "num_threads", 0)
-    assert p == {"learning_rate": 0.05, "num_threads": 1}
+    p = fit_params({"learning_rate": "auto", "thread_count": "auto", "depth": 6}, 3_000, "learning_rate", "thread_count")
+    assert p == {"learning_rate": 0.1, "thread_count": 1, "depth": 6}  # small fits: one thread
+    big = fit_params({"num_threads": "auto"}, 10**7, "learning_rate", "num_threads")
+    assert big == {"num_threads": available_cores()}  # large fits: every core, never more
+    p = fit_params({"learning_rate": 0.05, "num_threads": 0}, 10, "learning_rate", "num_threads")
+    assert p == {"learning_rate": 0.05, "num_threads": 0}  # explicit values pass through
 
 
 def test_catboost_gpu_refusal_falls_back_to_cpu_without_cpu_only_params(monkeypatch):
