@@ -70,7 +70,9 @@ def stack(cfg: DictConfig, run_dir: Path, tracker) -> StageResult:
     members.loc[~labelled, :] = result.test[result.member_names].to_numpy()
     frame = pd.concat([pd.DataFrame({KEY: X[KEY], "prediction": pred}), members], axis=1)
     frame.to_parquet(out / "predictions.parquet", index=False)
-    result.scores.to_csv(out / "scores.csv", index=False)
+    n_fits = max(len(result.blend_params), 1)  # folds of the final round
+    result.scores.assign(seconds_per_fold=(result.scores.seconds / n_fits).round(2)).to_csv(out / "scores.csv",
+                                                                                          index=False)
     result.rounds.to_csv(out / "pseudo_rounds.csv", index=False)
     result.weights.to_csv(out / "blend_weights.csv", index=False)
     if len(result.importance):
