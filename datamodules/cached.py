@@ -1,7 +1,7 @@
 """Map-style datasets over the frozen-embedding cache (written by ``lightning_modules.embed``) with folds.
 
 Batches are in the cached form: ``post_id`` list[str]; ``image_emb``, ``text_emb`` (B, D) float32;
-``text_tokens`` (B, L, D) float32; ``text_mask`` (B, L) bool; ``has_image`` (B,) bool; ``subcategory_id``,
+``text_tokens`` (B, L, D) float32; ``text_mask`` (B, L) bool (the embedding arrays only when the model reads them); ``has_image`` (B,) bool; ``subcategory_id``,
 ``category_id`` (B,) int64 (-1 unknown); ``label`` (B,) float32 (NaN unknown); ``tabular`` (B, F) float32 when
 a tabular parquet is given. Map-style, so Lightning shards it with a DistributedSampler under DDP.
 """
@@ -34,32 +34,60 @@ def load_embedding_cache(cache_dir: str | Path, mmap: bool = True) -> dict:
     return out
 
 
-class CachedPosts(Dataset):
-    """Rows ``indices`` of the cache (positions in posts order) as cached-form samples."""
+#: Cache arrays a batch may carry; a model names the ones it reads (``fields``), the rest are never touched.
+EMBEDDING_FIELDS = ("image_emb", "text_emb", "text_tokens", "text_mask")
 
-    def __init__(self, cache: dict, meta: pd.DataFrame, indices: np.ndarray, tabular: np.ndarray | None):
-        self.cache, self.meta, self.indices, self.tabular = cache, meta, np.asarray(indices), tabular
+
+class CachedPosts(Dataset):
+    """Rows ``indices`` of the cache (positions in posts order) as cached-form samples.
+
+    The DataLoader fetches a whole batch with ``__getitems__`` (one fancy-index gather per array, sorted positions
+    for sequential reads of a memory-mapped cache) and passes it through ``keep_batch`` as the collate function;
+    ``fields`` are the embedding arrays read (e.g. the hierarchical predictor needs ``image_emb`` and ``text_emb``,
+    not the (L, D) token features). ``dataset[i]`` gives one sample in the same form without the batch axis.
+    """
+
+    def __init__(self, cache: dict, meta: pd.DataFrame, indices: np.ndarray, tabular: np.ndarray | None,
+                 fields: tuple[str, ...] = EMBEDDING_FIELDS):
+        unknown = [f for f in fields if f not in EMBEDDING_FIELDS]
+        if unknown:
+            raise ValueError(f"unknown cache fields {unknown}; fields are {list(EMBEDDING_FIELDS)}")
+        self.cache, self.indices, self.tabular, self.fields = cache, np.asarray(indices), tabular, tuple(fields)
+        self.meta = {c: meta[c].to_numpy() for c in ("subcategory_id", "category_id", "label")}
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict:
-        r = int(self.indices[i])
-        m = self.meta
-        sample = {
-            "post_id": self.cache["post_ids"][r],
-            "image_emb": torch.from_numpy(np.array(self.cache["image_emb"][r], dtype=np.float32)),
-            "text_emb": torch.from_numpy(np.array(self.cache["text_emb"][r], dtype=np.float32)),
-            "text_tokens": torch.from_numpy(np.array(self.cache["text_tokens"][r], dtype=np.float32)),
-            "text_mask": torch.from_numpy(np.array(self.cache["text_mask"][r])),
-            "has_image": bool(self.cache["has_image"][r]),
-            "subcategory_id": int(m.subcategory_id[r]),
-            "category_id": int(m.category_id[r]),
-            "label": float(m.label[r]),
-        }
+    def __getitems__(self, items: list[int]) -> dict:
+        rows = self.indices[np.asarray(items, dtype=np.int64)]
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+
+        def gather(arr: np.ndarray) -> np.ndarray:  # read in file order, return in batch order
+            return np.asarray(arr[sorted_rows])[inverse]
+
+        batch = {"post_id": [self.cache["post_ids"][r] for r in rows]}
+        for f in self.fields:
+            arr = gather(self.cache[f])
+            batch[f] = torch.from_numpy(arr if f == "text_mask" else arr.astype(np.float32, copy=False))
+        batch["has_image"] = torch.from_numpy(gather(self.cache["has_image"]).astype(bool))
+        batch["subcategory_id"] = torch.from_numpy(self.meta["subcategory_id"][rows].astype(np.int64))
+        batch["category_id"] = torch.from_numpy(self.meta["category_id"][rows].astype(np.int64))
+        batch["label"] = torch.from_numpy(self.meta["label"][rows].astype(np.float32))
         if self.tabular is not None:
-            sample["tabular"] = torch.from_numpy(self.tabular[r])
-        return sample
+            batch["tabular"] = torch.from_numpy(self.tabular[rows])
+        return batch
+
+    def __getitem__(self, i: int) -> dict:
+        batch = self.__getitems__([i])
+        return {k: bool(v[0]) if k == "has_image" else v[0] for k, v in batch.items()}
+
+
+def keep_batch(batch: dict) -> dict:
+    """Collate function of ``CachedPosts`` loaders: the dataset already returns whole batches."""
+    return batch
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -86,11 +114,13 @@ class EmbeddingDataModule(L.LightningDataModule):
         cache_dir: the embedding cache. posts_path: ``posts.parquet`` (same row order as the cache).
         folds_path: ``folds.parquet``. vocab_path: ``vocab.json`` (class ids). tabular_path: optional parquet of
         imputed, standardised tabular features keyed by ``post_id``.
-        batch_size: per-device batch size.
+        batch_size: per-device batch size. num_workers: loader worker processes (``data.num_workers``).
+        fields: the cache arrays the model reads (``EMBEDDING_FIELDS`` or a subset).
     """
 
     def __init__(self, cache_dir: str, posts_path: str, folds_path: str, vocab_path: str, *, fold: int | None,
-                 batch_size: int = 128, num_workers: int = 0, tabular_path: str | None = None, seed: int = 0):
+                 batch_size: int = 128, num_workers: int = 0, tabular_path: str | None = None, seed: int = 0,
+                 fields: tuple[str, ...] = EMBEDDING_FIELDS):
         super().__init__()
         self.cache = load_embedding_cache(cache_dir)
         posts = pd.read_parquet(posts_path, columns=[KEY, LABEL, "subcategory", "category"])
@@ -118,26 +148,28 @@ class EmbeddingDataModule(L.LightningDataModule):
                 missing = tab.index[tab.isna().all(axis=1)][:5].tolist()
                 raise ValueError(f"{tabular_path}: no tabular row for posts {missing}")
             self.tabular = tab.to_numpy(dtype=np.float32)
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.batch_size, self.num_workers, self.seed, self.fields = batch_size, num_workers, seed, tuple(fields)
 
     @property
     def tabular_dim(self) -> int:
         return 0 if self.tabular is None else self.tabular.shape[1]
 
     def dataset(self, indices: np.ndarray) -> CachedPosts:
-        return CachedPosts(self.cache, self.meta, indices, self.tabular)
+        return CachedPosts(self.cache, self.meta, indices, self.tabular, self.fields)
+
+    def _loader(self, indices: np.ndarray, **kwargs) -> DataLoader:
+        return DataLoader(self.dataset(indices), batch_size=self.batch_size, num_workers=self.num_workers,
+                          collate_fn=keep_batch, persistent_workers=self.num_workers > 0, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         world = self.trainer.world_size if self.trainer is not None else 1  # each rank gets 1/world of the posts
-        return DataLoader(self.dataset(self.train_idx), batch_size=self.batch_size,
-                          sampler=EpochSeededSampler(len(self.train_idx), self.seed), num_workers=self.num_workers,
-                          drop_last=len(self.train_idx) // world > self.batch_size)
+        return self._loader(self.train_idx, sampler=EpochSeededSampler(len(self.train_idx), self.seed),
+                            drop_last=len(self.train_idx) // world > self.batch_size)
 
     def val_dataloader(self) -> DataLoader | list:
         if len(self.val_idx) == 0:
             return []
-        return DataLoader(self.dataset(self.val_idx), batch_size=self.batch_size, num_workers=self.num_workers)
+        return self._loader(self.val_idx)
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset(np.arange(len(self.meta))), batch_size=self.batch_size,
-                          num_workers=self.num_workers)
+        return self._loader(np.arange(len(self.meta)))

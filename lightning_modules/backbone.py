@@ -144,7 +144,8 @@ def encode_text_embeddings(
     """Run the text tower from token *embeddings* (so learnable prompt vectors can be injected).
 
     Args:
-        embeddings: (B, L, W) token embeddings (W = text width), positional embedding not yet added.
+        embeddings: (B, L, W) token embeddings (W = text width, L <= context length), positional embedding not yet
+            added.
         token_ids: (B, L) int token ids of the same prompts; used only to find the pooled (EOT) position.
 
     Returns:
@@ -153,8 +154,10 @@ def encode_text_embeddings(
     """
     tower = text_tower(model)
     cast_dtype = tower.transformer.get_cast_dtype()
-    x = embeddings.to(cast_dtype) + tower.positional_embedding.to(cast_dtype)
-    x = tower.transformer(x, attn_mask=tower.attn_mask)
+    n = embeddings.shape[1]  # may be shorter than the context length (prompts cut after their EOT token)
+    x = embeddings.to(cast_dtype) + tower.positional_embedding[:n].to(cast_dtype)
+    mask = tower.attn_mask[:n, :n] if tower.attn_mask is not None else None
+    x = tower.transformer(x, attn_mask=mask)
     x = tower.ln_final(x)
     projection = tower.text_projection
     if isinstance(projection, nn.Linear):

@@ -4,6 +4,11 @@ Each class prompt is ``[SOS] [ctx_1 .. ctx_n] <class name> . [EOS] [pad ...]``: 
 class-name/EOS/padding embeddings (suffix) are frozen buffers, the n context vectors are learned (shared by all
 classes, init N(0, ctx_init_std^2)). Passing the global prompts through the frozen text encoder gives the global
 class embeddings G (K, D); the local prompts give L (K, D) (paper eqs. 1-2).
+
+Speed: only the pooled (EOT) feature of each prompt is used, and CLIP's causal mask lets no position see a later
+one, so the prompts are cut after the longest prompt's EOT token (about n_ctx + 5 of 77 positions) with identical
+output. With frozen text weights, (G, L) are a function of the contexts alone: outside training (no autograd:
+validation, predict) they are computed once per context version and reused.
 """
 
 from __future__ import annotations
@@ -72,14 +77,38 @@ class DualGrainedPromptLearner(nn.Module):
         self.register_buffer("prefix", embedded[:, :1].clone(), persistent=True)
         self.register_buffer("suffix", embedded[:, 1 + n_ctx:].clone(), persistent=True)
         self._clip = [clip_model]  # not a submodule: the owner registers the backbone once
+        self._cached: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def _prompts(self, ctx: torch.Tensor) -> torch.Tensor:
+    @property
+    def n_positions(self) -> int:
+        """Prompt positions the text tower needs: up to and including the last EOT (the argmax token id)."""
+        return int(self.token_ids.argmax(dim=-1).max()) + 1
+
+    def _prompts(self, ctx: torch.Tensor, n: int) -> torch.Tensor:
+        """(K, n, W) prompt embeddings, cut to the first ``n`` positions."""
         k = self.prefix.shape[0]
-        return torch.cat([self.prefix, ctx.unsqueeze(0).expand(k, -1, -1).to(self.prefix.dtype), self.suffix], dim=1)
+        suffix = self.suffix[:, : n - 1 - self.n_ctx]
+        return torch.cat([self.prefix, ctx.unsqueeze(0).expand(k, -1, -1).to(self.prefix.dtype), suffix], dim=1)
+
+    def _encode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        model, n = self._clip[0], self.n_positions
+        ids = self.token_ids[:, :n]
+        prompts = torch.cat([self._prompts(self.ctx_global, n), self._prompts(self.ctx_local, n)])
+        pooled, _ = encode_text_embeddings(model, prompts, torch.cat([ids, ids]))  # one pass for both: (2K, D)
+        return pooled[: len(ids)], pooled[len(ids):]
+
+    def _state_key(self) -> tuple | None:
+        """Identifies the contexts' current values; None when the text tower itself is trainable."""
+        if any(p.requires_grad for p in text_tower(self._clip[0]).parameters()):
+            return None
+        return tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in (self.ctx_global, self.ctx_local))
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (G, L), each (K, D), not normalised."""
-        model = self._clip[0]
-        glob, _ = encode_text_embeddings(model, self._prompts(self.ctx_global), self.token_ids)
-        loc, _ = encode_text_embeddings(model, self._prompts(self.ctx_local), self.token_ids)
-        return glob, loc
+        key = None if torch.is_grad_enabled() else self._state_key()
+        if key is None:
+            self._cached = None
+            return self._encode()
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self._encode())
+        return self._cached[1]

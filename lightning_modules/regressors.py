@@ -131,6 +131,8 @@ class CoAttentionMLPModule(RegressorModule):
 class CLIPHierarchicalPredictor(RegressorModule):
     """Stacked FC + ReLU + BatchNorm layers on [CLIP image embedding; CLIP text embedding] (Huber loss)."""
 
+    cache_fields = ("image_emb", "text_emb")  # the embedding-cache arrays it reads (not the per-token features)
+
     def __init__(self, embed_dim: int, hidden: tuple[int, ...] = (512, 128, 32), dropout: float = 0.1,
                  huber_delta: float = 1.0, lr: float = 1e-3, weight_decay: float = 1e-4, scheduler: str = "cosine",
                  token_len: int = 32, target_mean: float = 0.0, target_std: float = 1.0,

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.atomic import atomic_path, atomic_write_json
-from datamodules.cached import EmbeddingDataModule, load_embedding_cache
+from datamodules.cached import EMBEDDING_FIELDS, EmbeddingDataModule, load_embedding_cache
 from datamodules.folds import read_folds
 from datamodules.popularity import PopularityDataModule
 from datamodules.schema import KEY, LABEL, NO_FOLD
@@ -159,7 +159,8 @@ def _datamodule(cfg: DictConfig, run_dir: Path, name: str, fold: int | None) -> 
     m = cfg.model[name]
     return EmbeddingDataModule(
         str(run_dir / "embeddings"), str(run_dir / "posts.parquet"), str(run_dir / "folds.parquet"),
-        str(run_dir / "vocab.json"), fold=fold, batch_size=int(m.batch_size), num_workers=0,
+        str(run_dir / "vocab.json"), fold=fold, batch_size=int(m.batch_size), num_workers=int(cfg.data.num_workers),
+        fields=getattr(MODULES[name], "cache_fields", EMBEDDING_FIELDS),
         tabular_path=str(run_dir / "features" / TABULAR) if name == "co_attention" and m.use_tabular else None,
         seed=int(cfg.seed) + (fold or 0),
     )

@@ -79,7 +79,9 @@ def _stack(cfg: DictConfig, run_dir: Path, tracker, out: Path) -> StageResult:
     members.loc[~labelled, :] = result.test[result.member_names].to_numpy()
     frame = pd.concat([pd.DataFrame({KEY: X[KEY], "prediction": pred}), members], axis=1)
     frame.to_parquet(out / "predictions.parquet", index=False)
-    result.scores.to_csv(out / "scores.csv", index=False)
+    n_fits = max(len(result.blend_params), 1)  # folds of the final round
+    result.scores.assign(seconds_per_fold=(result.scores.seconds / n_fits).round(2)).to_csv(out / "scores.csv",
+                                                                                          index=False)
     result.rounds.to_csv(out / "pseudo_rounds.csv", index=False)
     result.weights.to_csv(out / "blend_weights.csv", index=False)
     if len(result.importance):
@@ -92,7 +94,8 @@ def _stack(cfg: DictConfig, run_dir: Path, tracker, out: Path) -> StageResult:
         if ab.members:
             ab_cfg = StackConfig(**{**scfg.__dict__, "members": {m: scfg.members[m] for m in ab.members}})
         table = run_ablations(features, y, folds, categorical, families, ABLATION_GROUPS, ab_cfg,
-                              tuple(ab.variants), full=None if ab.members else result)
+                              tuple(ab.variants), full=None if ab.members else result,
+                              selection_losses=losses)
         table.to_csv(out / "ablation.csv", index=False)
         log.info("ablations:\n%s", table.to_string(index=False))
     if tracker is not None:

@@ -32,16 +32,17 @@ def _blend_row(variant: str, result: StackResult, seconds: float) -> dict:
 def run_ablations(
     X: pd.DataFrame, y: np.ndarray, folds: np.ndarray, categorical: list[str], families: dict[str, str],
     groups: dict[str, tuple[str, ...]], cfg: StackConfig, variants: tuple[str, ...] = VARIANTS,
-    full: StackResult | None = None,
+    full: StackResult | None = None, selection_losses: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """Run ``variants``; ``full`` reuses an already fitted full stack. Returns variant, src, mae, seconds."""
+    """Run ``variants``; ``full`` reuses an already fitted full stack; ``selection_losses`` (n,) rank rows for
+    loss-based selection as in ``run_stack``. Returns variant, src, mae, seconds."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown ablation variants {unknown}; known: {VARIANTS}")
     rows = []
     if full is None:
         start = time.perf_counter()
-        full = run_stack(X, y, folds, categorical, cfg)
+        full = run_stack(X, y, folds, categorical, cfg, selection_losses=selection_losses)
         full_seconds = time.perf_counter() - start
     else:
         full_seconds = float("nan")
@@ -69,6 +70,7 @@ def run_ablations(
         elif variant == "w/o 5-fold":
             eval_folds = [int(np.min(folds[folds >= 0]))]
         log.info("ablation: %s", variant)
-        result = run_stack(Xv, y, folds, [c for c in categorical if c in Xv.columns], vcfg, eval_folds=eval_folds)
+        result = run_stack(Xv, y, folds, [c for c in categorical if c in Xv.columns], vcfg, eval_folds=eval_folds,
+                           selection_losses=selection_losses)
         rows.append(_blend_row(variant, result, time.perf_counter() - start))
     return pd.DataFrame(rows)
