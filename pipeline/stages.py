@@ -117,6 +117,8 @@ class Pipeline:
                     inputs=self._stage_inputs(stage), reads=READS[stage],
                 )
                 metrics[stage] = manifest.metrics
+                if not child and self.topology.world_size > 1:
+                    self._publish(stage, manifest.hash)
                 if self.tracker is not None:
                     self.tracker.log({f"time/{stage}_s": manifest.seconds})
         finally:
@@ -124,14 +126,45 @@ class Pipeline:
                 self.tracker.finish()
         return metrics
 
-    def _await_rank_zero(self, stage: str) -> None:
-        """On ranks above 0: wait until rank 0 has recorded ``stage`` with this run's config (its manifest)."""
-        from pipeline.distributed import wait_for, wait_timeout
+    def _launch_record(self) -> Path:
+        """``manifests/.launch-<id>.json``: the stage hashes rank 0 recorded in this launch (``topology().launch_id``),
+        so the other ranks know when a stage of *this* launch is done without fingerprinting the raw data themselves."""
+        safe = "".join(c if c.isalnum() else "-" for c in self.topology.launch_id)
+        return self.run_dir / "manifests" / f".launch-{safe}.json"
 
-        digest = self.runner.stage_hash(stage, self._stage_config(stage), DEPENDS[stage])
-        path = self.runner.manifest_path(stage)
-        self.runner.manifests[stage] = wait_for(lambda: self.runner.done(stage, digest),
-                                                f"{path} (stage {stage!r} run by rank 0)", wait_timeout(self.cfg))
+    def _publish(self, stage: str, digest: str) -> None:
+        from datamodules.atomic import atomic_write_json
+
+        path = self._launch_record()
+        done = json.loads(path.read_text()) if path.is_file() else {}
+        atomic_write_json(path, {**done, stage: digest})
+
+    def _await_rank_zero(self, stage: str) -> None:
+        """On ranks above 0: wait until rank 0 has recorded ``stage`` in this launch, then load its manifest.
+
+        Processes started by Lightning's own launcher begin at rank 0's first Trainer, after rank 0 finished the
+        single-process stages (and before it knew the launch): they read the manifests as they are."""
+        from pipeline.distributed import wait_for, wait_timeout
+        from pipeline.manifest import Manifest
+
+        if self.topology.launcher == "lightning":
+            manifest = Manifest.read(self.runner.manifest_path(stage))
+            if manifest is None:
+                raise UserError(f"stage {stage!r} has no manifest in {self.run_dir}: rank 0 did not finish it")
+            self.runner.manifests[stage] = manifest
+            return
+        record = self._launch_record()
+
+        def recorded() -> Manifest | None:
+            try:
+                digest = json.loads(record.read_text()).get(stage)
+            except (OSError, ValueError):
+                return None
+            manifest = Manifest.read(self.runner.manifest_path(stage)) if digest else None
+            return manifest if manifest is not None and manifest.hash == digest else None
+
+        self.runner.manifests[stage] = wait_for(recorded, f"{self.runner.manifest_path(stage)} (stage {stage!r} "
+                                                f"run by rank 0 in this launch)", wait_timeout(self.cfg))
 
     def _is_distributed(self) -> bool:
         t = self.cfg.trainer

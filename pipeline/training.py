@@ -178,7 +178,7 @@ def fit_resumable(
     datamodule: L.LightningDataModule,
     out_dir: Path,
     *,
-    key: dict[str, Any],
+    key: dict[str, Any] | None = None,
     trainer_cfg: dict[str, Any],
     max_epochs: int,
     monitor: str,
@@ -192,7 +192,8 @@ def fit_resumable(
 
     ``trainer_cfg``: the config's ``trainer`` section, any ``lightning.Trainer`` arguments (see ``trainer_kwargs``);
     ``early_stopping_patience``: stop after this many validations without improvement of ``monitor`` (None = off).
-    ``key``: JSON-serialisable description of everything the fit depends on (see the module docstring).
+    ``key``: JSON-serialisable description of everything the fit depends on (see the module docstring); a
+    directory made with another key starts afresh. None: no key is recorded or checked (a caller-owned folder).
     Raises ``UserError`` when ``max_epochs`` < 1 or the fit ended without writing a checkpoint.
     """
     from pipeline.errors import UserError
@@ -200,7 +201,8 @@ def fit_resumable(
     out_dir = Path(out_dir)
     if max_epochs < 1:
         raise UserError(f"{out_dir}: epochs must be at least 1 to train a model (got {max_epochs})")
-    start_fresh_unless(out_dir, key)
+    if key is not None:
+        start_fresh_unless(out_dir, key)
     best = finished_checkpoint(out_dir)
     if best is not None:
         return best
