@@ -37,7 +37,7 @@ def raw_root(cfg: DictConfig) -> Path:
     log.info("generating synthetic SMPD data (%d train + %d test posts) in %s", syn.n_train, syn.n_test, root)
     generate(
         tmp, n_train=syn.n_train, n_test=syn.n_test, seed=syn.seed, n_subcategories=syn.n_subcategories,
-        user_variant=syn.user_variant, naming=str(syn.naming),
+        user_variant=syn.user_variant, naming=str(syn.naming), world=int(syn.get("world", 0)),
     )
     (tmp / GENERATED_MARKER).write_text(json.dumps(dict(syn)))
     shutil.rmtree(root, ignore_errors=True)
