@@ -64,7 +64,8 @@ def predict(run_dir: Path, raw_dir: Path, out: Path, devices: int | None = None,
         posts = prepare_new_posts(cfg, run_dir, raw_dir, work)
         log.info("predict: %d posts from %s", len(posts), raw_dir)
         fcfg = feature_config(cfg)
-        feats = transform_features(posts, FeatureState.load(run_dir / "features" / "state"), fcfg)
+        feats = transform_features(posts, FeatureState.load(run_dir / "features" / "state"), fcfg,
+                                   image_dir=work / "shards")
         scaler = Standardiser.load(run_dir / "features" / TABULAR_SCALER)
         tab = pd.DataFrame(scaler.transform(feats[scaler.columns]), columns=scaler.columns)
         tab.insert(0, KEY, feats[KEY].to_numpy())

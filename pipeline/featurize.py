@@ -30,7 +30,7 @@ def feature_config(cfg: DictConfig) -> FeatureConfig:
 def featurize(cfg: DictConfig, run_dir: Path) -> StageResult:
     posts = read_posts(run_dir / "posts.parquet")
     folds = read_folds(run_dir / "folds.parquet")["fold"].to_numpy()
-    fs = build_features(posts, folds, feature_config(cfg))
+    fs = build_features(posts, folds, feature_config(cfg), image_dir=run_dir / "shards")
     out = run_dir / "features"
     fs.save(out)
     labelled = folds != NO_FOLD
