@@ -20,6 +20,15 @@ Latent model (per post i of user u, subcategory c, posted at hour h on weekday d
 (SRC(signal, label) is the best any model can do). The mess of real data is included: a few missing and
 truncated images, empty titles and tags, no-geo posts (``"0"`` and ``""``), ``"None"`` path aliases and null
 user fields. Output is deterministic per seed.
+
+Worlds (``world=N``, ``datamodules.synthetic_worlds``): world 0 is the model above, exactly; any other index draws
+the structure of the latent model (which fields carry signal and how strongly, interactions, what in the image
+carries it, how messy the data is) and writes it to ``world.json`` next to ``signal.parquet``. In a drawn world::
+
+    signal_i = 6.4 + sum_f strength_f * z_f(i) + sum_k interaction_k * z_k(i)
+
+with ``z`` the standardised term of each field family (user quality, subcategory effect, image cue, hot tags,
+hot title words, time of day/week and trend, geotag accuracy) and of each interaction.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from datamodules.schema import COLUMNS, IMAGE_OK, VECTOR_COLUMNS
+from datamodules.synthetic_worlds import N_OBJECTS, World, draw_world, standardised
 
 #: The 11 SMPD categories and their 77 subcategories (SMPD_FORMAT.md section 4; commas stand for spaces).
 TAXONOMY: dict[str, list[str]] = {
@@ -57,8 +67,10 @@ TAXONOMY: dict[str, list[str]] = {
 }
 START_EPOCH = 1_420_070_400  # 2015-01-01 UTC
 SPAN_DAYS = 480  # ~16 months
-LATENT = {"base": 6.0, "user_sd": 1.9, "sub_sd": 0.7, "appeal": 0.9, "noise_sd": 0.9}
+LATENT = {"base": 6.0, "user_sd": 1.9, "sub_sd": 0.7, "appeal": 0.9}  # world 0; its noise sd: World.noise_sd
 GENERIC_WORDS = ("photo", "day", "nice", "my", "new", "best", "look", "great", "the", "with", "and", "at")
+#: Title words that carry the text term in drawn worlds.
+HOT_TITLE_WORDS = ("nice", "best", "great")
 
 
 def _subcategories(n_subcategories: int | None) -> list[tuple[str, str]]:
@@ -79,6 +91,7 @@ def make_posts(
     n_users: int | None = None,
     n_subcategories: int | None = None,
     user_variant: str = "A",
+    world: int | World = 0,
 ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """A posts table in the ``datamodules.schema`` format (test labels NaN) plus hidden arrays.
 
@@ -86,11 +99,14 @@ def make_posts(
         posts: one row per post, train rows then test rows (test posts are later in time).
         signal: (n,) float64 noise-free latent popularity.
         labels: (n,) float64 true labels of all posts, the test ones included (hidden from ``posts``).
-        Also stored in ``posts.attrs["appeal"]``: (n,) the per-post image appeal used to draw images.
+        Also stored in ``posts.attrs``: ``appeal`` (n,) the per-post image appeal used to draw images, ``object``
+        (n,) int the object drawn (object cue), ``world`` the ``World``.
     """
     if user_variant not in ("A", "B"):
         raise ValueError(f"user_variant must be 'A' or 'B', got {user_variant!r}")
+    world = draw_world(world) if isinstance(world, (int, np.integer)) else world
     rng = np.random.default_rng(seed)
+    wrng = np.random.default_rng([seed, world.index, 1])  # draws of drawn worlds only (world 0 never uses it)
     n = n_train + n_test
     pairs = _subcategories(n_subcategories)
     n_sub = len(pairs)
@@ -100,6 +116,8 @@ def make_posts(
     user_q = rng.normal(0, LATENT["user_sd"], n_users)
     activity = rng.lognormal(0, 1.0, n_users) * (1 + 0.3 * (user_q > 0))
     user_of_post = rng.choice(n_users, size=n, p=activity / activity.sum())
+    if world.new_users > 0:
+        user_of_post = _newcomers(user_of_post, n_train, world.new_users, activity, wrng)
     uids = np.array([f"{rng.integers(10, 99999)}@N{rng.integers(0, 99):02d}" for _ in range(n_users)])
     _, first = np.unique(uids, return_index=True)  # make uids unique
     for j in set(range(n_users)) - set(first.tolist()):
@@ -132,18 +150,37 @@ def make_posts(
             chosen.append(f"uploaded:by=app{int(rng.integers(1, 4))}")
         n_hot[i] = sum(w[-1] in "01" for w in chosen)
         tags.append(" ".join(chosen))
-        if rng.random() < 0.15:
+        if rng.random() < world.empty_titles:
             titles.append("")
         else:
             tw = [str(rng.choice(GENERIC_WORDS))] + [str(w) for w in rng.choice(words, size=int(rng.integers(1, 3)))]
             titles.append(" ".join(tw))
     tag_eff = 0.15 * n_hot - 0.1 * np.array([t == "" for t in tags])
 
-    signal = (
-        LATENT["base"] + user_q[user_of_post] + sub_eff[sub_of_post] + LATENT["appeal"] * appeal + tag_eff
-        + 0.25 * np.sin(2 * np.pi * (hour - 14) / 24) + 0.15 * (weekday >= 5) + 0.4 * has_geo * geoacc / 16
-    )
-    labels = np.round(np.clip(signal + rng.normal(0, LATENT["noise_sd"], n), 1.0, 16.5), 2)
+    objects = wrng.integers(0, N_OBJECTS, n) if world.image_cue == "object" else np.zeros(n, dtype=np.int64)
+    if world.original:
+        signal = (
+            LATENT["base"] + user_q[user_of_post] + sub_eff[sub_of_post] + LATENT["appeal"] * appeal + tag_eff
+            + 0.25 * np.sin(2 * np.pi * (hour - 14) / 24) + 0.15 * (weekday >= 5) + 0.4 * has_geo * geoacc / 16
+        )
+    else:
+        terms = {
+            "user": user_q[user_of_post],
+            "category": sub_eff[sub_of_post],
+            "image": _image_term(world.image_cue, appeal, objects, wrng),
+            "tags": tag_eff,
+            "text": np.array([sum(w in HOT_TITLE_WORDS for w in t.split()) for t in titles], dtype=np.float64),
+            "time": np.sin(2 * np.pi * (hour - 14) / 24) + 0.6 * (weekday >= 5) + 0.8 * t / t.max(),
+            "geo": has_geo * geoacc / 16,
+        }
+        peak = wrng.uniform(0, 24, n_sub)
+        crossed = {
+            "user_x_image": standardised(terms["user"]) * standardised(terms["image"]),
+            "category_x_hour": np.cos(2 * np.pi * (hour - peak[sub_of_post]) / 24),
+        }
+        signal = 6.4 + sum(world.strength.get(f, 0.0) * standardised(x) for f, x in terms.items())
+        signal = signal + sum(v * standardised(crossed[k]) for k, v in world.interactions.items())
+    labels = np.round(np.clip(signal + rng.normal(0, world.noise_sd, n), 1.0, 16.5), 2)
 
     photo_count = np.round(np.exp(5 + 0.6 * user_q + rng.normal(0, 0.5, n_users)))
     ispro = (rng.random(n_users) < 1 / (1 + np.exp(-(user_q - 1.0)))).astype(float)
@@ -198,8 +235,33 @@ def make_posts(
         "label": np.where(split == "train", labels, np.nan),
     })
     posts["photo_firstdate"] = np.floor(posts["photo_firstdate"])
-    posts.attrs["appeal"] = appeal
+    posts.attrs.update(appeal=appeal, object=objects, world=world)
     return posts[list(COLUMNS)], signal, labels
+
+
+def _newcomers(user_of_post: np.ndarray, n_train: int, share: float, activity: np.ndarray,
+               rng: np.random.Generator) -> np.ndarray:
+    """Users of posts (n,) with about ``share`` of the test posts moved to users who post nothing in training."""
+    n_users = len(activity)
+    pool = rng.choice(n_users, size=max(1, int(round(share * n_users))), replace=False)
+    is_new = np.zeros(n_users, dtype=bool)
+    is_new[pool] = True
+    old = np.flatnonzero(~is_new)
+    out = user_of_post.copy()
+    train_new = np.flatnonzero(is_new[out[:n_train]])
+    out[train_new] = rng.choice(old, size=len(train_new), p=activity[old] / activity[old].sum())
+    test_rows = n_train + np.flatnonzero(rng.random(len(out) - n_train) < share)
+    out[test_rows] = rng.choice(pool, size=len(test_rows))
+    return out
+
+
+def _image_term(cue: str, appeal: np.ndarray, objects: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(n,) what the image contributes: the appeal for the pixel cues, a per-object effect, or nothing."""
+    if cue == "none":
+        return np.zeros_like(appeal)
+    if cue == "object":
+        return rng.normal(0, 1, N_OBJECTS)[objects]
+    return appeal
 
 
 # ----------------------------------------------------------------------------- images
@@ -214,29 +276,52 @@ def _class_style(n_sub: int) -> tuple[np.ndarray, np.ndarray]:
     return colours, shapes
 
 
-def draw_image(sub_index: int, appeal: float, rng: np.random.Generator, n_sub: int) -> Image.Image:
-    """A small JPEG-able image: class palette + shape, appeal -> object size, brightness, saturation."""
+WARM, COOL = np.array([255.0, 110.0, 30.0]), np.array([30.0, 110.0, 255.0])
+
+
+def draw_image(sub_index: int, appeal: float, rng: np.random.Generator, n_sub: int, cue: str = "appeal",
+               obj: int = 0) -> Image.Image:
+    """A small JPEG-able image (96-160 x 96-120 pixels): class palette + shape, and the world's image cue.
+
+    ``cue``: ``appeal`` -> object size, brightness and saturation (world 0); ``brightness`` -> brightness only;
+    ``colour`` -> the scene's hue (warm for high appeal, cool for low); ``texture`` -> contrast of fine stripes;
+    ``object`` -> the shape drawn is object ``obj`` (0..4) instead of the class shape; ``none`` -> no cue.
+    """
     colours, shapes = _class_style(max(n_sub, 77))
     w, h = int(rng.integers(96, 161)), int(rng.integers(96, 121))
     bg, fg = colours[sub_index]
-    gain = 1.0 + 0.18 * np.clip(appeal, -2.5, 2.5)
+    a = float(np.clip(appeal, -2.5, 2.5)) if cue in ("appeal", "brightness", "colour", "texture") else 0.0
+    if cue == "colour":
+        mix = abs(a) / 3.0
+        bg, fg = (c * (1 - mix) + (WARM if a > 0 else COOL) * mix for c in (bg, fg))
+    gain = 1.0 + 0.18 * a if cue in ("appeal", "brightness") else 1.0
     bg = np.clip(bg * gain, 0, 255).astype(int)
     fg = np.clip(fg * gain, 0, 255).astype(int)
     img = Image.new("RGB", (w, h), tuple(int(v) for v in bg))
     draw = ImageDraw.Draw(img)
-    size = min(w, h) * (0.35 + 0.1 * np.clip(appeal, -2.5, 2.5))
+    size = min(w, h) * (0.35 + 0.1 * a if cue == "appeal" else 0.35)
     cx, cy = w / 2 + rng.normal(0, w / 10), h / 2 + rng.normal(0, h / 10)
     box = (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2)
     fill = tuple(int(v) for v in fg)
-    if shapes[sub_index] == 0:
+    shape = obj if cue == "object" else shapes[sub_index]
+    if shape == 0:
         draw.ellipse(box, fill=fill)
-    elif shapes[sub_index] == 1:
+    elif shape == 1:
         draw.rectangle(box, fill=fill)
-    else:
+    elif shape == 2:
         draw.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
+    elif shape == 3:  # cross
+        q = size / 6
+        draw.rectangle((box[0], cy - q, box[2], cy + q), fill=fill)
+        draw.rectangle((cx - q, box[1], cx + q, box[3]), fill=fill)
+    else:  # ring
+        draw.ellipse(box, outline=fill, width=max(2, int(size / 6)))
     noise = rng.normal(0, 6, (h, w, 3))
-    arr = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
-    return Image.fromarray(arr)
+    arr = np.asarray(img, dtype=np.float32) + noise
+    if cue == "texture":
+        stripes = np.where((np.arange(w) // 2) % 2 == 0, 1.0, -1.0)[None, :, None]
+        arr = arr + stripes * 12.0 * (a + 2.5)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
 # ----------------------------------------------------------------------------- raw layout
@@ -269,6 +354,8 @@ def write_smpd(
     out = Path(out_dir)
     rng = np.random.default_rng(seed + 7)
     appeal = posts.attrs.get("appeal", np.zeros(len(posts)))
+    objects = posts.attrs.get("object", np.zeros(len(posts), dtype=np.int64))
+    world: World = posts.attrs.get("world", draw_world(0))
     sub_names = [s for _, s in _subcategories(None)]
     counts = {"missing_images": 0, "truncated_images": 0}
     for split in ("train", "test"):
@@ -304,19 +391,22 @@ def write_smpd(
                 path = out / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
                 r = rng.random()
-                if image_mess and r < 0.01:
+                if image_mess and r < world.missing_images:
                     counts["missing_images"] += 1
                     continue
-                img = draw_image(sub_names.index(sub), float(appeal[np.flatnonzero(mask)[i]]), rng, len(sub_names))
+                j = np.flatnonzero(mask)[i]
+                img = draw_image(sub_names.index(sub), float(appeal[j]), rng, len(sub_names), world.image_cue,
+                                 int(objects[j]))
                 buf = io.BytesIO()
                 img.save(buf, format="JPEG", quality=88)
                 data = buf.getvalue()
-                if image_mess and r < 0.02:
+                if image_mess and r < world.missing_images + world.truncated_images:
                     counts["truncated_images"] += 1
                     data = data[: len(data) // 3]
                 path.write_bytes(data)
     sig = pd.DataFrame({"post_id": posts.post_id, "split": posts.split, "signal": signal, "label": labels})
     sig.to_parquet(out / "signal.parquet", index=False)
+    (out / "world.json").write_text(json.dumps({**world.to_dict(), "description": world.describe()}, indent=1))
     return counts
 
 
@@ -367,10 +457,12 @@ def generate(
     user_variant: str = "A",
     naming: str = "2025",
     image_mess: bool = True,
+    world: int = 0,
 ) -> dict[str, int]:
-    """``make_posts`` + ``write_smpd``: a complete synthetic SMPD directory, deterministic per seed."""
+    """``make_posts`` + ``write_smpd``: a complete synthetic SMPD directory, deterministic per seed and world."""
     posts, signal, labels = make_posts(
-        n_train, n_test, seed, n_users=n_users, n_subcategories=n_subcategories, user_variant=user_variant
+        n_train, n_test, seed, n_users=n_users, n_subcategories=n_subcategories, user_variant=user_variant,
+        world=world,
     )
     counts = write_smpd(out_dir, posts, signal, labels, seed=seed, naming=naming, image_mess=image_mess)
     return {"train_posts": n_train, "test_posts": n_test, **counts}
@@ -386,10 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--user-variant", choices=["A", "B"], default="A")
     p.add_argument("--naming", choices=sorted(FILE_NAMES), default="2025")
     p.add_argument("--no-mess", action="store_true", help="no missing/truncated images")
+    p.add_argument("--world", type=int, default=0, help="structure of the latent model (0 = the original)")
     a = p.parse_args(argv)
     start = time.perf_counter()
     counts = generate(a.out, a.n_train, a.n_test, a.seed, n_subcategories=a.n_subcategories,
-                      user_variant=a.user_variant, naming=a.naming, image_mess=not a.no_mess)
+                      user_variant=a.user_variant, naming=a.naming, image_mess=not a.no_mess, world=a.world)
     print(f"wrote {a.out} in {time.perf_counter() - start:.1f} s: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     return 0
 

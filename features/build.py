@@ -1,8 +1,8 @@
 """Assemble the tabular feature matrix: every family, float32, keyed by post_id, plus its schema.
 
-    fs = build_features(posts, folds, FeatureConfig())      # training run: fits the state
+    fs = build_features(posts, folds, FeatureConfig(), image_dir=run_dir / "shards")   # fits the state
     fs.save(run_dir / "features")
-    new = transform_features(new_posts, FeatureState.load(run_dir / "features" / "state"), cfg)
+    new = transform_features(new_posts, FeatureState.load(run_dir / "features" / "state"), cfg, image_dir=...)
 
 ``schema.json`` maps every column to its family and lists the categorical columns, so importance plots and
 the ablations (``features.families.ABLATION_GROUPS``) select families by name.
@@ -24,6 +24,7 @@ from features.category import categorical_columns, category_features
 from features.config import FeatureConfig
 from features.families import column_name, family_of, USER
 from features.glove import glove_features
+from features.image_stats import image_stats_features, shard_images
 from features.sentence import SentenceEncoder, resolve_model_dir, sentence_features
 from features.spatial import spatial_features
 from features.state import FeatureState
@@ -59,7 +60,8 @@ def read_schema(directory: str | Path) -> dict:
     return json.loads((Path(directory) / "schema.json").read_text())
 
 
-def _families(posts, folds, state, cfg, encoder, progress: bool = False) -> tuple[list[pd.DataFrame], dict[str, float]]:
+def _families(posts, folds, state, cfg, encoder, image_dir, progress: bool = False
+              ) -> tuple[list[pd.DataFrame], dict[str, float]]:
     from tqdm.auto import tqdm
 
     seconds: dict[str, float] = {}
@@ -82,6 +84,8 @@ def _families(posts, folds, state, cfg, encoder, progress: bool = False) -> tupl
         timed("sentence", lambda: sentence_features(posts, state, cfg, encoder))
     if cfg.glove_path:
         timed("glove", lambda: glove_features(posts, cfg.glove_path))
+    if cfg.image_stats:
+        timed("image_stats", lambda: image_stats_features(posts, shard_images(image_dir) if image_dir else None))
     timed("target", lambda: target_features(posts, folds, state, cfg.target_prior))
     bar.close()
     return blocks, seconds
@@ -94,14 +98,18 @@ def _assemble(posts: pd.DataFrame, blocks: list[pd.DataFrame]) -> pd.DataFrame:
 
 
 def build_features(posts: pd.DataFrame, folds: np.ndarray, cfg: FeatureConfig,
-                   encoder: SentenceEncoder | None = None, progress: bool = False) -> FeatureSet:
+                   encoder: SentenceEncoder | None = None, image_dir: str | Path | None = None,
+                   progress: bool = False) -> FeatureSet:
     """Fit every family on the training run's posts (train + test rows) and return the matrix.
-    ``progress``: a bar over the families (stderr)."""
+
+    ``image_dir``: the WebDataset shard directory holding the posts' images (image-statistics family); None
+    leaves that family NaN. ``progress``: a bar over the families (stderr)."""
     state = FeatureState()
     if cfg.sentence_model and encoder is None:
         encoder = SentenceEncoder(resolve_model_dir(cfg.sentence_model), cfg.sentence_max_length,
                                   cfg.sentence_batch_size)
-    blocks, seconds = _families(posts.reset_index(drop=True), np.asarray(folds), state, cfg, encoder, progress)
+    blocks, seconds = _families(posts.reset_index(drop=True), np.asarray(folds), state, cfg, encoder, image_dir,
+                                progress)
     state.fitted = True
     frame = _assemble(posts, blocks)
     families = {c: family_of(c) for c in frame.columns if c != KEY}
@@ -111,11 +119,11 @@ def build_features(posts: pd.DataFrame, folds: np.ndarray, cfg: FeatureConfig,
 
 
 def transform_features(posts: pd.DataFrame, state: FeatureState, cfg: FeatureConfig,
-                       encoder: SentenceEncoder | None = None) -> pd.DataFrame:
+                       encoder: SentenceEncoder | None = None, image_dir: str | Path | None = None) -> pd.DataFrame:
     """Features of new posts with the fitted ``state``; same columns, in the same order, as the training run."""
     if not state.fitted:
         raise ValueError("transform_features needs a fitted FeatureState (FeatureState.load(<run>/features/state))")
-    blocks, _ = _families(posts.reset_index(drop=True), None, state, cfg, encoder)
+    blocks, _ = _families(posts.reset_index(drop=True), None, state, cfg, encoder, image_dir)
     frame = _assemble(posts, blocks)
     columns = state.meta["columns"]
     for c in columns:  # e.g. a vector family absent from the new posts

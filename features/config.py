@@ -19,6 +19,8 @@ class FeatureConfig:
     sentence_dim: PCA dimensions of the sentence embeddings (title + tags text), 0 = raw.
     glove_path: GloVe text file (``word v1 v2 ...``); "" = off.
     target_prior: pseudo-count pulling out-of-fold user label means towards the global mean.
+    image_stats: the image-statistics family (brightness, colour, hue histogram, sharpness, size; read from the
+        run's shards), on/off.
     """
 
     user_vector_dim: int = 32
@@ -32,4 +34,5 @@ class FeatureConfig:
     sentence_max_length: int = 64
     glove_path: str = ""
     target_prior: float = 10.0
+    image_stats: bool = True
     seed: int = 0

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-USER, TEMPORAL, SPATIAL, CATEGORY, TEXT, SENTENCE, GLOVE, TARGET, CROSSMODAL = (
-    "user", "temporal", "spatial", "category", "text", "sentence", "glove", "target", "crossmodal",
+USER, TEMPORAL, SPATIAL, CATEGORY, TEXT, SENTENCE, GLOVE, TARGET, CROSSMODAL, IMAGE_STATS = (
+    "user", "temporal", "spatial", "category", "text", "sentence", "glove", "target", "crossmodal", "image_stats",
 )
 #: Families produced by the neural stage (extract) that join the stack.
 VISUAL, NEURAL_TEXT, PROMPT, NEURAL_PRED = "visual", "neural_text", "prompt", "neural_pred"
 
 ABLATION_GROUPS: dict[str, tuple[str, ...]] = {
-    "visual": (VISUAL, CROSSMODAL, PROMPT),
+    "visual": (VISUAL, CROSSMODAL, PROMPT, IMAGE_STATS),
     "metadata": (USER, TEMPORAL, CATEGORY, TARGET),
     "textual": (TEXT, SENTENCE, GLOVE, NEURAL_TEXT),
     "geolocation": (SPATIAL,),

@@ -40,7 +40,8 @@ def featurize(cfg: DictConfig, run_dir: Path) -> StageResult:
 def _featurize(cfg: DictConfig, run_dir: Path, out: Path) -> StageResult:
     posts = read_posts(run_dir / "posts.parquet")
     folds = read_folds(run_dir / "folds.parquet")["fold"].to_numpy()
-    fs = build_features(posts, folds, feature_config(cfg), progress=bool(cfg.progress_bar))
+    fs = build_features(posts, folds, feature_config(cfg), image_dir=run_dir / "shards",
+                        progress=bool(cfg.progress_bar))
     fs.save(out)
     labelled = folds != NO_FOLD
     scaler = Standardiser.fit(fs.frame.loc[labelled, list(fs.families)])

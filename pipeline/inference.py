@@ -164,7 +164,7 @@ class Predictor:
         from pipeline.featurize import TABULAR, feature_config
         from pipeline.neural import build_cache, neural_outputs
 
-        feats = transform_features(posts, self.state, feature_config(self.cfg))
+        feats = transform_features(posts, self.state, feature_config(self.cfg), image_dir=work / "shards")
         tab = pd.DataFrame(self.scaler.transform(feats[self.scaler.columns]), columns=self.scaler.columns)
         tab.insert(0, KEY, feats[KEY].to_numpy())
         with atomic_path(work / "features" / TABULAR) as tmp:  # the other ranks wait for this file

@@ -36,7 +36,7 @@ def raw_root(cfg: DictConfig) -> Path:
     with atomic_path(root) as tmp:
         generate(
             tmp, n_train=syn.n_train, n_test=syn.n_test, seed=syn.seed, n_subcategories=syn.n_subcategories,
-            user_variant=syn.user_variant, naming=str(syn.naming),
+            user_variant=syn.user_variant, naming=str(syn.naming), world=int(syn.get("world", 0)),
         )
         (tmp / GENERATED_MARKER).write_text(json.dumps(dict(syn)))
     return root

@@ -131,7 +131,7 @@ PATHS = {"root_dir": Str(), "data_dir": Str(), "output_dir": Str()}
 
 SYNTHETIC = {
     "n_train": Int(lo=1), "n_test": Int(lo=0), "seed": Int(), "n_subcategories": Int(lo=1),
-    "user_variant": OneOf("A", "B"), "naming": OneOf("2025", "2020", 2025, 2020),
+    "user_variant": OneOf("A", "B"), "world": Int(lo=0), "naming": OneOf("2025", "2020", 2025, 2020),
 }
 DATA = {
     "kind": OneOf("synthetic", "smpd"), "root": Str(), "synthetic": SYNTHETIC, "check_images": Bool(),
@@ -146,7 +146,7 @@ FEATURES = {
     "user_vector_dim": Int(lo=0), "location_vector_dim": Int(lo=0), "user_tag_svd_dim": Int(lo=0),
     "tfidf_dim": Int(lo=0), "tfidf_max_features": Int(lo=1), "sentence_model": Str(), "sentence_dim": Int(lo=0),
     "sentence_batch_size": Int(lo=1), "sentence_max_length": Int(lo=1), "glove_path": Str(),
-    "target_prior": Num(lo=0),
+    "target_prior": Num(lo=0), "image_stats": Bool(),
 }
 #: Keys every neural module has (training loop, optimiser, early stopping).
 MODULE_COMMON = {

@@ -114,7 +114,7 @@ class Pipeline:
                     self.tracker.start(stage)  # W&B: one run per stage (job_type), in the pipeline's group
                 manifest = self.runner.run(
                     stage, self._stage_config(stage), getattr(self, f"stage_{stage}"),
-                    inputs=self._stage_inputs(stage), reads=READS[stage],
+                    inputs=self._stage_inputs(stage), reads=self._reads(stage),
                 )
                 metrics[stage] = manifest.metrics
                 if not child and self.topology.world_size > 1:
@@ -125,6 +125,13 @@ class Pipeline:
             if self.tracker is not None:
                 self.tracker.finish()
         return metrics
+
+    def _reads(self, stage: str) -> dict[str, tuple[str, ...] | None]:
+        """``READS[stage]``, plus the shards for the features stage when the image-statistics family reads them."""
+        reads = dict(READS[stage])
+        if stage == "features" and self.cfg.features.get("image_stats", False):
+            reads["prepare"] = (*reads["prepare"], "shards")
+        return reads
 
     def _launch_record(self) -> Path:
         """``manifests/.launch-<id>.json``: the stage hashes rank 0 recorded in this launch (``topology().launch_id``),

@@ -23,7 +23,8 @@ from tests.conftest import compose_fast
 ROOT = Path(__file__).resolve().parent.parent
 #: The smallest full pipeline: one neural module, no TabNet, no pseudo-labelling rounds.
 SMALL = ("model.prompt_prototype.enabled=false", "model.co_attention.enabled=false", "features.sentence_model=''",
-         "stacking.members.tabnet.enabled=false", "stacking.pseudo_rounds=0")
+         "stacking.members.tabnet.enabled=false", "stacking.pseudo_rounds=0",
+         "features.image_stats=false")  # with it on, the features read the images too (and an image edit reruns them)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,99 @@
+"""Image-statistics family: cheap pixel and file statistics per post, read from the run's WebDataset shards.
+
+Common in SMP solutions and complementary to CLIP: a random-weight (or frozen) CLIP barely encodes colour and
+exposure. Per image (decoded with ``Image.draft`` to at most ``STATS_SIDE`` pixels on the longer side first):
+
+* ``red``, ``green``, ``blue``: mean channel values in [0, 1];
+* ``brightness``: mean luma (ITU-R 601) in [0, 1]; ``contrast``: its standard deviation;
+* ``saturation``: mean HSV saturation in [0, 1];
+* ``colourfulness``: Hasler and Suesstrunk's metric on 0..255 channels (0 = grey; ~100 = very colourful);
+* ``hue_0`` .. ``hue_{HUE_BINS-1}``: saturation-weighted hue histogram, summing to 1 (0 for grey images);
+* ``sharpness``: log1p of the variance of the 4-neighbour Laplacian of the luma (0..255 scale);
+* ``width``, ``height``: pixels of the stored image; ``aspect``: width / height; ``file_kb``: JPEG bytes / 1024;
+* ``has_image``: 1 when the image decoded, else 0 (and every other column NaN).
+
+Nothing is fitted: the family is a pure function of each post's image, so train and new posts get the same.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from features.families import IMAGE_STATS, column_name
+
+STATS_SIDE = 128
+HUE_BINS = 8
+PIXEL_STATS = ("red", "green", "blue", "brightness", "contrast", "saturation", "colourfulness",
+               *(f"hue_{k}" for k in range(HUE_BINS)), "sharpness")
+FILE_STATS = ("width", "height", "aspect", "file_kb")
+COLUMNS = (*PIXEL_STATS, *FILE_STATS, "has_image")
+
+
+def image_statistics(data: bytes) -> dict[str, float] | None:
+    """One JPEG's statistics (see the module docstring); None when the bytes do not decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            im.draft("RGB", (STATS_SIDE, STATS_SIDE))
+            im = im.convert("RGB")
+            if max(im.size) > STATS_SIDE:
+                im.thumbnail((STATS_SIDE, STATS_SIDE))
+            rgb = np.asarray(im, dtype=np.float32) / 255.0  # (h, w, 3)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    luma = 0.299 * r + 0.587 * g + 0.114 * b
+    hi, lo = rgb.max(-1), rgb.min(-1)
+    chroma = hi - lo
+    sat = np.where(hi > 0, chroma / np.maximum(hi, 1e-6), 0.0)
+    rg, yb = 255 * (r - g), 255 * (0.5 * (r + g) - b)
+    colourful = np.sqrt(rg.std() ** 2 + yb.std() ** 2) + 0.3 * np.sqrt(rg.mean() ** 2 + yb.mean() ** 2)
+    hue = _hue(r, g, b, hi, chroma)
+    hist = np.bincount(np.minimum((hue * HUE_BINS).astype(np.int64), HUE_BINS - 1).ravel(),
+                       weights=sat.ravel(), minlength=HUE_BINS)
+    hist = hist / hist.sum() if hist.sum() > 0 else hist
+    y = 255 * luma
+    lap = (y[1:-1, :-2] + y[1:-1, 2:] + y[:-2, 1:-1] + y[2:, 1:-1] - 4 * y[1:-1, 1:-1]) if min(y.shape) > 2 else y
+    out = {"red": r.mean(), "green": g.mean(), "blue": b.mean(), "brightness": luma.mean(),
+           "contrast": luma.std(), "saturation": sat.mean(), "colourfulness": colourful,
+           **{f"hue_{k}": hist[k] for k in range(HUE_BINS)}, "sharpness": np.log1p(lap.var()),
+           "width": width, "height": height, "aspect": width / height, "file_kb": len(data) / 1024, "has_image": 1.0}
+    return {k: float(v) for k, v in out.items()}
+
+
+def _hue(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, chroma: np.ndarray) -> np.ndarray:
+    """HSV hue in [0, 1) per pixel (0 where chroma is 0)."""
+    c = np.maximum(chroma, 1e-6)
+    h = np.where(hi == r, ((g - b) / c) % 6, np.where(hi == g, (b - r) / c + 2, (r - g) / c + 4))
+    return np.where(chroma > 0, h / 6.0, 0.0) % 1.0
+
+
+def shard_images(shard_dir: str | Path) -> dict[str, bytes]:
+    """post_id -> JPEG bytes of every ``*.tar`` shard under ``shard_dir`` (posts without an image are absent)."""
+    images: dict[str, bytes] = {}
+    for path in sorted(Path(shard_dir).glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key, _, ext = member.name.rpartition(".")
+                if ext == "jpg" and member.isfile():
+                    images[key] = tar.extractfile(member).read()
+    return images
+
+
+def image_stats_features(posts: pd.DataFrame, images: dict[str, bytes] | None) -> pd.DataFrame:
+    """(n posts, len(COLUMNS)) float32 in ``posts`` order; ``images``: post_id -> JPEG bytes (None: no images
+    available, every column NaN and ``has_image`` 0)."""
+    rows = []
+    for pid in posts["post_id"]:
+        data = images.get(pid) if images else None
+        stats = image_statistics(data) if data else None
+        rows.append(stats or {"has_image": 0.0})
+    frame = pd.DataFrame(rows, columns=list(COLUMNS)).astype(np.float32)
+    frame.columns = [column_name(IMAGE_STATS, c) for c in COLUMNS]
+    return frame
