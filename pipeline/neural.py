@@ -266,6 +266,7 @@ def train_neural(cfg: DictConfig, run_dir: Path, inputs: dict) -> StageResult:
                  "precision": str(cfg.trainer.precision)}
     build_cache(cfg, run_dir, key=cache_key)
     t = _trainer_cfg(cfg)
+    topo, timeout = topology(), wait_timeout(cfg)
     metrics = {}
     outputs = ["embeddings"]
     for name in enabled_modules(cfg):
@@ -277,14 +278,17 @@ def train_neural(cfg: DictConfig, run_dir: Path, inputs: dict) -> StageResult:
                        **bb, "trainable_last_blocks": int(cfg.backbone.trainable_last_blocks),
                        "token_len": int(cfg.backbone.token_len)},
                    "trainer": result_trainer_args(t)}
-            start_fresh_unless(out, key)
+            if topo.is_zero:  # one process clears a stale fold folder; the others wait until it is keyed
+                start_fresh_unless(out, key)
+            else:
+                wait_for(lambda: recorded_key_is(out / KEY_FILE, key), f"{out / KEY_FILE} (keyed by rank 0)", timeout)
             if finished_checkpoint(out) is None:
                 log.info("neural: training %s fold %d/%d", name, fold + 1, cfg.n_folds)
                 torch.manual_seed(int(cfg.seed))  # one initialisation for every fold's model (training order: per fold)
                 dm = _datamodule(cfg, run_dir, name, fold)
                 module = build_module(cfg, run_dir, name, dm)
                 data = shard_datamodule(cfg, run_dir, name, fold) if uses_shards(cfg, name) else dm
-                fit_resumable(module, data, out, key=key, trainer_cfg=t, max_epochs=int(cfg.model[name].epochs),
+                fit_resumable(module, data, out, key=key if topo.is_zero else None, trainer_cfg=t, max_epochs=int(cfg.model[name].epochs),
                               monitor=monitor, mode=mode, seed=int(cfg.seed) + fold, wandb_prefix=f"{name}/fold{fold}",
                               progress_bar=bool(cfg.get("progress_bar", True)),
                               early_stopping_patience=cfg.model[name].get("early_stopping_patience"))
