@@ -288,8 +288,9 @@ def train_neural(cfg: DictConfig, run_dir: Path, inputs: dict) -> StageResult:
                 dm = _datamodule(cfg, run_dir, name, fold)
                 module = build_module(cfg, run_dir, name, dm)
                 data = shard_datamodule(cfg, run_dir, name, fold) if uses_shards(cfg, name) else dm
-                fit_resumable(module, data, out, key=key if topo.is_zero else None, trainer_cfg=t, max_epochs=int(cfg.model[name].epochs),
-                              monitor=monitor, mode=mode, seed=int(cfg.seed) + fold, wandb_prefix=f"{name}/fold{fold}",
+                fit_resumable(module, data, out, key=key if topo.is_zero else None, trainer_cfg=t,
+                              max_epochs=int(cfg.model[name].epochs), monitor=monitor, mode=mode,
+                              seed=int(cfg.seed) + fold, wandb_prefix=f"{name}/fold{fold}",
                               progress_bar=bool(cfg.get("progress_bar", True)),
                               early_stopping_patience=cfg.model[name].get("early_stopping_patience"))
             metrics[f"{name}/fold{fold}/{monitor}"] = read_done(out)["best_score"]
