@@ -124,6 +124,8 @@ class Pipeline:
         finally:
             if self.tracker is not None:
                 self.tracker.finish()
+            if not child:  # every rank is past its waits once rank 0 gets here (neural needs them all)
+                self._launch_record().unlink(missing_ok=True)
         return metrics
 
     def _reads(self, stage: str) -> dict[str, tuple[str, ...] | None]:
