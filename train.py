@@ -19,7 +19,6 @@ import logging
 import os
 import warnings
 import sys
-from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -20,8 +20,6 @@ SMPD_POSTS = 486_194
 
 
 def build(n: int) -> dict:
-    import numpy as np
-
     from datamodules.folds import assign_folds
     from datamodules.synthetic import make_posts
     from features.build import build_features

@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from datamodules.atomic import atomic_write_json
-from datamodules.schema import IMAGE_MISSING, IMAGE_OK, IMAGE_UNREADABLE, KEY, UNKNOWN_ID
+from datamodules.schema import IMAGE_MISSING, IMAGE_OK, IMAGE_UNREADABLE, UNKNOWN_ID
 
 log = logging.getLogger("popstack")
 

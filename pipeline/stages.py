@@ -19,11 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import RUN_DIR_ENV, save_config
