@@ -40,7 +40,7 @@ wheel-check: $(STAMP)
 	cd $(WHEEL_DIR)/work && ../venv/bin/python -c "import pipeline, configs, sys; \
 	  assert '/venv/' in pipeline.__file__, pipeline.__file__; print('imports from', pipeline.__file__)"
 	cd $(WHEEL_DIR)/work && ../venv/bin/popstack-train debug=fast hydra.run.dir=run stacking.members.tabnet.enabled=false
-	cd $(WHEEL_DIR)/work && ../venv/bin/popstack-predict run data/synthetic-120-40-s0 --out preds.csv --no-progress
+	cd $(WHEEL_DIR)/work && ../venv/bin/popstack-predict run data/synthetic-120-40-s0-w0 --out preds.csv --no-progress
 
 clean:
 	rm -rf outputs .pytest_cache build
