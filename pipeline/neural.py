@@ -256,11 +256,14 @@ def enabled_modules(cfg: DictConfig) -> list[str]:
     return names
 
 
-def train_neural(cfg: DictConfig, run_dir: Path, inputs: dict) -> StageResult:
-    """Train every enabled module on every fold, on the embedding cache or over the shards (``uses_shards``). ``inputs``: content checksums of the run files this stage reads
-    (``pipeline.manifest``); the embedding cache and each fold's directory are keyed by them, by the fold
-    assignment, the module's config and the backbone weights, so nothing made from other inputs is reused."""
-    bb = backbone_key(cfg)
+def train_neural(cfg: DictConfig, run_dir: Path, inputs: dict, backbone: dict) -> StageResult:
+    """Train every enabled module on every fold, on the embedding cache or over the shards (``uses_shards``).
+
+    ``inputs``: content checksums of the run files this stage reads (``pipeline.manifest``); ``backbone``: the
+    weights' ``backbone_key`` (already computed for the stage hash: a user file is hashed once). The embedding
+    cache and each fold's directory are keyed by them, by the fold assignment and the module's config, so nothing
+    made from other inputs is reused."""
+    bb = backbone
     cache_key = {"shards": inputs.get("shards"), "posts": inputs.get("posts.parquet"), "backbone": bb,
                  "token_len": int(cfg.backbone.token_len), "text_field": cfg.data.text_field,
                  "precision": str(cfg.trainer.precision)}

@@ -64,6 +64,8 @@ class Pipeline:
         self.topology = topology(devices_per_node=devices if isinstance(devices, int) and devices > 0 else None)
         self.runner = StageRunner(self.run_dir, log.info, write_manifests=self.topology.is_zero)
         self.tracker = None
+        #: Each stage's fingerprints of the outside files it reads (``_stage_inputs``), computed once per run.
+        self.inputs: dict[str, dict | None] = {}
 
     # ------------------------------------------------------------------ driver
     def run(self) -> dict:
@@ -109,9 +111,10 @@ class Pipeline:
                 self._require_upstream(stage)
                 if self.tracker is not None:
                     self.tracker.start(stage)  # W&B: one run per stage (job_type), in the pipeline's group
+                self.inputs[stage] = self._stage_inputs(stage)
                 manifest = self.runner.run(
                     stage, self._stage_config(stage), getattr(self, f"stage_{stage}"),
-                    inputs=self._stage_inputs(stage), reads=self._reads(stage),
+                    inputs=self.inputs[stage], reads=self._reads(stage),
                 )
                 metrics[stage] = manifest.metrics
                 if not child and self.topology.world_size > 1:
@@ -254,7 +257,8 @@ class Pipeline:
     def stage_neural(self) -> StageResult:
         from pipeline.neural import train_neural
 
-        return train_neural(self.cfg, self.run_dir, inputs=self.runner.upstream(READS["neural"]))
+        return train_neural(self.cfg, self.run_dir, inputs=self.runner.upstream(READS["neural"]),
+                            backbone=self.inputs["neural"])
 
     def stage_extract(self) -> StageResult:
         from pipeline.neural import extract_neural
