@@ -29,7 +29,8 @@ META_SUFFIX = ".meta.json"
 
 
 def check_out(out: Path) -> Path:
-    """Refuse a bad ``--out`` before any work: known extension, parent an existing writable directory, not a directory."""
+    """Refuse a bad ``--out`` before any work: known extension, parent an existing writable directory, not a
+    directory."""
     from pipeline.errors import UserError
 
     if out.suffix not in OUTPUT_FORMATS:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 import sys
+import warnings
 
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -33,7 +33,7 @@ log = logging.getLogger("popstack")
 
 def train(cfg: DictConfig) -> dict:
     """Run the configured stages into ``cfg.run_dir``; returns the final metrics (per member, per stage)."""
-    from pipeline.stages import Pipeline
+    from pipeline.driver import Pipeline
 
     return Pipeline(cfg).run()
 

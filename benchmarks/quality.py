@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from common import ROOT, print_table, write_results
 
 NUMERIC = ("postdate", "latitude", "longitude", "geoaccuracy", "photo_count", "ispro", "canbuypro",
@@ -103,7 +102,7 @@ def fit_autogluon(python: str, X_tr: pd.DataFrame, y_tr: np.ndarray, X_te: pd.Da
 def run_popstack(overrides: list[str], tmp: Path) -> tuple[Path, float, Path]:
     """``train(cfg)`` in ``tmp``; returns (run dir, wall seconds without data generation, raw data root)."""
     from pipeline.config import compose_config
-    from pipeline.prepare import raw_root
+    from pipeline.stages.prepare import raw_root
     from train import train
 
     cfg = compose_config([f"paths.root_dir={tmp}", f"hydra.run.dir={tmp}/run", "logger=none", "progress_bar=false",

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from common import print_table, write_results
 
 LEVERS = ("default", "no_neural_members", "no_tabnet", "no_pseudo", "no_iqr", "blend_mae", "blend_ridge",
@@ -59,14 +58,15 @@ def main() -> None:
     from datamodules.schema import KEY, LABEL, NO_FOLD
     from features.families import NEURAL_PRED
     from pipeline.config import load_run_config
-    from pipeline.stack import stack_config, stack_inputs
+    from pipeline.layout import RunLayout
+    from pipeline.stages.stack import stack_config, stack_inputs
     from stacking.metrics import scores
     from stacking.stack import run_stack
 
     rows = []
     for run in a.runs:
         cfg = load_run_config(run)
-        X, families, categorical = stack_inputs(run)
+        X, families, categorical = stack_inputs(RunLayout(run))
         y = pd.read_parquet(run / "posts.parquet", columns=[LABEL])[LABEL].to_numpy()
         folds = read_folds(run / "folds.parquet")["fold"].to_numpy()
         test = folds == NO_FOLD

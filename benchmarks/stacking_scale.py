@@ -25,7 +25,7 @@ def fit(rows: int, n_features: int, members: tuple[str, ...], folds: int, overri
 
     from datamodules.folds import assign_folds
     from pipeline.config import compose_config
-    from pipeline.stack import stack_config
+    from pipeline.stages.stack import stack_config
     from stacking.stack import StackConfig, run_stack
 
     rng = np.random.default_rng(0)

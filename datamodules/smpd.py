@@ -71,9 +71,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datamodules.atomic import atomic_path
 from datamodules.confine import ConfinedRoot
 from datamodules.schema import (
-    COLUMNS, FLOAT_COLUMNS, IMAGE_MISSING, IMAGE_OK, IMAGE_OUTSIDE, INT_COLUMNS, SPLITS, VECTOR_COLUMNS,
+    COLUMNS,
+    FLOAT_COLUMNS,
+    IMAGE_MISSING,
+    IMAGE_OK,
+    IMAGE_OUTSIDE,
+    INT_COLUMNS,
+    SPLITS,
+    VECTOR_COLUMNS,
 )
 
 log = logging.getLogger("popstack")
@@ -323,7 +331,8 @@ class _BadValue(Exception):
 
 
 def _is_null(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and v.strip() in ("", "None", "nan", "NaN", "null"))
+    return v is None or (isinstance(v, float) and np.isnan(v)) or (
+        isinstance(v, str) and v.strip() in ("", "None", "nan", "NaN", "null"))
 
 
 def _number(v: Any) -> float:
@@ -726,7 +735,7 @@ def read_smpd(root: str | Path, splits: tuple[str, ...] = SPLITS, *, check_image
 
 # ----------------------------------------------------------------------------- parquet round trip
 def write_posts(posts: pd.DataFrame, path: str | Path) -> None:
-    """Write the posts table to parquet, keeping the vector columns as nullable list<float32>."""
+    """Write the posts table to parquet (atomically), keeping the vector columns as nullable list<float32>."""
     arrays = {}
     for col in COLUMNS:
         if col in VECTOR_COLUMNS:
@@ -735,7 +744,8 @@ def write_posts(posts: pd.DataFrame, path: str | Path) -> None:
         else:
             arrays[col] = pa.array(posts[col].tolist() if posts[col].dtype == object else posts[col].to_numpy(),
                                    from_pandas=True)
-    pq.write_table(pa.table(arrays), path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(arrays), tmp)
 
 
 def read_posts(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:

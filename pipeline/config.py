@@ -13,9 +13,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamodules.atomic import atomic_write_text
+from pipeline.layout import RunLayout
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-RESOLVED_CONFIG = "config.yaml"
 RUN_DIR_ENV = "POPSTACK_RUN_DIR"
 
 
@@ -62,16 +62,16 @@ def save_config(cfg: DictConfig, run_dir: str | Path) -> Path:
     """
     saved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     saved.run_dir = "."
-    return atomic_write_text(Path(run_dir) / RESOLVED_CONFIG, OmegaConf.to_yaml(saved))
+    return atomic_write_text(RunLayout(Path(run_dir)).config, OmegaConf.to_yaml(saved))
 
 
 def load_run_config(run_dir: str | Path) -> DictConfig:
     """The saved config of a run, with ``run_dir`` set to where the run directory is now."""
-    path = Path(run_dir) / RESOLVED_CONFIG
+    path = RunLayout(Path(run_dir)).config
     if not path.is_file():
         from pipeline.errors import UserError
 
-        raise UserError(f"{run_dir} is not a popstack run directory: {RESOLVED_CONFIG} not found")
+        raise UserError(f"{run_dir} is not a popstack run directory: {path.name} not found")
     cfg = OmegaConf.load(path)
     cfg.run_dir = str(Path(run_dir).resolve())
     return cfg

@@ -33,6 +33,7 @@ from datamodules.schema import (
     VECTOR_COLUMNS,
 )
 from pipeline.errors import UserError
+from pipeline.layout import RunLayout
 
 log = logging.getLogger("popstack")
 
@@ -87,17 +88,17 @@ class Predictor:
     def __init__(self, run_dir: Path, cfg: DictConfig):
         from features.preprocess import Standardiser
         from features.state import FeatureState
-        from pipeline.featurize import TABULAR_SCALER
-        from pipeline.neural import backbone_file, load_pca
+        from pipeline.neural import load_extract_state
 
         self.run_dir, self.cfg = run_dir, cfg
-        self.state = FeatureState.load(run_dir / "features" / "state")
-        self.scaler = Standardiser.load(run_dir / "features" / TABULAR_SCALER)
-        self.pca = load_pca(run_dir / "neural" / "pca.npz")
-        self.weights = backbone_file(cfg, run_dir)
-        if not Path(self.weights).is_file():
+        self.run = RunLayout(run_dir)
+        self.state = FeatureState.load(self.run.feature_state)
+        self.scaler = Standardiser.load(self.run.tabular_scaler)
+        self.extract_state = load_extract_state(self.run.extract_state)
+        self.weights = str(self.run.backbone)
+        if not self.run.backbone.is_file():
             raise UserError(f"backbone weights {self.weights} are missing from the run")
-        stack = json.loads((run_dir / "stack" / "model" / "stack.json").read_text())
+        stack = json.loads((self.run.stack_model / "stack.json").read_text())
         self.columns = list(stack["feature_columns"]) + list(stack["config"]["neural_columns"])
 
     @classmethod
@@ -108,8 +109,9 @@ class Predictor:
 
         run_dir = Path(run_dir).resolve()
         cfg = load_run_config(run_dir)
-        if not (run_dir / "stack" / "model" / "stack.json").is_file():
-            raise UserError(f"{run_dir}: the run has no trained stacker (stack/model/stack.json); finish train.py first")
+        if not (RunLayout(run_dir).stack_model / "stack.json").is_file():
+            raise UserError(f"{run_dir}: the run has no trained stacker (stack/model/stack.json); "
+                            f"finish train.py first")
         with open_dict(cfg):
             if devices is not None:
                 cfg.trainer.devices = devices
@@ -125,52 +127,49 @@ class Predictor:
         lays the posts out and returns the result, the others encode and predict their share and return None.
         """
         from pipeline.distributed import shared_tmpdir, topology, wait_for, wait_timeout
-        from pipeline.featurize import TABULAR
         from pipeline.neural import build_cache, neural_outputs
-        from pipeline.prepare import lay_out_new_posts, prepare_new_posts
+        from pipeline.stages.prepare import lay_out_new_posts, prepare_new_posts
 
-        with shared_tmpdir(work_dir) as work:
+        with shared_tmpdir(work_dir) as work_root:
+            work = RunLayout(work_root)  # the new posts laid out the way the run is
             if not topology().is_zero:
-                wait_for(lambda: (work / "features" / TABULAR).is_file(), f"{work} laid out by rank 0",
-                         wait_timeout(self.cfg))
+                wait_for(lambda: work.tabular.is_file(), f"{work_root} laid out by rank 0", wait_timeout(self.cfg))
                 build_cache(self.cfg, work, weights=self.weights)
-                neural_outputs(self.cfg, work, self.run_dir, self.pca)
+                neural_outputs(self.cfg, work, self.run, self.extract_state)
                 return None
             if isinstance(posts, pd.DataFrame):
                 if posts.empty:
                     raise UserError("posts DataFrame: no posts to predict")
-                table = lay_out_new_posts(self.cfg, self.run_dir, posts_from_frame(posts, Path(image_root)),
+                table = lay_out_new_posts(self.cfg, self.run, posts_from_frame(posts, Path(image_root)),
                                           Path("/"), work)
                 source = f"a DataFrame of {len(posts)} posts"
             else:
                 raw = Path(posts)
                 if not raw.is_dir():
                     raise UserError(f"raw posts directory not found: {raw}")
-                table = prepare_new_posts(self.cfg, self.run_dir, raw, work)
+                table = prepare_new_posts(self.cfg, self.run, raw, work)
                 source = str(raw)
             log.info("predict: %d posts from %s", len(table), source)
             X = self._stack_inputs(table, work)
         from stacking.stack import predict_stack
 
-        scores = predict_stack(self.run_dir / "stack" / "model", X)
+        scores = predict_stack(self.run.stack_model, X)
         result = pd.DataFrame({KEY: table[KEY].to_numpy(), "split": table["split"].to_numpy(),
                                "popularity_score": scores})
         result.attrs["popstack"] = self._metadata(table, source)
         return result
 
-    def _stack_inputs(self, posts: pd.DataFrame, work: Path) -> pd.DataFrame:
+    def _stack_inputs(self, posts: pd.DataFrame, work: RunLayout) -> pd.DataFrame:
         """The stacker's input columns for ``posts`` laid out in ``work`` (float32, rows in posts order)."""
         from features.build import transform_features
-        from pipeline.featurize import TABULAR, feature_config
         from pipeline.neural import build_cache, neural_outputs
+        from pipeline.stages.features import feature_config, standardised
 
-        feats = transform_features(posts, self.state, feature_config(self.cfg), image_dir=work / "shards")
-        tab = pd.DataFrame(self.scaler.transform(feats[self.scaler.columns]), columns=self.scaler.columns)
-        tab.insert(0, KEY, feats[KEY].to_numpy())
-        with atomic_path(work / "features" / TABULAR) as tmp:  # the other ranks wait for this file
-            tab.to_parquet(tmp, index=False)
+        feats = transform_features(posts, self.state, feature_config(self.cfg), image_dir=work.shards)
+        with atomic_path(work.tabular) as tmp:  # the other ranks wait for this file
+            standardised(feats, self.scaler).to_parquet(tmp, index=False)
         build_cache(self.cfg, work, weights=self.weights)
-        nf, preds = neural_outputs(self.cfg, work, self.run_dir, self.pca)
+        nf, preds = neural_outputs(self.cfg, work, self.run, self.extract_state)
         X = pd.concat([feats.reset_index(drop=True), nf.drop(columns=[KEY]), preds.drop(columns=[KEY])], axis=1)
         return X[self.columns].astype(np.float32)
 

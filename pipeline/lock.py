@@ -19,15 +19,14 @@ import time
 from pathlib import Path
 
 from pipeline.errors import UserError
-
-LOCK_FILE = ".lock"
+from pipeline.layout import RunLayout
 
 
 class RunLock:
     """Exclusive lock on a run directory; raises ``UserError`` naming the holder when another process has it."""
 
     def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / LOCK_FILE
+        self.path = RunLayout(Path(run_dir)).lock
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from datamodules.atomic import TMP_MARK, atomic_write_json
+from pipeline.layout import RunLayout
 
 #: Files up to this size are hashed whole; larger ones (embedding caches at SMPD scale: tens of GB) are sampled.
 FULL_HASH_BYTES = 256 << 20
@@ -139,13 +140,14 @@ class StageRunner:
     """Runs stages in one run directory, skipping those whose manifest matches."""
 
     def __init__(self, run_dir: str | Path, log: Callable[[str], None] = print, write_manifests: bool = True):
-        self.run_dir = Path(run_dir)
+        self.layout = RunLayout(Path(run_dir))
+        self.run_dir = self.layout.root
         self.log = log
         self.write_manifests = write_manifests  # False in DDP child processes: only the first process records
         self.manifests: dict[str, Manifest] = {}
 
     def manifest_path(self, stage: str) -> Path:
-        return self.run_dir / "manifests" / f"{stage}.json"
+        return self.layout.manifest(stage)
 
     def upstream(self, reads: dict[str, tuple[str, ...] | None]) -> dict[str, dict | None]:
         """Content checksums of the upstream outputs a stage reads: ``reads`` maps an upstream stage to the

@@ -5,7 +5,8 @@ bad value, what is allowed) before any stage runs. Defaults live in the YAML fil
 defaults, just the rules.
 
 Adding a key is one line in its section below (e.g. ``"num_workers": Int(lo=0)`` in ``DATA``; a new top-level
-section is a dict of such lines plus one entry in ``SCHEMA``); a key the schema does not list is refused, so a typo never silently does nothing. ``trainer`` accepts
+section is a dict of such lines plus one entry in ``SCHEMA``); a key the schema does not list is refused, so a
+typo never silently does nothing. ``trainer`` accepts
 every argument of ``lightning.Trainer`` except those the pipeline sets itself (``PIPELINE_OWNED_TRAINER_ARGS``).
 """
 
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from datamodules.folds import STRATEGIES as FOLD_STRATEGIES
 from pipeline.errors import UserError
-from pipeline.stages import STAGES
+from pipeline.stages import STAGE_NAMES
 from stacking.ablation import VARIANTS as ABLATION_VARIANTS
 from stacking.blend import METHODS as BLEND_METHODS
 from stacking.members import TREE_MEMBERS as TREE_MEMBER_CLASSES
@@ -72,8 +73,8 @@ class Spec:
         if not ok:
             return self.allowed()
         if self.kind in ("int", "float"):
-            if not math.isfinite(value) or (self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)) \
-                    or (self.hi is not None and value > self.hi):
+            below = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+            if not math.isfinite(value) or below or (self.hi is not None and value > self.hi):
                 return self.allowed()
         if self.kind == "list" and self.item is not None and any(self.item.error(v) for v in value):
             return self.allowed()
@@ -124,7 +125,6 @@ class Named:
 
 # ----------------------------------------------------------------------------- sections (one line per key)
 # Allowed names come from the code that uses them (one list each).
-STAGE_NAMES = STAGES
 TREE_MEMBERS = tuple(TREE_MEMBER_CLASSES)
 
 PATHS = {"root_dir": Str(), "data_dir": Str(), "output_dir": Str()}
@@ -227,7 +227,8 @@ def trainer_arguments() -> tuple[str, ...]:
 SCHEMA = {
     "name": Str(), "seed": Int(), "progress_bar": Bool(), "stages": ListOf(OneOf(*STAGE_NAMES)), "n_folds": Int(lo=2),
     "run_dir": Str(), "rank_wait_s": Num(lo=0, lo_open=True),
-    "folds": {"strategy": OneOf(*FOLD_STRATEGIES), "holdout_fraction": Num(lo=0, hi=0.5)}, "paths": PATHS, "data": DATA, "backbone": BACKBONE, "features": FEATURES, "model": MODEL,
+    "folds": {"strategy": OneOf(*FOLD_STRATEGIES), "holdout_fraction": Num(lo=0, hi=0.5)}, "paths": PATHS,
+    "data": DATA, "backbone": BACKBONE, "features": FEATURES, "model": MODEL,
     "trainer": Spec("any"), "logger": LOGGER, "stacking": STACKING,
 }
 #: ``trainer`` is checked apart, last (``_check_trainer``): against ``lightning.Trainer``'s signature.
@@ -264,7 +265,8 @@ def _check(node: Any, rule: Any, path: str) -> None:
     if isinstance(rule, Named):
         for name in node:
             if name not in rule.names:
-                raise ConfigError(f"unknown {path.rsplit('.', 1)[-1]} name {path}.{name}; allowed: {', '.join(rule.names)}")
+                raise ConfigError(f"unknown {path.rsplit('.', 1)[-1]} name {path}.{name}; "
+                                  f"allowed: {', '.join(rule.names)}")
             _check(node[name], rule.section, f"{path}.{name}")
         return None
     known = rule.known if isinstance(rule, Open) else rule

@@ -76,7 +76,7 @@ def run_sweep(overrides: list[str], compose: Callable[[list[str]], DictConfig],
 
 def write_comparison(root: Path, table: pd.DataFrame) -> None:
     """``comparison.csv`` and ``comparison.md`` in the sweep directory (atomically)."""
-    from pipeline.report import markdown_table
+    from pipeline.render import markdown_table
 
     root.mkdir(parents=True, exist_ok=True)
     with atomic_path(root / f"{COMPARISON}.csv") as tmp:

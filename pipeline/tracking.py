@@ -24,9 +24,9 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.atomic import atomic_write_json
+from pipeline.layout import RunLayout
 
 SECRET_MARKERS = ("key", "token", "secret", "password")
-RUN_IDS = "wandb_run_ids.json"
 #: wandb's artifact staging area follows this variable; the tracker points it inside the run directory.
 STAGING_ENV = "WANDB_DATA_DIR"
 
@@ -81,7 +81,7 @@ class Tracker:
         os.environ.setdefault("WANDB_SILENT", "true")
         self.settings = init_settings(cfg, run_dir)
         self.config = _public_config(cfg)
-        self.ids_file = run_dir / RUN_IDS
+        self.ids_file = RunLayout(run_dir).wandb_run_ids
         self.ids = json.loads(self.ids_file.read_text()) if self.ids_file.is_file() else {}
         # Under a W&B sweep agent (which sets WANDB_RUN_ID) the whole pipeline is the agent's one run, so the
         # sweep sees its metric; stages and folds then log under prefixes instead of in runs of their own.
@@ -114,7 +114,8 @@ class Tracker:
         return self.run
 
     def open_job(self, job_type: str, name: str, extra_config: dict[str, Any]):
-        """Open the run of a job nested in the current one (a model fold in the neural stage); ``close_job`` goes back."""
+        """Open the run of a job nested in the current one (a model fold in the neural stage); ``close_job`` goes
+        back."""
         self._outer = self.current or self.pending
         return self.start(job_type, name, extra_config)
 
@@ -158,7 +159,7 @@ class Tracker:
         import wandb
 
         before = os.environ.get(STAGING_ENV)
-        os.environ[STAGING_ENV] = str(self.run_dir / "wandb" / "data")
+        os.environ[STAGING_ENV] = str(RunLayout(self.run_dir).wandb / "data")
         try:
             art = wandb.Artifact(name=name, type=kind)
             for p in paths:
@@ -177,13 +178,13 @@ class Tracker:
     def log_run_artifacts(self) -> None:
         """The run's products: each model fold's best checkpoint (aliases ``best``, ``fold-k``, ``latest``), the
         stacker with the config, the submission and the report."""
-        run_dir = self.run_dir
-        for best in sorted(run_dir.glob("neural/*/fold*/checkpoints/best.ckpt")):
+        run = RunLayout(self.run_dir)
+        for best in sorted(run.neural.glob("*/fold*/checkpoints/best.ckpt")):
             model, fold = best.parent.parent.parent.name, best.parent.parent.name.removeprefix("fold")
             self.artifact(f"{model}-fold{fold}", "model", [best], aliases=("best", f"fold-{fold}", "latest"))
-        self.artifact("stacker", "model", [run_dir / "stack" / "model", run_dir / "config.yaml"])
-        self.artifact("submission", "submission", [run_dir / "submission.json", run_dir / "predictions.parquet"])
-        self.artifact("report", "report", [run_dir / "report.md", *sorted(run_dir.glob("*.png"))])
+        self.artifact("stacker", "model", [run.stack_model, run.config])
+        self.artifact("submission", "submission", [run.submission, run.predictions])
+        self.artifact("report", "report", [run.report, *sorted(run.root.glob("*.png"))])
 
     def finish_run(self) -> None:
         if self.run is not None:

@@ -133,21 +133,21 @@ def trainer_kwargs(trainer_cfg: dict[str, Any], **pipeline_owned: Any) -> dict[s
     return {**TRAINER_DEFAULTS, **trainer_cfg, **pipeline_owned}
 
 
+def read_done(out_dir: Path) -> dict | None:
+    """``done.json`` of a finished fit (``best``: the best checkpoint relative to ``out_dir``, ``best_score``,
+    ``epochs``); None when the fit has not finished (no file, or a damaged one). The one reader of that file."""
+    try:
+        done = json.loads((Path(out_dir) / DONE).read_text())
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) and isinstance(done.get("best"), str) else None
+
+
 def finished_checkpoint(out_dir: Path) -> Path | None:
     """The best checkpoint recorded in ``out_dir/done.json`` when it exists, else None (not finished)."""
-    done = Path(out_dir) / DONE
-    if not done.is_file():
-        return None
-    try:
-        best = Path(out_dir) / json.loads(done.read_text())["best"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return best if best.is_file() else None
-
-
-def read_done(out_dir: Path) -> dict:
-    """``done.json`` of a finished fit (``best`` relative to ``out_dir``)."""
-    return json.loads((Path(out_dir) / DONE).read_text())
+    done = read_done(out_dir)
+    best = None if done is None else Path(out_dir) / done["best"]
+    return best if best is not None and best.is_file() else None
 
 
 def recorded_key_is(key_file: Path, key: Any) -> bool:

@@ -1,4 +1,5 @@
-"""Shared fixtures: offline environment, and a composed config shrunk to a seconds-long CPU run in tmp_path."""
+"""Shared fixtures: the offline environment, two torch threads, no process group left behind. Helpers the test
+modules import live in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
@@ -14,25 +15,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-
-def compose_fast(tmp_path, *overrides: str):
-    """The train config with the `debug=fast` overlay, writing everything under ``tmp_path``."""
-    from pipeline.config import compose_config
-
-    return compose_config(
-        [
-            "debug=fast",
-            f"paths.root_dir={tmp_path}",
-            f"hydra.run.dir={tmp_path}/run",
-            *overrides,
-        ]
-    )
-
-
-@pytest.fixture
-def fast_cfg(tmp_path):
-    return compose_fast(tmp_path)
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,8 @@ import pytest
 
 from datamodules.folds import read_folds
 from datamodules.schema import KEY, LABEL, NO_FOLD
-from tests.conftest import compose_fast
+from pipeline.layout import RunLayout
+from tests.helpers import compose_fast
 
 #: Each F column computed by two fold models for the same posts must correlate at least this much (Pearson, over
 #: the posts). r = 0.8 means r^2 = 0.64: most of a column's variance is shared between the fold models, so a tree
@@ -44,11 +45,12 @@ def fold_frames(prompt_run) -> dict[int, pd.DataFrame]:
 
 def per_fold_frames(run_dir: Path, cfg) -> dict[int, pd.DataFrame]:
     """Every post's prompt/prototype outputs from each fold's checkpoint, as the extract stage computes them."""
-    from pipeline.neural import _datamodule, checkpoints, predict_frames
+    from pipeline.neural import cache_datamodule, checkpoints, predict_frames
 
-    post_ids = read_folds(run_dir / "folds.parquet")[KEY].tolist()
-    dm = _datamodule(cfg, run_dir, "prompt_prototype", None)
-    return predict_frames(cfg, dm, run_dir / "check", checkpoints(cfg, run_dir, "prompt_prototype"),
+    run = RunLayout(run_dir)
+    post_ids = read_folds(run.folds)[KEY].tolist()
+    dm = cache_datamodule(cfg, run, "prompt_prototype", None)
+    return predict_frames(cfg, dm, run_dir / "check", checkpoints(cfg, run, "prompt_prototype"),
                           "prompt_prototype", post_ids)
 
 
@@ -68,12 +70,12 @@ def test_test_rows_get_f_the_way_out_of_fold_rows_do(prompt_run, fold_frames):
     held-out model's aligned output: both on one scale, so the mean-style value of a labelled post tracks its
     out-of-fold value column by column."""
     from lightning_modules.extract import align_fold_outputs, oof_and_test
-    from pipeline.neural import PROMPT_BLOCKS, load_pca
+    from pipeline.neural import PROMPT_BLOCKS, load_extract_state
 
     run_dir, cfg, _ = prompt_run
     frames = fold_frames
     cols = [c for c in frames[0].columns if c.rsplit("_", 1)[0] in PROMPT_BLOCKS]
-    saved = load_pca(run_dir / "neural" / "pca.npz")["align.prompt_prototype"]
+    saved = load_extract_state(RunLayout(run_dir).extract_state)["align.prompt_prototype"]
     aligned = align_fold_outputs(frames, cols, saved)  # the training run's statistics, as predict.py uses them
     folds = read_folds(run_dir / "folds.parquet")
     oof = oof_and_test(aligned, folds)

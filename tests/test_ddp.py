@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,17 +19,10 @@ from datamodules.folds import fold_table, write_folds
 from datamodules.shards import build_vocab, write_shards
 from datamodules.smpd import read_smpd
 from datamodules.synthetic import generate
-from tests.test_distributed import slurm_task
+from tests.helpers import ROOT, compose_fast, free_port, slurm_task
 
-ROOT = Path(__file__).resolve().parent.parent
 DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "debug=fast"]
 RANK_ZERO_STAGES = ("prepare", "features", "stack", "report")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args: list[str], tmp: Path, env: dict[str, str] | None = None, timeout: int = 300):
@@ -180,23 +172,30 @@ def test_one_fold_over_shards_trains_the_last_clip_block_only(tmp_path):
     import torch
 
     from lightning_modules.backbone import text_tower
-    from pipeline.neural import (_datamodule, _trainer_cfg, build_cache, build_module, load_module, shard_datamodule,
-                                 uses_shards)
+    from pipeline.layout import RunLayout
+    from pipeline.neural import (
+        build_cache,
+        build_module,
+        cache_datamodule,
+        load_module,
+        shard_datamodule,
+        trainer_cfg,
+        uses_shards,
+    )
     from pipeline.training import fit_resumable
-    from tests.conftest import compose_fast
     from train import train
 
     cfg = compose_fast(tmp_path, "backbone.trainable_last_blocks=1", "stages=[prepare,features]")
     train(cfg)
-    run_dir = Path(cfg.run_dir)
-    build_cache(cfg, run_dir)
+    run = RunLayout(cfg.run_dir)
+    build_cache(cfg, run)
     assert uses_shards(cfg, "hierarchical")
-    module = build_module(cfg, run_dir, "hierarchical", _datamodule(cfg, run_dir, "hierarchical", 0))
+    module = build_module(cfg, run, "hierarchical", cache_datamodule(cfg, run, "hierarchical", 0))
     before = {k: v.clone() for k, v in module.clip.state_dict().items()}
     last = [module.clip.visual.transformer.resblocks[-1], text_tower(module.clip).transformer.resblocks[-1]]
     chosen = {id(p) for block in last for p in block.parameters()}
-    data = shard_datamodule(cfg, run_dir, "hierarchical", 0)
-    best = fit_resumable(module, data, tmp_path / "fold0", trainer_cfg=_trainer_cfg(cfg), max_epochs=1,
+    data = shard_datamodule(cfg, run, "hierarchical", 0)
+    best = fit_resumable(module, data, tmp_path / "fold0", trainer_cfg=trainer_cfg(cfg), max_epochs=1,
                          monitor="val/mae", mode="min", seed=0, progress_bar=False)
     held = {id(p) for g in module.trainer.optimizers[0].param_groups for p in g["params"]}
     after = module.clip.state_dict()
@@ -207,6 +206,6 @@ def test_one_fold_over_shards_trains_the_last_clip_block_only(tmp_path):
         assert changed == trainable, name
     module.eval()
     reloaded = load_module("hierarchical", best).eval()
-    batch = next(iter(shard_datamodule(cfg, run_dir, "hierarchical", None).predict_dataloader()))
+    batch = next(iter(shard_datamodule(cfg, run, "hierarchical", None).predict_dataloader()))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(batch), module(batch), rtol=0, atol=1e-6)

@@ -8,14 +8,7 @@ import pytest
 
 from pipeline.distributed import Topology, shared_tmpdir, topology, wait_for
 from pipeline.errors import UserError
-
-SLURM_2_TASKS = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
-                 "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "localhost"}
-
-
-def slurm_task(procid: int, localid: int | None = None, node: int = 0, ntasks: int = 2) -> dict[str, str]:
-    return {**SLURM_2_TASKS, "SLURM_NTASKS": str(ntasks), "SLURM_NODEID": str(node), "SLURM_PROCID": str(procid),
-            "SLURM_LOCALID": str(procid if localid is None else localid)}
+from tests.helpers import SLURM_2_TASKS, slurm_task
 
 
 @pytest.mark.parametrize("procid", [0, 1])

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.conftest import compose_fast
+from tests.helpers import compose_fast
 
 
 class TinyRegressor(L.LightningModule):
@@ -78,7 +78,8 @@ def test_early_stopping_per_model_and_lr_monitor_without_wandb(tmp_path):
     metrics = pd.read_csv(out / "csv" / "metrics.csv")
     assert any(c.startswith("lr-") for c in metrics.columns), list(metrics.columns)  # CSV logger only, no W&B
     cfg = compose_fast(tmp_path, "model.co_attention.early_stopping_patience=3")
-    assert cfg.model.co_attention.early_stopping_patience == 3 and cfg.model.hierarchical.early_stopping_patience is None
+    assert cfg.model.co_attention.early_stopping_patience == 3
+    assert cfg.model.hierarchical.early_stopping_patience is None
 
 
 def test_multirun_one_run_dir_per_job_and_a_comparison_table(tmp_path, capsys):

@@ -16,16 +16,12 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import compose_fast
+from tests.helpers import ROOT, compose_fast, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
-
-
-def run_cli(script: str, *args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+#: Any experiment on the demo's data, backbone and CPU, small enough for a test.
+FAST_EXPERIMENT = ("data=synthetic", "backbone=tiny", "trainer=cpu", "stacking.members.tabnet.max_epochs=1",
+                   "stacking.pseudo_rounds=0")
 
 
 @pytest.fixture(scope="module")
@@ -150,15 +146,37 @@ def test_kill_during_neural_then_resume_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_config_composes_and_runs(experiment, tmp_path):
-    """Configs cannot rot: each experiment file composes and fast-runs (on the synthetic data, tiny CLIP, CPU)."""
+def test_every_experiment_config_composes_and_builds_every_stage_config(experiment, tmp_path):
+    """Configs cannot rot: each experiment file composes, passes the schema, and every stage builds its config
+    section and settings objects from it (modules, features, stacker), without running anything."""
+    from omegaconf import OmegaConf
+
+    from pipeline.neural import enabled_modules
+    from pipeline.stages import STAGES
+    from pipeline.stages.features import feature_config
+    from pipeline.stages.stack import stack_config
+
+    cfg = compose_fast(tmp_path, f"experiment={experiment}", *FAST_EXPERIMENT)
+    assert cfg.name == experiment
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for stage in STAGES:
+        assert isinstance(stage.config(c), dict), stage.name
+    assert set(enabled_modules(cfg)) <= {"prompt_prototype", "co_attention", "hierarchical"}
+    feature_config(cfg)
+    scfg = stack_config(cfg, ["pred_x"])
+    assert scfg.members and set(scfg.members) <= set(cfg.stacking.members)
+    assert list(tmp_path.iterdir()) == [], "composing a config writes nothing"
+
+
+@pytest.mark.slow
+def test_one_experiment_runs_end_to_end(tmp_path):
+    """One experiment other than the default runs through every stage (hyperfusion: no prompt/prototype module,
+    raw CLIP blocks, catboost + TabNet, MAE blend, IQR filter)."""
     from train import train
 
-    cfg = compose_fast(tmp_path, f"experiment={experiment}", "data=synthetic", "backbone=tiny", "trainer=cpu",
-                       "stacking.members.tabnet.max_epochs=1", "stacking.pseudo_rounds=0")
-    assert cfg.name == experiment
-    train(cfg)
-    assert (Path(cfg.run_dir) / "submission.json").is_file()
+    cfg = compose_fast(tmp_path, "experiment=hyperfusion", *FAST_EXPERIMENT)
+    metrics = train(cfg)
+    assert (Path(cfg.run_dir) / "submission.json").is_file() and np.isfinite(metrics["report"]["src"])
 
 
 # ------------------------------------------------------------------ command-line errors: one line, exit != 0
@@ -176,56 +194,73 @@ def run_copy(finished_run, tmp_path):
     return copy, Path(cfg.data.root)
 
 
-@pytest.mark.parametrize("case", [
-    "train_missing_data_dir", "train_offline_tag",
-    "train_missing_pretrained_file", "train_wrong_layout", "train_readonly_output", "train_output_under_a_file",
-    "predict_missing_run",
-    "predict_missing_raw", "predict_wrong_layout", "predict_bad_extension", "predict_corrupt_checkpoint",
-    "predict_empty_split",
-])
+def _read_only_dir(tmp: Path) -> Path:
+    ro = tmp / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.access(ro, os.W_OK):
+        pytest.skip("running as a user that ignores directory permissions")
+    return ro
+
+
+def _under_a_file(tmp: Path) -> Path:
+    (tmp / "afile").write_text("x")
+    return tmp / "afile"
+
+
+def _empty_split(tmp: Path) -> Path:
+    """A test split whose image list names no posts (every metadata file present and empty)."""
+    bad = tmp / "emptysplit" / "test_allmetadata_json"
+    bad.mkdir(parents=True)
+    (bad / "test_img_filepath.txt").write_text("")
+    for name in ("category", "text", "temporalspatial_information", "additional_information"):
+        (bad / f"test_{name}.json").write_text("[]")
+    (bad / "test_user_data.json").write_text("{}")
+    return bad.parent
+
+
+# case -> (script, arguments from (tmp, run copy, raw data dir), a word the one error line must contain: the
+# culprit). ``{tmp}`` etc. are filled in per test; TRAIN is the fast config writing under tmp.
+TRAIN = ("debug=fast", "paths.root_dir={tmp}", "hydra.run.dir={tmp}/out")
+OUT = ("--out", "{tmp}/p.json")
+CLI_ERRORS = {
+    "train_missing_data_dir": ("train.py", (*TRAIN, "data=smpd", "data.root={tmp}/nope", "backbone=tiny"),
+                               "{tmp}/nope"),
+    "train_offline_tag": ("train.py", (*TRAIN, "backbone=vit_b32"), "backbone.pretrained"),
+    "train_missing_pretrained_file": ("train.py", (*TRAIN, "backbone.pretrained={tmp}/weights.bin"),
+                                      "{tmp}/weights.bin"),
+    "train_wrong_layout": ("train.py", (*TRAIN, "data=smpd", "data.root={empty}", "backbone=tiny"), "{empty}"),
+    "train_readonly_output": ("train.py", ("debug=fast", "paths.root_dir={tmp}", "hydra.run.dir={ro}/run"), "{ro}"),
+    "train_output_under_a_file": ("train.py", ("debug=fast", "paths.root_dir={tmp}", "hydra.run.dir={afile}/run"),
+                                  "{afile}"),
+    "predict_missing_run": ("predict.py", ("{tmp}/nope", "{raw}", *OUT), "{tmp}/nope"),
+    "predict_missing_raw": ("predict.py", ("{run}", "{tmp}/nope", *OUT), "{tmp}/nope"),
+    "predict_wrong_layout": ("predict.py", ("{run}", "{empty}", *OUT), "{empty}"),
+    "predict_bad_extension": ("predict.py", ("{run}", "{raw}", "--out", "{tmp}/p.xlsx"), "p.xlsx"),
+    "predict_corrupt_checkpoint": ("predict.py", ("{run}", "{raw}", *OUT), "best.ckpt"),
+    "predict_empty_split": ("predict.py", ("{run}", "{emptysplit}", *OUT), "no posts"),
+}
+#: What a case needs on disk before the command runs: placeholder -> maker.
+SETUPS = {"train_readonly_output": ("ro", _read_only_dir), "train_output_under_a_file": ("afile", _under_a_file),
+          "predict_empty_split": ("emptysplit", _empty_split)}
+
+
+@pytest.mark.parametrize("case", list(CLI_ERRORS))
 def test_cli_user_errors(case, tmp_path, run_copy):
+    """A user mistake ends in one ``error:`` line on stderr naming the culprit, exit status != 0, no traceback."""
     run_dir, raw = run_copy
-    base = ["debug=fast", f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path}/out"]
+    script, args, culprit = CLI_ERRORS[case]
     empty = tmp_path / "empty"
     empty.mkdir()
-    if case == "train_missing_data_dir":
-        proc = run_cli("train.py", *base, "data=smpd", f"data.root={tmp_path}/nope", "backbone=tiny")
-    elif case == "train_offline_tag":
-        proc = run_cli("train.py", *base, "backbone=vit_b32")
-    elif case == "train_missing_pretrained_file":
-        proc = run_cli("train.py", *base, f"backbone.pretrained={tmp_path}/weights.bin")
-    elif case == "train_wrong_layout":
-        proc = run_cli("train.py", *base, "data=smpd", f"data.root={empty}", "backbone=tiny")
-    elif case == "train_readonly_output":
-        ro = tmp_path / "ro"
-        ro.mkdir()
-        ro.chmod(0o500)
-        if os.access(ro, os.W_OK):
-            pytest.skip("running as a user that ignores directory permissions")
-        proc = run_cli("train.py", "debug=fast", f"paths.root_dir={tmp_path}", f"hydra.run.dir={ro}/run")
-    elif case == "train_output_under_a_file":
-        (tmp_path / "afile").write_text("x")
-        proc = run_cli("train.py", "debug=fast", f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path}/afile/run")
-    elif case == "predict_missing_run":
-        proc = run_cli("predict.py", str(tmp_path / "nope"), str(raw), "--out", str(tmp_path / "p.json"))
-    elif case == "predict_missing_raw":
-        proc = run_cli("predict.py", str(run_dir), str(tmp_path / "nope"), "--out", str(tmp_path / "p.json"))
-    elif case == "predict_wrong_layout":
-        proc = run_cli("predict.py", str(run_dir), str(empty), "--out", str(tmp_path / "p.json"))
-    elif case == "predict_bad_extension":
-        proc = run_cli("predict.py", str(run_dir), str(raw), "--out", str(tmp_path / "p.xlsx"))
-    elif case == "predict_corrupt_checkpoint":
+    names = {"tmp": tmp_path, "run": run_dir, "raw": raw, "empty": empty}
+    if case in SETUPS:
+        name, make = SETUPS[case]
+        names[name] = make(tmp_path)
+    if case == "predict_corrupt_checkpoint":
         _corrupt_checkpoint(run_dir)
-        proc = run_cli("predict.py", str(run_dir), str(raw), "--out", str(tmp_path / "p.json"))
-    else:  # predict_empty_split: an image list with no posts
-        bad = tmp_path / "emptysplit" / "test_allmetadata_json"
-        bad.mkdir(parents=True)
-        (bad / "test_img_filepath.txt").write_text("")
-        for name in ("category", "text", "temporalspatial_information", "additional_information"):
-            (bad / f"test_{name}.json").write_text("[]")
-        (bad / "test_user_data.json").write_text("{}")
-        proc = run_cli("predict.py", str(run_dir), str(bad.parent), "--out", str(tmp_path / "p.json"))
+    proc = run_cli(script, *(a.format(**names) for a in args))
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
     assert len(lines) == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert culprit.format(**names) in lines[0], lines[0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import pandas as pd
 import pytest
 import torch
@@ -14,6 +13,7 @@ from lightning_modules.backbone import TINY_MODEL, encode_posts, load_backbone
 from lightning_modules.prompt_learner import local_similarity
 from lightning_modules.prompt_prototype_module import PromptPrototypeModule
 from lightning_modules.prototypes import select_prototype_posts
+from tests.helpers import quiet_trainer
 
 CLASSES = ["Cats", "Dogs", "Guys,Fashion"]
 K, D, L_TOK = 3, 64, 8
@@ -94,8 +94,7 @@ def test_without_popularity_head_no_prediction_and_per_post_class_loss():
 def test_only_prompt_prototype_parameters_train():
     m = make_module()
     before = {k: v.detach().clone() for k, v in m.state_dict().items()}
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(max_steps=3)
     trainer.fit(m, train_dataloaders=loader([cached_batch(seed=s) for s in range(3)]))
     after = m.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -124,8 +123,7 @@ def test_prompt_contexts_get_their_own_learning_rate():
 def test_learns_separable_classes():
     m = make_module(regression_weight=0.0)
     batches = [cached_batch(32, seed=s, separable=True) for s in range(8)]
-    trainer = L.Trainer(max_epochs=8, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(max_epochs=8)
     trainer.fit(m, train_dataloaders=loader(batches))
     test = cached_batch(64, seed=99, separable=True)
     acc = (m(test)["proto_logits"].argmax(-1) == test["subcategory_id"]).float().mean().item()
@@ -134,8 +132,7 @@ def test_learns_separable_classes():
 
 def test_checkpoint_reload_identical_outputs(tmp_path):
     m = make_module()
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = quiet_trainer(max_steps=2, default_root_dir=tmp_path)
     trainer.fit(m, train_dataloaders=loader([cached_batch(seed=s) for s in range(2)]))
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
@@ -166,7 +163,8 @@ def test_pretrained_file_route_and_raw_equals_cached(tmp_path):
                               proj_dim=16, heads=2, token_len=L_TOK).eval()
     m.set_prototypes(torch.randn(K, D), torch.randn(K, D))
     raw = {"post_id": ["1", "2"], "image": images, "text_ids": ids, "has_image": torch.ones(2, dtype=torch.bool),
-           "subcategory_id": torch.tensor([0, 1]), "category_id": torch.tensor([0, 0]), "label": torch.tensor([1.0, 2.0])}
+           "subcategory_id": torch.tensor([0, 1]), "category_id": torch.tensor([0, 0]),
+           "label": torch.tensor([1.0, 2.0])}
     cached = {**raw, **a}
     del cached["image"], cached["text_ids"]
     with torch.no_grad():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,6 +15,7 @@ from lightning_modules.embed import compute_embedding_cache
 from lightning_modules.extract import KeyedPredictionWriter, align_fold_outputs, merge_rank_outputs, oof_and_test
 from lightning_modules.losses import huber_loss
 from lightning_modules.regressors import CLIPHierarchicalPredictor, CoAttention, CoAttentionMLPModule
+from tests.helpers import quiet_trainer
 
 D, L_TOK = 16, 6
 
@@ -126,8 +126,7 @@ def test_datamodule_folds_and_tabular_alignment(run_dir):
 
 
 def fit(module, dm, tmp_path, epochs=2):
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False)
+    trainer = quiet_trainer(max_epochs=epochs, default_root_dir=tmp_path)
     trainer.fit(module, dm)
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
@@ -152,8 +151,7 @@ def test_writer_one_row_per_post(run_dir, tmp_path):
     dm = datamodule(run_dir, None)
     module = CLIPHierarchicalPredictor(embed_dim=64, hidden=(8,)).eval()
     writer = KeyedPredictionWriter(tmp_path / "pred")
-    L.Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False,
-              enable_model_summary=False).predict(module, dm.predict_dataloader(), return_predictions=False)
+    quiet_trainer(callbacks=[writer]).predict(module, dm.predict_dataloader(), return_predictions=False)
     cache = load_embedding_cache(run_dir / "emb")
     frame = merge_rank_outputs(tmp_path / "pred", cache["post_ids"])
     assert frame.post_id.tolist() == cache["post_ids"] and frame.prediction.notna().all()
@@ -166,8 +164,7 @@ def test_ddp_extraction_two_processes(run_dir, tmp_path):
     dm = datamodule(run_dir, None)
     module = CLIPHierarchicalPredictor(embed_dim=64, hidden=(8,)).eval()
     writer = KeyedPredictionWriter(tmp_path / "pred")
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, callbacks=[writer],
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(devices=2, strategy="ddp_spawn", callbacks=[writer])
     trainer.predict(module, dm.predict_dataloader(), return_predictions=False)
     assert sorted(p.name for p in (tmp_path / "pred").glob("rank*.parquet")) == ["rank0.parquet", "rank1.parquet"]
     frame = merge_rank_outputs(tmp_path / "pred", load_embedding_cache(run_dir / "emb")["post_ids"])

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import compose_fast
+from tests.helpers import compose_fast
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The smallest full pipeline: one neural module, no TabNet, no pseudo-labelling rounds.

@@ -446,8 +446,9 @@ def test_corrupt_zip_member_names_archive_and_member(tmp_path, compression):
 
 
 def test_prepare_manifest_counts_outside_images_and_repairs(tmp_path):
-    from pipeline.prepare import prepare
-    from tests.conftest import compose_fast
+    from pipeline.layout import RunLayout
+    from pipeline.stages import StageContext, prepare
+    from tests.helpers import compose_fast
 
     root = raw_dir(tmp_path)
     posts = read_smpd(root)
@@ -457,7 +458,7 @@ def test_prepare_manifest_counts_outside_images_and_repairs(tmp_path):
     cfg = compose_fast(tmp_path, "data=smpd", f"data.root={root}")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    counts = prepare(cfg, run_dir).counts
+    counts = prepare.run(StageContext(cfg, RunLayout(run_dir))).counts
     assert counts["images_outside_root"] == 1
     assert counts["repaired_latitude"] == 1 and counts["repaired_values"] == 1
     assert read_posts(run_dir / "posts.parquet").image_status[0] == IMAGE_OUTSIDE

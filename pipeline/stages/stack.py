@@ -5,37 +5,46 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.atomic import atomic_path
 from datamodules.folds import read_folds
 from datamodules.schema import KEY, LABEL, NO_FOLD
 from features.build import read_schema
 from features.families import ABLATION_GROUPS, NEURAL_PRED
-from datamodules.atomic import atomic_path
+from pipeline.layout import RunLayout
 from pipeline.manifest import StageResult
+from pipeline.stages.base import StageContext, common_config, no_outside_inputs
 from stacking.ablation import run_ablations
 from stacking.stack import StackConfig, run_stack
 
 log = logging.getLogger("popstack")
 
 
-def stack_inputs(run_dir: Path) -> tuple[pd.DataFrame, dict[str, str], list[str]]:
+outside_inputs = no_outside_inputs
+
+
+def config(c: dict) -> dict:
+    return {"stacking": c["stacking"], **common_config(c)}
+
+
+def stack_inputs(layout: RunLayout) -> tuple[pd.DataFrame, dict[str, str], list[str]]:
     """All stack columns keyed by post id (posts order), their families, and the categorical columns."""
-    features = pd.read_parquet(run_dir / "features" / "features.parquet")
-    schema = read_schema(run_dir / "features")
+    features = pd.read_parquet(layout.feature_table)
+    schema = read_schema(layout.features)
     families = dict(schema["families"])
     frames = [features]
-    neural_dir = run_dir / "neural"
-    if (neural_dir / "features.parquet").is_file():
-        for name in ("features.parquet", "predictions.parquet"):
-            frame = pd.read_parquet(neural_dir / name)
+    if layout.neural_features.is_file():
+        for path in (layout.neural_features, layout.neural_predictions):
+            frame = pd.read_parquet(path)
             if frame[KEY].tolist() != features[KEY].tolist():
-                raise ValueError(f"{neural_dir / name}: rows do not match the feature table")
+                raise ValueError(f"{path}: rows do not match the feature table")
             frames.append(frame.drop(columns=[KEY]))
-        families.update(json.loads((neural_dir / "families.json").read_text()))
+        families.update(json.loads(layout.neural_families.read_text()))
     return pd.concat(frames, axis=1), families, list(schema["categorical"])
 
 
@@ -50,26 +59,27 @@ def stack_config(cfg: DictConfig, neural_columns: list[str]) -> StackConfig:
     )
 
 
-def stack(cfg: DictConfig, run_dir: Path, tracker) -> StageResult:
+def run(ctx: StageContext) -> StageResult:
     """The stack stage; ``stack/`` is written under a temporary name and replaces the old one when complete."""
-    with atomic_path(run_dir / "stack") as out:
-        return _stack(cfg, run_dir, tracker, out)
+    layout = ctx.layout
+    with atomic_path(layout.stack) as tmp:  # files of stack/ are written into tmp/ under the same names
+        return _stack(ctx.cfg, layout, ctx.tracker, lambda path: tmp / path.relative_to(layout.stack))
 
 
-def _stack(cfg: DictConfig, run_dir: Path, tracker, out: Path) -> StageResult:
-    X, families, categorical = stack_inputs(run_dir)
-    y = pd.read_parquet(run_dir / "posts.parquet", columns=[LABEL])[LABEL].to_numpy()
-    folds = read_folds(run_dir / "folds.parquet")["fold"].to_numpy()
+def _stack(cfg: DictConfig, layout: RunLayout, tracker, staged: Callable[[Path], Path]) -> StageResult:
+    X, families, categorical = stack_inputs(layout)
+    y = pd.read_parquet(layout.posts, columns=[LABEL])[LABEL].to_numpy()
+    folds = read_folds(layout.folds)["fold"].to_numpy()
     neural_cols = [c for c, f in families.items() if f == NEURAL_PRED]
     scfg = stack_config(cfg, neural_cols)
     features = X.drop(columns=[KEY]).astype(np.float32)
     if not scfg.neural_columns:
         features = features.drop(columns=neural_cols)
-    loss_file = run_dir / "neural" / "class_loss.parquet"  # the prompt/prototype module's, for loss-based selection
+    loss_file = layout.class_loss  # the prompt/prototype module's, for loss-based selection
     losses = pd.read_parquet(loss_file)["class_loss"].to_numpy() if loss_file.is_file() else None
     result = run_stack(features, y, folds, categorical, scfg, progress=bool(cfg.progress_bar),
                        selection_losses=losses)
-    result.save(out / "model")
+    result.save(staged(layout.stack_model))
     labelled = folds != NO_FOLD
     pred = np.empty(len(X))
     pred[labelled] = result.oof["blend"].to_numpy()
@@ -78,16 +88,16 @@ def _stack(cfg: DictConfig, run_dir: Path, tracker, out: Path) -> StageResult:
     members.loc[labelled, :] = result.oof[result.member_names].to_numpy()
     members.loc[~labelled, :] = result.test[result.member_names].to_numpy()
     frame = pd.concat([pd.DataFrame({KEY: X[KEY], "prediction": pred}), members], axis=1)
-    frame.to_parquet(out / "predictions.parquet", index=False)
+    frame.to_parquet(staged(layout.stack_predictions), index=False)
     n_fits = max(len(result.blend_params), 1)  # folds of the final round
-    result.scores.assign(seconds_per_fold=(result.scores.seconds / n_fits).round(2)).to_csv(out / "scores.csv",
-                                                                                          index=False)
-    result.rounds.to_csv(out / "pseudo_rounds.csv", index=False)
-    result.weights.to_csv(out / "blend_weights.csv", index=False)
+    result.scores.assign(seconds_per_fold=(result.scores.seconds / n_fits).round(2)).to_csv(
+        staged(layout.stack_scores), index=False)
+    result.rounds.to_csv(staged(layout.pseudo_rounds), index=False)
+    result.weights.to_csv(staged(layout.blend_weights), index=False)
     if len(result.importance):
         result.importance.rename("importance").rename_axis("feature").reset_index().to_csv(
-            out / "importance.csv", index=False)
-    outputs = ["stack"]
+            staged(layout.importance), index=False)
+    outputs = [RunLayout.stack]
     ab = cfg.stacking.ablation
     if ab.enabled:
         ab_cfg = scfg
@@ -96,7 +106,7 @@ def _stack(cfg: DictConfig, run_dir: Path, tracker, out: Path) -> StageResult:
         table = run_ablations(features, y, folds, categorical, families, ABLATION_GROUPS, ab_cfg,
                               tuple(ab.variants), full=None if ab.members else result,
                               selection_losses=losses)
-        table.to_csv(out / "ablation.csv", index=False)
+        table.to_csv(staged(layout.ablation), index=False)
         log.info("ablations:\n%s", table.to_string(index=False))
     if tracker is not None:
         for row in result.scores.itertuples():

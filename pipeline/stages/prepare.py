@@ -13,7 +13,9 @@ from datamodules.atomic import atomic_path, atomic_write_json
 from datamodules.folds import fold_table, write_folds
 from datamodules.schema import IMAGE_OK, KEY, LABEL
 from pipeline.errors import UserError
-from pipeline.manifest import StageResult
+from pipeline.layout import RunLayout
+from pipeline.manifest import StageResult, raw_fingerprint
+from pipeline.stages.base import StageContext, common_config, data_config
 
 log = logging.getLogger("popstack")
 
@@ -42,10 +44,20 @@ def raw_root(cfg: DictConfig) -> Path:
     return root
 
 
-def prepare(cfg: DictConfig, run_dir: Path) -> StageResult:
+def config(c: dict) -> dict:
+    return {"data": data_config(c), **common_config(c)}
+
+
+def outside_inputs(cfg: DictConfig) -> dict:
+    """The data root's fingerprint (its metadata files' content, its images' sizes and times)."""
+    return raw_fingerprint(raw_root(cfg))
+
+
+def run(ctx: StageContext) -> StageResult:
     from datamodules.shards import build_vocab
     from datamodules.smpd import read_smpd, write_posts
 
+    cfg, layout = ctx.cfg, ctx.layout
     root = raw_root(cfg)
     posts = read_smpd(root, check_images=bool(cfg.data.check_images))
     repairs = {f"repaired_{col}": n for col, n in posts.attrs["repairs"].items() if n}
@@ -56,21 +68,18 @@ def prepare(cfg: DictConfig, run_dir: Path) -> StageResult:
         log.warning("%s: no test split; the submission will be empty", root)
 
     vocab = build_vocab(train)
-    atomic_write_json(run_dir / "vocab.json", vocab)
+    atomic_write_json(layout.vocab, vocab)
     folds = fold_table(posts, int(cfg.n_folds), int(cfg.seed), str(cfg.folds.strategy),
                        float(cfg.folds.holdout_fraction))
-    with atomic_path(run_dir / "folds.parquet") as tmp:
-        write_folds(folds, tmp)
-
-    with atomic_path(run_dir / "shards") as tmp:
+    write_folds(folds, layout.folds)
+    with atomic_path(layout.shards) as tmp:
         posts = write_split_shards(posts, root, tmp, vocab, cfg)
-    with atomic_path(run_dir / "posts.parquet") as tmp:
-        write_posts(posts, tmp)
+    write_posts(posts, layout.posts)
 
     counts = {**_data_counts(posts), "repaired_values": sum(repairs.values()), **repairs}
     log.info("prepare: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
     return StageResult(
-        outputs=["posts.parquet", "vocab.json", "folds.parquet", "shards"], counts=counts,
+        outputs=[RunLayout.posts, RunLayout.vocab, RunLayout.folds, RunLayout.shards], counts=counts,
     )
 
 
@@ -89,28 +98,28 @@ def write_split_shards(posts: pd.DataFrame, root: Path, shard_dir: Path, vocab: 
     return posts.assign(image_status=posts[KEY].map(statuses).fillna(posts["image_status"]))
 
 
-def prepare_new_posts(cfg: DictConfig, run_dir: Path, raw_dir: Path, work: Path) -> pd.DataFrame:
+def prepare_new_posts(cfg: DictConfig, run: RunLayout, raw_dir: Path, work: RunLayout) -> pd.DataFrame:
     """Lay out new (unlabelled) posts in ``work`` the way the training run is laid out, with the run's vocab."""
     from datamodules.smpd import read_smpd
 
     posts = read_smpd(raw_dir, check_images=bool(cfg.data.check_images), labels=False)
     if len(posts) == 0:
         raise UserError(f"{raw_dir}: no posts to predict (the image lists are empty)")
-    return lay_out_new_posts(cfg, run_dir, posts, raw_dir, work)
+    return lay_out_new_posts(cfg, run, posts, raw_dir, work)
 
 
-def lay_out_new_posts(cfg: DictConfig, run_dir: Path, posts: pd.DataFrame, raw_dir: Path, work: Path) -> pd.DataFrame:
+def lay_out_new_posts(cfg: DictConfig, run: RunLayout, posts: pd.DataFrame, raw_dir: Path,
+                      work: RunLayout) -> pd.DataFrame:
     """Shards, posts table, vocab and (empty) folds of ``posts`` in ``work``; images at ``raw_dir / image_relpath``."""
-    from datamodules.folds import write_folds
     from datamodules.schema import NO_FOLD
     from datamodules.smpd import write_posts
 
-    vocab = json.loads((run_dir / "vocab.json").read_text())
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "vocab.json").write_text(json.dumps(vocab))
-    posts = write_split_shards(posts, raw_dir, work / "shards", vocab, cfg)
-    write_posts(posts, work / "posts.parquet")
-    write_folds(pd.DataFrame({KEY: posts[KEY].to_numpy(), "fold": NO_FOLD}), work / "folds.parquet")
+    vocab = json.loads(run.vocab.read_text())
+    work.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(work.vocab, vocab)
+    posts = write_split_shards(posts, raw_dir, work.shards, vocab, cfg)
+    write_posts(posts, work.posts)
+    write_folds(pd.DataFrame({KEY: posts[KEY].to_numpy(), "fold": NO_FOLD}), work.folds)
     return posts
 
 

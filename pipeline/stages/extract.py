@@ -1,0 +1,64 @@
+"""Stage 4, extract: every post's F vector (PCA-reduced) and neural predictions from the fold checkpoints
+(out-of-fold for posts with a fold, the fold mean for the others), written for the stack."""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from datamodules.atomic import atomic_path, atomic_write_json
+from datamodules.folds import read_folds
+from datamodules.schema import KEY, LABEL, NO_FOLD
+from features.families import NEURAL_PRED
+from pipeline.distributed import topology
+from pipeline.layout import RunLayout
+from pipeline.manifest import StageResult
+from pipeline.neural import neural_outputs, save_extract_state
+from pipeline.stages.base import StageContext, no_outside_inputs
+
+log = logging.getLogger("popstack")
+
+outside_inputs = no_outside_inputs
+
+
+def config(c: dict) -> dict:
+    return {"model": c["model"]}
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, layout = ctx.cfg, ctx.layout
+    state: dict = {}
+    extras: dict = {}
+    nf, preds = neural_outputs(cfg, layout, layout, state, extras)
+    if not topology().is_zero:  # the other ranks took part in trainer.predict; the first process writes the results
+        return StageResult(outputs=[])
+    outputs = [RunLayout.neural_features, RunLayout.neural_predictions, RunLayout.neural_families,
+               RunLayout.extract_state]
+    for path, frame in ((layout.neural_features, nf), (layout.neural_predictions, preds)):
+        with atomic_path(path) as tmp:
+            frame.to_parquet(tmp, index=False)
+    if "class_loss" in extras:  # ranks training rows for loss-based selection (CMPA-DGPL §4.2); not a feature
+        with atomic_path(layout.class_loss) as tmp:
+            pd.DataFrame({KEY: nf[KEY], "class_loss": extras["class_loss"]}).to_parquet(tmp, index=False)
+        outputs.append(RunLayout.class_loss)
+    save_extract_state(state, layout.extract_state)
+    metrics = out_of_fold_scores(layout, preds)
+    families = {c: c.split("__", 1)[0] for c in nf.columns if c != KEY}
+    families.update({c: NEURAL_PRED for c in preds.columns if c != KEY})
+    atomic_write_json(layout.neural_families, families)
+    counts = {"neural_feature_columns": len(nf.columns) - 1, "prediction_columns": len(preds.columns) - 1}
+    return StageResult(outputs=outputs, counts=counts, metrics=metrics)
+
+
+def out_of_fold_scores(layout: RunLayout, preds: pd.DataFrame) -> dict[str, float]:
+    """SRC and MAE of each neural prediction column on the posts with a fold (held-back labels stay unread)."""
+    from stacking.metrics import scores
+
+    labels = pd.read_parquet(layout.posts, columns=[LABEL])[LABEL].to_numpy()
+    in_fold = read_folds(layout.folds)["fold"].to_numpy() != NO_FOLD
+    metrics = {f"{c}/{k}": v for c in preds.columns if c != KEY
+               for k, v in scores(labels[in_fold], preds.loc[in_fold, c].to_numpy()).items()}
+    for k, v in metrics.items():
+        log.info("extract: out-of-fold %s = %.4f", k, v)
+    return metrics

@@ -1,0 +1,51 @@
+"""Helpers the test modules share (fixtures stay in ``conftest.py``): composed configs, CLI runs, free ports, a quiet
+CPU Trainer, simulated SLURM tasks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SLURM_2_TASKS = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+                 "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "localhost"}
+
+
+def compose_fast(tmp_path, *overrides: str):
+    """The train config with the `debug=fast` overlay, writing everything under ``tmp_path``."""
+    from pipeline.config import compose_config
+
+    return compose_config(["debug=fast", f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run", *overrides])
+
+
+def run_cli(script: str, *args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python <script> args...`` in a subprocess (offline W&B, the repository on the path)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for MASTER_PORT / --master_port of a launch)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def quiet_trainer(**kwargs):
+    """A CPU ``lightning.Trainer`` without logger, checkpoints, progress bar or model summary; ``kwargs`` add or
+    override arguments."""
+    import lightning as L
+
+    return L.Trainer(**{"accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                        "enable_progress_bar": False, "enable_model_summary": False, **kwargs})
+
+
+def slurm_task(procid: int, localid: int | None = None, node: int = 0, ntasks: int = 2) -> dict[str, str]:
+    """The environment ``srun`` gives task ``procid`` of a ``ntasks``-task job."""
+    return {**SLURM_2_TASKS, "SLURM_NTASKS": str(ntasks), "SLURM_NODEID": str(node), "SLURM_PROCID": str(procid),
+            "SLURM_LOCALID": str(procid if localid is None else localid)}
