@@ -1,7 +1,8 @@
 """Map-style datasets over the frozen-embedding cache (written by ``lightning_modules.embed``) with folds.
 
 Batches are in the cached form: ``post_id`` list[str]; ``image_emb``, ``text_emb`` (B, D) float32;
-``text_tokens`` (B, L, D) float32; ``text_mask`` (B, L) bool (the embedding arrays only when the model reads them); ``has_image`` (B,) bool; ``subcategory_id``,
+``text_tokens`` (B, L, D) float32; ``text_mask`` (B, L) bool (the embedding arrays only when the model reads
+them); ``has_image`` (B,) bool; ``subcategory_id``,
 ``category_id`` (B,) int64 (-1 unknown); ``label`` (B,) float32 (NaN unknown); ``tabular`` (B, F) float32 when
 a tabular parquet is given. Map-style, so Lightning shards it with a DistributedSampler under DDP.
 """
@@ -17,6 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from datamodules.folds import train_valid_masks
 from datamodules.schema import KEY, LABEL, NO_FOLD, UNKNOWN_ID
 
 CACHE_FILES = ("image_emb.npy", "text_emb.npy", "text_tokens.npy", "text_mask.npy", "has_image.npy", "post_ids.json")
@@ -137,9 +139,11 @@ class EmbeddingDataModule(L.LightningDataModule):
         if folds[KEY].tolist() != posts[KEY].tolist():
             raise ValueError(f"{folds_path}: rows do not match {posts_path}")
         f = folds["fold"].to_numpy()
-        labelled = f != NO_FOLD
-        self.train_idx = np.flatnonzero(labelled & (f != fold)) if fold is not None else np.flatnonzero(labelled)
-        self.val_idx = np.flatnonzero(f == fold) if fold is not None else np.array([], dtype=np.int64)
+        if fold is None:
+            self.train_idx, self.val_idx = np.flatnonzero(f != NO_FOLD), np.array([], dtype=np.int64)
+        else:
+            train, valid = train_valid_masks(f, fold)
+            self.train_idx, self.val_idx = np.flatnonzero(train), np.flatnonzero(valid)
         self.tabular = None
         if tabular_path:
             tab = pd.read_parquet(tabular_path)

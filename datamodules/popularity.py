@@ -17,11 +17,18 @@ import open_clip
 import pandas as pd
 import torch
 
-from datamodules.folds import read_folds
+from datamodules.folds import read_folds, train_valid_masks
 from datamodules.schema import KEY, NO_FOLD
 from datamodules.shards import (
-    Collate, KeepPosts, SampleDecoder, SharedEpoch, dist_info, make_eval_pipeline, make_loader,
-    make_train_pipeline, shard_urls,
+    Collate,
+    KeepPosts,
+    SampleDecoder,
+    SharedEpoch,
+    dist_info,
+    make_eval_pipeline,
+    make_loader,
+    make_train_pipeline,
+    shard_urls,
 )
 
 
@@ -71,12 +78,11 @@ class PopularityDataModule(L.LightningDataModule):
         collate = Collate(open_clip.get_tokenizer(model_name))
         self.collate = collate if tabular_path is None else TabularCollate(collate, tabular_path)
         self.epoch = SharedEpoch()
-        labelled = self.folds[self.folds.fold != NO_FOLD]
         if fold is None:
-            self.train_ids, self.val_ids = labelled[KEY].tolist(), []
+            self.train_ids, self.val_ids = self.folds.loc[self.folds.fold != NO_FOLD, KEY].tolist(), []
         else:
-            self.train_ids = labelled.loc[labelled.fold != fold, KEY].tolist()
-            self.val_ids = labelled.loc[labelled.fold == fold, KEY].tolist()
+            train, valid = train_valid_masks(self.folds.fold.to_numpy(), fold)
+            self.train_ids, self.val_ids = self.folds.loc[train, KEY].tolist(), self.folds.loc[valid, KEY].tolist()
             if not self.val_ids:
                 raise ValueError(f"fold {fold} has no posts in {folds_path}")
 
