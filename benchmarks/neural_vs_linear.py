@@ -37,8 +37,8 @@ def main() -> None:
     posts = pd.read_parquet(run / "posts.parquet", columns=["post_id", "label", "subcategory"])
     vocab = json.loads((run / "vocab.json").read_text())["subcategory"]
     y_cls = posts.subcategory.map({n: i for i, n in enumerate(vocab)}).fillna(-1).astype(int).to_numpy()
-    blocks = {"[image; text]": np.hstack([cache["image_emb"], cache["text_emb"]]), "image": np.asarray(cache["image_emb"]),
-              "text": np.asarray(cache["text_emb"])}
+    blocks = {"[image; text]": np.hstack([cache["image_emb"], cache["text_emb"]]),
+              "image": np.asarray(cache["image_emb"]), "text": np.asarray(cache["text_emb"])}
     X = {name: StandardScaler().fit_transform(b) for name, b in blocks.items()}
     labelled = folds >= 0
     rows_cls, rows_reg = [], []
@@ -83,7 +83,8 @@ def main() -> None:
                                                                    scores(y[labelled], ridge_pred[labelled]).items()}})
     preds = pd.read_parquet(run / "neural" / "predictions.parquet")
     for col in preds.columns[1:]:
-        rows_reg.append({"model": col, **{k: round(v, 4) for k, v in scores(y[labelled], preds[col][labelled]).items()}})
+        reg = scores(y[labelled], preds[col][labelled])
+        rows_reg.append({"model": col, **{k: round(v, 4) for k, v in reg.items()}})
     print_table(rows_cls, f"subcategory classification ({len(vocab)} classes), out of fold")
     print_table(rows_reg, "popularity regression, out of fold")
     write_results("neural_vs_linear", {"run": str(run), "classification": rows_cls, "regression": rows_reg})

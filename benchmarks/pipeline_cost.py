@@ -135,7 +135,8 @@ def main() -> None:
                      "1 GPU (s)": round(g1), "8 GPUs (s)": round(g8), "bound": bound, "GPU rows": how})
     rows.append({"stage": "total", f"{a.target // 1000}k here (s)": round(totals["here"]),
                  "1 GPU (s)": round(totals["gpu1"]), "8 GPUs (s)": round(totals["gpu8"])})
-    title = (f"projected seconds per stage for {a.target} posts ({cores_here} cores here; GPU machine: {a.cores} cores, "
+    title = (f"projected seconds per stage for {a.target} posts ({cores_here} cores here; "
+             f"GPU machine: {a.cores} cores, "
              f"{'measured GPU' if gpu_here else f'formula GPU: {a.gpu_tflops} TFLOP/s x MFU {a.mfu}'})")
     print_table(rows, title)
     dominant = max(rows[:-1], key=lambda r: r["1 GPU (s)"])

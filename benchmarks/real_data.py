@@ -24,7 +24,8 @@ images              none (every image path is listed, no file exists: all posts 
 ``--posts`` ratings are sampled uniformly (seeded) from those of users who rate over at least ``--min-user-days``
 days (default 30: 180 users, 31,390 ratings), sorted by time; the latest quarter is the test split (chronological,
 like SMPD). Most MovieLens users rate within a day or two, so without that filter 82% of the test posts of an
-8,000-post sample come from users unseen in training (user features could not matter); with it, 34% do. ``signal.parquet`` keeps every label (``post_id, split, label``; no noise-free
+8,000-post sample come from users unseen in training (user features could not matter); with it, 34% do.
+``signal.parquet`` keeps every label (``post_id, split, label``; no noise-free
 signal is known, so no ceiling) for ``benchmarks/quality.py --real OUT``. The directory appears complete or not
 at all (``datamodules.atomic.atomic_path``).
 """
@@ -108,7 +109,8 @@ def _write_split(out: Path, split: str, rows: pd.DataFrame, users: pd.DataFrame)
         "category": [{"Pid": p, "Uid": u, "Category": g[0] if g else "unknown", "Subcategory": "&".join(g) or "unknown",
                       "Concept": f"movie{i}"} for p, u, g, i in zip(pid, uid, genres, rows.item_id)],
         "text": [{"Pid": p, "Uid": u, "Title": t, "Alltags": " ".join([*g, f"year{y}" if y else ""]).strip(),
-                  "Mediatype": "photo"} for p, u, t, g, y in zip(pid, uid, rows.movie_title, genres, rows.release_year)],
+                  "Mediatype": "photo"}
+                 for p, u, t, g, y in zip(pid, uid, rows.movie_title, genres, rows.release_year)],
         "temporalspatial_information": [{"Pid": p, "Uid": u, "Postdate": str(t), "Latitude": "0", "Longitude": "0",
                                          "Geoaccuracy": "0"} for p, u, t in zip(pid, uid, rows.timestamp)],
         "additional_information": [{"Pid": p, "Uid": u, "Pathalias": "None", "Ispublic": "1",

@@ -86,7 +86,8 @@ def main() -> None:
                     torch.cuda.synchronize()
                 sec = time.perf_counter() - timer.start
                 rows.append({"module": name, "input": kind, "precision": precision,
-                             "steps_per_s": round(a.steps / sec, 2), "samples_per_s": round(a.steps * a.batch_size / sec, 1)})
+                             "steps_per_s": round(a.steps / sec, 2),
+                             "samples_per_s": round(a.steps * a.batch_size / sec, 1)})
     print_table(rows, f"training throughput, {a.model}, batch {a.batch_size}, {a.accelerator}")
     write_results(f"training_{a.model}_{a.accelerator}", {"args": vars(a), "rows": rows})
 

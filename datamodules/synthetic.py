@@ -140,7 +140,8 @@ def make_posts(
     lon = np.where(has_geo, rng.uniform(-170, 170, n).round(6), np.nan)
 
     # text: per-subcategory vocabularies, some words "hot"
-    vocab = {c: [f"{pairs[c][1].lower().replace(',', '').replace('&', '')}{k}" for k in range(12)] for c in range(n_sub)}
+    vocab = {c: [f"{pairs[c][1].lower().replace(',', '').replace('&', '')}{k}" for k in range(12)]
+             for c in range(n_sub)}
     titles, tags, n_hot = [], [], np.zeros(n)
     for i in range(n):
         words = vocab[int(sub_of_post[i])]
@@ -229,9 +230,11 @@ def make_posts(
         "timezone_offset": [None if x else "+01:00" for x in nullu],
         "timezone_id": [None if x else "Europe/Paris" for x in nullu],
         "user_vector": [user_vecs[j] for j in u] if user_variant == "A" else None,
-        "user_text": None if user_variant == "A" else [None if x else f"photographer number {j}" for j, x in zip(u, nullu)],
+        "user_text": None if user_variant == "A" else [None if x else f"photographer number {j}"
+                                                       for j, x in zip(u, nullu)],
         "location_vector": [loc_vecs[j] if has_loc[j] else None for j in u] if user_variant == "A" else None,
-        "location_text": None if user_variant == "A" else [f"City{j % 7}, Country{j % 3}" if has_loc[j] else None for j in u],
+        "location_text": None if user_variant == "A" else [f"City{j % 7}, Country{j % 3}" if has_loc[j] else None
+                                                           for j in u],
         "label": np.where(split == "train", labels, np.nan),
     })
     posts["photo_firstdate"] = np.floor(posts["photo_firstdate"])

@@ -22,7 +22,7 @@ import pandas as pd
 from datamodules.schema import KEY
 from features.category import categorical_columns, category_features
 from features.config import FeatureConfig
-from features.families import column_name, family_of, USER
+from features.families import USER, column_name, family_of
 from features.glove import glove_features
 from features.image_stats import image_stats_features, shard_images
 from features.sentence import SentenceEncoder, resolve_model_dir, sentence_features

@@ -8,7 +8,8 @@ import pandas as pd
 from features.families import CROSSMODAL, column_name
 
 
-def crossmodal_features(image_emb: np.ndarray, text_emb: np.ndarray, has_image: np.ndarray | None = None) -> pd.DataFrame:
+def crossmodal_features(image_emb: np.ndarray, text_emb: np.ndarray,
+                        has_image: np.ndarray | None = None) -> pd.DataFrame:
     """(n, D) image and text embeddings -> one column of cosines; NaN where the post has no image."""
     a = image_emb / np.maximum(np.linalg.norm(image_emb, axis=1, keepdims=True), 1e-12)
     b = text_emb / np.maximum(np.linalg.norm(text_emb, axis=1, keepdims=True), 1e-12)

@@ -93,5 +93,6 @@ def sentence_features(posts: pd.DataFrame, state: FeatureState, cfg: FeatureConf
         if cfg.sentence_dim > 0:
             emb = fit_or_apply_svd(emb, cfg.sentence_dim, state, f"{SENTENCE}.{name}", cfg.seed, centre=True)
         emb[~present] = np.nan
-        blocks.append(pd.DataFrame(emb, columns=[column_name(SENTENCE, f"{name}_{j:03d}") for j in range(emb.shape[1])]))
+        columns = [column_name(SENTENCE, f"{name}_{j:03d}") for j in range(emb.shape[1])]
+        blocks.append(pd.DataFrame(emb, columns=columns))
     return pd.concat(blocks, axis=1)

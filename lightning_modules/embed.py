@@ -1,6 +1,7 @@
 """The frozen-backbone embedding cache: CLIP features of every post, computed once, reused by every fold/epoch.
 
-Read it with ``datamodules.cached.load_embedding_cache``. Files in the cache directory (rows in ``post_ids.json`` order = ``posts.parquet`` order):
+Read it with ``datamodules.cached.load_embedding_cache``. Files in the cache directory (rows in ``post_ids.json``
+order = ``posts.parquet`` order):
 ``image_emb.npy`` (n, D) float32, ``text_emb.npy`` (n, D) float32, ``text_tokens.npy`` (n, L, D) float16,
 ``text_mask.npy`` (n, L) bool, ``has_image.npy`` (n,) bool, ``post_ids.json``.
 Large arrays are written through ``np.lib.format.open_memmap``, so memory stays flat at SMPD scale.
@@ -26,7 +27,6 @@ from tqdm.auto import tqdm
 
 from datamodules.atomic import atomic_write_text
 from lightning_modules.backbone import encode_posts
-
 
 #: Cache arrays: name -> (dtype, shape after the row dimension; "d" = CLIP dim, "l" = kept token positions).
 CACHE_ARRAYS: dict[str, tuple[type, tuple[str, ...]]] = {

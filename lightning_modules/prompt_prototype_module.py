@@ -138,7 +138,8 @@ class PromptPrototypeModule(PostModule):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Cached or raw batch -> outputs (B = batch, K = classes, D = CLIP dim, d = proj_dim):
 
-        ``global_logits``, ``local_logits``, ``proto_logits``, ``logits_v``, ``logits_t`` (B, K); ``x`` (B, d); ``V``, ``T`` (B, K, d);
+        ``global_logits``, ``local_logits``, ``proto_logits``, ``logits_v``, ``logits_t`` (B, K); ``x`` (B, d);
+        ``V``, ``T`` (B, K, d);
         ``image_emb``, ``text_emb`` (B, D); ``global_sim``, ``local_sim``, ``cos_v`` (B, K) cosines before the
         temperature;
         ``prediction`` (B,) popularity, only when the popularity head is on.
@@ -146,10 +147,10 @@ class PromptPrototypeModule(PostModule):
         if not bool(self.prototypes_set):
             raise RuntimeError("call set_prototypes(visual, textual) before using PromptPrototypeModule")
         b = self.encode(batch)
-        g, l = self.prompts()
+        g, loc = self.prompts()
         scale = self.log_scale.exp()
         global_sim = global_similarity(b["text_emb"], g)
-        local_sim = local_similarity(b["text_tokens"], b["text_mask"].bool(), l, 1 / self.log_inv_tau_s.exp())
+        local_sim = local_similarity(b["text_tokens"], b["text_mask"].bool(), loc, 1 / self.log_inv_tau_s.exp())
         global_logits, local_logits = scale * global_sim, scale * local_sim
         proto = self.classifier(b["image_emb"].float(), self.visual_prototypes, self.textual_prototypes)
         out = {"global_logits": global_logits, "local_logits": local_logits, "proto_logits": proto["logits"],

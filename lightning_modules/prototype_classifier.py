@@ -57,5 +57,5 @@ class CrossModalPrototypeClassifier(nn.Module):
         cos_t = (xn * F.normalize(t_t.float(), dim=-1)).sum(-1)
         logits_v = cos_v * self.log_scale_v.exp().clamp(max=MAX_LOGIT_SCALE)
         logits_t = cos_t * self.log_scale_t.exp().clamp(max=MAX_LOGIT_SCALE)
-        return {"x": x_t, "V": v_t, "T": t_t, "cos_v": cos_v, "cos_t": cos_t, "logits_v": logits_v, "logits_t": logits_t,
-                "logits": (logits_v + logits_t) / 2}
+        return {"x": x_t, "V": v_t, "T": t_t, "cos_v": cos_v, "cos_t": cos_t, "logits_v": logits_v,
+                "logits_t": logits_t, "logits": (logits_v + logits_t) / 2}

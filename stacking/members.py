@@ -232,7 +232,8 @@ class TabNetMember:
         bs = min(int(fit_args.pop("batch_size", 1024)), len(X_tr))
         vbs = min(int(fit_args.pop("virtual_batch_size", 128)), bs)
         with contextlib.redirect_stdout(io.StringIO()):  # TabNet prints its early-stopping summary
-            self.model.fit(self.scaler.transform(X_tr), (np.asarray(y_tr) - self.offset).astype(np.float32).reshape(-1, 1),
+            y_fit = (np.asarray(y_tr) - self.offset).astype(np.float32).reshape(-1, 1)
+            self.model.fit(self.scaler.transform(X_tr), y_fit,
                            eval_set=[(self.scaler.transform(X_va),
                                       (np.asarray(y_va) - self.offset).astype(np.float32).reshape(-1, 1))],
                            eval_metric=["mae"], loss_fn=torch.nn.HuberLoss(delta=delta), batch_size=bs,

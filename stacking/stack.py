@@ -52,7 +52,8 @@ def yaml_default(key: str) -> Any:
 
     raw = yaml.safe_load(DEFAULTS_YAML.read_text())
     if key == "members":
-        return {n: {k: v for k, v in p.items() if k != "enabled"} for n, p in raw[key].items() if p.get("enabled", True)}
+        return {n: {k: v for k, v in p.items() if k != "enabled"}
+                for n, p in raw[key].items() if p.get("enabled", True)}
     return raw[key]
 
 
@@ -248,7 +249,8 @@ def run_stack(
 
     bar.close()
     rows = [{"member": n, **scores(yl[scored], oof[n][scored]), "seconds": round(seconds[n], 2)} for n in names]
-    rows.append({"member": "blend", **scores(yl[scored], oof_blend[scored]), "seconds": round(sum(seconds.values()), 2)})
+    rows.append({"member": "blend", **scores(yl[scored], oof_blend[scored]),
+                 "seconds": round(sum(seconds.values()), 2)})
     weights = pd.DataFrame([{"fold": k, "member": n, "weight": float(w)} for k, p in blend_params.items()
                             for n, w in zip(names, p["weights"])])
     importances = [m.feature_importance() for m in models.values()]

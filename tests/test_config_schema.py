@@ -59,7 +59,7 @@ def test_gpu_trainer_without_gpu_names_the_cpu_override(tmp_path, capsys, monkey
 
 
 def test_every_allowed_value_of_the_shipped_configs_passes():
-    """The schema accepts what the YAML files ship (each experiment, trainer and logger), so defaults and rules agree."""
+    """The schema accepts what the YAML files ship (each experiment, trainer and logger): defaults and rules agree."""
     from pipeline.config import compose_config
     from pipeline.schema import validate
 

@@ -13,8 +13,17 @@ from PIL import Image
 
 from datamodules.schema import IMAGE_MISSING, IMAGE_OK, IMAGE_UNREADABLE
 from datamodules.shards import (
-    Collate, KeepPosts, SampleDecoder, SharedEpoch, build_vocab, make_eval_pipeline, make_loader,
-    make_train_pipeline, read_index, shard_urls, write_shards,
+    Collate,
+    KeepPosts,
+    SampleDecoder,
+    SharedEpoch,
+    build_vocab,
+    make_eval_pipeline,
+    make_loader,
+    make_train_pipeline,
+    read_index,
+    shard_urls,
+    write_shards,
 )
 from lightning_modules.backbone import TINY_MODEL, register_local_configs
 

@@ -140,7 +140,8 @@ def test_auto_learning_rate_and_threads_resolve_per_fit():
     assert auto_learning_rate(3_000) == 0.1
     assert auto_learning_rate(100) == 0.2 and auto_learning_rate(10_000_000) == 0.02
     assert auto_learning_rate(3_000) > auto_learning_rate(300_000)
-    p = fit_params({"learning_rate": "auto", "thread_count": "auto", "depth": 6}, 3_000, "learning_rate", "thread_count")
+    p = fit_params({"learning_rate": "auto", "thread_count": "auto", "depth": 6}, 3_000, "learning_rate",
+                   "thread_count")
     assert p == {"learning_rate": 0.1, "thread_count": 1, "depth": 6}  # small fits: one thread
     big = fit_params({"num_threads": "auto"}, 10**7, "learning_rate", "num_threads")
     assert big == {"num_threads": available_cores()}  # large fits: every core, never more

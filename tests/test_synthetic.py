@@ -53,7 +53,8 @@ def test_image_content_carries_class_and_appeal(tmp_path):
     assert min(gaps) > 5  # class palettes differ by more than 5 grey levels in some channel
     brightness = means.mean(1)
     appeal = posts.attrs["appeal"]
-    within = [src(appeal[posts.subcategory == c], brightness[posts.subcategory == c]) for c in posts.subcategory.unique()]
+    within = [src(appeal[posts.subcategory == c], brightness[posts.subcategory == c])
+              for c in posts.subcategory.unique()]
     assert np.mean(within) > 0.3  # appeal (which enters the label) is visible in the pixels
 
 
