@@ -61,10 +61,6 @@ NO_FOLD: int = -1
 KEY = "post_id"
 LABEL = "label"
 
-STRING_COLUMNS: tuple[str, ...] = (
-    "post_id", "uid", "split", "image_relpath", "image_status", "category", "subcategory", "concept",
-    "title", "alltags", "mediatype", "mediastatus",
-)
 NULLABLE_STRING_COLUMNS: tuple[str, ...] = (
     "pathalias", "timezone_offset", "timezone_id", "user_text", "location_text",
 )

@@ -12,8 +12,6 @@ from torchmetrics import MeanAbsoluteError, SpearmanCorrCoef
 
 from lightning_modules.backbone import encode_posts, load_backbone
 
-CACHED_KEYS = ("image_emb", "text_emb", "text_tokens", "text_mask")
-
 
 class PostModule(L.LightningModule):
     """Base class. Subclasses call ``_init_backbone`` when they need CLIP and implement ``forward``/``losses``.
@@ -21,8 +19,6 @@ class PostModule(L.LightningModule):
     Args common to all subclasses: ``lr``, ``weight_decay``, ``scheduler`` ("cosine" | "constant"),
     ``token_len`` (per-token text features kept when encoding raw batches).
     """
-
-    backbone_model = None
 
     def _init_backbone(self, model_name: str, pretrained: str | None, trainable_last_blocks: int) -> None:
         from lightning_modules.backbone import freeze

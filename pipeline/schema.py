@@ -24,7 +24,7 @@ from pipeline.errors import UserError
 from pipeline.stages import STAGE_NAMES
 from stacking.ablation import VARIANTS as ABLATION_VARIANTS
 from stacking.blend import METHODS as BLEND_METHODS
-from stacking.members import TREE_MEMBERS as TREE_MEMBER_CLASSES
+from stacking.members import TABULAR_MEMBERS as TABULAR_MEMBER_CLASSES
 
 
 class ConfigError(UserError):
@@ -125,7 +125,7 @@ class Named:
 
 # ----------------------------------------------------------------------------- sections (one line per key)
 # Allowed names come from the code that uses them (one list each).
-TREE_MEMBERS = tuple(TREE_MEMBER_CLASSES)
+TABULAR_MEMBERS = tuple(TABULAR_MEMBER_CLASSES)
 
 PATHS = {"root_dir": Str(), "data_dir": Str(), "output_dir": Str()}
 
@@ -172,14 +172,14 @@ MODEL = {
 LOGGER = {
     "wandb": {"enabled": Bool(), "mode": OneOf("online", "offline", "disabled"), "project": Str(),
               "entity": Str(null=True), "group": Str(null=True), "tags": ListOf(Str())},
-    "csv": Bool(),
 }
 MEMBER = Open({"enabled": Bool()})
 STACKING = {
-    "members": Named(TREE_MEMBERS, MEMBER), "use_neural_members": Bool(), "blend": OneOf(*BLEND_METHODS),
+    "members": Named(TABULAR_MEMBERS, MEMBER), "use_neural_members": Bool(), "blend": OneOf(*BLEND_METHODS),
     "caruana_size": Int(lo=1), "pseudo_rounds": Int(lo=0), "pseudo_alpha": Num(),
-    "iqr_k": Num(lo=0), "selection_fraction": Num(lo=0, hi=1, lo_open=True), "selection_member": OneOf(*TREE_MEMBERS),
-    "ablation": {"enabled": Bool(), "members": ListOf(OneOf(*TREE_MEMBERS)),
+    "iqr_k": Num(lo=0), "selection_fraction": Num(lo=0, hi=1, lo_open=True),
+    "selection_member": OneOf(*TABULAR_MEMBERS),
+    "ablation": {"enabled": Bool(), "members": ListOf(OneOf(*TABULAR_MEMBERS)),
                  "variants": ListOf(OneOf(*ABLATION_VARIANTS))},
 }
 

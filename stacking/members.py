@@ -314,14 +314,15 @@ class NeuralMember:
         return None
 
 
-TREE_MEMBERS = {"catboost": CatBoostMember, "lightgbm": LightGBMMember, "tabnet": TabNetMember}
+#: The members fitted on the tabular matrix (gradient-boosted trees and TabNet), by config name.
+TABULAR_MEMBERS = {"catboost": CatBoostMember, "lightgbm": LightGBMMember, "tabnet": TabNetMember}
 
 
 def make_member(kind: str, params: dict[str, Any], categorical: list[str], seed: int):
-    if kind not in TREE_MEMBERS:
-        raise ValueError(f"unknown member {kind!r}; members are {sorted(TREE_MEMBERS)} or neural columns")
-    return TREE_MEMBERS[kind](params, categorical, seed)
+    if kind not in TABULAR_MEMBERS:
+        raise ValueError(f"unknown member {kind!r}; members are {sorted(TABULAR_MEMBERS)} or neural columns")
+    return TABULAR_MEMBERS[kind](params, categorical, seed)
 
 
 def load_member(kind: str, path: Path):
-    return NeuralMember.load(path) if kind == "neural" else TREE_MEMBERS[kind].load(path)
+    return NeuralMember.load(path) if kind == "neural" else TABULAR_MEMBERS[kind].load(path)
