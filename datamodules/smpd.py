@@ -1,4 +1,5 @@
-"""Reader for the real SMPD-Image release (SMPD_FORMAT.md): raw split folders or zips -> the posts table.
+"""Reader for the real SMPD-Image release (as the SMP Challenge distributes it): raw split folders or zips -> the
+posts table.
 
     posts = read_smpd("/data/SMPD")          # train rows then test rows, columns of datamodules.schema
     posts.attrs["repairs"]                   # {column: cells repaired}, see "Bad values" below

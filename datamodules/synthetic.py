@@ -47,7 +47,7 @@ from PIL import Image, ImageDraw
 from datamodules.schema import COLUMNS, IMAGE_OK, VECTOR_COLUMNS
 from datamodules.synthetic_worlds import N_OBJECTS, World, draw_world, standardised
 
-#: The 11 SMPD categories and their 77 subcategories (SMPD_FORMAT.md section 4; commas stand for spaces).
+#: The 11 SMPD categories and their 77 subcategories (as the SMPD release names them; commas stand for spaces).
 TAXONOMY: dict[str, list[str]] = {
     "Fashion": ["Fashion", "Hair", "Jewelry", "Makeup", "Nails", "Piercings", "Guys,Fashion", "Girls,Fashion",
                 "Tattoos", "Sneakers", "OOTD", "High,Heels", "Bracelets", "Earrings"],
@@ -350,7 +350,8 @@ def write_smpd(
     image_mess: bool = True,
     write_images: bool = True,
 ) -> dict[str, int]:
-    """Write ``posts`` in the real SMPD layout under ``out_dir`` (see SMPD_FORMAT.md); returns counts."""
+    """Write ``posts`` in the real SMPD layout under ``out_dir`` (the layout ``datamodules.smpd`` reads); returns
+    counts."""
     if naming not in FILE_NAMES:
         raise ValueError(f"naming must be one of {sorted(FILE_NAMES)}, got {naming!r}")
     names = FILE_NAMES[naming]
