@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.popstack-installed
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install clean wheel-check
+.PHONY: demo test test-fast lint install clean wheel-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) train.py $(ARGS)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+# The whole suite (minutes); test-fast skips the tests marked slow (whole-pipeline and multi-process runs).
+test: lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: lint
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 # The packaged commands work from any directory: build the wheel, install it (no deps: they come from $(VENV)
 # through a .pth file) into a fresh venv, and run `popstack-train debug=fast` + `popstack-predict` outside the repo.

@@ -54,6 +54,7 @@ def per_fold_frames(run_dir: Path, cfg) -> dict[int, pd.DataFrame]:
                           "prompt_prototype", post_ids)
 
 
+@pytest.mark.slow
 def test_every_f_column_agrees_between_fold_models(fold_frames):
     from pipeline.neural import PROMPT_BLOCKS
 
@@ -65,6 +66,7 @@ def test_every_f_column_agrees_between_fold_models(fold_frames):
     assert corr[worst] >= MIN_FOLD_CORRELATION, f"{worst}: r = {corr[worst]:.3f} between fold models"
 
 
+@pytest.mark.slow
 def test_test_rows_get_f_the_way_out_of_fold_rows_do(prompt_run, fold_frames):
     """A post without a fold gets the mean of the fold models' aligned outputs; a post with a fold, its own
     held-out model's aligned output: both on one scale, so the mean-style value of a labelled post tracks its
@@ -93,6 +95,7 @@ def test_test_rows_get_f_the_way_out_of_fold_rows_do(prompt_run, fold_frames):
                                         for k in aligned], axis=0), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_class_loss_written_out_of_fold(prompt_run):
     run_dir, _, _ = prompt_run
     loss = pd.read_parquet(run_dir / "neural" / "class_loss.parquet")
@@ -101,6 +104,7 @@ def test_class_loss_written_out_of_fold(prompt_run):
     assert np.isfinite(loss.class_loss[folds.fold != NO_FOLD]).mean() > 0.9
 
 
+@pytest.mark.slow
 def test_paper_settings_run_end_to_end_without_a_prediction_column(prompt_run, caplog):
     run_dir, cfg, metrics = prompt_run
     preds = pd.read_parquet(run_dir / "neural" / "predictions.parquet")
@@ -110,6 +114,7 @@ def test_paper_settings_run_end_to_end_without_a_prediction_column(prompt_run, c
     assert np.isfinite(metrics["report"]["src"]) and np.isfinite(metrics["report"]["heldback_src"])
 
 
+@pytest.mark.slow
 def test_report_shows_fold_strategy_and_held_back_scores(prompt_run):
     run_dir, cfg, metrics = prompt_run
     text = (run_dir / "report.md").read_text()

@@ -82,6 +82,7 @@ def test_early_stopping_per_model_and_lr_monitor_without_wandb(tmp_path):
     assert cfg.model.hierarchical.early_stopping_patience is None
 
 
+@pytest.mark.slow
 def test_multirun_one_run_dir_per_job_and_a_comparison_table(tmp_path, capsys):
     from train import main
 

@@ -35,6 +35,7 @@ def finished_run(tmp_path_factory):
     return Path(cfg.run_dir), cfg, metrics
 
 
+@pytest.mark.slow
 def test_train_writes_every_output(finished_run):
     run_dir, cfg, metrics = finished_run
     for rel in ("config.yaml", "posts.parquet", "folds.parquet", "vocab.json", "features/features.parquet",
@@ -56,6 +57,7 @@ def test_train_writes_every_output(finished_run):
     assert "src" in metrics["report"]
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_stages(finished_run, caplog):
     from train import train
 
@@ -67,6 +69,7 @@ def test_rerun_skips_finished_stages(finished_run, caplog):
     assert (run_dir / "submission.json").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_predict_matches_train_on_the_same_posts(finished_run, tmp_path):
     from predict import predict
 
@@ -81,6 +84,7 @@ def test_predict_matches_train_on_the_same_posts(finished_run, tmp_path):
     np.testing.assert_allclose(got, trained.loc[test_ids, "prediction"].to_numpy(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_predictor_dataframe_api_matches_the_directory(finished_run, tmp_path):
     """Python API: load the run once, predict a DataFrame of posts (image paths) -> scores keyed by post id."""
     from pipeline.inference import Predictor
@@ -101,6 +105,7 @@ def test_predictor_dataframe_api_matches_the_directory(finished_run, tmp_path):
     assert np.isfinite(blind.popularity_score).all()
 
 
+@pytest.mark.slow
 def test_predict_on_fresh_raw_posts_without_labels(finished_run, tmp_path):
     from datamodules.synthetic import generate
 
@@ -245,6 +250,7 @@ SETUPS = {"train_readonly_output": ("ro", _read_only_dir), "train_output_under_a
           "predict_empty_split": ("emptysplit", _empty_split)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CLI_ERRORS))
 def test_cli_user_errors(case, tmp_path, run_copy):
     """A user mistake ends in one ``error:`` line on stderr naming the culprit, exit status != 0, no traceback."""

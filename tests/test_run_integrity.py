@@ -60,6 +60,7 @@ def _rerun(tmp_path, run_dir: Path, data_root: Path, caplog, *overrides: str) ->
 
 
 # ------------------------------------------------------------------ 1, 7: stage hashes cover inputs and outputs
+@pytest.mark.slow
 def test_raw_edits_rerun_exactly_the_downstream_stages(small_run, tmp_path, caplog):
     run_src, data_src = small_run
     run_dir, data = tmp_path / "run", tmp_path / "data"
@@ -126,6 +127,7 @@ def test_stage_runner_checks_every_output(tmp_path):
 
 
 # ------------------------------------------------------------------ 2: per-fold records keyed by what made them
+@pytest.mark.slow
 def test_new_folds_retrain_instead_of_reusing_models(small_run, tmp_path, caplog):
     run_src, data = small_run
     run_dir = tmp_path / "run"
@@ -154,6 +156,7 @@ def _different_run(src: Path, dst: Path) -> None:
                dst / "embeddings" / "backbone.pt")
 
 
+@pytest.mark.slow
 def test_copied_run_predicts_with_its_own_files(small_run, tmp_path):
     from predict import predict
 
