@@ -105,14 +105,39 @@ def make_posts(
     if user_variant not in ("A", "B"):
         raise ValueError(f"user_variant must be 'A' or 'B', got {user_variant!r}")
     world = draw_world(world) if isinstance(world, (int, np.integer)) else world
+    # The draws below happen in one fixed order (each step draws from ``rng`` in turn): reordering the steps
+    # changes every generated data set.
     rng = np.random.default_rng(seed)
     wrng = np.random.default_rng([seed, world.index, 1])  # draws of drawn worlds only (world 0 never uses it)
     n = n_train + n_test
     pairs = _subcategories(n_subcategories)
     n_sub = len(pairs)
     n_users = n_users or max(5, n // 12)
+    users = _draw_users(rng, wrng, world, n_users, n, n_train, n_sub)
+    sub_eff = rng.normal(0, LATENT["sub_sd"], n_sub)
+    sub_of_post = np.where(rng.random(n) < 0.5, users["sub_pref"][users["of_post"]], rng.integers(0, n_sub, n))
+    appeal = rng.normal(0, 1, n)
+    when = _draw_times(rng, n)
+    geo = _draw_geo(rng, n)
+    vocab = {c: [f"{pairs[c][1].lower().replace(',', '').replace('&', '')}{k}" for k in range(12)]
+             for c in range(n_sub)}
+    titles, tags, n_hot = _draw_text(rng, world, vocab, sub_of_post)
+    objects = wrng.integers(0, N_OBJECTS, n) if world.image_cue == "object" else np.zeros(n, dtype=np.int64)
+    tag_eff = 0.15 * n_hot - 0.1 * np.array([t == "" for t in tags])
+    signal = _signal(world, wrng, users["q"][users["of_post"]], sub_eff, sub_of_post, appeal, objects, tag_eff,
+                     titles, when, geo)
+    labels = np.round(np.clip(signal + rng.normal(0, world.noise_sd, n), 1.0, 16.5), 2)
+    profiles = _draw_profiles(rng, users["q"], n_users)
+    posts = _posts_table(rng, n_train, n_test, users, profiles, pairs, vocab, sub_of_post, titles, tags, when, geo,
+                         labels, user_variant)
+    posts.attrs.update(appeal=appeal, object=objects, world=world)
+    return posts[list(COLUMNS)], signal, labels
 
-    # users: quality drives popularity, activity (heavy users post more), profile fields
+
+def _draw_users(rng: np.random.Generator, wrng: np.random.Generator, world: World, n_users: int, n: int,
+                n_train: int, n_sub: int) -> dict[str, np.ndarray]:
+    """Users: quality ``q`` (drives popularity), activity (heavy users post more), the user of each post
+    (``of_post``), unique ``uids`` and a preferred subcategory (``sub_pref``)."""
     user_q = rng.normal(0, LATENT["user_sd"], n_users)
     activity = rng.lognormal(0, 1.0, n_users) * (1 + 0.3 * (user_q > 0))
     user_of_post = rng.choice(n_users, size=n, p=activity / activity.sum())
@@ -122,26 +147,33 @@ def make_posts(
     _, first = np.unique(uids, return_index=True)  # make uids unique
     for j in set(range(n_users)) - set(first.tolist()):
         uids[j] = f"{j + 100000}@N{j % 100:02d}"
-    user_sub_pref = rng.integers(0, n_sub, n_users)
+    return {"q": user_q, "of_post": user_of_post, "uids": uids, "sub_pref": rng.integers(0, n_sub, n_users)}
 
-    sub_eff = rng.normal(0, LATENT["sub_sd"], n_sub)
-    sub_of_post = np.where(rng.random(n) < 0.5, user_sub_pref[user_of_post], rng.integers(0, n_sub, n))
-    appeal = rng.normal(0, 1, n)
 
-    # time: chronological split, test posts after train posts
+def _draw_times(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """Post times (chronological split: test posts after train posts): seconds since the start ``t``,
+    ``postdate`` (epoch seconds), ``hour`` and ``weekday`` (Monday = 0)."""
     t = np.sort(rng.uniform(0, SPAN_DAYS * 86400, n))
     postdate = (START_EPOCH + t).astype(np.int64)
     hour = (postdate // 3600) % 24
     weekday = ((postdate // 86400) + 3) % 7  # 1970-01-01 was a Thursday (weekday 3, Monday = 0)
+    return {"t": t, "postdate": postdate, "hour": hour, "weekday": weekday}
 
+
+def _draw_geo(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """Geotags of about a third of the posts: ``has_geo``, ``geoacc`` (0 = none), ``lat``/``lon`` (NaN = none)."""
     has_geo = rng.random(n) < 0.35
     geoacc = np.where(has_geo, rng.integers(1, 17, n), 0)
     lat = np.where(has_geo, rng.uniform(-60, 70, n).round(6), np.nan)
     lon = np.where(has_geo, rng.uniform(-170, 170, n).round(6), np.nan)
+    return {"has_geo": has_geo, "geoacc": geoacc, "lat": lat, "lon": lon}
 
-    # text: per-subcategory vocabularies, some words "hot"
-    vocab = {c: [f"{pairs[c][1].lower().replace(',', '').replace('&', '')}{k}" for k in range(12)]
-             for c in range(n_sub)}
+
+def _draw_text(rng: np.random.Generator, world: World, vocab: dict[int, list[str]],
+               sub_of_post: np.ndarray) -> tuple[list[str], list[str], np.ndarray]:
+    """Titles, tags (from the post's subcategory vocabulary; words ending in 0/1 are "hot") and the number of hot
+    tags per post."""
+    n = len(sub_of_post)
     titles, tags, n_hot = [], [], np.zeros(n)
     for i in range(n):
         words = vocab[int(sub_of_post[i])]
@@ -156,33 +188,42 @@ def make_posts(
         else:
             tw = [str(rng.choice(GENERIC_WORDS))] + [str(w) for w in rng.choice(words, size=int(rng.integers(1, 3)))]
             titles.append(" ".join(tw))
-    tag_eff = 0.15 * n_hot - 0.1 * np.array([t == "" for t in tags])
+    return titles, tags, n_hot
 
-    objects = wrng.integers(0, N_OBJECTS, n) if world.image_cue == "object" else np.zeros(n, dtype=np.int64)
+
+def _signal(world: World, wrng: np.random.Generator, user_q: np.ndarray, sub_eff: np.ndarray,
+            sub_of_post: np.ndarray, appeal: np.ndarray, objects: np.ndarray, tag_eff: np.ndarray,
+            titles: list[str], when: dict, geo: dict) -> np.ndarray:
+    """(n,) noise-free latent popularity: world 0's fixed formula, or the drawn world's weighted terms and
+    interactions. ``user_q``: the quality of each post's user."""
+    hour, weekday, t = when["hour"], when["weekday"], when["t"]
+    has_geo, geoacc = geo["has_geo"], geo["geoacc"]
     if world.original:
-        signal = (
-            LATENT["base"] + user_q[user_of_post] + sub_eff[sub_of_post] + LATENT["appeal"] * appeal + tag_eff
+        return (
+            LATENT["base"] + user_q + sub_eff[sub_of_post] + LATENT["appeal"] * appeal + tag_eff
             + 0.25 * np.sin(2 * np.pi * (hour - 14) / 24) + 0.15 * (weekday >= 5) + 0.4 * has_geo * geoacc / 16
         )
-    else:
-        terms = {
-            "user": user_q[user_of_post],
-            "category": sub_eff[sub_of_post],
-            "image": _image_term(world.image_cue, appeal, objects, wrng),
-            "tags": tag_eff,
-            "text": np.array([sum(w in HOT_TITLE_WORDS for w in t.split()) for t in titles], dtype=np.float64),
-            "time": np.sin(2 * np.pi * (hour - 14) / 24) + 0.6 * (weekday >= 5) + 0.8 * t / t.max(),
-            "geo": has_geo * geoacc / 16,
-        }
-        peak = wrng.uniform(0, 24, n_sub)
-        crossed = {
-            "user_x_image": standardised(terms["user"]) * standardised(terms["image"]),
-            "category_x_hour": np.cos(2 * np.pi * (hour - peak[sub_of_post]) / 24),
-        }
-        signal = 6.4 + sum(world.strength.get(f, 0.0) * standardised(x) for f, x in terms.items())
-        signal = signal + sum(v * standardised(crossed[k]) for k, v in world.interactions.items())
-    labels = np.round(np.clip(signal + rng.normal(0, world.noise_sd, n), 1.0, 16.5), 2)
+    terms = {
+        "user": user_q,
+        "category": sub_eff[sub_of_post],
+        "image": _image_term(world.image_cue, appeal, objects, wrng),
+        "tags": tag_eff,
+        "text": np.array([sum(w in HOT_TITLE_WORDS for w in t.split()) for t in titles], dtype=np.float64),
+        "time": np.sin(2 * np.pi * (hour - 14) / 24) + 0.6 * (weekday >= 5) + 0.8 * t / t.max(),
+        "geo": has_geo * geoacc / 16,
+    }
+    peak = wrng.uniform(0, 24, len(sub_eff))
+    crossed = {
+        "user_x_image": standardised(terms["user"]) * standardised(terms["image"]),
+        "category_x_hour": np.cos(2 * np.pi * (hour - peak[sub_of_post]) / 24),
+    }
+    signal = 6.4 + sum(world.strength.get(f, 0.0) * standardised(x) for f, x in terms.items())
+    return signal + sum(v * standardised(crossed[k]) for k, v in world.interactions.items())
 
+
+def _draw_profiles(rng: np.random.Generator, user_q: np.ndarray, n_users: int) -> dict[str, np.ndarray]:
+    """Per-user profile fields (photo count, pro status, first dates, alias, description vectors); ``null`` marks
+    users whose profile fields are null (at least one)."""
     photo_count = np.round(np.exp(5 + 0.6 * user_q + rng.normal(0, 0.5, n_users)))
     ispro = (rng.random(n_users) < 1 / (1 + np.exp(-(user_q - 1.0)))).astype(float)
     canbuypro = (rng.random(n_users) < 0.5).astype(float)
@@ -195,13 +236,23 @@ def make_posts(
     user_vecs[:, 0] = user_q / 4  # a weak, real signal in the provided user vector
     loc_vecs = rng.normal(0, 0.1, (n_users, VECTOR_COLUMNS["location_vector"])).astype(np.float32)
     has_loc = rng.random(n_users) < 0.5
+    return {"photo_count": photo_count, "ispro": ispro, "canbuypro": canbuypro, "firstdate": firstdate,
+            "firsttaken": firsttaken, "null": user_null, "pathalias": pathalias, "user_vecs": user_vecs,
+            "loc_vecs": loc_vecs, "has_loc": has_loc}
 
-    u = user_of_post
+
+def _posts_table(rng: np.random.Generator, n_train: int, n_test: int, users: dict, profiles: dict,
+                 pairs: list, vocab: dict, sub_of_post: np.ndarray, titles: list[str], tags: list[str], when: dict,
+                 geo: dict, labels: np.ndarray, user_variant: str) -> pd.DataFrame:
+    """The posts table of the drawn posts (post ids and concepts are the last draws); test labels NaN."""
+    n = n_train + n_test
+    u, uids, p = users["of_post"], users["uids"], profiles
     pids = rng.permutation(np.arange(1000, 1000 + 20 * n))[:n]
     split = np.array(["train"] * n_train + ["test"] * n_test)
     row = np.concatenate([np.arange(n_train), np.arange(n_test)])
     concepts = np.array([f"{vocab[int(c)][int(k)]}" for c, k in zip(sub_of_post, rng.integers(0, 4, n))])
-    nullu = user_null[u]
+    nullu = p["null"][u]
+    variant_a = user_variant == "A"
     posts = pd.DataFrame({
         "post_id": pids.astype(str),
         "uid": uids[u],
@@ -215,31 +266,29 @@ def make_posts(
         "title": titles,
         "alltags": tags,
         "mediatype": "photo",
-        "postdate": postdate,
-        "latitude": lat,
-        "longitude": lon,
-        "geoaccuracy": geoacc.astype(np.int64),
-        "pathalias": pathalias[u],
+        "postdate": when["postdate"],
+        "latitude": geo["lat"],
+        "longitude": geo["lon"],
+        "geoaccuracy": geo["geoacc"].astype(np.int64),
+        "pathalias": p["pathalias"][u],
         "ispublic": 1.0,
         "mediastatus": "ready",
-        "photo_firstdate": np.where(nullu, np.nan, firstdate[u]),
-        "photo_firstdatetaken": np.where(nullu, np.nan, np.floor(firsttaken[u])),
-        "photo_count": np.where(nullu, np.nan, photo_count[u]),
-        "ispro": np.where(nullu, np.nan, ispro[u]),
-        "canbuypro": np.where(nullu, np.nan, canbuypro[u]) if user_variant == "A" else np.nan,
+        "photo_firstdate": np.where(nullu, np.nan, p["firstdate"][u]),
+        "photo_firstdatetaken": np.where(nullu, np.nan, np.floor(p["firsttaken"][u])),
+        "photo_count": np.where(nullu, np.nan, p["photo_count"][u]),
+        "ispro": np.where(nullu, np.nan, p["ispro"][u]),
+        "canbuypro": np.where(nullu, np.nan, p["canbuypro"][u]) if variant_a else np.nan,
         "timezone_offset": [None if x else "+01:00" for x in nullu],
         "timezone_id": [None if x else "Europe/Paris" for x in nullu],
-        "user_vector": [user_vecs[j] for j in u] if user_variant == "A" else None,
-        "user_text": None if user_variant == "A" else [None if x else f"photographer number {j}"
-                                                       for j, x in zip(u, nullu)],
-        "location_vector": [loc_vecs[j] if has_loc[j] else None for j in u] if user_variant == "A" else None,
-        "location_text": None if user_variant == "A" else [f"City{j % 7}, Country{j % 3}" if has_loc[j] else None
-                                                           for j in u],
+        "user_vector": [p["user_vecs"][j] for j in u] if variant_a else None,
+        "user_text": None if variant_a else [None if x else f"photographer number {j}" for j, x in zip(u, nullu)],
+        "location_vector": [p["loc_vecs"][j] if p["has_loc"][j] else None for j in u] if variant_a else None,
+        "location_text": None if variant_a else [f"City{j % 7}, Country{j % 3}" if p["has_loc"][j] else None
+                                                 for j in u],
         "label": np.where(split == "train", labels, np.nan),
     })
     posts["photo_firstdate"] = np.floor(posts["photo_firstdate"])
-    posts.attrs.update(appeal=appeal, object=objects, world=world)
-    return posts[list(COLUMNS)], signal, labels
+    return posts
 
 
 def _newcomers(user_of_post: np.ndarray, n_train: int, share: float, activity: np.ndarray,
