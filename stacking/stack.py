@@ -187,13 +187,8 @@ def run_stack(
     XU = X[~labelled].reset_index(drop=True)
     fold_ids = sorted(np.unique(fl).tolist()) if eval_folds is None else list(eval_folds)
     scored = np.isin(fl, fold_ids)
-
-    keep = np.ones(len(yl), dtype=bool)
-    if cfg.iqr_k > 0:
-        keep &= iqr_filter(yl, cfg.iqr_k)
-    if cfg.selection_fraction < 1.0:
-        losses = None if selection_losses is None else np.asarray(selection_losses, dtype=np.float64)[labelled]
-        keep &= _selection_keep(XL[feature_columns], yl, fl, categorical, cfg, losses)
+    keep = _rows_to_fit(XL, yl, fl, categorical, cfg, feature_columns,
+                        None if selection_losses is None else np.asarray(selection_losses)[labelled])
     log.info("stack: %d labelled rows, %d kept for fitting (IQR k=%s, selection %.2f), %d unlabelled",
              len(yl), int(keep.sum()), cfg.iqr_k, cfg.selection_fraction, len(XU))
 
@@ -204,64 +199,117 @@ def run_stack(
     pseudo = {k: (XU.iloc[:0], np.zeros(0)) for k in fold_ids}  # per fold: rows and their pseudo-labels
     round_log = []
     for r in range(cfg.pseudo_rounds + 1):
-        oof = {n: np.full(len(yl), np.nan) for n in names}
-        test_by_fold = {n: {} for n in names}
-        seconds = dict.fromkeys(names, 0.0)
-        models: dict[tuple[str, int], Any] = {}
-        for k in fold_ids:
-            tr, va = train_valid_masks(fl, k)
-            tr &= keep
-            X_tr = pd.concat([XL[tr], pseudo[k][0]], ignore_index=True)
-            y_tr = np.concatenate([yl[tr], pseudo[k][1]])
-            for n in names:
-                member, oof[n][va], test_by_fold[n][k], sec = _fit_one(n, cfg, categorical, X_tr, y_tr, XL[va],
-                                                                      yl[va], XU)
-                seconds[n] += sec
-                models[(n, k)] = member
-                bar.update()
-        blend_params = {}
-        oof_blend = np.full(len(yl), np.nan)
-        test_blend = {}
-        for k in fold_ids:
-            va = fl == k
-            P = np.column_stack([oof[n][va] for n in names])
-            blend_params[k] = fit_weights(P, yl[va], cfg.blend, cfg.caruana_size)
-            oof_blend[va] = blend(P, blend_params[k])
-            if len(XU):
-                test_blend[k] = blend(np.column_stack([test_by_fold[n][k] for n in names]), blend_params[k])
-        test_pred = np.mean([test_blend[k] for k in fold_ids], axis=0) if len(XU) else np.zeros(0)
-        member_test = {n: np.mean([test_by_fold[n][k] for k in fold_ids], axis=0) if len(XU) else np.zeros(0)
-                       for n in names}
-        sc = scores(yl[scored], oof_blend[scored])
+        fits = _fit_members(names, cfg, categorical, XL, yl, fl, XU, fold_ids, keep, pseudo, bar)
+        blended = _blend_folds(names, cfg, fits, yl, fl, fold_ids, has_unlabelled=len(XU) > 0)
+        sc = scores(yl[scored], blended.oof[scored])
         entry = {"round": r, "pseudo_rows": int(np.mean([len(pseudo[k][1]) for k in fold_ids])), **sc,
-                 "tau": np.nan, "selected_next": 0, "member_seconds": round(sum(seconds.values()), 3)}
+                 "tau": np.nan, "selected_next": 0, "member_seconds": round(sum(fits.seconds.values()), 3)}
         if r < cfg.pseudo_rounds and len(XU):
             taus = []
             for k in fold_ids:  # fold k's pseudo-labels from fold k's own members only
-                mask, tau = select_pseudo(np.column_stack([test_by_fold[n][k] for n in names]), cfg.pseudo_alpha)
-                pseudo[k] = (XU[mask], test_blend[k][mask])
+                mask, tau = select_pseudo(np.column_stack([fits.test_by_fold[n][k] for n in names]),
+                                          cfg.pseudo_alpha)
+                pseudo[k] = (XU[mask], blended.test_by_fold[k][mask])
                 taus.append(tau)
             entry.update(tau=float(np.mean(taus)),
                          selected_next=int(np.mean([len(pseudo[k][1]) for k in fold_ids])))
         round_log.append(entry)
         log.info("stack round %d: OOF SRC %.4f MAE %.4f (pseudo rows per fold in training: %d)", r, sc["src"],
                  sc["mae"], entry["pseudo_rows"])
-
     bar.close()
-    rows = [{"member": n, **scores(yl[scored], oof[n][scored]), "seconds": round(seconds[n], 2)} for n in names]
-    rows.append({"member": "blend", **scores(yl[scored], oof_blend[scored]),
-                 "seconds": round(sum(seconds.values()), 2)})
-    weights = pd.DataFrame([{"fold": k, "member": n, "weight": float(w)} for k, p in blend_params.items()
+    return _result(names, cfg, fits, blended, yl, scored, round_log, feature_columns)
+
+
+def _rows_to_fit(XL: pd.DataFrame, yl: np.ndarray, fl: np.ndarray, categorical: list[str], cfg: StackConfig,
+                 feature_columns: list[str], losses: np.ndarray | None) -> np.ndarray:
+    """Boolean (labelled rows,): the rows the members fit on after the IQR filter and loss-based selection
+    (``losses``: per labelled row, NaN = unknown, or None)."""
+    keep = np.ones(len(yl), dtype=bool)
+    if cfg.iqr_k > 0:
+        keep &= iqr_filter(yl, cfg.iqr_k)
+    if cfg.selection_fraction < 1.0:
+        losses = None if losses is None else losses.astype(np.float64)
+        keep &= _selection_keep(XL[feature_columns], yl, fl, categorical, cfg, losses)
+    return keep
+
+
+@dataclass
+class _RoundFits:
+    """One round's member fits: out-of-fold predictions per member, each fold's predictions for the unlabelled
+    rows, seconds per member, and the fitted models by (member, fold)."""
+
+    oof: dict[str, np.ndarray]
+    test_by_fold: dict[str, dict[int, np.ndarray]]
+    seconds: dict[str, float]
+    models: dict[tuple[str, int], Any]
+
+
+def _fit_members(names: list[str], cfg: StackConfig, categorical: list[str], XL: pd.DataFrame, yl: np.ndarray,
+                 fl: np.ndarray, XU: pd.DataFrame, fold_ids: list[int], keep: np.ndarray,
+                 pseudo: dict[int, tuple[pd.DataFrame, np.ndarray]], bar) -> _RoundFits:
+    """Every member on every fold: trained on the fold's kept training rows plus its pseudo-labelled rows."""
+    fits = _RoundFits({n: np.full(len(yl), np.nan) for n in names}, {n: {} for n in names},
+                      dict.fromkeys(names, 0.0), {})
+    for k in fold_ids:
+        tr, va = train_valid_masks(fl, k)
+        tr &= keep
+        X_tr = pd.concat([XL[tr], pseudo[k][0]], ignore_index=True)
+        y_tr = np.concatenate([yl[tr], pseudo[k][1]])
+        for n in names:
+            member, fits.oof[n][va], fits.test_by_fold[n][k], sec = _fit_one(n, cfg, categorical, X_tr, y_tr,
+                                                                            XL[va], yl[va], XU)
+            fits.seconds[n] += sec
+            fits.models[(n, k)] = member
+            bar.update()
+    return fits
+
+
+@dataclass
+class _Blended:
+    """Per-fold blend weights (fitted on the fold's validation rows), the out-of-fold blend, each fold's blend
+    of the unlabelled rows, and their mean over folds (``test``; empty without unlabelled rows)."""
+
+    params: dict[int, dict]
+    oof: np.ndarray
+    test_by_fold: dict[int, np.ndarray]
+    test: np.ndarray
+
+
+def _blend_folds(names: list[str], cfg: StackConfig, fits: _RoundFits, yl: np.ndarray, fl: np.ndarray,
+                 fold_ids: list[int], has_unlabelled: bool) -> _Blended:
+    params, oof_blend, test_blend = {}, np.full(len(yl), np.nan), {}
+    for k in fold_ids:
+        va = fl == k
+        P = np.column_stack([fits.oof[n][va] for n in names])
+        params[k] = fit_weights(P, yl[va], cfg.blend, cfg.caruana_size)
+        oof_blend[va] = blend(P, params[k])
+        if has_unlabelled:
+            test_blend[k] = blend(np.column_stack([fits.test_by_fold[n][k] for n in names]), params[k])
+    test = np.mean([test_blend[k] for k in fold_ids], axis=0) if has_unlabelled else np.zeros(0)
+    return _Blended(params, oof_blend, test_blend, test)
+
+
+def _result(names: list[str], cfg: StackConfig, fits: _RoundFits, blended: _Blended, yl: np.ndarray,
+            scored: np.ndarray, round_log: list[dict], feature_columns: list[str]) -> StackResult:
+    """The last round's fits as a ``StackResult``: scores, blend weights, mean normalised importances."""
+    has_unlabelled = len(blended.test) > 0
+    member_test = {n: np.mean([fits.test_by_fold[n][k] for k in blended.params], axis=0) if has_unlabelled
+                   else np.zeros(0) for n in names}
+    rows = [{"member": n, **scores(yl[scored], fits.oof[n][scored]), "seconds": round(fits.seconds[n], 2)}
+            for n in names]
+    rows.append({"member": "blend", **scores(yl[scored], blended.oof[scored]),
+                 "seconds": round(sum(fits.seconds.values()), 2)})
+    weights = pd.DataFrame([{"fold": k, "member": n, "weight": float(w)} for k, p in blended.params.items()
                             for n, w in zip(names, p["weights"])])
-    importances = [m.feature_importance() for m in models.values()]
+    importances = [m.feature_importance() for m in fits.models.values()]
     importances = [s / s.sum() for s in importances if s is not None and s.sum() > 0]
     importance = pd.concat(importances, axis=1).fillna(0).mean(axis=1) if importances else pd.Series(dtype=float)
     return StackResult(
         member_names=names,
-        oof=pd.DataFrame({**oof, "blend": oof_blend}),
-        test=pd.DataFrame({**member_test, "blend": test_pred}),
+        oof=pd.DataFrame({**fits.oof, "blend": blended.oof}),
+        test=pd.DataFrame({**member_test, "blend": blended.test}),
         scores=pd.DataFrame(rows), weights=weights, rounds=pd.DataFrame(round_log), importance=importance,
-        models=models, blend_params=blend_params, feature_columns=feature_columns, config=cfg,
+        models=fits.models, blend_params=blended.params, feature_columns=feature_columns, config=cfg,
     )
 
 
