@@ -30,8 +30,7 @@ class Pipeline:
     Under many processes every process runs this (torchrun and SLURM start them together, Lightning's launcher
     starts the others at the first ``Trainer``). ``pipeline.distributed.topology`` tells rank 0, which alone checks
     the run directory, writes the config and the manifests, and runs the stages registered ``rank_zero_only``; the
-    others wait for those
-    manifests (matching this run's hashes) before neural and extract, which every rank runs.
+    others wait for those manifests (matching this run's hashes) before neural and extract, which every rank runs.
     """
 
     def __init__(self, cfg: DictConfig):
