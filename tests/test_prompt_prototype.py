@@ -120,6 +120,7 @@ def test_prompt_contexts_get_their_own_learning_rate():
     assert [g["lr"] for g in same] == [1e-2, 1e-2]
 
 
+@pytest.mark.slow
 def test_learns_separable_classes():
     m = make_module(regression_weight=0.0)
     batches = [cached_batch(32, seed=s, separable=True) for s in range(8)]

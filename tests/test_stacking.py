@@ -144,7 +144,8 @@ def test_loss_based_selection_keeps_lowest_losses():
     assert keep.tolist() == [False, True, False, True]
 
 
-@pytest.mark.parametrize("cls", [CatBoostMember, LightGBMMember, TabNetMember])
+@pytest.mark.parametrize("cls", [CatBoostMember, LightGBMMember,
+                                 pytest.param(TabNetMember, marks=pytest.mark.slow)])
 def test_member_save_load_identical(tmp_path, cls):
     X, y, folds = data()
     tr, va = train_valid_masks(folds, 0)
