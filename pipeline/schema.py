@@ -174,11 +174,14 @@ LOGGER = {
               "entity": Str(null=True), "group": Str(null=True), "tags": ListOf(Str())},
 }
 MEMBER = Open({"enabled": Bool()})
+AUTO_OR_COUNT = Spec("any", check=lambda v: None if v == "auto" or (
+    isinstance(v, int) and not isinstance(v, bool) and v >= 1) else "auto or an integer >= 1")
 STACKING = {
     "members": Named(TABULAR_MEMBERS, MEMBER), "use_neural_members": Bool(), "blend": OneOf(*BLEND_METHODS),
     "caruana_size": Int(lo=1), "pseudo_rounds": Int(lo=0), "pseudo_alpha": Num(),
     "iqr_k": Num(lo=0), "selection_fraction": Num(lo=0, hi=1, lo_open=True),
     "selection_member": OneOf(*TABULAR_MEMBERS),
+    "n_jobs": AUTO_OR_COUNT,
     "ablation": {"enabled": Bool(), "members": ListOf(OneOf(*TABULAR_MEMBERS)),
                  "variants": ListOf(OneOf(*ABLATION_VARIANTS))},
 }

@@ -8,6 +8,8 @@ predict, save/load in the library's native format (no pickle), feature importanc
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import io
 import json
 import logging
@@ -55,16 +57,48 @@ def auto_learning_rate(n_rows: int) -> float:
 ROWS_PER_THREAD = 20_000
 
 
+#: Cores one fit may use; the stack sets it when it runs several fits at once (``fit_cores``).
+_FIT_CORES: contextvars.ContextVar[int | None] = contextvars.ContextVar("popstack_fit_cores", default=None)
+
+
+@contextlib.contextmanager
+def fit_cores(cores: int):
+    """Within this block (and in tasks run with a copy of its context), ``auto`` threads are capped at ``cores``."""
+    token = _FIT_CORES.set(max(int(cores), 1))
+    try:
+        yield
+    finally:
+        _FIT_CORES.reset(token)
+
+
+def cores_per_fit() -> int:
+    """Cores one fit may use: the stack's share per concurrent fit, or every available core."""
+    return _FIT_CORES.get() or available_cores()
+
+
+def threads_for(n_rows: int, cores: int) -> int:
+    """``auto`` threads of one fit on ``n_rows`` training rows: n_rows / ROWS_PER_THREAD within [1, cores]."""
+    return int(np.clip(n_rows // ROWS_PER_THREAD, 1, max(cores, 1)))
+
+
 def fit_params(params: dict[str, Any], n_rows: int, lr_key: str, thread_key: str) -> dict[str, Any]:
     """Copy of ``params`` with ``learning_rate: auto`` resolved for ``n_rows`` and ``auto`` threads set to
-    min(available cores, n_rows / ROWS_PER_THREAD), at least 1: fits run one at a time, so a large fit gets every
-    core and never more threads than cores; a small one runs on one thread."""
+    ``threads_for(n_rows, cores_per_fit())``: a large fit gets its share of the cores and never more threads than
+    that; a small one runs on one thread (and the stack runs several such fits at once)."""
     p = dict(params)
     if str(p.get(lr_key, "")).lower() == "auto":
         p[lr_key] = auto_learning_rate(n_rows)
     if str(p.get(thread_key, "auto")).lower() == "auto":
-        p[thread_key] = int(np.clip(n_rows // ROWS_PER_THREAD, 1, available_cores()))
+        p[thread_key] = threads_for(n_rows, cores_per_fit())
     return p
+
+
+@functools.lru_cache(maxsize=1)
+def catboost_gpu_count() -> int:
+    """GPUs CatBoost sees, asked once per process (each query without a driver prints a line to stderr)."""
+    from catboost.utils import get_gpu_device_count
+
+    return get_gpu_device_count()
 
 
 def _int_categoricals(X: pd.DataFrame, categorical: list[str]) -> pd.DataFrame:
@@ -106,9 +140,7 @@ class CatBoostMember:
         want = str(self.params.get("use_gpu", "auto")).lower()
         if want in ("false", "0", "no"):
             return False
-        from catboost.utils import get_gpu_device_count
-
-        return get_gpu_device_count() > 0
+        return catboost_gpu_count() > 0
 
     def fit(self, X_tr, y_tr, X_va, y_va):
         from catboost import CatBoostError
@@ -316,6 +348,17 @@ class NeuralMember:
 
 #: The members fitted on the tabular matrix (gradient-boosted trees and TabNet), by config name.
 TABULAR_MEMBERS = {"catboost": CatBoostMember, "lightgbm": LightGBMMember, "tabnet": TabNetMember}
+#: Each library's thread-count parameter (TabNet's threads are PyTorch's, set by the stack).
+THREAD_KEYS = {"catboost": "thread_count", "lightgbm": "num_threads"}
+
+
+def fit_threads(kind: str, params: dict[str, Any], n_rows: int, cores: int) -> int:
+    """Threads one fit of member ``kind`` uses on ``n_rows`` rows with ``cores`` cores: its explicit thread count
+    when it sets one (<= 0: the library's default, every core), else the ``auto`` rule."""
+    value = params.get(THREAD_KEYS.get(kind, ""), "auto")
+    if str(value).lower() == "auto":
+        return threads_for(n_rows, cores)
+    return int(value) if int(value) > 0 else cores
 
 
 def make_member(kind: str, params: dict[str, Any], categorical: list[str], seed: int):

@@ -21,6 +21,8 @@ out-of-fold ``selection_member`` pass, and says so in the log.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import time
@@ -34,7 +36,7 @@ import pandas as pd
 from datamodules.folds import train_valid_masks
 from datamodules.schema import NO_FOLD
 from stacking.blend import blend, fit_weights
-from stacking.members import NeuralMember, load_member, make_member
+from stacking.members import NeuralMember, available_cores, fit_cores, fit_threads, load_member, make_member
 from stacking.metrics import scores
 from stacking.pseudo import select_pseudo
 from stacking.selection import iqr_filter, loss_based_keep
@@ -67,6 +69,7 @@ class StackConfig:
     blend: caruana | mae | spearman | ridge; caruana_size: greedy steps.
     pseudo_rounds, pseudo_alpha: eq. 10. iqr_k: IQR fence factor for training labels (0 = no filter).
     selection_fraction: loss-based selection (1.0 = keep all; the paper uses 0.77).
+    n_jobs: (fold, member) fits at once: auto (``concurrent_fits``) or an integer.
     Defaults come from ``configs/stacking/default.yaml`` (``DEFAULTS_YAML``), never from this class.
     """
 
@@ -79,6 +82,7 @@ class StackConfig:
     iqr_k: float = _from_yaml("iqr_k")
     selection_fraction: float = _from_yaml("selection_fraction")
     selection_member: str = _from_yaml("selection_member")
+    n_jobs: int | str = _from_yaml("n_jobs")
     seed: int = 0
 
 
@@ -148,6 +152,33 @@ def _fit_one(name: str, cfg: StackConfig, categorical: list[str], X_tr: pd.DataF
     return member, va_pred, un_pred, time.perf_counter() - start
 
 
+def concurrent_fits(n_jobs: int | str, n_tasks: int, threads_per_fit: int) -> int:
+    """How many (fold, member) fits run at once. ``auto``: as many as the cores allow at ``threads_per_fit``
+    threads each (``members.fit_threads``: one per 20k training rows unless a member sets its own), so small folds
+    fill every core with one-thread fits and a large fit keeps every core to itself; an integer is taken as it is
+    (1 = one at a time)."""
+    if str(n_jobs).lower() == "auto":
+        jobs = available_cores() // max(threads_per_fit, 1)
+    else:
+        jobs = int(n_jobs)
+    if jobs < 1 and str(n_jobs).lower() != "auto":
+        raise ValueError(f"stacking.n_jobs must be auto or >= 1, got {n_jobs!r}")
+    return max(1, min(jobs, n_tasks))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """PyTorch's (process-wide) intra-op threads set to ``n`` within the block (TabNet fits on threads share it)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _selection_keep(XL: pd.DataFrame, yl: np.ndarray, fl: np.ndarray, categorical: list[str], cfg: StackConfig,
                     losses: np.ndarray | None) -> np.ndarray:
     """Keep-mask of loss-based selection over the labelled rows (NaN losses: no loss known, always kept)."""
@@ -192,6 +223,11 @@ def run_stack(
     log.info("stack: %d labelled rows, %d kept for fitting (IQR k=%s, selection %.2f), %d unlabelled",
              len(yl), int(keep.sum()), cfg.iqr_k, cfg.selection_fraction, len(XU))
 
+    n_fit_rows = int(keep.sum())
+    threads = max([fit_threads(n, p, n_fit_rows, available_cores()) for n, p in cfg.members.items()], default=1)
+    jobs = concurrent_fits(cfg.n_jobs, len(fold_ids) * len(names), threads)
+    log.info("stack: %d fits at a time, %d core(s) each", jobs, max(available_cores() // jobs, 1))
+
     from tqdm.auto import tqdm
 
     bar = tqdm(total=(cfg.pseudo_rounds + 1) * len(fold_ids) * len(names), desc="stack", unit="fit",
@@ -199,7 +235,8 @@ def run_stack(
     pseudo = {k: (XU.iloc[:0], np.zeros(0)) for k in fold_ids}  # per fold: rows and their pseudo-labels
     round_log = []
     for r in range(cfg.pseudo_rounds + 1):
-        fits = _fit_members(names, cfg, categorical, XL, yl, fl, XU, fold_ids, keep, pseudo, bar)
+        fits = _fit_members(names, cfg, categorical, XL, yl, fl, XU, fold_ids, keep, pseudo, jobs,
+                            bar)
         blended = _blend_folds(names, cfg, fits, yl, fl, fold_ids, has_unlabelled=len(XU) > 0)
         sc = scores(yl[scored], blended.oof[scored])
         entry = {"round": r, "pseudo_rows": int(np.mean([len(pseudo[k][1]) for k in fold_ids])), **sc,
@@ -246,21 +283,37 @@ class _RoundFits:
 
 def _fit_members(names: list[str], cfg: StackConfig, categorical: list[str], XL: pd.DataFrame, yl: np.ndarray,
                  fl: np.ndarray, XU: pd.DataFrame, fold_ids: list[int], keep: np.ndarray,
-                 pseudo: dict[int, tuple[pd.DataFrame, np.ndarray]], bar) -> _RoundFits:
-    """Every member on every fold: trained on the fold's kept training rows plus its pseudo-labelled rows."""
-    fits = _RoundFits({n: np.full(len(yl), np.nan) for n in names}, {n: {} for n in names},
-                      dict.fromkeys(names, 0.0), {})
-    for k in fold_ids:
+                 pseudo: dict[int, tuple[pd.DataFrame, np.ndarray]], jobs: int, bar) -> _RoundFits:
+    """Every member on every fold: trained on the fold's kept training rows plus its pseudo-labelled rows.
+
+    ``jobs`` (member, fold) fits run at once on threads: the libraries fit outside the GIL and share the one feature
+    matrix, and each fit gets ``available_cores() // jobs`` cores. Results are the same whatever order the fits
+    finish in."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fit(n: str, k: int):
         tr, va = train_valid_masks(fl, k)
         tr &= keep
         X_tr = pd.concat([XL[tr], pseudo[k][0]], ignore_index=True)
         y_tr = np.concatenate([yl[tr], pseudo[k][1]])
-        for n in names:
-            member, fits.oof[n][va], fits.test_by_fold[n][k], sec = _fit_one(n, cfg, categorical, X_tr, y_tr,
-                                                                            XL[va], yl[va], XU)
-            fits.seconds[n] += sec
-            fits.models[(n, k)] = member
-            bar.update()
+        result = _fit_one(n, cfg, categorical, X_tr, y_tr, XL[va], yl[va], XU)
+        bar.update()
+        return result
+
+    order = [(n, k) for k in fold_ids for n in names]
+    if jobs == 1:
+        results = [fit(n, k) for n, k in order]
+    else:
+        cores = max(available_cores() // jobs, 1)
+        with fit_cores(cores), torch_threads(cores), ThreadPoolExecutor(jobs, thread_name_prefix="stack-fit") as pool:
+            futures = [pool.submit(contextvars.copy_context().run, fit, n, k) for n, k in order]
+            results = [f.result() for f in futures]
+    fits = _RoundFits({n: np.full(len(yl), np.nan) for n in names}, {n: {} for n in names},
+                      dict.fromkeys(names, 0.0), {})
+    for (n, k), (member, va_pred, un_pred, sec) in zip(order, results):
+        fits.oof[n][fl == k], fits.test_by_fold[n][k] = va_pred, un_pred
+        fits.seconds[n] += sec
+        fits.models[(n, k)] = member
     return fits
 
 

@@ -150,11 +150,10 @@ def test_auto_learning_rate_and_threads_resolve_per_fit():
 
 
 def test_catboost_gpu_refusal_falls_back_to_cpu_without_cpu_only_params(monkeypatch):
-    import catboost.utils
-
+    from stacking import members
     from stacking.members import make_member
 
-    monkeypatch.setattr(catboost.utils, "get_gpu_device_count", lambda: 1)  # claims a GPU this machine lacks
+    monkeypatch.setattr(members, "catboost_gpu_count", lambda: 1)  # claims a GPU this machine lacks
     X, y = _regression()
     params = {"iterations": 30, "learning_rate": "auto", "depth": 3, "rsm": 0.5, "loss_function": "Huber:delta=1.0",
               "eval_metric": "MAE", "early_stopping_rounds": 10, "thread_count": 1, "use_gpu": "auto"}

@@ -185,3 +185,32 @@ def test_blend_beats_members_and_ablation_table():
     no_meta = table.set_index("variant").loc["w/o metadata"]
     assert no_meta.src < full.src  # f0 (the strongest signal) is "user" metadata
     assert table.variant.str.startswith("w/o ensemble").any()
+
+
+def test_concurrent_fits_equal_one_at_a_time():
+    """n_jobs=2 runs (fold, member) fits on two threads: same predictions, weights and rounds as one at a time."""
+    X, y, folds = data()
+    members = {k: dict(v, thread_count="auto") if k == "catboost" else dict(v, num_threads="auto")
+               for k, v in FAST.items() if k != "tabnet"}
+    runs = [run_stack(X, y, folds, ["cat"], StackConfig(members=members, pseudo_rounds=1, n_jobs=jobs))
+            for jobs in (1, 2)]
+    pd.testing.assert_frame_equal(runs[0].oof, runs[1].oof)
+    pd.testing.assert_frame_equal(runs[0].test, runs[1].test)
+    pd.testing.assert_frame_equal(runs[0].weights, runs[1].weights)
+    assert runs[0].rounds.drop(columns="member_seconds").equals(runs[1].rounds.drop(columns="member_seconds"))
+
+
+def test_concurrent_fits_share_the_cores():
+    from stacking.members import available_cores, cores_per_fit, fit_cores, fit_params, fit_threads
+    from stacking.stack import concurrent_fits
+
+    assert concurrent_fits(3, 100, 1) == 3 and concurrent_fits(4, 2, 1) == 2  # never more than the fits
+    assert concurrent_fits("auto", 100, 10**4) == 1  # a fit on every core runs alone
+    assert concurrent_fits("auto", 100, 1) == available_cores()
+    assert fit_threads("lightgbm", {"num_threads": "auto"}, 10**8, 4) == 4  # a huge fit takes every core
+    assert fit_threads("catboost", {"thread_count": 2}, 10, 4) == 2  # an explicit count is kept
+    with pytest.raises(ValueError, match="n_jobs"):
+        concurrent_fits(0, 10, 10)
+    with fit_cores(1):
+        assert cores_per_fit() == 1
+        assert fit_params({"num_threads": "auto"}, 10**8, "learning_rate", "num_threads") == {"num_threads": 1}
