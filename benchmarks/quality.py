@@ -1,13 +1,15 @@
 """Quality side by side: popstack's defaults vs a flat-table LightGBM vs AutoGluon-Tabular, same split, same posts.
 
     python benchmarks/quality.py --worlds 1,2,3,4,5 --sizes 2000,8000 [--real DIR ...] \
-        [--autogluon-python /path/to/venv/bin/python] [--overrides "model.prompt_prototype.epochs=2 ..."]
+        [--autogluon-python /path/to/venv/bin/python] [--experiment smpd] [--overrides "n_folds=3 ..."]
 
 For every case (a synthetic world at a size, or a real SMPD-layout directory) the three systems see the same
 posts and the same chronological split and are scored on the test split, whose labels the data directory keeps
 aside in ``signal.parquet`` (``post_id, split, label`` and, for synthetic data, the noise-free ``signal``):
 
-* **popstack**: ``train.train(cfg)`` with the configs' defaults plus ``--overrides`` (the blend's test prediction);
+* **popstack**: ``train.train(cfg)`` with ``experiment=<--experiment> backbone=tiny trainer=cpu`` (what a user without
+  a GPU or pretrained CLIP weights runs on an SMPD-layout directory; default ``smpd``) plus ``--overrides`` (the
+  blend's test prediction);
 * **lightgbm_flat**: what a user tries first, LightGBM (huber, 300 rounds) on a flat table of the raw fields:
   numeric fields as numbers, dates as epoch seconds, categoricals (user, category, subcategory, concept,
   mediatype, time zone) as pandas ``category``, title/tag lengths and four image colour statistics (mean red,
@@ -175,7 +177,8 @@ def main() -> None:
     p.add_argument("--worlds", default="1,2,3,4,5", help="synthetic worlds (data.synthetic.world); '' = none")
     p.add_argument("--sizes", default="2000,8000", help="posts per synthetic case (a quarter are test posts)")
     p.add_argument("--real", action="append", default=[], help="a real SMPD-layout directory with signal.parquet")
-    p.add_argument("--overrides", default="stacking.ablation.enabled=false", help="popstack config overrides")
+    p.add_argument("--experiment", default="smpd", help="popstack's experiment config (with backbone=tiny trainer=cpu)")
+    p.add_argument("--overrides", default="", help="further popstack config overrides")
     p.add_argument("--autogluon-python", default=None, help="interpreter of an environment with AutoGluon")
     p.add_argument("--preset", default="medium_quality")
     p.add_argument("--name", default="quality", help="results file benchmarks/results/<name>.json")
@@ -186,17 +189,18 @@ def main() -> None:
     if ag_python is None:
         print("AutoGluon: not installed here and no --autogluon-python / $POPSTACK_AUTOGLUON_PYTHON given: skipped "
               "(pip install 'popstack[bench]' into a separate environment; see benchmarks/autogluon_runner.py)")
-    cases = [(f"world{w}-{n}", [f"data.synthetic.world={w}", f"data.synthetic.n_train={n - n // 4}",
-                                f"data.synthetic.n_test={n // 4}"])
+    base = [f"experiment={a.experiment}", "backbone=tiny", "trainer=cpu"]
+    cases = [(f"world{w}-{n}", [*base, "data=synthetic", f"data.synthetic.world={w}",
+                                f"data.synthetic.n_train={n - n // 4}", f"data.synthetic.n_test={n // 4}"])
              for n in map(int, filter(None, a.sizes.split(","))) for w in map(int, filter(None, a.worlds.split(",")))]
-    cases += [(Path(d).name, ["data=smpd", f"data.root={Path(d).resolve()}", "backbone=tiny", "trainer=cpu"])
-              for d in a.real]
+    cases += [(Path(d).name, [*base, "data=smpd", f"data.root={Path(d).resolve()}"]) for d in a.real]
     rows: list[dict] = []
     for name, overrides in cases:
         case_rows = run_case(name, overrides, a, ag_python)
         print_table(case_rows, f"{name} (test split)")
         rows += case_rows
-        write_results(a.name, {"command": " ".join(sys.argv), "overrides": a.overrides, "rows": rows})
+        write_results(a.name, {"command": " ".join(sys.argv), "experiment": a.experiment, "overrides": a.overrides,
+                               "rows": rows})
     print_table([r for r in rows if not r["system"].startswith(" ")], "all cases (test split)")
 
 

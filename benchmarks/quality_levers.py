@@ -4,10 +4,15 @@ score the test split against the labels the data directory keeps aside (``signal
     python benchmarks/quality.py --worlds 1 --sizes 2000 --workdir W ...     # keeps W/<case>/run
     python benchmarks/quality_levers.py W/world1-2000/run [W/world2-2000/run ...] [--levers default,no_tabnet]
 
-Levers (each against ``default``, the run's own stacking config):
+Levers (each against ``default``, the run's own stacking config; ``a+b`` applies both):
 no_neural_members (neural predictions leave the blend), no_tabnet, no_pseudo (0 pseudo-label rounds),
 no_iqr (IQR filter off), blend_mae / blend_ridge (instead of the configured blend), no_image_stats (the
-image-statistics family dropped), no_native_cats (category/user codes as plain numbers, not categoricals).
+image-statistics family dropped), no_native_cats (category/user codes as plain numbers, not categoricals),
+no_prompt_prototype (the prompt/prototype module's F-vector columns and prediction dropped), no_hierarchical and
+no_co_attention (that module's prediction dropped).
+
+Scored separately: the test split (posts.split == "test") and the held-back chronological slice of the labelled
+posts (``folds.holdout_fraction``), both against the labels ``signal.parquet`` keeps; and the out-of-fold blend.
 """
 
 from __future__ import annotations
@@ -22,14 +27,26 @@ import pandas as pd
 from common import print_table, write_results
 
 LEVERS = ("default", "no_neural_members", "no_tabnet", "no_pseudo", "no_iqr", "blend_mae", "blend_ridge",
-          "no_image_stats", "no_native_cats")
+          "no_image_stats", "no_native_cats", "no_prompt_prototype", "no_hierarchical", "no_co_attention")
+#: Neural modules whose prediction column (``pred_<name>``) a lever can drop.
+MODULES = ("prompt_prototype", "hierarchical", "co_attention")
 
 
 def variant(lever: str, scfg, features: pd.DataFrame, categorical: list[str], families: dict[str, str]):
-    """(stack config, features, categorical columns) with ``lever`` applied."""
-    from features.families import IMAGE_STATS
+    """(stack config, features, categorical columns) with ``lever`` (or ``a+b+...``) applied."""
+    from features.families import IMAGE_STATS, PROMPT
 
-    if lever == "no_neural_members":
+    if "+" in lever:
+        for part in lever.split("+"):
+            scfg, features, categorical = variant(part, scfg, features, categorical, families)
+        return scfg, features, categorical
+    if lever.removeprefix("no_") in MODULES:
+        module = lever.removeprefix("no_")
+        drop = [f"pred_{module}"] + ([c for c in features.columns if families.get(c) == PROMPT]
+                                     if module == "prompt_prototype" else [])
+        features = features.drop(columns=[c for c in drop if c in features.columns])
+        scfg = dataclasses.replace(scfg, neural_columns=[c for c in scfg.neural_columns if c not in drop])
+    elif lever == "no_neural_members":
         scfg = dataclasses.replace(scfg, neural_columns=[])
     elif lever == "no_tabnet":
         scfg = dataclasses.replace(scfg, members={k: v for k, v in scfg.members.items() if k != "tabnet"})
@@ -69,9 +86,11 @@ def main() -> None:
         X, families, categorical = stack_inputs(RunLayout(run))
         y = pd.read_parquet(run / "posts.parquet", columns=[LABEL])[LABEL].to_numpy()
         folds = read_folds(run / "folds.parquet")["fold"].to_numpy()
-        test = folds == NO_FOLD
+        split = pd.read_parquet(run / "posts.parquet", columns=["split"])["split"].to_numpy()
+        unlabelled = folds == NO_FOLD  # the rows run_stack predicts as "test": test split + held-back slice
         truth = pd.read_parquet(Path(cfg.data.root) / "signal.parquet").set_index(KEY)
-        y_te = truth.loc[X.loc[test, KEY], "label"].to_numpy()
+        y_un = truth.loc[X.loc[unlabelled, KEY], "label"].to_numpy()
+        is_test = split[unlabelled] == "test"
         neural_cols = [c for c, f in families.items() if f == NEURAL_PRED]
         base_cfg = stack_config(cfg, neural_cols)
         base = X.drop(columns=[KEY]).astype(np.float32)
@@ -81,11 +100,14 @@ def main() -> None:
                 feats = feats.drop(columns=[c for c in neural_cols if c in feats.columns])
             start = time.perf_counter()
             result = run_stack(feats, y, folds, cats, scfg, progress=False)
-            s = scores(y_te, result.test["blend"].to_numpy())
-            oof = scores(y[~test], result.oof["blend"].to_numpy())
-            rows.append({"run": run.parent.name, "lever": lever, "test_src": round(s["src"], 4),
-                         "test_mae": round(s["mae"], 4), "oof_src": round(oof["src"], 4),
-                         "seconds": round(time.perf_counter() - start, 1)})
+            pred = result.test["blend"].to_numpy()
+            s = scores(y_un[is_test], pred[is_test])
+            held = scores(y_un[~is_test], pred[~is_test]) if (~is_test).any() else {"src": np.nan, "mae": np.nan}
+            oof = scores(y[~unlabelled], result.oof["blend"].to_numpy())
+            rows.append({"run": run.name if run.name != "run" else run.parent.name, "lever": lever,
+                         "test_src": round(s["src"], 4), "test_mae": round(s["mae"], 4),
+                         "held_src": round(held["src"], 4), "held_mae": round(held["mae"], 4),
+                         "oof_src": round(oof["src"], 4), "seconds": round(time.perf_counter() - start, 1)})
             print_table(rows[-1:], "")
     print_table(rows, "stack levers (test split)")
     write_results(a.name, {"rows": rows})
