@@ -26,11 +26,12 @@ FAST_EXPERIMENT = ("data=synthetic", "backbone=tiny", "trainer=cpu", "stacking.m
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """One full debug run, shared by the tests that only read its outputs."""
+    """One full debug run, shared by the tests that only read its outputs; TabNet (opt-in) on, so saving, reloading
+    and predicting cover every member kind."""
     from train import train
 
     tmp = tmp_path_factory.mktemp("pipeline")
-    cfg = compose_fast(tmp)
+    cfg = compose_fast(tmp, "stacking.members.tabnet.enabled=true")
     metrics = train(cfg)
     return Path(cfg.run_dir), cfg, metrics
 
