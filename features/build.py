@@ -24,7 +24,7 @@ from features.category import categorical_columns, category_features
 from features.config import FeatureConfig
 from features.families import USER, column_name, family_of
 from features.glove import glove_features
-from features.image_stats import image_stats_features, shard_images
+from features.image_stats import image_stats_features, shard_image_statistics
 from features.sentence import SentenceEncoder, resolve_model_dir, sentence_features
 from features.spatial import spatial_features
 from features.state import FeatureState
@@ -85,7 +85,8 @@ def _families(posts, folds, state, cfg, encoder, image_dir, progress: bool = Fal
     if cfg.glove_path:
         timed("glove", lambda: glove_features(posts, cfg.glove_path))
     if cfg.image_stats:
-        timed("image_stats", lambda: image_stats_features(posts, shard_images(image_dir) if image_dir else None))
+        timed("image_stats", lambda: image_stats_features(
+            posts, shard_image_statistics(image_dir) if image_dir else None))
     timed("target", lambda: target_features(posts, folds, state, cfg.target_prior))
     bar.close()
     return blocks, seconds

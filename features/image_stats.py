@@ -74,26 +74,60 @@ def _hue(r: np.ndarray, g: np.ndarray, b: np.ndarray, hi: np.ndarray, chroma: np
     return np.where(chroma > 0, h / 6.0, 0.0) % 1.0
 
 
-def shard_images(shard_dir: str | Path) -> dict[str, bytes]:
-    """post_id -> JPEG bytes of every ``*.tar`` shard under ``shard_dir`` (posts without an image are absent)."""
-    images: dict[str, bytes] = {}
+#: Where one image sits in a shard: (tar path, byte offset of its data, byte size, post id).
+ImageRef = tuple[str, int, int, str]
+
+
+def shard_image_refs(shard_dir: str | Path) -> list[ImageRef]:
+    """Every JPEG member of the ``*.tar`` shards under ``shard_dir`` (posts without an image are absent)."""
+    refs: list[ImageRef] = []
     for path in sorted(Path(shard_dir).glob("*.tar")):
         with tarfile.open(path) as tar:
             for member in tar:
                 key, _, ext = member.name.rpartition(".")
                 if ext == "jpg" and member.isfile():
-                    images[key] = tar.extractfile(member).read()
-    return images
+                    refs.append((str(path), member.offset_data, member.size, key))
+    return refs
 
 
-def image_stats_features(posts: pd.DataFrame, images: dict[str, bytes] | None) -> pd.DataFrame:
-    """(n posts, len(COLUMNS)) float32 in ``posts`` order; ``images``: post_id -> JPEG bytes (None: no images
-    available, every column NaN and ``has_image`` 0)."""
-    rows = []
-    for pid in posts["post_id"]:
-        data = images.get(pid) if images else None
-        stats = image_statistics(data) if data else None
-        rows.append(stats or {"has_image": 0.0})
+def _statistics_of(refs: list[ImageRef]) -> list[tuple[str, dict[str, float] | None]]:
+    """(post id, statistics) of each referenced image, read straight from its shard."""
+    out = []
+    handles: dict[str, object] = {}
+    try:
+        for path, offset, size, key in refs:
+            f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
+            f.seek(offset)
+            out.append((key, image_statistics(f.read(size))))
+    finally:
+        for f in handles.values():
+            f.close()
+    return out
+
+
+def shard_image_statistics(shard_dir: str | Path, workers: int | None = None) -> dict[str, dict[str, float] | None]:
+    """post_id -> ``image_statistics`` of its image in the shards under ``shard_dir``; decoding is spread over
+    ``workers`` processes (default: every core this process may use), each reading its images from the tar files
+    itself (8,000 JPEGs: 21.9 s in one process)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from datamodules.cores import available_cores
+
+    refs = shard_image_refs(shard_dir)
+    workers = max(1, min(workers or available_cores(), len(refs) // 256))  # a process per >= 256 images
+    if workers == 1:
+        return dict(_statistics_of(refs))
+    chunks = [refs[i::workers * 4] for i in range(workers * 4)]
+    with ProcessPoolExecutor(workers, mp_context=get_context("forkserver")) as pool:
+        return {key: stats for part in pool.map(_statistics_of, chunks) for key, stats in part}
+
+
+def image_stats_features(posts: pd.DataFrame, stats: dict[str, dict[str, float] | None] | None) -> pd.DataFrame:
+    """(n posts, len(COLUMNS)) float32 in ``posts`` order; ``stats``: post_id -> ``image_statistics`` (None where
+    the image did not decode; ``shard_image_statistics``), or None when no images are available: every column NaN
+    and ``has_image`` 0."""
+    rows = [(stats or {}).get(pid) or {"has_image": 0.0} for pid in posts["post_id"]]
     frame = pd.DataFrame(rows, columns=list(COLUMNS)).astype(np.float32)
     frame.columns = [column_name(IMAGE_STATS, c) for c in COLUMNS]
     return frame

@@ -13,12 +13,13 @@ import functools
 import io
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
+
+from datamodules.cores import available_cores
 
 log = logging.getLogger("popstack")
 
@@ -33,14 +34,6 @@ class Member(Protocol):
     def predict(self, X: pd.DataFrame) -> np.ndarray: ...
     def save(self, path: Path) -> None: ...
     def feature_importance(self) -> pd.Series | None: ...
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (affinity-aware; ``os.cpu_count()`` where affinity is unknown)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def auto_learning_rate(n_rows: int) -> float:

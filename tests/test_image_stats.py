@@ -12,7 +12,7 @@ from PIL import Image
 from features.build import build_features
 from features.config import FeatureConfig
 from features.families import IMAGE_STATS, column_name
-from features.image_stats import HUE_BINS, image_statistics, image_stats_features, shard_images
+from features.image_stats import HUE_BINS, image_statistics, image_stats_features, shard_image_statistics
 
 
 def _jpeg(rgb: tuple[int, int, int], size=(80, 60), stripes: bool = False) -> bytes:
@@ -42,10 +42,10 @@ def test_family_reads_shards_and_marks_missing_images(tmp_path):
         sink.write({"__key__": "11", "jpg": _jpeg((200, 40, 40)), "json": b"{}"})
         sink.write({"__key__": "12", "json": b"{}"})  # a post without an image
         sink.write({"__key__": "13", "jpg": b"truncated", "json": b"{}"})
-    images = shard_images(tmp_path)
-    assert sorted(images) == ["11", "13"]
+    stats = shard_image_statistics(tmp_path)
+    assert sorted(stats) == ["11", "13"] and stats["13"] is None  # no image: absent; undecodable: None
     posts = pd.DataFrame({"post_id": ["12", "11", "13"]})
-    frame = image_stats_features(posts, images)
+    frame = image_stats_features(posts, stats)
     has = frame[column_name(IMAGE_STATS, "has_image")].tolist()
     assert has == [0.0, 1.0, 0.0] and frame.dtypes.eq(np.float32).all()
     assert frame.iloc[1][column_name(IMAGE_STATS, "red")] > 0.7
@@ -66,3 +66,17 @@ def test_family_joins_the_feature_matrix(tmp_path):
     assert fs.families[col] == IMAGE_STATS and fs.frame[col].notna().sum() == 5
     off = build_features(posts, folds, FeatureConfig(**{**cfg.__dict__, "image_stats": False}))
     assert not any(c.startswith(IMAGE_STATS) for c in off.families)
+
+
+def test_statistics_over_worker_processes_equal_one_process(tmp_path):
+    """Decoding spread over processes (each reading its images from the tar files) gives the same numbers."""
+    rng = np.random.default_rng(0)
+    with wds.ShardWriter(str(tmp_path / "train-%06d.tar"), maxcount=300, verbose=0) as sink:
+        for i in range(600):
+            sink.write({"__key__": f"p{i}", "jpg": _jpeg(tuple(int(v) for v in rng.integers(0, 255, 3)),
+                                                        stripes=bool(i % 3))})
+    one = shard_image_statistics(tmp_path, workers=1)
+    two = shard_image_statistics(tmp_path, workers=2)
+    assert len(one) == 600 and one == two
+    assert one["p5"] == image_statistics(_jpeg(tuple(int(v) for v in np.random.default_rng(0).integers(
+        0, 255, (6, 3))[5]), stripes=True))
