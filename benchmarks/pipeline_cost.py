@@ -10,7 +10,8 @@ computed from the formula below and marked "formula":
 
 - CPU stages (prepare, features, stack, report) scale with cores: this machine's projection * cores_here / --cores
   (tree fits and the process-pool prepare are parallel over cores; an upper bound on their speed-up).
-- GPU stages (neural = embedding cache + training, extract): max(decode floor, FLOP floor) per GPU, where
+- GPU stages (neural = embedding cache + training, extract): max(decode floor, FLOP floor) per GPU for the
+  ``--gpu-backbone`` CLIP (default ViT-B-32, what ``experiment=smpd`` runs; the CPU runs use the tiny one), where
   decode floor = target images / (--decode-rate per core * --cores) (PIL + draft measured about 500 images/s per core,
   DESIGN.md), FLOP floor = target * (cache FLOPs per post + epochs * train FLOPs per post) / (--gpu-tflops * --mfu);
   the cache and training split over GPUs (DDP), decode over the machine's cores.
@@ -67,8 +68,12 @@ def stage_seconds(run_dir: Path) -> tuple[int, dict[str, float], dict]:
 
 
 def linear(n1: int, t1: float, n2: int, t2: float) -> tuple[float, float]:
-    """(fixed seconds, seconds per post) through two points; the fixed part is kept >= 0."""
-    per = max((t2 - t1) / (n2 - n1), 0.0) if n2 != n1 else t2 / n2
+    """(fixed seconds, seconds per post) through two points; the fixed part is kept >= 0. A stage that did not grow
+    between the two sizes (its fixed cost hides the per-post part) is taken as all per-post, t2 / n2: an upper
+    bound rather than the flat line the two points would give."""
+    per = (t2 - t1) / (n2 - n1) if n2 != n1 else 0.0
+    if per <= 0.0:
+        return 0.0, t2 / n2
     fixed = max(t2 - per * n2, 0.0)
     if fixed == 0.0:
         per = t2 / n2
@@ -77,7 +82,7 @@ def linear(n1: int, t1: float, n2: int, t2: float) -> tuple[float, float]:
 
 def gpu_formula(stage: str, target: int, cfg: dict, gpus: int, a) -> tuple[float, str]:
     """Projected seconds of a GPU stage on ``gpus`` GPUs with ``a.cores`` cores, and its bound."""
-    gflops = CLIP_GFLOPS.get(cfg["backbone"]["name"], CLIP_GFLOPS["ViT-B-32"])
+    gflops = CLIP_GFLOPS[a.gpu_backbone]
     folds = int(cfg["n_folds"])
     pp = cfg["model"]["prompt_prototype"]
     epochs = int(pp["epochs"]) * (folds - 1) if pp["enabled"] else 0  # post-epochs per post over the K fold fits
@@ -102,6 +107,8 @@ def main() -> None:
     p.add_argument("--gpu-tflops", type=float, default=400.0, help="dense bf16 TFLOP/s of one GPU (H100 SXM: ~990)")
     p.add_argument("--mfu", type=float, default=0.3, help="share of peak a training/inference step reaches")
     p.add_argument("--decode-rate", type=float, default=500.0, help="JPEG decode + resize, images/s per core")
+    p.add_argument("--gpu-backbone", default="ViT-B-32", choices=sorted(CLIP_GFLOPS),
+                   help="CLIP of the projected GPU run (the CPU runs use the tiny one; experiment=smpd uses ViT-B-32)")
     a = p.parse_args()
     if a.runs:
         dirs = [Path(d) for d in a.runs.split(",")]
@@ -135,9 +142,9 @@ def main() -> None:
                      "1 GPU (s)": round(g1), "8 GPUs (s)": round(g8), "bound": bound, "GPU rows": how})
     rows.append({"stage": "total", f"{a.target // 1000}k here (s)": round(totals["here"]),
                  "1 GPU (s)": round(totals["gpu1"]), "8 GPUs (s)": round(totals["gpu8"])})
+    gpu_how = "measured GPU" if gpu_here else f"formula GPU: {a.gpu_backbone}, {a.gpu_tflops} TFLOP/s x MFU {a.mfu}"
     title = (f"projected seconds per stage for {a.target} posts ({cores_here} cores here; "
-             f"GPU machine: {a.cores} cores, "
-             f"{'measured GPU' if gpu_here else f'formula GPU: {a.gpu_tflops} TFLOP/s x MFU {a.mfu}'})")
+             f"GPU machine: {a.cores} cores, {gpu_how})")
     print_table(rows, title)
     dominant = max(rows[:-1], key=lambda r: r["1 GPU (s)"])
     print(f"\ndominant stage on 1 GPU: {dominant['stage']} ({dominant['1 GPU (s)']} s, {dominant['bound']} bound); "
