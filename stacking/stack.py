@@ -286,8 +286,9 @@ def _fit_members(names: list[str], cfg: StackConfig, categorical: list[str], XL:
                  pseudo: dict[int, tuple[pd.DataFrame, np.ndarray]], jobs: int, bar) -> _RoundFits:
     """Every member on every fold: trained on the fold's kept training rows plus its pseudo-labelled rows.
 
-    ``jobs`` (member, fold) fits run at once on threads: the libraries fit outside the GIL and share the one feature
-    matrix, and each fit gets ``available_cores() // jobs`` cores. Results are the same whatever order the fits
+    ``jobs`` (member, fold) fits run at once on threads: the libraries fit outside the GIL, the threads read the one
+    source matrix (each fit still builds its own training frame: fold rows + pseudo-labels), and each fit gets
+    ``available_cores() // jobs`` cores. Results are the same whatever order the fits
     finish in."""
     from concurrent.futures import ThreadPoolExecutor
 

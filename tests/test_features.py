@@ -118,6 +118,25 @@ def test_target_stats_are_out_of_fold_and_smoothed():
     assert t["target__user_label_count"].tolist() == [2, 1, 1, 0]
 
 
+def test_target_stats_per_other_key_are_out_of_fold_and_refit_for_new_posts():
+    posts = tiny_posts().assign(concept=["a", "a", "b", "a"])
+    folds = np.array([0, 1, 1, -1])
+    st = FeatureState()
+    t = target_features(posts, folds, st, prior=0.0, keys=("uid", "concept"))
+    assert [c for c in t.columns if c.startswith("target__concept")] == [
+        "target__concept_mean", "target__concept_median", "target__concept_label_count"]
+    # post 0 (fold 0, concept a) sees fold 1's concept-a post 1 only; post 1 sees post 0 only
+    labels = posts.label.to_numpy()
+    assert t["target__concept_mean"][0] == pytest.approx(labels[1])
+    assert t["target__concept_mean"][1] == pytest.approx(labels[0])
+    assert t["target__concept_label_count"].tolist() == [1, 1, 0, 2]  # the test post sees both labelled a posts
+    st.fitted = True
+    again = target_features(posts, None, st, prior=0.0, keys=("uid", "concept"))
+    assert again["target__concept_mean"][3] == pytest.approx(labels[:2].mean())
+    with pytest.raises(ValueError, match="target_keys"):
+        target_features(posts, folds, FeatureState(), prior=0.0, keys=("title",))
+
+
 def test_no_leakage_from_validation_labels():
     posts, _, _ = make_posts(120, 30, 0, n_subcategories=4)
     folds = assign_folds(posts.label.to_numpy(), 3, 0)
