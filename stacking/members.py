@@ -13,6 +13,7 @@ import functools
 import io
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +23,9 @@ import pandas as pd
 from datamodules.cores import available_cores
 
 log = logging.getLogger("popstack")
+
+#: Held while a fit redirects the process's stdout (TabNet), so fits on several threads never interleave redirects.
+_STDOUT_REDIRECT = threading.Lock()
 
 #: CatBoost parameters its GPU trainer rejects for regression (feature subsampling per split is CPU-only there).
 CATBOOST_CPU_ONLY = ("rsm",)
@@ -256,7 +260,9 @@ class TabNetMember:
                                      if not torch.cuda.is_available() else "auto", **p)
         bs = min(int(fit_args.pop("batch_size", 1024)), len(X_tr))
         vbs = min(int(fit_args.pop("virtual_batch_size", 128)), bs)
-        with contextlib.redirect_stdout(io.StringIO()):  # TabNet prints its early-stopping summary
+        # TabNet prints its early-stopping summary. Redirecting stdout swaps process-wide state, so concurrent fits
+        # (the stack's threads) take turns: interleaved redirects would leave sys.stdout pointing at a buffer.
+        with _STDOUT_REDIRECT, contextlib.redirect_stdout(io.StringIO()):
             y_fit = (np.asarray(y_tr) - self.offset).astype(np.float32).reshape(-1, 1)
             self.model.fit(self.scaler.transform(X_tr), y_fit,
                            eval_set=[(self.scaler.transform(X_va),

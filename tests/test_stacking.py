@@ -214,3 +214,13 @@ def test_concurrent_fits_share_the_cores():
     with fit_cores(1):
         assert cores_per_fit() == 1
         assert fit_params({"num_threads": "auto"}, 10**8, "learning_rate", "num_threads") == {"num_threads": 1}
+
+
+def test_concurrent_tabnet_fits_leave_stdout_alone():
+    """TabNet silences its own print by redirecting stdout; fits on two threads must not leave it redirected."""
+    import sys
+
+    X, y, folds = data()
+    before = sys.stdout
+    run_stack(X, y, folds, ["cat"], StackConfig(members={"tabnet": FAST["tabnet"]}, pseudo_rounds=0, n_jobs=2))
+    assert sys.stdout is before
