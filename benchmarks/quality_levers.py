@@ -28,13 +28,12 @@ from common import print_table, write_results
 
 LEVERS = ("default", "no_neural_members", "no_tabnet", "no_pseudo", "no_iqr", "blend_mae", "blend_ridge",
           "no_image_stats", "no_native_cats", "no_prompt_prototype", "no_hierarchical", "no_co_attention")
-#: Neural modules whose prediction column (``pred_<name>``) a lever can drop.
-MODULES = ("prompt_prototype", "hierarchical", "co_attention")
 
 
 def variant(lever: str, scfg, features: pd.DataFrame, categorical: list[str], families: dict[str, str]):
     """(stack config, features, categorical columns) with ``lever`` (or ``a+b+...``) applied."""
     from features.families import IMAGE_STATS, PROMPT
+    from pipeline.neural import MODULES  # the neural modules; a lever drops one's prediction column, pred_<name>
 
     if "+" in lever:
         for part in lever.split("+"):
@@ -84,9 +83,9 @@ def main() -> None:
     for run in a.runs:
         cfg = load_run_config(run)
         X, families, categorical = stack_inputs(RunLayout(run))
-        y = pd.read_parquet(run / "posts.parquet", columns=[LABEL])[LABEL].to_numpy()
+        posts = pd.read_parquet(run / "posts.parquet", columns=[LABEL, "split"])
+        y, split = posts[LABEL].to_numpy(), posts["split"].to_numpy()
         folds = read_folds(run / "folds.parquet")["fold"].to_numpy()
-        split = pd.read_parquet(run / "posts.parquet", columns=["split"])["split"].to_numpy()
         unlabelled = folds == NO_FOLD  # the rows run_stack predicts as "test": test split + held-back slice
         truth = pd.read_parquet(Path(cfg.data.root) / "signal.parquet").set_index(KEY)
         y_un = truth.loc[X.loc[unlabelled, KEY], "label"].to_numpy()

@@ -17,6 +17,7 @@ Nothing is fitted: the family is a pure function of each post's image, so train 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tarfile
 from pathlib import Path
@@ -93,15 +94,13 @@ def shard_image_refs(shard_dir: str | Path) -> list[ImageRef]:
 def _statistics_of(refs: list[ImageRef]) -> list[tuple[str, dict[str, float] | None]]:
     """(post id, statistics) of each referenced image, read straight from its shard."""
     out = []
-    handles: dict[str, object] = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        files = {}
         for path, offset, size, key in refs:
-            f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
-            f.seek(offset)
-            out.append((key, image_statistics(f.read(size))))
-    finally:
-        for f in handles.values():
-            f.close()
+            if path not in files:
+                files[path] = stack.enter_context(open(path, "rb"))
+            files[path].seek(offset)
+            out.append((key, image_statistics(files[path].read(size))))
     return out
 
 

@@ -168,7 +168,8 @@ def concurrent_fits(n_jobs: int | str, n_tasks: int, threads_per_fit: int) -> in
 
 @contextlib.contextmanager
 def torch_threads(n: int):
-    """PyTorch's (process-wide) intra-op threads set to ``n`` within the block (TabNet fits on threads share it)."""
+    """PyTorch's (process-wide) intra-op threads set to ``n`` within the block (TabNet fits on threads share it;
+    the stack uses it only when TabNet is a member)."""
     import torch
 
     before = torch.get_num_threads()
@@ -287,31 +288,45 @@ def _fit_members(names: list[str], cfg: StackConfig, categorical: list[str], XL:
     """Every member on every fold: trained on the fold's kept training rows plus its pseudo-labelled rows.
 
     ``jobs`` (member, fold) fits run at once on threads: the libraries fit outside the GIL, the threads read the one
-    source matrix (each fit still builds its own training frame: fold rows + pseudo-labels), and each fit gets
-    ``available_cores() // jobs`` cores. Results are the same whatever order the fits
+    source matrix, the members of one fold share its training frame (fold rows + pseudo-labels, built once per
+    fold), and each fit gets ``available_cores() // jobs`` cores. Results are the same whatever order the fits
     finish in."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def fit(n: str, k: int):
+    def training_part(k: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+        """Fold ``k``'s training frame (kept rows + its pseudo-labelled rows), their labels, its validation mask."""
         tr, va = train_valid_masks(fl, k)
         tr &= keep
-        X_tr = pd.concat([XL[tr], pseudo[k][0]], ignore_index=True)
-        y_tr = np.concatenate([yl[tr], pseudo[k][1]])
+        return pd.concat([XL[tr], pseudo[k][0]], ignore_index=True), np.concatenate([yl[tr], pseudo[k][1]]), va
+
+    def fit(n: str, X_tr: pd.DataFrame, y_tr: np.ndarray, va: np.ndarray):
         result = _fit_one(n, cfg, categorical, X_tr, y_tr, XL[va], yl[va], XU)
         bar.update()
         return result
 
     order = [(n, k) for k in fold_ids for n in names]
     if jobs == 1:
-        results = [fit(n, k) for n, k in order]
+        results = {}
+        for k in fold_ids:
+            part = training_part(k)
+            results.update({(n, k): fit(n, *part) for n in names})
     else:
         cores = max(available_cores() // jobs, 1)
-        with fit_cores(cores), torch_threads(cores), ThreadPoolExecutor(jobs, thread_name_prefix="stack-fit") as pool:
-            futures = [pool.submit(contextvars.copy_context().run, fit, n, k) for n, k in order]
-            results = [f.result() for f in futures]
+        threads = torch_threads(cores) if "tabnet" in cfg.members else contextlib.nullcontext()
+        with fit_cores(cores), threads, ThreadPoolExecutor(jobs, thread_name_prefix="stack-fit") as pool:
+            futures = {}
+            for i, k in enumerate(fold_ids):
+                if i >= jobs:  # at most jobs + 1 folds' training frames alive at once
+                    for n in names:
+                        futures[(n, fold_ids[i - jobs])].result()
+                part = training_part(k)
+                for n in names:
+                    futures[(n, k)] = pool.submit(contextvars.copy_context().run, fit, n, *part)
+            results = {key: f.result() for key, f in futures.items()}
     fits = _RoundFits({n: np.full(len(yl), np.nan) for n in names}, {n: {} for n in names},
                       dict.fromkeys(names, 0.0), {})
-    for (n, k), (member, va_pred, un_pred, sec) in zip(order, results):
+    for (n, k) in order:
+        member, va_pred, un_pred, sec = results[(n, k)]
         fits.oof[n][fl == k], fits.test_by_fold[n][k] = va_pred, un_pred
         fits.seconds[n] += sec
         fits.models[(n, k)] = member

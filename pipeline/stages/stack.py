@@ -55,7 +55,7 @@ def stack_config(cfg: DictConfig, neural_columns: list[str]) -> StackConfig:
         members=members, neural_columns=neural_columns if s["use_neural_members"] else [], blend=s["blend"],
         caruana_size=s["caruana_size"], pseudo_rounds=s["pseudo_rounds"], pseudo_alpha=s["pseudo_alpha"],
         iqr_k=s["iqr_k"], selection_fraction=s["selection_fraction"], selection_member=s["selection_member"],
-        n_jobs=s.get("n_jobs", "auto"), seed=int(cfg.seed),
+        n_jobs=s["n_jobs"], seed=int(cfg.seed),
     )
 
 
