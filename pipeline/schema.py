@@ -134,10 +134,21 @@ SYNTHETIC = {
     "n_train": Int(lo=1), "n_test": Int(lo=0), "seed": Int(), "n_subcategories": Int(lo=1),
     "user_variant": OneOf("A", "B"), "world": Int(lo=0), "naming": OneOf("2025", "2020", 2025, 2020),
 }
+def _date_window_error(value: Any) -> str | None:
+    from datamodules.smpd import postdate_window
+
+    try:
+        postdate_window(list(value) if isinstance(value, (list, tuple, ListConfig)) else value)
+    except ValueError:
+        return 'two ISO dates [first, end] with first < end, e.g. ["2004-01-01", "2100-01-01"]'
+    return None
+
+
 DATA = {
     "kind": OneOf("synthetic", "smpd"), "root": Str(), "synthetic": SYNTHETIC, "check_images": Bool(),
     "text_field": OneOf("title", "alltags", "title+alltags"), "shard_size": Int(lo=1),
     "image_max_side": Int(lo=1, null=True), "num_workers": Int(lo=0),
+    "postdate_range": Spec("any", check=_date_window_error),
 }
 BACKBONE = {
     "name": Str(), "pretrained": Str(null=True), "trainable_last_blocks": Int(lo=0), "token_len": Int(lo=1),
