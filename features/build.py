@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from datamodules.schema import KEY
+from datamodules.schema import KEY, NO_FOLD
 from features.category import categorical_columns, category_features
 from features.config import FeatureConfig
 from features.families import USER, column_name, family_of
@@ -98,10 +98,28 @@ def _assemble(posts: pd.DataFrame, blocks: list[pd.DataFrame]) -> pd.DataFrame:
     return frame
 
 
+def constant_columns(frame: pd.DataFrame, rows: np.ndarray) -> list[str]:
+    """Feature columns of ``frame`` holding one value (NaN counts as a value) on ``rows`` (bool mask)."""
+    part = frame.loc[rows, [c for c in frame.columns if c != KEY]]
+    return [c for c in part.columns if part[c].nunique(dropna=False) <= 1]
+
+
+def _drop_constant(frame: pd.DataFrame, training: np.ndarray) -> pd.DataFrame:
+    """``frame`` without the columns constant on the training rows (the rows with a fold): nothing learns from them
+    and a test row that differs is off every scale fitted on them (a z-score over a zero spread). One log line."""
+    if not training.any():
+        return frame
+    dropped = constant_columns(frame, training)
+    if dropped:
+        log.info("features: %d column(s) constant in training dropped: %s", len(dropped), ", ".join(dropped))
+    return frame.drop(columns=dropped)
+
+
 def build_features(posts: pd.DataFrame, folds: np.ndarray, cfg: FeatureConfig,
                    encoder: SentenceEncoder | None = None, image_dir: str | Path | None = None,
                    progress: bool = False) -> FeatureSet:
-    """Fit every family on the training run's posts (train + test rows) and return the matrix.
+    """Fit every family on the training run's posts (train + test rows) and return the matrix, without the columns
+    that are constant on the training rows (``folds != NO_FOLD``; one log line names them).
 
     ``image_dir``: the WebDataset shard directory holding the posts' images (image-statistics family); None
     leaves that family NaN. ``progress``: a bar over the families (stderr)."""
@@ -112,7 +130,7 @@ def build_features(posts: pd.DataFrame, folds: np.ndarray, cfg: FeatureConfig,
     blocks, seconds = _families(posts.reset_index(drop=True), np.asarray(folds), state, cfg, encoder, image_dir,
                                 progress)
     state.fitted = True
-    frame = _assemble(posts, blocks)
+    frame = _drop_constant(_assemble(posts, blocks), np.asarray(folds) != NO_FOLD)
     families = {c: family_of(c) for c in frame.columns if c != KEY}
     state.meta["columns"] = list(families)
     cats = categorical_columns() + [column_name(USER, "uid_code")]

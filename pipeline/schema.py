@@ -159,6 +159,7 @@ FEATURES = {
     "tfidf_dim": Int(lo=0), "tfidf_max_features": Int(lo=1), "sentence_model": Str(), "sentence_dim": Int(lo=0),
     "sentence_batch_size": Int(lo=1), "sentence_max_length": Int(lo=1), "glove_path": Str(),
     "target_prior": Num(lo=0), "target_keys": ListOf(OneOf(*TARGET_KEYS)), "image_stats": Bool(),
+    "standardised_clip": Num(lo=0, lo_open=True),
 }
 #: Keys every neural module has (training loop, optimiser, early stopping).
 MODULE_COMMON = {
