@@ -195,6 +195,8 @@ STACKING = {
     "iqr_k": Num(lo=0), "selection_fraction": Num(lo=0, hi=1, lo_open=True),
     "selection_member": OneOf(*TABULAR_MEMBERS),
     "n_jobs": AUTO_OR_COUNT,
+    "guard": {"label_margin": Num(lo=0), "max_outside": Num(lo=0, hi=1), "max_error_ratio": Num(lo=1)},
+    "refit_full": Bool(),
     "ablation": {"enabled": Bool(), "members": ListOf(OneOf(*TABULAR_MEMBERS)),
                  "variants": ListOf(OneOf(*ABLATION_VARIANTS))},
 }
