@@ -74,3 +74,22 @@ def test_standardiser_clips_to_the_configured_range_and_keeps_it_saved(tmp_path)
     scaler.save(tmp_path / "s.npz")
     np.testing.assert_array_equal(Standardiser.load(tmp_path / "s.npz").transform(far), z)
     assert np.abs(Standardiser.fit(train).transform(far)).max() > 1e4  # unclipped when asked
+
+
+def test_no_readable_image_skips_the_image_family_with_one_line(caplog, monkeypatch):
+    import features.build as build
+
+    posts, _, labels = make_posts(200, 50, seed=2)
+    folds = assign_folds(posts.label.to_numpy(), 3, seed=0)
+    calls = []
+    monkeypatch.setattr(build, "shard_image_statistics", lambda d: calls.append(d))
+    cfg = FeatureConfig(sentence_model="", user_tag_svd_dim=0, tfidf_dim=0, image_stats=True)
+    with caplog.at_level("INFO", logger="popstack"):
+        fs = build_features(posts.assign(image_status="missing"), folds, cfg, image_dir="shards")
+    assert [r.message for r in caplog.records].count(
+        "features: no post has a readable image; the image-statistics family is skipped") == 1
+    assert not calls and not any(c.startswith("image_stats__") for c in fs.frame.columns)
+    transform_features(posts.assign(image_status="ok"), fs.state, cfg, image_dir="shards")
+    assert not calls  # new posts follow the fit's decision
+    build_features(posts.assign(image_status="ok"), folds, cfg, image_dir="shards")
+    assert calls == ["shards"]  # with readable images the family is computed
