@@ -42,6 +42,30 @@ def test_a_neural_member_predicting_outside_the_label_range_is_dropped_and_clipp
     assert res.test["neural_pred"].max() <= hi + 1e-9  # the member's own predictions are clipped too
     res.save(tmp_path)
     np.testing.assert_allclose(predict_stack(tmp_path, X[~labelled]), res.test["blend"], rtol=1e-6)
+    # ... and named in the report, with the reason
+    from pipeline.layout import RunLayout
+    from pipeline.stages.report import guard_text
+
+    layout = RunLayout(tmp_path / "run")
+    layout.dropped_members.parent.mkdir(parents=True)
+    res.dropped.to_csv(layout.dropped_members, index=False)
+    text = guard_text(layout)
+    assert "Left out of the blend" in text and "| neural_pred | " in text and "outside the training label" in text
+
+
+def test_headline_is_the_held_back_score_and_a_worse_blend_is_said_loudly():
+    from pipeline.stages.report import blend_warning, headline
+
+    scores = pd.DataFrame({"member": ["lightgbm", "catboost", "blend"], "oof_src": [0.9, 0.9, 0.92],
+                           "oof_mae": [0.5, 0.5, 0.45], "heldback_src": [0.4, 0.3, 0.35],
+                           "heldback_mae": [1.0, 1.2, 1.1], "seconds": [1.0, 1.0, 2.0]})
+    assert headline(scores) == {"src": 0.35, "mae": 1.1, "source": "held-back slice"}
+    warning = blend_warning(scores)
+    assert warning.startswith("WARNING") and "lightgbm 1.0000" in warning
+    assert blend_warning(scores.assign(heldback_mae=[1.0, 1.2, 0.9])) is None
+    no_slice = scores.assign(heldback_src=np.nan, heldback_mae=np.nan)
+    assert headline(no_slice) == {"src": 0.92, "mae": 0.45, "source": "out-of-fold"}
+    assert blend_warning(no_slice) is None
 
 
 def test_a_member_far_worse_on_the_latest_validation_rows_is_dropped():
