@@ -327,7 +327,9 @@ def neural_outputs(cfg: DictConfig, data: RunLayout, run: RunLayout, state: dict
     The prompt/prototype module's class-aligned blocks are standardised per fold model first
     (``align_fold_outputs``); the CLIP blocks are the frozen embedding cache. ``state`` (per-fold alignment
     statistics, PCA bases) is filled on the training run and reused as is for new posts. A module without a
-    popularity head adds no prediction column. ``extras``, when given, receives ``class_loss``: (n,) per-post
+    popularity head adds no prediction column. ``extras``, when given, receives ``fold_predictions``
+    ({prediction column: {fold: (unlabelled posts,) that fold model's predictions}}: pseudo-labels of fold k read
+    fold k's model only, ``stacking.stack.fold_pseudo_labels``) and ``class_loss``: (n,) per-post
     classification loss of the prompt/prototype module (out-of-fold for posts with a fold), or nothing.
     """
     folds = read_folds(data.folds)
@@ -348,6 +350,8 @@ def neural_outputs(cfg: DictConfig, data: RunLayout, run: RunLayout, state: dict
         merged = oof_and_test(frames, folds)
         if "prediction" in merged:
             preds[f"pred_{name}"] = merged["prediction"].to_numpy(dtype=np.float32)
+            if extras is not None:
+                extras.setdefault("fold_predictions", {})[f"pred_{name}"] = unlabelled_by_fold(frames, folds)
         if name == "prompt_prototype":
             f_frame = pd.concat([f_frame, merged[cols]], axis=1)
             if extras is not None:
@@ -357,6 +361,13 @@ def neural_outputs(cfg: DictConfig, data: RunLayout, run: RunLayout, state: dict
                                             np.asarray(cache["has_image"]))], axis=1)
     nf.insert(0, KEY, post_ids)
     return nf, preds
+
+
+def unlabelled_by_fold(frames: dict[int, pd.DataFrame], folds: pd.DataFrame) -> dict[int, np.ndarray]:
+    """{fold k: fold k's model's ``prediction`` of each post without a fold, in posts order}."""
+    rows = folds["fold"].to_numpy() == NO_FOLD
+    order = folds[KEY].to_numpy()[rows]
+    return {k: f.set_index(KEY).loc[order, "prediction"].to_numpy(dtype=np.float32) for k, f in frames.items()}
 
 
 def save_extract_state(state: dict, path: Path) -> None:

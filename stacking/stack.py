@@ -9,10 +9,11 @@ validation part (its out-of-fold predictions: each labelled row gets exactly one
 that held it out) and every unlabelled row. Blend weights are fitted per fold on that fold's validation
 predictions (eq. 8); a test post's prediction is the mean over folds of the fold blends (eq. 9).
 
-Pseudo-labels are per fold: fold k's training part gets unlabelled posts labelled by fold k's own blend (its members
-were fitted without fold k's labelled rows), selected by the agreement of fold k's own members. A label-mean over
-all folds would carry fold k's labels back into fold k through the models of the other folds, and lift its
-out-of-fold score.
+Pseudo-labels are per fold (``fold_pseudo_labels``): fold k's training part gets unlabelled posts labelled by the
+mean of fold k's own members (fitted without fold k's labelled rows; a neural member by its fold-k model's
+predictions, not the fold mean), selected by their agreement. A label-mean over all folds, the fold mean of a neural
+model, or fold k's blend (its weights are fitted on fold k's rows) would carry fold k's labels back into fold k and
+lift its out-of-fold score.
 
 Loss-based selection (CMPA-DGPL §4.2) ranks the labelled rows by a per-row loss given by the caller (the
 prompt/prototype module's out-of-fold classification loss); without one it falls back to the absolute error of an
@@ -199,12 +200,16 @@ def _selection_keep(XL: pd.DataFrame, yl: np.ndarray, fl: np.ndarray, categorica
 def run_stack(
     X: pd.DataFrame, y: np.ndarray, folds: np.ndarray, categorical: list[str], cfg: StackConfig,
     eval_folds: list[int] | None = None, progress: bool = False, selection_losses: np.ndarray | None = None,
+    neural_unlabelled_by_fold: dict[str, dict[int, np.ndarray]] | None = None,
 ) -> StackResult:
     """Fit the stack. ``X``: float32 features of every post (neural prediction columns included);
     ``y``: labels (ignored where the fold is NO_FOLD: unlabelled and held-back posts); ``folds``: from
     ``datamodules.folds``. ``eval_folds``: fit only these folds (e.g. ``[0]``: one hold-out split instead of
     K-fold); scores are then computed on those folds' rows only. ``progress`` shows a bar over (round, fold,
-    member) fits. ``selection_losses``: (n,) per-row loss for loss-based selection (NaN = unknown), or None."""
+    member) fits. ``selection_losses``: (n,) per-row loss for loss-based selection (NaN = unknown), or None.
+    ``neural_unlabelled_by_fold``: {neural column: {fold k: predictions of fold k's neural model for the
+    unlabelled rows, in their order}}; pseudo-labelling reads a neural member's fold-k model from it
+    (``fold_pseudo_labels``), never the fold mean in ``X``."""
     y = np.asarray(y, dtype=np.float64)
     folds = np.asarray(folds)
     labelled = folds != NO_FOLD
@@ -244,10 +249,9 @@ def run_stack(
                  "tau": np.nan, "selected_next": 0, "member_seconds": round(sum(fits.seconds.values()), 3)}
         if r < cfg.pseudo_rounds and len(XU):
             taus = []
-            for k in fold_ids:  # fold k's pseudo-labels from fold k's own members only
-                mask, tau = select_pseudo(np.column_stack([fits.test_by_fold[n][k] for n in names]),
-                                          cfg.pseudo_alpha)
-                pseudo[k] = (XU[mask], blended.test_by_fold[k][mask])
+            for k in fold_ids:  # fold k's pseudo-labels from models that never saw fold k's labels
+                mask, labels, tau = fold_pseudo_labels(names, cfg, fits.test_by_fold, k, neural_unlabelled_by_fold)
+                pseudo[k] = (XU[mask], labels)
                 taus.append(tau)
             entry.update(tau=float(np.mean(taus)),
                          selected_next=int(np.mean([len(pseudo[k][1]) for k in fold_ids])))
@@ -256,6 +260,35 @@ def run_stack(
                  sc["mae"], entry["pseudo_rows"])
     bar.close()
     return _result(names, cfg, fits, blended, yl, scored, round_log, feature_columns)
+
+
+def fold_pseudo_labels(names: list[str], cfg: StackConfig, test_by_fold: dict[str, dict[int, np.ndarray]],
+                       k: int, neural_unlabelled_by_fold: dict[str, dict[int, np.ndarray]] | None,
+                       ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Fold ``k``'s pseudo-labels (eq. 10) from models that never saw fold k's labels: the selection mask over the
+    unlabelled rows, the labels of the selected rows, and tau.
+
+    The ensemble is fold k's tree members (fitted on the other folds) and, for each neural member, the fold-k neural
+    model's own predictions (``neural_unlabelled_by_fold[column][k]``; the column in the stack inputs holds the mean
+    over all fold models, four of which trained on fold k's labels). Confidence is the members' agreement; the label
+    is their plain mean: fold k's blend weights are fitted on fold k's labels, so the blend would carry them back
+    into fold k. A neural member without per-fold predictions is left out of pseudo-labelling (logged)."""
+    per_fold = neural_unlabelled_by_fold or {}
+    columns = []
+    for n in names:
+        if n not in cfg.neural_columns:
+            columns.append(test_by_fold[n][k])
+        elif k in per_fold.get(n, {}):
+            columns.append(np.asarray(per_fold[n][k], dtype=np.float64))
+        else:
+            log.warning("stack: pseudo-labels of fold %d leave out neural member %s (no per-fold predictions of "
+                        "the unlabelled posts)", k, n)
+    if not columns:
+        raise ValueError("pseudo-labelling has no member that never saw the fold's labels (neural members need "
+                         "per-fold predictions of the unlabelled posts)")
+    P = np.column_stack(columns)
+    mask, tau = select_pseudo(P, cfg.pseudo_alpha)
+    return mask, P[mask].mean(axis=1), tau
 
 
 def _rows_to_fit(XL: pd.DataFrame, yl: np.ndarray, fl: np.ndarray, categorical: list[str], cfg: StackConfig,
