@@ -111,6 +111,8 @@ class EpochSeededSampler(Sampler[int]):
 
 class EmbeddingDataModule(L.LightningDataModule):
     """Train = labelled posts outside ``fold`` (all labelled when None); val = the fold; predict = every post.
+    ``all_posts``: train on every post with a known subcategory, labelled or not, and validate on none (a model
+    that reads no popularity label, e.g. the classification-only F model of ``pipeline.neural``).
 
     Args:
         cache_dir: the embedding cache. posts_path: ``posts.parquet`` (same row order as the cache).
@@ -122,7 +124,7 @@ class EmbeddingDataModule(L.LightningDataModule):
 
     def __init__(self, cache_dir: str, posts_path: str, folds_path: str, vocab_path: str, *, fold: int | None,
                  batch_size: int = 128, num_workers: int = 0, tabular_path: str | None = None, seed: int = 0,
-                 fields: tuple[str, ...] = EMBEDDING_FIELDS):
+                 fields: tuple[str, ...] = EMBEDDING_FIELDS, all_posts: bool = False):
         super().__init__()
         self.cache = load_embedding_cache(cache_dir)
         posts = pd.read_parquet(posts_path, columns=[KEY, LABEL, "subcategory", "category"])
@@ -139,7 +141,10 @@ class EmbeddingDataModule(L.LightningDataModule):
         if folds[KEY].tolist() != posts[KEY].tolist():
             raise ValueError(f"{folds_path}: rows do not match {posts_path}")
         f = folds["fold"].to_numpy()
-        if fold is None:
+        if all_posts:
+            known = self.meta["subcategory_id"].to_numpy() != UNKNOWN_ID
+            self.train_idx, self.val_idx = np.flatnonzero(known), np.array([], dtype=np.int64)
+        elif fold is None:
             self.train_idx, self.val_idx = np.flatnonzero(f != NO_FOLD), np.array([], dtype=np.int64)
         else:
             train, valid = train_valid_masks(f, fold)
