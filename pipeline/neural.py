@@ -27,7 +27,7 @@ from datamodules.schema import KEY, NO_FOLD
 from datamodules.shards import Collate, SampleDecoder, make_eval_pipeline, make_loader, shard_urls
 from features.crossmodal import crossmodal_features
 from features.families import NEURAL_TEXT, PROMPT, VISUAL
-from lightning_modules.backbone import load_backbone, model_image_size
+from lightning_modules.backbone import load_backbone, model_image_size, token_grid
 from lightning_modules.embed import RANK_DONE, allocate_cache, encode_into, finish_cache, open_cache_arrays, partial_dir
 from lightning_modules.extract import KeyedPredictionWriter, merge_rank_outputs, oof_and_test
 from lightning_modules.prompt_prototype_module import F_BLOCKS as PROMPT_F_BLOCKS
@@ -91,13 +91,15 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
     ready = tmp / "allocated.json"
     torch.manual_seed(int(cfg.seed))
     bb = load_backbone(cfg.backbone.name, weights or cfg.backbone.pretrained)
+    grid = image_token_grid(cfg)
     posts = pd.read_parquet(layout.posts, columns=[KEY, "split"])
     post_ids = posts[KEY].tolist()
     if topo.is_zero:
         if tmp.exists():  # left by an interrupted launch
             shutil.rmtree(tmp)
         positions = min(int(cfg.backbone.token_len), bb.context_length)
-        for arr in allocate_cache(tmp, len(post_ids), bb.embed_dim, positions).values():
+        image_positions = token_grid(bb.model, grid) ** 2 if grid else 0
+        for arr in allocate_cache(tmp, len(post_ids), bb.embed_dim, positions, image_positions).values():
             arr.flush()
         atomic_write_json(ready, {"launch": topo.launch_id})
     else:
@@ -111,7 +113,7 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
     amp = torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") and _device(cfg) == "cuda" else None
     written = encode_into(bb.model, loader, open_cache_arrays(tmp), {p: i for i, p in enumerate(post_ids)},
                           token_len=int(cfg.backbone.token_len), device=_device(cfg), autocast_dtype=amp,
-                          progress=topo.is_zero and bool(cfg.get("progress_bar", True)))
+                          progress=topo.is_zero and bool(cfg.get("progress_bar", True)), image_grid=grid)
     log.info("embedding cache: rank %d of %d encoded %d posts", topo.rank, topo.world_size, len(written))
     atomic_write_json(tmp / RANK_DONE.format(rank=topo.rank), {"launch": topo.launch_id, "post_ids": written})
     if not topo.is_zero:
@@ -128,6 +130,18 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
         atomic_write_json(tmp / key_file.relative_to(cache), key)
     ready.unlink()
     return finish_cache(tmp, cache, post_ids, parts)
+
+
+def image_token_grid(cfg: DictConfig) -> int:
+    """The patch-token grid the embedding cache holds: ``backbone.image_token_grid`` when the co-attention MLP runs
+    (it attends over the patch tokens), else 0 (no patch tokens cached)."""
+    if not ("co_attention" in cfg.model and cfg.model.co_attention.enabled):
+        return 0
+    grid = int(cfg.backbone.image_token_grid)
+    if grid < 1:
+        raise UserError("model.co_attention attends over CLIP's patch tokens: backbone.image_token_grid must be at "
+                        f"least 1 (got {grid})")
+    return grid
 
 
 def _launch_file(path: Path, launch_id: str) -> dict | None:
@@ -229,7 +243,8 @@ def build_module(cfg: DictConfig, layout: RunLayout, name: str, dm: EmbeddingDat
         hp.update(backbone_name=cfg.backbone.name, backbone_pretrained=None,
                   trainable_last_blocks=int(cfg.backbone.trainable_last_blocks))
     if name == "co_attention":
-        module = CoAttentionMLPModule(embed_dim=embed_dim, tabular_dim=dm.tabular_dim, **hp)
+        module = CoAttentionMLPModule(embed_dim=embed_dim, tabular_dim=dm.tabular_dim,
+                                      image_token_grid=image_token_grid(cfg), **hp)
     else:
         module = CLIPHierarchicalPredictor(embed_dim=embed_dim, **hp)
     if shards:

@@ -25,6 +25,7 @@ from pipeline.neural import (
     enabled_modules,
     f_model_dir,
     has_fold_models,
+    image_token_grid,
     shard_datamodule,
     trainer_cfg,
     uses_shards,
@@ -66,7 +67,7 @@ def run(ctx: StageContext) -> StageResult:
     cfg, layout, inputs, bb = ctx.cfg, ctx.layout, ctx.upstream, ctx.inputs
     cache_key = {"shards": inputs.get(RunLayout.shards), "posts": inputs.get(RunLayout.posts), "backbone": bb,
                  "token_len": int(cfg.backbone.token_len), "text_field": cfg.data.text_field,
-                 "precision": str(cfg.trainer.precision)}
+                 "precision": str(cfg.trainer.precision), "image_token_grid": image_token_grid(cfg)}
     build_cache(cfg, layout, key=cache_key)
     metrics = {}
     outputs = [RunLayout.embeddings]
