@@ -4,7 +4,9 @@ the F vector.
 
 Models (``cfg.model.modules``): ``prompt_prototype`` (CMPA-DGPL), ``co_attention`` (HyperFusion co-attention MLP),
 ``hierarchical`` (CLIP hierarchical predictor). Each is trained once per fold of the shared fold assignment, so
-its predictions for labelled posts are out-of-fold and line up with the stack's folds.
+its predictions for labelled posts are out-of-fold and line up with the stack's folds; the prompt/prototype module
+also trains one classification-only F model on every post (``f_checkpoint``), the source of every post's F vector
+(and its only model when it has no popularity head).
 """
 
 from __future__ import annotations
@@ -416,8 +418,8 @@ def unlabelled_by_fold(frames: dict[int, pd.DataFrame], folds: pd.DataFrame) -> 
 
 
 def save_extract_state(state: dict, path: Path) -> None:
-    """The extract state (PCA bases ``{block: (mean, components)}`` and per-fold alignment statistics
-    ``{"align.<module>": {fold: (mean, std)}}``) as one ``.npz``."""
+    """The extract state (PCA bases ``{block: (mean, components)}``, and any per-fold pairs
+    ``{name: {fold: (a, b)}}``) as one ``.npz``."""
     arrays = {}
     for key, value in state.items():
         pairs = value.items() if isinstance(value, dict) else [(None, value)]
