@@ -1,7 +1,8 @@
 """Pseudo-label selection (HyperFusion §3.5, eq. 10): confident unlabelled posts join the training parts.
 
 Confidence of an unlabelled post = 1 / (std of the member predictions + eps): members that agree are
-confident. Posts with confidence > tau = mu + alpha * sigma (mean and std of the confidences) are selected and
+confident. The paper defines neither the confidence nor alpha: both are ours (docs/reproduction.md).
+Posts with confidence > tau = mu + alpha * sigma (mean and std of the confidences) are selected and
 labelled with the blended prediction.
 """
 

@@ -69,7 +69,7 @@ class StackConfig:
     """members: tree members to fit ({name: params}); neural_columns: prediction columns read as members.
     blend: caruana | mae | spearman | ridge; caruana_size: greedy steps.
     pseudo_rounds, pseudo_alpha: eq. 10. iqr_k: IQR fence factor for training labels (0 = no filter).
-    selection_fraction: loss-based selection (1.0 = keep all; the paper uses 0.77).
+    selection_fraction: loss-based selection (1.0 = keep all; CMPA-DGPL's speed trade-off keeps 0.77).
     n_jobs: (fold, member) fits at once: auto (``concurrent_fits``) or an integer.
     Defaults come from ``configs/stacking/default.yaml`` (``DEFAULTS_YAML``), never from this class.
     """
