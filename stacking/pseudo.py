@@ -3,7 +3,7 @@
 Confidence of an unlabelled post = 1 / (std of the member predictions + eps): members that agree are
 confident. The paper defines neither the confidence nor alpha: both are ours (docs/reproduction.md).
 Posts with confidence > tau = mu + alpha * sigma (mean and std of the confidences) are selected and
-labelled with the blended prediction.
+labelled by the caller (``stacking.stack.fold_pseudo_labels``: the mean of the fold's own members).
 """
 
 from __future__ import annotations
