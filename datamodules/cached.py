@@ -1,8 +1,9 @@
 """Map-style datasets over the frozen-embedding cache (written by ``lightning_modules.embed``) with folds.
 
 Batches are in the cached form: ``post_id`` list[str]; ``image_emb``, ``text_emb`` (B, D) float32;
-``text_tokens`` (B, L, D) float32; ``text_mask`` (B, L) bool (the embedding arrays only when the model reads
-them); ``has_image`` (B,) bool; ``subcategory_id``,
+``text_tokens`` (B, L, D) float32; ``text_mask`` (B, L) bool; ``image_tokens`` (B, P, D) float32 patch tokens
+when the cache holds them (the embedding arrays only when the model reads them); ``has_image`` (B,) bool;
+``subcategory_id``,
 ``category_id`` (B,) int64 (-1 unknown); ``label`` (B,) float32 (NaN unknown); ``tabular`` (B, F) float32 when
 a tabular parquet is given. Map-style, so Lightning shards it with a DistributedSampler under DDP.
 """
@@ -32,12 +33,17 @@ def load_embedding_cache(cache_dir: str | Path, mmap: bool = True) -> dict:
         raise FileNotFoundError(f"{cache_dir}: embedding cache incomplete, missing {missing}")
     out: dict = {f.removesuffix(".npy"): np.load(cache_dir / f, mmap_mode="r" if mmap else None)
                  for f in CACHE_FILES if f.endswith(".npy")}
+    for optional in OPTIONAL_FIELDS:  # written only when asked for (e.g. patch tokens for the co-attention MLP)
+        if (cache_dir / f"{optional}.npy").is_file():
+            out[optional] = np.load(cache_dir / f"{optional}.npy", mmap_mode="r" if mmap else None)
     out["post_ids"] = json.loads((cache_dir / "post_ids.json").read_text())
     return out
 
 
 #: Cache arrays a batch may carry; a model names the ones it reads (``fields``), the rest are never touched.
 EMBEDDING_FIELDS = ("image_emb", "text_emb", "text_tokens", "text_mask")
+#: Cache arrays present only when the cache was built with them: ``image_tokens`` (n, P, D) float16 patch tokens.
+OPTIONAL_FIELDS = ("image_tokens",)
 
 
 class CachedPosts(Dataset):
@@ -51,9 +57,12 @@ class CachedPosts(Dataset):
 
     def __init__(self, cache: dict, meta: pd.DataFrame, indices: np.ndarray, tabular: np.ndarray | None,
                  fields: tuple[str, ...] = EMBEDDING_FIELDS):
-        unknown = [f for f in fields if f not in EMBEDDING_FIELDS]
+        unknown = [f for f in fields if f not in EMBEDDING_FIELDS + OPTIONAL_FIELDS]
         if unknown:
-            raise ValueError(f"unknown cache fields {unknown}; fields are {list(EMBEDDING_FIELDS)}")
+            raise ValueError(f"unknown cache fields {unknown}; fields are {list(EMBEDDING_FIELDS + OPTIONAL_FIELDS)}")
+        absent = [f for f in fields if f not in cache]
+        if absent:
+            raise ValueError(f"the embedding cache has no {absent} (built without them: rebuild it with the model on)")
         self.cache, self.indices, self.tabular, self.fields = cache, np.asarray(indices), tabular, tuple(fields)
         self.meta = {c: meta[c].to_numpy() for c in ("subcategory_id", "category_id", "label")}
 
@@ -111,6 +120,8 @@ class EpochSeededSampler(Sampler[int]):
 
 class EmbeddingDataModule(L.LightningDataModule):
     """Train = labelled posts outside ``fold`` (all labelled when None); val = the fold; predict = every post.
+    ``all_posts``: train on every post with a known subcategory, labelled or not, and validate on none (a model
+    that reads no popularity label, e.g. the classification-only F model of ``pipeline.neural``).
 
     Args:
         cache_dir: the embedding cache. posts_path: ``posts.parquet`` (same row order as the cache).
@@ -122,7 +133,7 @@ class EmbeddingDataModule(L.LightningDataModule):
 
     def __init__(self, cache_dir: str, posts_path: str, folds_path: str, vocab_path: str, *, fold: int | None,
                  batch_size: int = 128, num_workers: int = 0, tabular_path: str | None = None, seed: int = 0,
-                 fields: tuple[str, ...] = EMBEDDING_FIELDS):
+                 fields: tuple[str, ...] = EMBEDDING_FIELDS, all_posts: bool = False):
         super().__init__()
         self.cache = load_embedding_cache(cache_dir)
         posts = pd.read_parquet(posts_path, columns=[KEY, LABEL, "subcategory", "category"])
@@ -139,7 +150,10 @@ class EmbeddingDataModule(L.LightningDataModule):
         if folds[KEY].tolist() != posts[KEY].tolist():
             raise ValueError(f"{folds_path}: rows do not match {posts_path}")
         f = folds["fold"].to_numpy()
-        if fold is None:
+        if all_posts:
+            known = self.meta["subcategory_id"].to_numpy() != UNKNOWN_ID
+            self.train_idx, self.val_idx = np.flatnonzero(known), np.array([], dtype=np.int64)
+        elif fold is None:
             self.train_idx, self.val_idx = np.flatnonzero(f != NO_FOLD), np.array([], dtype=np.int64)
         else:
             train, valid = train_valid_masks(f, fold)

@@ -180,8 +180,44 @@ def padding_mask(token_ids: torch.Tensor) -> torch.Tensor:
     return token_ids != 0
 
 
+def patch_grid(model: nn.Module) -> int:
+    """Side of the image tower's patch grid (7 for ViT-B/32 at 224 px); ``ValueError`` for a tower without one."""
+    grid = getattr(model.visual, "grid_size", None)
+    if grid is None or not hasattr(model.visual, "output_tokens"):
+        raise ValueError(f"{type(model.visual).__name__}: only ViT image towers give patch tokens")
+    return int(grid[0])
+
+
+def token_grid(model: nn.Module, grid: int) -> int:
+    """The side of the image-token grid kept for ``grid`` asked: at most the tower's own patch grid."""
+    return min(int(grid), patch_grid(model))
+
+
+def encode_image_tokens(model: nn.Module, image: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pooled image embedding (B, D) and the last layer's patch tokens (B, g * g, D), both from one pass.
+
+    Tokens are the tower's output tokens (after its final LayerNorm) through the same projection as the pooled
+    feature, so they live in the D-dim embedding space; a patch grid wider than ``grid`` is average-pooled to
+    ``grid`` x ``grid`` (``token_grid``) so the cache stays bounded for ViT-L/14 (16 x 16 patches)."""
+    visual = model.visual
+    g = token_grid(model, grid)
+    before = visual.output_tokens
+    visual.output_tokens = True
+    try:
+        pooled, tokens = visual(image)
+    finally:
+        visual.output_tokens = before
+    if getattr(visual, "proj", None) is not None:
+        tokens = tokens @ visual.proj
+    side = int(round(tokens.shape[1] ** 0.5))
+    if side != g:
+        maps = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+        tokens = torch.nn.functional.adaptive_avg_pool2d(maps.float(), g).flatten(2).transpose(1, 2)
+    return pooled, tokens
+
+
 def encode_posts(
-    model: nn.Module, image: torch.Tensor, text_ids: torch.Tensor, token_len: int
+    model: nn.Module, image: torch.Tensor, text_ids: torch.Tensor, token_len: int, image_grid: int = 0
 ) -> dict[str, torch.Tensor]:
     """Frozen-backbone features of a batch of posts: the one place raw batches become embeddings.
 
@@ -193,18 +229,27 @@ def encode_posts(
         image: (B, 3, S, S) preprocessed images.
         text_ids: (B, C) token ids of the post text (C = context length, 0 = padding).
         token_len: number of leading token positions kept for the per-token features (<= C).
+        image_grid: > 0: also the last layer's patch tokens, pooled to at most this grid (``encode_image_tokens``).
 
     Returns (all float32 except the mask):
         image_emb: (B, D) CLIP image embedding (not normalised).
         text_emb: (B, D) pooled (EOT) text embedding (not normalised).
         text_tokens: (B, token_len, D) projected per-token text features.
         text_mask: (B, token_len) bool, True for real (non-padding) tokens.
+        image_tokens: (B, g * g, D) projected patch tokens, only when ``image_grid`` > 0.
     """
-    image_emb = model.encode_image(image)
+    image_tokens = None
+    if image_grid > 0:
+        image_emb, image_tokens = encode_image_tokens(model, image, image_grid)
+    else:
+        image_emb = model.encode_image(image)
     text_emb, tokens = encode_text_tokens(model, text_ids)
-    return {
+    out = {
         "image_emb": image_emb.float(),
         "text_emb": text_emb.float(),
         "text_tokens": tokens[:, :token_len].float(),
         "text_mask": padding_mask(text_ids[:, :token_len]),
     }
+    if image_tokens is not None:
+        out["image_tokens"] = image_tokens.float()
+    return out

@@ -44,7 +44,8 @@ class PostModule(L.LightningModule):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             if self.frozen:
                 self.clip.eval()
-            enc = encode_posts(self.clip, batch["image"], batch["text_ids"], self.hparams.token_len)
+            enc = encode_posts(self.clip, batch["image"], batch["text_ids"], self.hparams.token_len,
+                               image_grid=int(self.hparams.get("image_token_grid", 0)))
         return {**batch, **enc}
 
     def on_train_epoch_start(self) -> None:

@@ -3,7 +3,9 @@
 Read it with ``datamodules.cached.load_embedding_cache``. Files in the cache directory (rows in ``post_ids.json``
 order = ``posts.parquet`` order):
 ``image_emb.npy`` (n, D) float32, ``text_emb.npy`` (n, D) float32, ``text_tokens.npy`` (n, L, D) float16,
-``text_mask.npy`` (n, L) bool, ``has_image.npy`` (n,) bool, ``post_ids.json``.
+``text_mask.npy`` (n, L) bool, ``has_image.npy`` (n,) bool, ``post_ids.json``; with an image-token grid g > 0
+also ``image_tokens.npy`` (n, g * g, D) float16: the last layer's projected patch tokens
+(``lightning_modules.backbone.encode_image_tokens``), what the co-attention MLP attends over.
 Large arrays are written through ``np.lib.format.open_memmap``, so memory stays flat at SMPD scale.
 
 Many ranks build one cache together (``pipeline.neural.build_cache``): rank 0 allocates the arrays in the one
@@ -36,6 +38,8 @@ CACHE_ARRAYS: dict[str, tuple[type, tuple[str, ...]]] = {
     "text_mask": (np.bool_, ("l",)),
     "has_image": (np.bool_, ()),
 }
+#: The optional patch-token array (only with an image-token grid): name, dtype; shape (n, g * g, D).
+IMAGE_TOKENS, IMAGE_TOKENS_DTYPE = "image_tokens", np.float16
 #: What each rank writes next to the arrays when it has encoded its share: the post ids it wrote, in order.
 RANK_DONE = "rank{rank}.done.json"
 
@@ -46,18 +50,25 @@ def partial_dir(out_dir: str | Path) -> Path:
     return out_dir.with_name(out_dir.name + ".partial")
 
 
-def allocate_cache(tmp: str | Path, n: int, embed_dim: int, token_positions: int) -> dict[str, np.ndarray]:
-    """Create the cache arrays for ``n`` posts (memory-mapped ``.npy`` files in ``tmp``) and return them."""
+def allocate_cache(tmp: str | Path, n: int, embed_dim: int, token_positions: int,
+                   image_positions: int = 0) -> dict[str, np.ndarray]:
+    """Create the cache arrays for ``n`` posts (memory-mapped ``.npy`` files in ``tmp``) and return them;
+    ``image_positions`` > 0 adds ``image_tokens`` (n, image_positions, D)."""
     tmp = Path(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     sizes = {"d": int(embed_dim), "l": int(token_positions)}
-    return {name: np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", dtype, (n, *(sizes[a] for a in dims)))
-            for name, (dtype, dims) in CACHE_ARRAYS.items()}
+    arrays = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", dtype, (n, *(sizes[a] for a in dims)))
+              for name, (dtype, dims) in CACHE_ARRAYS.items()}
+    if image_positions > 0:
+        arrays[IMAGE_TOKENS] = np.lib.format.open_memmap(tmp / f"{IMAGE_TOKENS}.npy", "w+", IMAGE_TOKENS_DTYPE,
+                                                         (n, int(image_positions), int(embed_dim)))
+    return arrays
 
 
 def open_cache_arrays(tmp: str | Path) -> dict[str, np.ndarray]:
     """The arrays ``allocate_cache`` created, opened for writing (another rank's rows stay untouched)."""
-    return {name: np.load(Path(tmp) / f"{name}.npy", mmap_mode="r+") for name in CACHE_ARRAYS}
+    names = [*CACHE_ARRAYS, *([IMAGE_TOKENS] if (Path(tmp) / f"{IMAGE_TOKENS}.npy").is_file() else [])]
+    return {name: np.load(Path(tmp) / f"{name}.npy", mmap_mode="r+") for name in names}
 
 
 def encode_into(
@@ -70,11 +81,13 @@ def encode_into(
     device: str | torch.device = "cpu",
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
+    image_grid: int = 0,
 ) -> list[str]:
     """Encode raw batches (``post_id``, ``image``, ``text_ids``, ``has_image``) into the rows ``index[post_id]``.
 
     ``arrays``: the cache arrays, or a function of the first batch's encoding that allocates them. Returns the
     post ids written, in order; an unknown id, or one seen twice in these batches, raises ``ValueError``.
+    ``image_grid`` > 0: the patch tokens too (``image_tokens``, which the arrays must then hold).
     """
     seen: set[str] = set()
     written: list[str] = []
@@ -91,13 +104,16 @@ def encode_into(
                     raise ValueError(f"embedding cache: post {pid} appears twice in the batches")
                 seen.add(pid)
                 rows.append(index[pid])
-            enc = encode_posts(model, batch["image"].to(device), batch["text_ids"].to(device), token_len)
+            enc = encode_posts(model, batch["image"].to(device), batch["text_ids"].to(device), token_len,
+                               image_grid=image_grid)
             if callable(arrays):
                 arrays = arrays(enc)
             rows_arr = np.asarray(rows)
             for key in ("image_emb", "text_emb", "text_tokens", "text_mask"):
                 arrays[key][rows_arr] = enc[key].float().cpu().numpy() if key != "text_mask" else enc[key].cpu().numpy()
             arrays["has_image"][rows_arr] = batch["has_image"].cpu().numpy()
+            if IMAGE_TOKENS in enc:
+                arrays[IMAGE_TOKENS][rows_arr] = enc[IMAGE_TOKENS].float().cpu().numpy()
             written.extend(batch["post_id"])
     if not callable(arrays):
         for arr in arrays.values():
@@ -146,20 +162,24 @@ def compute_embedding_cache(
     device: str | torch.device = "cpu",
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
+    image_grid: int = 0,
 ) -> Path:
     """One process: encode raw batches (``post_id``, ``image``, ``text_ids``, ``has_image``) into the cache at
     ``out_dir``.
 
     Rows are placed by post id, whatever order the batches come in; a post missing at the end, a duplicate or
     an unknown id raises ``ValueError`` naming it. Files are written under a temporary folder and renamed.
+    ``image_grid`` > 0 also caches the patch tokens (``image_tokens.npy``).
     (Many ranks: ``pipeline.neural.build_cache`` calls the same pieces, each rank encoding its share.)
     """
     tmp = partial_dir(out_dir)
     n = len(post_ids)
 
     def allocate(enc: dict) -> dict[str, np.ndarray]:
-        return allocate_cache(tmp, n, enc["image_emb"].shape[1], enc["text_tokens"].shape[1])
+        image_positions = enc[IMAGE_TOKENS].shape[1] if IMAGE_TOKENS in enc else 0
+        return allocate_cache(tmp, n, enc["image_emb"].shape[1], enc["text_tokens"].shape[1], image_positions)
 
     written = encode_into(model, batches, allocate, {pid: i for i, pid in enumerate(post_ids)},
-                          token_len=token_len, device=device, autocast_dtype=autocast_dtype, progress=progress)
+                          token_len=token_len, device=device, autocast_dtype=autocast_dtype, progress=progress,
+                          image_grid=image_grid)
     return finish_cache(tmp, out_dir, post_ids, [written])

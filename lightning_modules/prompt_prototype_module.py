@@ -6,26 +6,24 @@ popularity head (Huber, weight ``regression_weight``; 0 switches it off) so the 
 stack. Prototypes come from ``set_prototypes`` (computed by the caller from the training fold) and are buffers,
 so they travel in the checkpoint.
 
-The feature vector F (paper eq. 11: [f_I(x), f_T(t), w^G, w^L, x~, V~, T~, s]) is extracted once per fold model,
-and a training post's row comes from the one fold model that did not see it, a test post's from the mean over
-the fold models. A column is only usable by the tree members if it means the same thing whichever fold model
-produced it, so ``predict_step`` gives F in class coordinates over the fixed class list:
+The feature vector F (paper eq. 11: [f_I(x), f_T(t), w^G, w^L, x~, V~, T~, s]) comes from ``predict_step``, one
+block per symbol:
 
-* ``w_global`` / ``w_local`` (B, K): the post's cosine similarity to each class's global / local prompt embedding
-  w^G_i, w^L_i (eqs. 4-5), before the learned temperature: every fold model is trained to make column i high
-  for class i, so the columns agree across folds;
-* ``sim_visual`` (B, K): cos(x~, V~_i), the post's similarity to each class's attended visual prototype in the
-  shared space (eq. 7, before the temperature), and ``proto`` (B, K): the averaged visual/textual prototype logits
-  that L_c trains. They carry x~, V~ and T~ into F the way the classifier reads them: relative to the class
-  prototypes. cos(x~, T~_i) alone is not emitted: only its average with the visual half is trained, and on the
-  debug run its columns correlated 0.17-0.92 between two fold models (the other blocks: 0.84-1.0).
+* ``f_i`` / ``f_t`` (B, D): the CLIP image and text features the module read (the frozen cache, or its own partly
+  tuned CLIP when ``trainable_last_blocks`` > 0: the classification-tuned f_I, f_T of §4.1.3);
+* ``w_g`` / ``w_l`` (B, K): the post's global / local prompt similarities to each class (eqs. 4-5, before the
+  temperature): G_i and L_i (eq. 2) are class embeddings, the same for every post, so the post-level trace of the
+  global and local prompt features is its similarity to them;
+* ``x_tilde`` (B, d): the attended image feature of eq. 6;
+* ``v_tilde`` / ``t_tilde`` (B, d): the attended visual / textual prototypes of eq. 6, one (K, d) matrix per post
+  (77 x 256 each on SMPD: about 39k floats a post, 76 GB at 486k posts in float32), summarised by the post's own
+  class posterior of eq. 7 (sum_i p_V(i) V~_i and sum_i p_T(i) T~_i): the prototype the post is attended to.
 
-The raw coordinates of x~, V~, T~ are not emitted: each fold model learns its own shared space (P_I, P_T and the
-attention are trained per fold; the same initialisation seed does not keep the trained axes aligned, and no
-label-free rotation between five spaces is well defined), so coordinate j of x~ means something different in every
-fold. f_I(x), f_T(t) are the frozen CLIP features; the caller takes them from the embedding cache, which no fold
-model touches. s (user behaviour) is the tabular feature table. Per-post ``class_loss`` (the eq. 8 cross-entropy
-terms summed per post, NaN for a class unknown to training) ranks rows for loss-based sample selection (§4.2).
+s (user behaviour) is the tabular feature table. A column is only usable by the tree members if it means the same
+thing in every row, so the pipeline takes F from one classification-only model (``regression_weight`` 0: no
+popularity label) trained on every post with a known subcategory (``pipeline.neural``): one shared space for all
+posts. Per-post ``class_loss`` (the eq. 8 cross-entropy terms summed per post, NaN for a class unknown to training)
+ranks rows for loss-based sample selection (§4.2).
 """
 
 from __future__ import annotations
@@ -43,6 +41,8 @@ from lightning_modules.prompt_learner import DualGrainedPromptLearner, global_si
 from lightning_modules.prototype_classifier import CrossModalPrototypeClassifier
 
 IGNORE = -1
+#: The F blocks of eq. 11 that ``predict_step`` emits, in order (s is the tabular table).
+F_BLOCKS = ("f_i", "f_t", "w_g", "w_l", "x_tilde", "v_tilde", "t_tilde")
 
 
 class PromptPrototypeModule(PostModule):
@@ -222,17 +222,21 @@ class PromptPrototypeModule(PostModule):
             self.log_regression(out["prediction"], batch["label"], "val")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """Per post: the predicted class, the per-post class loss, the class-aligned F blocks (see the module
-        docstring: ``w_global``, ``w_local``, ``sim_visual``, ``proto``, each (B, K)) and, when the
-        popularity head is on, ``prediction``."""
+        """Per post: the predicted class, the per-post class loss, the F blocks of eq. 11 (``F_BLOCKS``, see the
+        module docstring) and, when the popularity head is on, ``prediction``."""
         out = self(batch)
-        result = {
-            "post_id": list(batch["post_id"]),
-            "class_pred": self.class_scores(out).argmax(-1),
-            "class_loss": self.per_post_class_loss(out, batch),
-            "w_global": out["global_sim"].float(), "w_local": out["local_sim"].float(),
-            "sim_visual": out["cos_v"].float(), "proto": out["proto_logits"].float(),
-        }
+        result = {"post_id": list(batch["post_id"]), "class_pred": self.class_scores(out).argmax(-1),
+                  "class_loss": self.per_post_class_loss(out, batch), **self.f_blocks(out)}
         if "prediction" in out:
             result["prediction"] = out["prediction"].float()
         return result
+
+    @staticmethod
+    def f_blocks(out: dict) -> dict[str, torch.Tensor]:
+        """The F blocks of eq. 11 from ``forward``'s outputs (``F_BLOCKS`` order; the module docstring says what
+        each holds)."""
+        p_v = out["logits_v"].float().softmax(-1).unsqueeze(-1)
+        p_t = out["logits_t"].float().softmax(-1).unsqueeze(-1)
+        return {"f_i": out["image_emb"].float(), "f_t": out["text_emb"].float(),
+                "w_g": out["global_sim"].float(), "w_l": out["local_sim"].float(), "x_tilde": out["x"].float(),
+                "v_tilde": (p_v * out["V"].float()).sum(1), "t_tilde": (p_t * out["T"].float()).sum(1)}

@@ -1,8 +1,9 @@
 """HyperFusion's neural ensemble members (§3.4): the co-attention MLP and the CLIP hierarchical predictor.
 
 Both regress popularity with the Huber loss (eq. 7) from the cached CLIP features (the default, frozen-backbone
-path); given ``backbone_name`` they also accept raw shard batches (image + tokens), encoded by their own CLIP copy,
-whose last ``trainable_last_blocks`` residual blocks per tower train with the head (0 = frozen).
+path; the co-attention MLP also reads the cached patch tokens); given ``backbone_name`` they also accept raw shard
+batches (image + tokens), encoded by their own CLIP copy, whose last ``trainable_last_blocks`` residual blocks per
+tower train with the head (0 = frozen).
 """
 
 from __future__ import annotations
@@ -15,38 +16,38 @@ from lightning_modules.losses import huber_loss
 
 
 class CoAttention(nn.Module):
-    """Visual and textual tokens attend to each other.
+    """Visual and textual tokens attend to each other (HyperFusion §3.4's co-attention layers).
 
-    The image side is the pooled CLIP image embedding expanded into ``n_visual_tokens`` learned views (the cache
-    holds no patch tokens); the text side is the per-token CLIP text features. The image query attends over the
-    text tokens (padding masked: masked tokens get no weight and cannot change the output); the text query (the
-    pooled text embedding) attends over the visual tokens.
+    The image side is CLIP's last-layer patch tokens (``lightning_modules.backbone.encode_image_tokens``, cached as
+    ``image_tokens``), the text side the per-token CLIP text features (padding masked: masked tokens get no weight
+    and cannot change the output). Every image token attends over the text tokens and every text token over the
+    image tokens; each side is then mean-pooled (text over its real tokens) and joined with the pooled image and
+    text embeddings.
 
-    Shapes: image (B, D), text_emb (B, D), tokens (B, L, D), mask (B, L) -> (B, 4 * d).
+    Shapes: image (B, D), image_tokens (B, P, D), text_emb (B, D), tokens (B, L, D), mask (B, L) -> (B, 4 * d).
     """
 
-    def __init__(self, embed_dim: int, dim: int = 128, heads: int = 4, n_visual_tokens: int = 4):
+    def __init__(self, embed_dim: int, dim: int = 128, heads: int = 4):
         super().__init__()
-        self.n_visual_tokens = n_visual_tokens
-        self.image_tokens = nn.Linear(embed_dim, n_visual_tokens * dim)
         self.image_query = nn.Linear(embed_dim, dim)
         self.text_query = nn.Linear(embed_dim, dim)
+        self.image_tokens = nn.Linear(embed_dim, dim)
         self.text_tokens = nn.Linear(embed_dim, dim)
         self.v2t = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.t2v = nn.MultiheadAttention(dim, heads, batch_first=True)
 
-    def forward(self, image: torch.Tensor, text_emb: torch.Tensor, tokens: torch.Tensor,
+    def forward(self, image: torch.Tensor, image_tokens: torch.Tensor, text_emb: torch.Tensor, tokens: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
-        b = image.shape[0]
         mask = mask.bool().clone()
         mask[mask.sum(1) == 0, 0] = True  # a post with no token keeps one position, so softmax stays defined
         text_seq = self.text_tokens(tokens.float())
-        q_img = self.image_query(image.float()).unsqueeze(1)
-        attended_text, _ = self.v2t(q_img, text_seq, text_seq, key_padding_mask=~mask, need_weights=False)
-        vis_seq = self.image_tokens(image.float()).view(b, self.n_visual_tokens, -1)
-        q_txt = self.text_query(text_emb.float()).unsqueeze(1)
-        attended_vis, _ = self.t2v(q_txt, vis_seq, vis_seq, need_weights=False)
-        return torch.cat([q_img[:, 0], attended_text[:, 0], q_txt[:, 0], attended_vis[:, 0]], dim=-1)
+        vis_seq = self.image_tokens(image_tokens.float())
+        attended_text, _ = self.v2t(vis_seq, text_seq, text_seq, key_padding_mask=~mask, need_weights=False)
+        attended_vis, _ = self.t2v(text_seq, vis_seq, vis_seq, need_weights=False)
+        weights = mask.unsqueeze(-1).float()
+        text_side = (attended_vis * weights).sum(1) / weights.sum(1)
+        return torch.cat([self.image_query(image.float()), attended_text.mean(1),
+                          self.text_query(text_emb.float()), text_side], dim=-1)
 
 
 def mlp(sizes: list[int], dropout: float, batch_norm: bool) -> nn.Sequential:
@@ -99,28 +100,34 @@ class RegressorModule(PostModule):
 class CoAttentionMLPModule(RegressorModule):
     """Co-attention over CLIP image/text features, fused with the tabular vector, then an MLP (Huber loss).
 
-    Args: embed_dim (CLIP dim D), tabular_dim (0 = no tabular input), attn_dim, heads, n_visual_tokens,
-    hidden (MLP widths), dropout, huber_delta, lr, weight_decay, scheduler, token_len, target_mean/target_std
-    (training-label statistics: the head predicts (y - mean) / std), and optionally backbone_name /
-    backbone_pretrained (+ trainable_last_blocks) to accept raw batches.
+    Args: embed_dim (CLIP dim D), tabular_dim (0 = no tabular input), attn_dim, heads, hidden (MLP widths),
+    dropout, huber_delta, lr, weight_decay, scheduler, token_len, image_token_grid (the patch-token grid raw
+    batches are encoded with, as the cache was), target_mean/target_std (training-label statistics: the head
+    predicts (y - mean) / std), and optionally backbone_name / backbone_pretrained (+ trainable_last_blocks) to
+    accept raw batches.
     """
 
+    cache_fields = ("image_emb", "text_emb", "text_tokens", "text_mask", "image_tokens")
+
     def __init__(self, embed_dim: int, tabular_dim: int = 0, attn_dim: int = 128, heads: int = 4,
-                 n_visual_tokens: int = 4, hidden: tuple[int, ...] = (256, 64), dropout: float = 0.1,
+                 hidden: tuple[int, ...] = (256, 64), dropout: float = 0.1,
                  huber_delta: float = 1.0, lr: float = 1e-3, weight_decay: float = 1e-4, scheduler: str = "cosine",
-                 token_len: int = 32, target_mean: float = 0.0, target_std: float = 1.0,
+                 token_len: int = 32, image_token_grid: int = 7, target_mean: float = 0.0, target_std: float = 1.0,
                  backbone_name: str | None = None, backbone_pretrained: str | None = None,
                  trainable_last_blocks: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self._init_inputs(backbone_name, backbone_pretrained, trainable_last_blocks)
-        self.coattention = CoAttention(embed_dim, attn_dim, heads, n_visual_tokens)
+        self.coattention = CoAttention(embed_dim, attn_dim, heads)
         self.tabular = nn.Sequential(nn.Linear(tabular_dim, attn_dim), nn.ReLU()) if tabular_dim else None
         fused = 4 * attn_dim + (attn_dim if tabular_dim else 0)
         self.head = mlp([fused, *hidden], dropout, batch_norm=False)
 
     def features(self, b: dict) -> torch.Tensor:
-        parts = [self.coattention(b["image_emb"], b["text_emb"], b["text_tokens"], b["text_mask"])]
+        if "image_tokens" not in b:
+            raise KeyError("CoAttentionMLPModule attends over patch tokens: the batch has no 'image_tokens' (build the "
+                           "embedding cache with backbone.image_token_grid > 0)")
+        parts = [self.coattention(b["image_emb"], b["image_tokens"], b["text_emb"], b["text_tokens"], b["text_mask"])]
         if self.tabular is not None:
             if "tabular" not in b:
                 raise KeyError("CoAttentionMLPModule was built with tabular_dim > 0 but the batch has no 'tabular'")

@@ -62,6 +62,7 @@ class RunLayout:
     neural_families = _Entry("neural/families.json")
     extract_state = _Entry("neural/pca.npz")
     class_loss = _Entry("neural/class_loss.parquet")
+    fold_predictions = _Entry("neural/fold_predictions.parquet")  # each fold model's predictions of unlabelled posts
     # stack
     stack = _Entry("stack")
     stack_model = _Entry("stack/model")

@@ -4,7 +4,9 @@ the F vector.
 
 Models (``cfg.model.modules``): ``prompt_prototype`` (CMPA-DGPL), ``co_attention`` (HyperFusion co-attention MLP),
 ``hierarchical`` (CLIP hierarchical predictor). Each is trained once per fold of the shared fold assignment, so
-its predictions for labelled posts are out-of-fold and line up with the stack's folds.
+its predictions for labelled posts are out-of-fold and line up with the stack's folds; the prompt/prototype module
+also trains one classification-only F model on every post (``f_checkpoint``), the source of every post's F vector
+(and its only model when it has no popularity head).
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from datamodules.schema import KEY, NO_FOLD
 from datamodules.shards import Collate, SampleDecoder, make_eval_pipeline, make_loader, shard_urls
 from features.crossmodal import crossmodal_features
 from features.families import NEURAL_TEXT, PROMPT, VISUAL
-from lightning_modules.backbone import load_backbone, model_image_size
+from lightning_modules.backbone import load_backbone, model_image_size, token_grid
 from lightning_modules.embed import RANK_DONE, allocate_cache, encode_into, finish_cache, open_cache_arrays, partial_dir
-from lightning_modules.extract import KeyedPredictionWriter, align_fold_outputs, merge_rank_outputs, oof_and_test
+from lightning_modules.extract import KeyedPredictionWriter, merge_rank_outputs, oof_and_test
+from lightning_modules.prompt_prototype_module import F_BLOCKS as PROMPT_F_BLOCKS
 from lightning_modules.prompt_prototype_module import PromptPrototypeModule
 from lightning_modules.prototypes import prototype_means, select_prototype_posts
 from lightning_modules.regressors import CLIPHierarchicalPredictor, CoAttentionMLPModule
@@ -47,12 +50,14 @@ MODULES = {
 }
 MONITOR = {"prompt_prototype": ("val/loss", "min"), "co_attention": ("val/mae", "min"),
            "hierarchical": ("val/mae", "min")}
-#: F-vector blocks (paper eq. 11) and the family each joins in the stack: the frozen CLIP features from the
-#: embedding cache, and the prompt/prototype module's class-aligned blocks (see its module docstring: the learned
-#: coordinates x~, V~, T~ differ from fold model to fold model and enter F as class-prototype similarities).
-CLIP_BLOCKS = ("image_emb", "text_emb")
-PROMPT_BLOCKS = ("w_global", "w_local", "sim_visual", "proto")
-F_BLOCKS = {"image_emb": VISUAL, "text_emb": NEURAL_TEXT, **dict.fromkeys(PROMPT_BLOCKS, PROMPT)}
+#: F-vector blocks (paper eq. 11, named after its symbols) and the family each joins in the stack. f_I, f_T come
+#: from the prompt/prototype F model when it runs (its CLIP, tuned where it is tuned), else from the embedding
+#: cache; the others from the F model (``PromptPrototypeModule.f_blocks``). s is the tabular table.
+CLIP_BLOCKS = {"f_i": "image_emb", "f_t": "text_emb"}  # block -> embedding-cache array
+PROMPT_BLOCKS = tuple(b for b in PROMPT_F_BLOCKS if b not in CLIP_BLOCKS)
+F_BLOCKS = {"f_i": VISUAL, "f_t": NEURAL_TEXT, **dict.fromkeys(PROMPT_BLOCKS, PROMPT)}
+#: The one F model of the prompt/prototype module: classification only, trained on every post with a known class.
+F_MODEL = "features"
 
 
 def _device(cfg: DictConfig) -> str:
@@ -88,13 +93,15 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
     ready = tmp / "allocated.json"
     torch.manual_seed(int(cfg.seed))
     bb = load_backbone(cfg.backbone.name, weights or cfg.backbone.pretrained)
+    grid = image_token_grid(cfg)
     posts = pd.read_parquet(layout.posts, columns=[KEY, "split"])
     post_ids = posts[KEY].tolist()
     if topo.is_zero:
         if tmp.exists():  # left by an interrupted launch
             shutil.rmtree(tmp)
         positions = min(int(cfg.backbone.token_len), bb.context_length)
-        for arr in allocate_cache(tmp, len(post_ids), bb.embed_dim, positions).values():
+        image_positions = token_grid(bb.model, grid) ** 2 if grid else 0
+        for arr in allocate_cache(tmp, len(post_ids), bb.embed_dim, positions, image_positions).values():
             arr.flush()
         atomic_write_json(ready, {"launch": topo.launch_id})
     else:
@@ -108,7 +115,7 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
     amp = torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") and _device(cfg) == "cuda" else None
     written = encode_into(bb.model, loader, open_cache_arrays(tmp), {p: i for i, p in enumerate(post_ids)},
                           token_len=int(cfg.backbone.token_len), device=_device(cfg), autocast_dtype=amp,
-                          progress=topo.is_zero and bool(cfg.get("progress_bar", True)))
+                          progress=topo.is_zero and bool(cfg.get("progress_bar", True)), image_grid=grid)
     log.info("embedding cache: rank %d of %d encoded %d posts", topo.rank, topo.world_size, len(written))
     atomic_write_json(tmp / RANK_DONE.format(rank=topo.rank), {"launch": topo.launch_id, "post_ids": written})
     if not topo.is_zero:
@@ -127,6 +134,18 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
     return finish_cache(tmp, cache, post_ids, parts)
 
 
+def image_token_grid(cfg: DictConfig) -> int:
+    """The patch-token grid the embedding cache holds: ``backbone.image_token_grid`` when the co-attention MLP runs
+    (it attends over the patch tokens), else 0 (no patch tokens cached)."""
+    if not ("co_attention" in cfg.model and cfg.model.co_attention.enabled):
+        return 0
+    grid = int(cfg.backbone.image_token_grid)
+    if grid < 1:
+        raise UserError("model.co_attention attends over CLIP's patch tokens: backbone.image_token_grid must be at "
+                        f"least 1 (got {grid})")
+    return grid
+
+
 def _launch_file(path: Path, launch_id: str) -> dict | None:
     """The JSON at ``path`` when it was written by this launch (its ``launch`` field), else None."""
     try:
@@ -141,11 +160,13 @@ def _tabular_path(cfg: DictConfig, layout: RunLayout, name: str) -> str | None:
     return str(layout.tabular) if name == "co_attention" and cfg.model[name].use_tabular else None
 
 
-def cache_datamodule(cfg: DictConfig, layout: RunLayout, name: str, fold: int | None) -> EmbeddingDataModule:
-    """Batches of the frozen-embedding cache for module ``name`` (``model.<name>.batch_size`` per device)."""
+def cache_datamodule(cfg: DictConfig, layout: RunLayout, name: str, fold: int | None,
+                     all_posts: bool = False) -> EmbeddingDataModule:
+    """Batches of the frozen-embedding cache for module ``name`` (``model.<name>.batch_size`` per device).
+    ``all_posts``: train on every post with a known class, labelled or not (the F model)."""
     m = cfg.model[name]
     return EmbeddingDataModule(
-        str(layout.embeddings), str(layout.posts), str(layout.folds), str(layout.vocab), fold=fold,
+        str(layout.embeddings), str(layout.posts), str(layout.folds), str(layout.vocab), fold=fold, all_posts=all_posts,
         batch_size=int(m.batch_size), num_workers=int(cfg.data.num_workers),
         fields=getattr(MODULES[name], "cache_fields", EMBEDDING_FIELDS), tabular_path=_tabular_path(cfg, layout, name),
         seed=int(cfg.seed) + (fold or 0),
@@ -180,8 +201,9 @@ def shard_datamodule(cfg: DictConfig, layout: RunLayout, name: str, fold: int | 
     )
 
 
-def build_module(cfg: DictConfig, layout: RunLayout, name: str, dm: EmbeddingDataModule):
-    """The module ``name`` for one fold, with the fold's label statistics (and prototypes).
+def build_module(cfg: DictConfig, layout: RunLayout, name: str, dm: EmbeddingDataModule, **overrides):
+    """The module ``name`` for one fold, with the fold's label statistics (and prototypes); ``overrides`` replace
+    config values (the F model: ``regression_weight=0``).
 
     Modules trained over shards (``uses_shards``) get their own CLIP copy (the run's weights, the last
     ``backbone.trainable_last_blocks`` blocks trainable); prototypes and sizes always come from the cache.
@@ -190,8 +212,11 @@ def build_module(cfg: DictConfig, layout: RunLayout, name: str, dm: EmbeddingDat
     hp = {k: v for k, v in m.items() if k not in ("enabled", "batch_size", "epochs", "use_tabular", "shots",
                                                    "n_time_bins", "input",
                                                    "early_stopping_patience")}
+    hp.update(overrides)
     y = dm.meta.label.to_numpy()[dm.train_idx]
-    hp.update(target_mean=float(np.mean(y)), target_std=float(np.std(y) or 1.0), token_len=int(cfg.backbone.token_len))
+    y = y[~np.isnan(y)]  # the F model trains on unlabelled posts too (it reads no label)
+    hp.update(target_mean=float(np.mean(y)) if len(y) else 0.0, target_std=float(np.std(y) or 1.0) if len(y) else 1.0,
+              token_len=int(cfg.backbone.token_len))
     cache = dm.cache
     if name == "prompt_prototype":
         vocab = json.loads(layout.vocab.read_text())
@@ -220,7 +245,8 @@ def build_module(cfg: DictConfig, layout: RunLayout, name: str, dm: EmbeddingDat
         hp.update(backbone_name=cfg.backbone.name, backbone_pretrained=None,
                   trainable_last_blocks=int(cfg.backbone.trainable_last_blocks))
     if name == "co_attention":
-        module = CoAttentionMLPModule(embed_dim=embed_dim, tabular_dim=dm.tabular_dim, **hp)
+        module = CoAttentionMLPModule(embed_dim=embed_dim, tabular_dim=dm.tabular_dim,
+                                      image_token_grid=image_token_grid(cfg), **hp)
     else:
         module = CLIPHierarchicalPredictor(embed_dim=embed_dim, **hp)
     if shards:
@@ -301,6 +327,25 @@ def fit_pca_blocks(frame: pd.DataFrame, labelled: np.ndarray, dim: int, state: d
     return pd.concat(blocks, axis=1)
 
 
+def has_fold_models(cfg: DictConfig, name: str) -> bool:
+    """Whether module ``name`` is trained per fold: every module but a classification-only prompt/prototype module,
+    whose only outputs (F, class loss) come from its one F model."""
+    return name != "prompt_prototype" or float(cfg.model[name].regression_weight) > 0
+
+
+def f_model_dir(layout: RunLayout, name: str) -> Path:
+    """``neural/<module>/features``: the prompt/prototype module's one F model (``pipeline.training`` files)."""
+    return layout.module_dir(name) / F_MODEL
+
+
+def f_checkpoint(layout: RunLayout, name: str) -> Path:
+    """The F model's checkpoint; raises ``FileNotFoundError`` when it has not finished training."""
+    best = finished_checkpoint(f_model_dir(layout, name))
+    if best is None:
+        raise FileNotFoundError(f"{f_model_dir(layout, name) / DONE}: the {name} F model has not finished training")
+    return best
+
+
 def checkpoints(cfg: DictConfig, layout: RunLayout, name: str) -> dict[int, Path]:
     """The best checkpoint of each fold of module ``name``."""
     out = {}
@@ -313,22 +358,26 @@ def checkpoints(cfg: DictConfig, layout: RunLayout, name: str) -> dict[int, Path
     return out
 
 
-def _block_frame(cache, blocks) -> pd.DataFrame:
-    return pd.concat([pd.DataFrame(np.asarray(cache[b]), columns=[f"{b}_{j:03d}" for j in range(cache[b].shape[1])])
-                      for b in blocks], axis=1)
+def _block_frame(cache, blocks: dict[str, str]) -> pd.DataFrame:
+    """{block: cache array} -> columns ``<block>_<j>``."""
+    return pd.concat([pd.DataFrame(np.asarray(cache[a]), columns=[f"{b}_{j:03d}" for j in range(cache[a].shape[1])])
+                      for b, a in blocks.items()], axis=1)
 
 
 def neural_outputs(cfg: DictConfig, data: RunLayout, run: RunLayout, state: dict,
                    extras: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Neural features (the F vector blocks, PCA-reduced, + the cross-modal cosine) and predictions of every post
-    laid out in ``data`` (posts, folds, vocab, embeddings, features), with the checkpoints of ``run``.
+    """Neural features (the F vector blocks of eq. 11, PCA-reduced, + the cross-modal cosine) and predictions of
+    every post laid out in ``data`` (posts, folds, vocab, embeddings, features), with the checkpoints of ``run``.
 
-    Posts with a fold get out-of-fold outputs, the others (test, new and held-back posts) the mean over folds.
-    The prompt/prototype module's class-aligned blocks are standardised per fold model first
-    (``align_fold_outputs``); the CLIP blocks are the frozen embedding cache. ``state`` (per-fold alignment
-    statistics, PCA bases) is filled on the training run and reused as is for new posts. A module without a
-    popularity head adds no prediction column. ``extras``, when given, receives ``class_loss``: (n,) per-post
-    classification loss of the prompt/prototype module (out-of-fold for posts with a fold), or nothing.
+    F is leak-free and the same space for every post: its prompt/prototype blocks (and f_I, f_T) come from the one
+    classification-only F model (``f_checkpoint``: no popularity label, trained on every post with a known class),
+    so a post's row does not depend on its fold; without the module, f_I and f_T are the embedding cache.
+    Predictions: posts with a fold get their fold model's (out-of-fold), the others (test, new and held-back posts)
+    the mean over fold models. ``state`` (PCA bases) is filled on the training run and reused as is for new posts.
+    A module without a popularity head adds no prediction column. ``extras``, when given, receives
+    ``fold_predictions`` ({prediction column: {fold: (unlabelled posts,) that fold model's predictions}}:
+    pseudo-labels of fold k read fold k's model only, ``stacking.stack.fold_pseudo_labels``) and ``class_loss``:
+    (n,) per-post classification loss of the F model (the subcategory is not a popularity label), or nothing.
     """
     folds = read_folds(data.folds)
     post_ids = folds[KEY].tolist()
@@ -339,19 +388,21 @@ def neural_outputs(cfg: DictConfig, data: RunLayout, run: RunLayout, state: dict
     for name in enabled_modules(cfg):
         shards = uses_shards(cfg, name)
         dm = shard_datamodule(cfg, data, name, None) if shards else cache_datamodule(cfg, data, name, None)
-        frames = predict_frames(cfg, dm, data.predict_dir(name), checkpoints(cfg, run, name),
-                                name, post_ids)
         if name == "prompt_prototype":
-            cols = [c for c in next(iter(frames.values())).columns if c.rsplit("_", 1)[0] in PROMPT_BLOCKS]
-            stats = state.setdefault(f"align.{name}", {})
-            frames = align_fold_outputs(frames, cols, stats)
-        merged = oof_and_test(frames, folds)
-        if "prediction" in merged:
-            preds[f"pred_{name}"] = merged["prediction"].to_numpy(dtype=np.float32)
-        if name == "prompt_prototype":
-            f_frame = pd.concat([f_frame, merged[cols]], axis=1)
+            f_out = predict_frames(cfg, dm, data.predict_dir(name), {F_MODEL: f_checkpoint(run, name)}, name,
+                                   post_ids)[F_MODEL]
+            cols = [c for c in f_out.columns if c.rsplit("_", 1)[0] in F_BLOCKS]
+            f_frame = f_out[cols].reset_index(drop=True)
             if extras is not None:
-                extras["class_loss"] = merged["class_loss"].to_numpy(dtype=np.float64)
+                extras["class_loss"] = f_out["class_loss"].to_numpy(dtype=np.float64)
+        if not has_fold_models(cfg, name):
+            continue
+        frames = predict_frames(cfg, dm, data.predict_dir(name), checkpoints(cfg, run, name), name, post_ids)
+        frames = {k: f[[KEY, "prediction"]] for k, f in frames.items()}
+        merged = oof_and_test(frames, folds)
+        preds[f"pred_{name}"] = merged["prediction"].to_numpy(dtype=np.float32)
+        if extras is not None:
+            extras.setdefault("fold_predictions", {})[f"pred_{name}"] = unlabelled_by_fold(frames, folds)
     nf = fit_pca_blocks(f_frame, labelled, int(cfg.model.extract.pca_dim), state)
     nf = pd.concat([nf, crossmodal_features(np.asarray(cache["image_emb"]), np.asarray(cache["text_emb"]),
                                             np.asarray(cache["has_image"]))], axis=1)
@@ -359,9 +410,16 @@ def neural_outputs(cfg: DictConfig, data: RunLayout, run: RunLayout, state: dict
     return nf, preds
 
 
+def unlabelled_by_fold(frames: dict[int, pd.DataFrame], folds: pd.DataFrame) -> dict[int, np.ndarray]:
+    """{fold k: fold k's model's ``prediction`` of each post without a fold, in posts order}."""
+    rows = folds["fold"].to_numpy() == NO_FOLD
+    order = folds[KEY].to_numpy()[rows]
+    return {k: f.set_index(KEY).loc[order, "prediction"].to_numpy(dtype=np.float32) for k, f in frames.items()}
+
+
 def save_extract_state(state: dict, path: Path) -> None:
-    """The extract state (PCA bases ``{block: (mean, components)}`` and per-fold alignment statistics
-    ``{"align.<module>": {fold: (mean, std)}}``) as one ``.npz``."""
+    """The extract state (PCA bases ``{block: (mean, components)}``, and any per-fold pairs
+    ``{name: {fold: (a, b)}}``) as one ``.npz``."""
     arrays = {}
     for key, value in state.items():
         pairs = value.items() if isinstance(value, dict) else [(None, value)]

@@ -152,7 +152,7 @@ DATA = {
 }
 BACKBONE = {
     "name": Str(), "pretrained": Str(null=True), "trainable_last_blocks": Int(lo=0), "token_len": Int(lo=1),
-    "embed_batch_size": Int(lo=1),
+    "image_token_grid": Int(lo=0), "embed_batch_size": Int(lo=1),
 }
 FEATURES = {
     "user_vector_dim": Int(lo=0), "location_vector_dim": Int(lo=0), "user_tag_svd_dim": Int(lo=0),
@@ -174,7 +174,7 @@ PROMPT_PROTOTYPE = {
     "regression_weight": Num(lo=0), "regression_hidden": Int(lo=1), "prompt_lr": Num(lo=0, lo_open=True, null=True),
 }
 CO_ATTENTION = {
-    **MODULE_COMMON, "use_tabular": Bool(), "attn_dim": Int(lo=1), "heads": Int(lo=1), "n_visual_tokens": Int(lo=1),
+    **MODULE_COMMON, "use_tabular": Bool(), "attn_dim": Int(lo=1), "heads": Int(lo=1),
     "hidden": ListOf(Int(lo=1)), "dropout": Num(lo=0, hi=1),
 }
 HIERARCHICAL = {**MODULE_COMMON, "hidden": ListOf(Int(lo=1)), "dropout": Num(lo=0, hi=1)}

@@ -181,7 +181,7 @@ def fit_resumable(
     key: dict[str, Any] | None = None,
     trainer_cfg: dict[str, Any],
     max_epochs: int,
-    monitor: str,
+    monitor: str | None,
     mode: str,
     seed: int,
     wandb_prefix: str | None = None,
@@ -191,7 +191,8 @@ def fit_resumable(
     """Fit ``module`` (or resume it) and return the path of the best checkpoint.
 
     ``trainer_cfg``: the config's ``trainer`` section, any ``lightning.Trainer`` arguments (see ``trainer_kwargs``);
-    ``early_stopping_patience``: stop after this many validations without improvement of ``monitor`` (None = off).
+    ``monitor``: the metric that picks the best checkpoint (None: the last epoch's); ``early_stopping_patience``: stop
+    after this many validations without improvement of ``monitor`` (None = off).
     ``key``: JSON-serialisable description of everything the fit depends on (see the module docstring); a
     directory made with another key starts afresh. None: no key is recorded or checked (a caller-owned folder).
     Raises ``UserError`` when ``max_epochs`` < 1 or the fit ended without writing a checkpoint.

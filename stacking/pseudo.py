@@ -1,8 +1,9 @@
 """Pseudo-label selection (HyperFusion §3.5, eq. 10): confident unlabelled posts join the training parts.
 
 Confidence of an unlabelled post = 1 / (std of the member predictions + eps): members that agree are
-confident. Posts with confidence > tau = mu + alpha * sigma (mean and std of the confidences) are selected and
-labelled with the blended prediction.
+confident. The paper defines neither the confidence nor alpha: both are ours (docs/reproduction.md).
+Posts with confidence > tau = mu + alpha * sigma (mean and std of the confidences) are selected and
+labelled by the caller (``stacking.stack.fold_pseudo_labels``: the mean of the fold's own members).
 """
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ validation part (its out-of-fold predictions: each labelled row gets exactly one
 that held it out) and every unlabelled row. Blend weights are fitted per fold on that fold's validation
 predictions (eq. 8); a test post's prediction is the mean over folds of the fold blends (eq. 9).
 
-Pseudo-labels are per fold: fold k's training part gets unlabelled posts labelled by fold k's own blend (its members
-were fitted without fold k's labelled rows), selected by the agreement of fold k's own members. A label-mean over
-all folds would carry fold k's labels back into fold k through the models of the other folds, and lift its
-out-of-fold score.
+Pseudo-labels are per fold (``fold_pseudo_labels``): fold k's training part gets unlabelled posts labelled by the
+mean of fold k's own members (fitted without fold k's labelled rows; a neural member by its fold-k model's
+predictions, not the fold mean), selected by their agreement. A label-mean over all folds, the fold mean of a neural
+model, or fold k's blend (its weights are fitted on fold k's rows) would carry fold k's labels back into fold k and
+lift its out-of-fold score.
 
 Guards (``stacking.guard``): a neural member's predictions are clipped to the training label range widened by
 ``label_margin`` of its width; a member whose unlabelled-row predictions leave that range (more than ``max_outside``
@@ -92,7 +93,7 @@ class StackConfig:
     """members: tree members to fit ({name: params}); neural_columns: prediction columns read as members.
     blend: caruana | mae | spearman | ridge; caruana_size: greedy steps.
     pseudo_rounds, pseudo_alpha: eq. 10. iqr_k: IQR fence factor for training labels (0 = no filter).
-    selection_fraction: loss-based selection (1.0 = keep all; the paper uses 0.77).
+    selection_fraction: loss-based selection (1.0 = keep all; CMPA-DGPL's speed trade-off keeps 0.77).
     guard: label_margin, max_outside, max_error_ratio (see the module docstring).
     refit_full: refit the tree members on every label for the test predictions (see the module docstring).
     n_jobs: (fold, member) fits at once: auto (``concurrent_fits``) or an integer.
@@ -236,6 +237,7 @@ def run_stack(
     X: pd.DataFrame, y: np.ndarray, folds: np.ndarray, categorical: list[str], cfg: StackConfig,
     eval_folds: list[int] | None = None, progress: bool = False, selection_losses: np.ndarray | None = None,
     latest: np.ndarray | None = None,
+    neural_unlabelled_by_fold: dict[str, dict[int, np.ndarray]] | None = None,
 ) -> StackResult:
     """Fit the stack. ``X``: float32 features of every post (neural prediction columns included);
     ``y``: labels (ignored where the fold is NO_FOLD: unlabelled and held-back posts); ``folds``: from
@@ -243,7 +245,10 @@ def run_stack(
     K-fold); scores are then computed on those folds' rows only. ``progress`` shows a bar over (round, fold,
     member) fits. ``selection_losses``: (n,) per-row loss for loss-based selection (NaN = unknown), or None.
     ``latest``: (n,) bool, the latest rows with a fold (by date), on which the error guard decides; None = no error
-    guard. A row without a fold but with a label (the held-back slice) reaches only the refit (``cfg.refit_full``)."""
+    guard. A row without a fold but with a label (the held-back slice) reaches only the refit (``cfg.refit_full``).
+    ``neural_unlabelled_by_fold``: {neural column: {fold k: predictions of fold k's neural model for the
+    unlabelled rows, in their order}}; pseudo-labelling reads a neural member's fold-k model from it
+    (``fold_pseudo_labels``), never the fold mean in ``X``."""
     y = np.asarray(y, dtype=np.float64)
     folds = np.asarray(folds)
     labelled = folds != NO_FOLD
@@ -287,10 +292,10 @@ def run_stack(
                  "tau": np.nan, "selected_next": 0, "member_seconds": round(sum(fits.seconds.values()), 3)}
         if r < cfg.pseudo_rounds and len(XU):
             taus = []
-            for k in fold_ids:  # fold k's pseudo-labels from fold k's own members only
-                mask, tau = select_pseudo(np.column_stack([fits.test_by_fold[n][k] for n in names]),
-                                          cfg.pseudo_alpha)
-                pseudo[k] = (XU[mask], blended.test_by_fold[k][mask])
+            for k in fold_ids:  # fold k's pseudo-labels from models that never saw fold k's labels
+                mask, labels, tau = fold_pseudo_labels(active, cfg, fits.test_by_fold, k,
+                                                       neural_unlabelled_by_fold)
+                pseudo[k] = (XU[mask], labels)
                 taus.append(tau)
             entry.update(tau=float(np.mean(taus)),
                          selected_next=int(np.mean([len(pseudo[k][1]) for k in fold_ids])))
@@ -371,6 +376,35 @@ def _refit_full(result: StackResult, cfg: StackConfig, categorical: list[str], X
     result.test.loc[test_rows, "blend"] = blend(P, _mean_params(result.blend_params))
     log.info("stack: refit on %d labels (%d held back) for %d test rows: %s", len(y_full), int(held.sum()),
              int(test_rows.sum()), ", ".join(f"{n} {r} rounds" for n, r in result.refit_rounds.items()))
+
+
+def fold_pseudo_labels(names: list[str], cfg: StackConfig, test_by_fold: dict[str, dict[int, np.ndarray]],
+                       k: int, neural_unlabelled_by_fold: dict[str, dict[int, np.ndarray]] | None,
+                       ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Fold ``k``'s pseudo-labels (eq. 10) from models that never saw fold k's labels: the selection mask over the
+    unlabelled rows, the labels of the selected rows, and tau.
+
+    The ensemble is fold k's tree members (fitted on the other folds) and, for each neural member, the fold-k neural
+    model's own predictions (``neural_unlabelled_by_fold[column][k]``; the column in the stack inputs holds the mean
+    over all fold models, four of which trained on fold k's labels). Confidence is the members' agreement; the label
+    is their plain mean: fold k's blend weights are fitted on fold k's labels, so the blend would carry them back
+    into fold k. A neural member without per-fold predictions is left out of pseudo-labelling (logged)."""
+    per_fold = neural_unlabelled_by_fold or {}
+    columns = []
+    for n in names:
+        if n not in cfg.neural_columns:
+            columns.append(test_by_fold[n][k])
+        elif k in per_fold.get(n, {}):
+            columns.append(np.asarray(per_fold[n][k], dtype=np.float64))
+        else:
+            log.warning("stack: pseudo-labels of fold %d leave out neural member %s (no per-fold predictions of "
+                        "the unlabelled posts)", k, n)
+    if not columns:
+        raise ValueError("pseudo-labelling has no member that never saw the fold's labels (neural members need "
+                         "per-fold predictions of the unlabelled posts)")
+    P = np.column_stack(columns)
+    mask, tau = select_pseudo(P, cfg.pseudo_alpha)
+    return mask, P[mask].mean(axis=1), tau
 
 
 def _rows_to_fit(XL: pd.DataFrame, yl: np.ndarray, fl: np.ndarray, categorical: list[str], cfg: StackConfig,

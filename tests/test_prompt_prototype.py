@@ -70,9 +70,12 @@ def test_output_shapes():
     assert out["prediction"].shape == (16,)
     pred = m.predict_step(cached_batch(), 0)
     assert len(pred["post_id"]) == 16 and pred["prediction"].shape == (16,) and pred["class_loss"].shape == (16,)
-    for block in ("w_global", "w_local", "sim_visual", "proto"):  # F in class coordinates only (module docstring)
-        assert pred[block].shape == (16, K), block
-    assert not {"x_tilde", "V_pool", "T_pool", "image_emb", "text_emb"} & set(pred)
+    widths = {"f_i": D, "f_t": D, "w_g": K, "w_l": K, "x_tilde": 32, "v_tilde": 32, "t_tilde": 32}  # eq. 11
+    for block, width in widths.items():
+        assert pred[block].shape == (16, width), block
+    torch.testing.assert_close(pred["x_tilde"], out["x"])
+    p_v = out["logits_v"].softmax(-1)  # V~ summarised by the post's own eq.-7 class posterior
+    torch.testing.assert_close(pred["v_tilde"], torch.einsum("bk,bkd->bd", p_v, out["V"]), rtol=1e-5, atol=1e-5)
 
 
 def test_without_popularity_head_no_prediction_and_per_post_class_loss():

@@ -30,18 +30,63 @@ def test_huber_matches_paper_eq7():
 
 def test_coattention_shapes_and_masking():
     torch.manual_seed(0)
-    block = CoAttention(D, dim=8, heads=2, n_visual_tokens=3).eval()
+    block = CoAttention(D, dim=8, heads=2).eval()
     img, txt = torch.randn(4, D), torch.randn(4, D)
+    patches = torch.randn(4, 9, D)
     tokens = torch.randn(4, L_TOK, D)
     mask = torch.ones(4, L_TOK, dtype=torch.bool)
     mask[:, 4:] = False
-    out = block(img, txt, tokens, mask)
+    out = block(img, patches, txt, tokens, mask)
     assert out.shape == (4, 32)
     tokens2 = tokens.clone()
     tokens2[:, 4:] = 100 * torch.randn(4, 2, D)  # masked positions change
-    torch.testing.assert_close(block(img, txt, tokens2, mask), out)
+    torch.testing.assert_close(block(img, patches, txt, tokens2, mask), out)
     tokens2[:, 1] += 1.0  # a real token changes -> the output changes
-    assert not torch.allclose(block(img, txt, tokens2, mask), out)
+    assert not torch.allclose(block(img, patches, txt, tokens2, mask), out)
+
+
+def test_coattention_attends_over_patch_tokens():
+    """The image side is real tokens: changing one patch token of one post changes that post's output (and no
+    other post's), with the pooled image embedding unchanged."""
+    torch.manual_seed(0)
+    block = CoAttention(D, dim=8, heads=2).eval()
+    img, txt = torch.randn(3, D), torch.randn(3, D)
+    patches, tokens = torch.randn(3, 9, D), torch.randn(3, L_TOK, D)
+    mask = torch.ones(3, L_TOK, dtype=torch.bool)
+    with torch.no_grad():
+        out = block(img, patches, txt, tokens, mask)
+        changed = patches.clone()
+        changed[1, 4] += 2.0  # post 1, patch 4
+        again = block(img, changed, txt, tokens, mask)
+    assert not torch.allclose(again[1], out[1])
+    torch.testing.assert_close(again[[0, 2]], out[[0, 2]])
+
+
+def test_image_tokens_come_from_the_last_layer_and_the_cache_stores_them(tmp_path):
+    from datamodules.cached import load_embedding_cache
+    from lightning_modules.backbone import TINY_MODEL, encode_image_tokens, encode_posts, load_backbone
+
+    model = load_backbone(TINY_MODEL).model.eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled, patches = encode_image_tokens(model, images, 7)  # the tiny tower has a 4 x 4 grid: all 16 kept
+        assert patches.shape == (2, 16, 64)
+        torch.testing.assert_close(pooled, model.encode_image(images))
+        assert encode_image_tokens(model, images, 2)[1].shape == (2, 4, 64)  # average-pooled to 2 x 2
+        edited = images.clone()
+        edited[0, :, :16, :16] += 1.0  # the top-left patch of image 0
+        _, moved = encode_image_tokens(model, edited, 7)
+    assert not torch.allclose(moved[0], patches[0]) and torch.allclose(moved[1], patches[1], atol=1e-5)
+    post_ids = [f"p{i}" for i in range(N)]
+    compute_embedding_cache(model, raw_batches(post_ids, np.arange(N)), tmp_path / "emb", post_ids=post_ids,
+                            token_len=L_TOK, progress=False, image_grid=2)
+    cache = load_embedding_cache(tmp_path / "emb")
+    assert cache["image_tokens"].shape == (N, 4, 64) and cache["image_tokens"].dtype == np.float16
+    batch = next(raw_batches(post_ids, np.arange(N)))
+    with torch.no_grad():
+        enc = encode_posts(model, batch["image"], batch["text_ids"], L_TOK, image_grid=2)
+    np.testing.assert_allclose(cache["image_tokens"][:7].astype(np.float32), enc["image_tokens"].numpy(), rtol=1e-2,
+                               atol=1e-2)
 
 
 # ------------------------------------------------------------------ a tiny run directory with a cache
@@ -79,7 +124,7 @@ def run_dir(tmp_path_factory):
     model = load_backbone(TINY_MODEL).model
     order = np.random.default_rng(0).permutation(N)
     compute_embedding_cache(model, raw_batches(post_ids, order), d / "emb", post_ids=post_ids, token_len=L_TOK,
-                            progress=False)
+                            progress=False, image_grid=4)
     return d
 
 
@@ -111,10 +156,11 @@ def test_cache_errors_on_missing_and_duplicate(tmp_path):
                                 token_len=4, progress=False)
 
 
-def datamodule(run_dir, fold, tabular=False):
+def datamodule(run_dir, fold, tabular=False, fields=None):
     return EmbeddingDataModule(str(run_dir / "emb"), str(run_dir / "posts.parquet"), str(run_dir / "folds.parquet"),
                                str(run_dir / "vocab.json"), fold=fold, batch_size=8,
-                               tabular_path=str(run_dir / "tab.parquet") if tabular else None)
+                               tabular_path=str(run_dir / "tab.parquet") if tabular else None,
+                               **({"fields": fields} if fields else {}))
 
 
 def test_datamodule_folds_and_tabular_alignment(run_dir):
@@ -137,7 +183,7 @@ def fit(module, dm, tmp_path, epochs=2):
                                      (CLIPHierarchicalPredictor, {"hidden": (8, 4)})])
 def test_regressor_checkpoint_reproduces_predictions(run_dir, tmp_path, cls, kw):
     torch.manual_seed(0)
-    dm = datamodule(run_dir, 0, tabular=cls is CoAttentionMLPModule)
+    dm = datamodule(run_dir, 0, tabular=cls is CoAttentionMLPModule, fields=getattr(cls, "cache_fields", None))
     module = cls(embed_dim=64, target_mean=7.0, target_std=2.0, **kw)
     path = fit(module, dm, tmp_path)
     back = cls.load_from_checkpoint(path, weights_only=True).eval()

@@ -132,6 +132,47 @@ def test_pseudo_labels_of_a_fold_never_carry_its_own_labels(monkeypatch):
     assert np.mean(np.abs(pred - y[dup])) >= 0.9 * np.mean(np.abs(fold_mean - y[dup]))
 
 
+def test_pseudo_labels_of_a_fold_unchanged_when_its_labels_change_with_neural_members(monkeypatch):
+    """Fold 0's pseudo-labels come only from models that never saw fold 0's labels: its tree members (fitted on the
+    other folds) and the fold-0 neural model. Changing fold 0's labels, and the other neural fold models' outputs
+    (they trained on fold 0's labels, and so does the fold mean in the neural column), leaves them as they were."""
+    X, y, folds = data()
+    unl = np.flatnonzero(folds == NO_FOLD)
+    rng = np.random.default_rng(1)
+
+    def inputs(shift_fold0_labels: float, shift_other_models: float):
+        yy = y.copy()
+        yy[folds == 0] += shift_fold0_labels
+        per_fold = {k: 6 + rng_fold[k] + (shift_other_models if k != 0 else 0.0) for k in range(3)}
+        XX = X.copy()
+        XX["pred_nn"] = np.where(folds == NO_FOLD, 0.0, yy + noise).astype(np.float32)
+        XX.loc[unl, "pred_nn"] = np.mean([per_fold[k] for k in range(3)], axis=0).astype(np.float32)
+        return XX, yy, {"pred_nn": per_fold}
+
+    noise = rng.normal(0, 0.3, len(y))
+    rng_fold = {k: rng.normal(0, 0.5, len(unl)) for k in range(3)}
+    seen = []
+
+    class Spy(Memoriser):
+        def fit(self, X_tr, y_tr, X_va, y_va):
+            fold = int(folds[np.flatnonzero(np.isin(X.f0.round(6), X_va.f0.round(6)))[0]])
+            pseudo = np.isin(X_tr.f0.round(6), X.f0.iloc[unl].round(6))
+            seen.append((fold, X_tr.f0[pseudo].round(6).tolist(), np.round(y_tr[pseudo], 9).tolist()))
+            return super().fit(X_tr, y_tr, X_va, y_va)
+
+    monkeypatch.setattr(stack_module, "make_member", lambda kind, params, cats, seed: Spy())
+    cfg = StackConfig(members={"memo": {}}, neural_columns=["pred_nn"], pseudo_rounds=1, iqr_k=0, pseudo_alpha=-0.5,
+                      blend="mae")
+    runs = []
+    for shifts in ((0.0, 0.0), (3.0, 2.0)):
+        seen.clear()
+        XX, yy, per_fold = inputs(*shifts)
+        run_stack(XX, yy, folds, [], cfg, neural_unlabelled_by_fold=per_fold)
+        runs.append([entry for entry in seen if entry[0] == 0 and entry[1]])  # fold 0, round 1 (with pseudo rows)
+    assert runs[0] and runs[0][0][1]  # fold 0 got pseudo-labelled rows
+    assert runs[0] == runs[1]
+
+
 def test_select_pseudo_threshold():
     preds = np.array([[1.0, 1.0], [1.0, 3.0], [2.0, 2.1], [0.0, 5.0]])
     mask, tau = select_pseudo(preds, alpha=0.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pandas as pd
 
 from datamodules.atomic import atomic_path, atomic_write_json
@@ -42,6 +43,11 @@ def run(ctx: StageContext) -> StageResult:
         with atomic_path(layout.class_loss) as tmp:
             pd.DataFrame({KEY: nf[KEY], "class_loss": extras["class_loss"]}).to_parquet(tmp, index=False)
         outputs.append(RunLayout.class_loss)
+    if extras.get("fold_predictions"):  # fold-pure pseudo-labels (stacking.stack.fold_pseudo_labels); not features
+        unlabelled = read_folds(layout.folds).query("fold == @NO_FOLD")[KEY].tolist()
+        with atomic_path(layout.fold_predictions) as tmp:
+            fold_predictions_frame(extras["fold_predictions"], unlabelled).to_parquet(tmp, index=False)
+        outputs.append(RunLayout.fold_predictions)
     save_extract_state(state, layout.extract_state)
     metrics = out_of_fold_scores(layout, preds)
     families = {c: c.split("__", 1)[0] for c in nf.columns if c != KEY}
@@ -62,3 +68,11 @@ def out_of_fold_scores(layout: RunLayout, preds: pd.DataFrame) -> dict[str, floa
     for k, v in metrics.items():
         log.info("extract: out-of-fold %s = %.4f", k, v)
     return metrics
+
+
+def fold_predictions_frame(per_column: dict[str, dict[int, np.ndarray]], post_ids: list[str]) -> pd.DataFrame:
+    """``unlabelled_by_fold`` of each prediction column as one long table: ``post_id, fold, <column>...``."""
+    folds = sorted(next(iter(per_column.values())))
+    return pd.DataFrame({KEY: np.tile(np.asarray(post_ids, dtype=object), len(folds)),
+                         "fold": np.repeat(np.asarray(folds, dtype=np.int64), len(post_ids)),
+                         **{c: np.concatenate([v[k] for k in folds]) for c, v in per_column.items()}})

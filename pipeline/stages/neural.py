@@ -1,7 +1,9 @@
 """Stage 3, neural: the embedding cache, then every enabled module trained on every fold (``pipeline.neural``).
 
 Each module is trained once per fold of the shared fold assignment, so its predictions for labelled posts are
-out-of-fold and line up with the stack's folds (the extract stage makes them).
+out-of-fold and line up with the stack's folds (the extract stage makes them). The prompt/prototype module also
+trains its one F model (classification only, every post with a known class: no popularity label, no fold), which
+gives every post's F vector; without a popularity head (``regression_weight`` 0) that is all it trains.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from pipeline.neural import (
     build_module,
     cache_datamodule,
     enabled_modules,
+    f_model_dir,
+    has_fold_models,
+    image_token_grid,
     shard_datamodule,
     trainer_cfg,
     uses_shards,
@@ -62,12 +67,23 @@ def run(ctx: StageContext) -> StageResult:
     cfg, layout, inputs, bb = ctx.cfg, ctx.layout, ctx.upstream, ctx.inputs
     cache_key = {"shards": inputs.get(RunLayout.shards), "posts": inputs.get(RunLayout.posts), "backbone": bb,
                  "token_len": int(cfg.backbone.token_len), "text_field": cfg.data.text_field,
-                 "precision": str(cfg.trainer.precision)}
+                 "precision": str(cfg.trainer.precision), "image_token_grid": image_token_grid(cfg)}
     build_cache(cfg, layout, key=cache_key)
     metrics = {}
     outputs = [RunLayout.embeddings]
     for name in enabled_modules(cfg):
         monitor, _ = MONITOR[name]
+        model_key = {"model": OmegaConf.to_container(cfg.model[name], resolve=True), "backbone": {
+            **bb, "trainable_last_blocks": int(cfg.backbone.trainable_last_blocks),
+            "token_len": int(cfg.backbone.token_len)}, "trainer": result_trainer_args(trainer_cfg(cfg))}
+        if name == "prompt_prototype":
+            # the F model reads no label and no fold: the fold assignment is not part of its key
+            key = {"data": {k: v for k, v in inputs.items() if k != RunLayout.folds}, "seed": int(cfg.seed),
+                   "f_model": True, **model_key}
+            train_f_model(cfg, layout, name, key)
+            outputs.append(layout.rel(f_model_dir(layout, name)))
+        if not has_fold_models(cfg, name):
+            continue
         for fold in range(int(cfg.n_folds)):
             out = layout.fold_dir(name, fold)
             key = {"data": inputs, "folds": inputs.get(RunLayout.folds), "fold": fold, "seed": int(cfg.seed) + fold,
@@ -79,6 +95,29 @@ def run(ctx: StageContext) -> StageResult:
             metrics[f"{name}/fold{fold}/{monitor}"] = read_done(out)["best_score"]
             outputs.append(layout.rel(out))
     return StageResult(outputs=outputs, metrics=metrics)
+
+
+def train_f_model(cfg: DictConfig, layout: RunLayout, name: str, key: dict) -> None:
+    """Fit module ``name``'s one F model (``regression_weight`` 0, every post with a known class, no validation:
+    the last epoch's weights, as CMPA-DGPL §4.1.3 saves the model after training) unless a finished fit made with
+    ``key`` is there. Over the shards (``uses_shards``) it trains on the labelled posts of every fold."""
+    out = f_model_dir(layout, name)
+    topo = topology()
+    if topo.is_zero:
+        start_fresh_unless(out, key)
+    else:
+        wait_for(lambda: recorded_key_is(out / KEY_FILE, key), f"{out / KEY_FILE} (keyed by rank 0)",
+                 wait_timeout(cfg))
+    if finished_checkpoint(out) is not None:
+        return
+    log.info("neural: training the %s F model (classification only, every post with a known class)", name)
+    torch.manual_seed(int(cfg.seed))
+    dm = cache_datamodule(cfg, layout, name, None, all_posts=True)
+    module = build_module(cfg, layout, name, dm, regression_weight=0.0)
+    data = shard_datamodule(cfg, layout, name, None) if uses_shards(cfg, name) else dm
+    fit_resumable(module, data, out, key=key if topo.is_zero else None, trainer_cfg=trainer_cfg(cfg),
+                  max_epochs=int(cfg.model[name].epochs), monitor=None, mode="min", seed=int(cfg.seed),
+                  wandb_prefix=f"{name}/features", progress_bar=bool(cfg.get("progress_bar", True)))
 
 
 def train_fold(cfg: DictConfig, layout: RunLayout, name: str, fold: int, key: dict) -> None:

@@ -48,6 +48,20 @@ def stack_inputs(layout: RunLayout) -> tuple[pd.DataFrame, dict[str, str], list[
     return pd.concat(frames, axis=1), families, list(schema["categorical"])
 
 
+def read_fold_predictions(path: Path, post_ids: list[str]) -> dict[str, dict[int, np.ndarray]]:
+    """Inverse of ``fold_predictions_frame`` for the unlabelled posts ``post_ids`` (in that order)."""
+    frame = pd.read_parquet(path)
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for k, part in frame.groupby("fold"):
+        part = part.set_index(KEY)
+        missing = [p for p in post_ids if p not in part.index]
+        if missing:
+            raise ValueError(f"{path}: fold {k} has no prediction for unlabelled posts {missing[:5]}")
+        for c in part.columns.drop("fold"):
+            out.setdefault(c, {})[int(k)] = part.loc[post_ids, c].to_numpy(dtype=np.float64)
+    return out
+
+
 def stack_config(cfg: DictConfig, neural_columns: list[str]) -> StackConfig:
     s = OmegaConf.to_container(cfg.stacking, resolve=True)
     members = {name: params for name, params in s["members"].items() if params.pop("enabled", True)}
@@ -89,8 +103,12 @@ def _stack(cfg: DictConfig, layout: RunLayout, tracker, staged: Callable[[Path],
     loss_file = layout.class_loss  # the prompt/prototype module's, for loss-based selection
     losses = pd.read_parquet(loss_file)["class_loss"].to_numpy() if loss_file.is_file() else None
     postdate = pd.read_parquet(layout.posts, columns=["postdate"])["postdate"].to_numpy()
+    per_fold = None  # each neural fold model's predictions of the unlabelled posts, for fold-pure pseudo-labels
+    if scfg.neural_columns and layout.fold_predictions.is_file():
+        per_fold = read_fold_predictions(layout.fold_predictions, X.loc[folds == NO_FOLD, KEY].tolist())
     result = run_stack(features, y, folds, categorical, scfg, progress=bool(cfg.progress_bar),
-                       selection_losses=losses, latest=latest_rows(folds, postdate))
+                       selection_losses=losses, latest=latest_rows(folds, postdate),
+                       neural_unlabelled_by_fold=per_fold)
     result.save(staged(layout.stack_model))
     labelled = folds != NO_FOLD
     pred = np.empty(len(X))
