@@ -142,7 +142,8 @@ def _tabular_path(cfg: DictConfig, layout: RunLayout, name: str) -> str | None:
 
 
 def cache_datamodule(cfg: DictConfig, layout: RunLayout, name: str, fold: int | None) -> EmbeddingDataModule:
-    """Batches of the frozen-embedding cache for module ``name`` (``model.<name>.batch_size`` per device)."""
+    """Batches of the frozen-embedding cache for module ``name`` (``model.<name>.batch_size``: the global batch,
+    divided across the devices)."""
     m = cfg.model[name]
     return EmbeddingDataModule(
         str(layout.embeddings), str(layout.posts), str(layout.folds), str(layout.vocab), fold=fold,
@@ -166,13 +167,14 @@ def uses_shards(cfg: DictConfig, name: str) -> bool:
 
 
 def shard_datamodule(cfg: DictConfig, layout: RunLayout, name: str, fold: int | None) -> PopularityDataModule:
-    """Raw image + token batches of the run's shards for module ``name`` (``model.<name>.batch_size`` per device,
-    as on the cached path): resampled training with equal batches per rank, epoch-seeded; every post once to
-    predict. ``fold`` None: all labelled posts train (and prediction reads whichever splits have shards)."""
+    """Raw image + token batches of the run's shards for module ``name`` (``model.<name>.batch_size``: the global
+    batch, as on the cached path): every training post once per epoch with equal batches per rank, epoch-seeded;
+    every post once to predict. ``fold`` None: all labelled posts train (and prediction reads whichever splits have
+    shards)."""
     m = cfg.model[name]
     shards = layout.shards
     return PopularityDataModule(
-        str(shards), str(layout.folds), batch_size=int(m.batch_size), per_device=True,
+        str(shards), str(layout.folds), batch_size=int(m.batch_size),
         num_workers=int(cfg.data.num_workers), image_size=model_image_size(cfg.backbone.name),
         text_field=cfg.data.text_field, model_name=cfg.backbone.name, fold=fold, seed=int(cfg.seed) + (fold or 0),
         predict_splits=tuple(s for s in ("train", "test") if (shards / f"{s}-index.json").is_file()),
