@@ -127,6 +127,62 @@ def topology(env: Mapping[str, str] | None = None, devices_per_node: int | None 
     return Topology(node * (devices_per_node or 1), 0, 1, node, "single")
 
 
+#: ``trainer.accelerator`` values that mean a CUDA device when one is present.
+CUDA_ACCELERATORS = ("gpu", "cuda", "auto")
+
+
+def _device_ids(devices, count: int) -> list[int]:
+    """The CUDA device indices ``trainer.devices`` selects, as Lightning reads it: a list or a "0,2" string names
+    them, a number n takes the first n, -1 / "-1" / "auto" take every visible device."""
+    if isinstance(devices, str) and "," in devices:
+        return [int(d) for d in devices.split(",") if d.strip()]
+    if isinstance(devices, (list, tuple)):
+        return [int(d) for d in devices]
+    if devices in (None, "auto", -1, "-1"):
+        return list(range(count))
+    return list(range(int(devices)))
+
+
+def rank_device(accelerator: str, devices=None, env: Mapping[str, str] | None = None):
+    """The ``torch.device`` this process computes on outside a ``Trainer`` (the embedding cache, sentence
+    embeddings), made the current CUDA device: ``cuda:<i>`` where ``i`` is the device Lightning gives this local
+    rank (the ``local_rank``-th of ``trainer.devices``), so the N processes of a node use N GPUs, not GPU 0; the
+    CPU when the accelerator asks for none or no GPU is visible. Call it before the first Trainer or CUDA work of
+    the process (``torch.cuda.set_device`` then keeps every plain ``"cuda"`` tensor on this rank's GPU too).
+
+    Raises ``UserError`` when this local rank has no device (more processes on the node than GPUs selected)."""
+    import torch
+
+    if str(accelerator) not in CUDA_ACCELERATORS or not torch.cuda.is_available():
+        return torch.device("cpu")
+    topo = topology(env)
+    ids = _device_ids(devices, torch.cuda.device_count())
+    if topo.local_rank >= len(ids):
+        raise UserError(f"local rank {topo.local_rank} has no GPU: trainer.devices={devices!r} selects {len(ids)} "
+                        f"of the {torch.cuda.device_count()} visible (run one process per selected GPU)")
+    index = ids[topo.local_rank]
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def planned_world_size(trainer: Mapping, env: Mapping[str, str] | None = None) -> int:
+    """How many processes train together under the ``trainer`` config section (accelerator, devices, num_nodes)
+    in this environment: the launcher's world size under torchrun or SLURM, else devices x nodes as Lightning
+    will start them (on GPUs, the devices ``trainer.devices`` selects among the visible ones). The fit key and the
+    neural stage's hash record it: a model trained on 1 device is not reused as if trained on 8."""
+    import torch
+
+    topo = topology(env)
+    if topo.launcher in ("torchrun", "slurm"):
+        return topo.world_size
+    devices = trainer.get("devices", "auto")
+    if str(trainer.get("accelerator", "auto")) in CUDA_ACCELERATORS and torch.cuda.is_available():
+        per_node = len(_device_ids(devices, torch.cuda.device_count()))
+    else:  # CPU: "auto" is one process, a number n starts n
+        per_node = 1 if devices in (None, "auto", -1, "-1") else len(_device_ids(devices, 1))
+    return per_node * int(trainer.get("num_nodes", 1) or 1)
+
+
 def wait_timeout(cfg) -> float:
     """Seconds a rank waits for rank 0's files: the run config's ``rank_wait_s`` (or ``DEFAULT_WAIT_S``)."""
     return float(cfg.get("rank_wait_s", DEFAULT_WAIT_S))

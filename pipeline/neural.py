@@ -33,7 +33,7 @@ from lightning_modules.extract import KeyedPredictionWriter, align_fold_outputs,
 from lightning_modules.prompt_prototype_module import PromptPrototypeModule
 from lightning_modules.prototypes import prototype_means, select_prototype_posts
 from lightning_modules.regressors import CLIPHierarchicalPredictor, CoAttentionMLPModule
-from pipeline.distributed import topology, wait_for, wait_timeout
+from pipeline.distributed import rank_device, topology, wait_for, wait_timeout
 from pipeline.errors import UserError
 from pipeline.layout import RunLayout
 from pipeline.training import DONE, finished_checkpoint, recorded_key_is
@@ -53,10 +53,6 @@ MONITOR = {"prompt_prototype": ("val/loss", "min"), "co_attention": ("val/mae", 
 CLIP_BLOCKS = ("image_emb", "text_emb")
 PROMPT_BLOCKS = ("w_global", "w_local", "sim_visual", "proto")
 F_BLOCKS = {"image_emb": VISUAL, "text_emb": NEURAL_TEXT, **dict.fromkeys(PROMPT_BLOCKS, PROMPT)}
-
-
-def _device(cfg: DictConfig) -> str:
-    return "cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
 
 
 def trainer_cfg(cfg: DictConfig) -> dict:
@@ -105,9 +101,10 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
         collate=Collate(bb.tokenizer), batch_size=int(cfg.backbone.embed_batch_size),
         rank=topo.rank, world_size=topo.world_size,
     ), int(cfg.data.num_workers))
-    amp = torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") and _device(cfg) == "cuda" else None
+    device = rank_device(cfg.trainer.accelerator, cfg.trainer.devices)  # this rank's GPU, not GPU 0
+    amp = torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") and device.type == "cuda" else None
     written = encode_into(bb.model, loader, open_cache_arrays(tmp), {p: i for i, p in enumerate(post_ids)},
-                          token_len=int(cfg.backbone.token_len), device=_device(cfg), autocast_dtype=amp,
+                          token_len=int(cfg.backbone.token_len), device=device, autocast_dtype=amp,
                           progress=topo.is_zero and bool(cfg.get("progress_bar", True)))
     log.info("embedding cache: rank %d of %d encoded %d posts", topo.rank, topo.world_size, len(written))
     atomic_write_json(tmp / RANK_DONE.format(rank=topo.rank), {"launch": topo.launch_id, "post_ids": written})
