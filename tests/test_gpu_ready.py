@@ -132,3 +132,134 @@ def test_prompt_similarities_are_float32_under_bf16_autocast():
     assert g.dtype == loc.dtype == torch.float32
     torch.testing.assert_close(loc, ref_l)
     torch.testing.assert_close(g, ref_g, atol=1e-2, rtol=0)  # the input itself was rounded to bf16
+
+
+class FakeCuda:
+    """torch.cuda with ``count`` visible GPUs (``is_available``, ``device_count``, ``set_device`` recorded)."""
+
+    def __init__(self, monkeypatch, count: int):
+        self.current: list[int] = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda d: self.current.append(int(d)))
+
+
+TORCHRUN = {"RANK": "11", "LOCAL_RANK": "3", "WORLD_SIZE": "16", "GROUP_RANK": "1", "MASTER_ADDR": "n0",
+            "MASTER_PORT": "1"}
+
+
+@pytest.mark.parametrize(("env", "accelerator", "devices", "expected"), [
+    (TORCHRUN, "gpu", 8, 3),                                        # torchrun: LOCAL_RANK 3 -> cuda:3
+    ({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, "auto", [4, 6], 6),      # Lightning's child 1 of devices [4, 6]
+    ({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, "cuda", "5,7", 7),
+    ({"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "5", "SLURM_JOB_NAME": "train"}, "gpu", -1, 5),
+    ({}, "gpu", 8, 0),                                              # one process (or Lightning's first)
+])
+def test_each_rank_takes_its_own_gpu(monkeypatch, env, accelerator, devices, expected):
+    from pipeline.distributed import rank_device
+
+    cuda = FakeCuda(monkeypatch, 8)
+    assert rank_device(accelerator, devices, env) == torch.device("cuda", expected)
+    assert cuda.current == [expected]  # made current: plain "cuda" tensors of this process land there too
+
+
+def test_rank_device_cpu_and_errors(monkeypatch):
+    from pipeline.distributed import rank_device
+    from pipeline.errors import UserError
+
+    cuda = FakeCuda(monkeypatch, 2)
+    assert rank_device("cpu", 2, TORCHRUN) == torch.device("cpu")
+    with pytest.raises(UserError, match="local rank 3 has no GPU"):
+        rank_device("gpu", 2, TORCHRUN)
+    FakeCuda(monkeypatch, 0)
+    assert rank_device("auto", "auto", TORCHRUN) == torch.device("cpu") and cuda.current == []
+
+
+def test_embedding_cache_encodes_on_the_rank_device(monkeypatch, tmp_path):
+    """build_cache asks rank_device (this rank's GPU under a launcher) and encodes there."""
+    import pipeline.neural as neural
+
+    seen = {}
+
+    def fake_encode(model, loader, arrays, index, *, device, **kwargs):
+        seen["device"] = device
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(neural, "rank_device", lambda accelerator, devices: torch.device("meta"))
+    monkeypatch.setattr(neural, "encode_into", fake_encode)
+    from tests.helpers import compose_fast
+    from train import train
+
+    cfg = compose_fast(tmp_path, "stages=[prepare]")
+    train(cfg)
+    with pytest.raises(RuntimeError, match="stop here"):
+        neural.build_cache(cfg, neural.RunLayout(cfg.run_dir))
+    assert seen["device"] == torch.device("meta")
+
+
+@pytest.mark.parametrize(("env", "trainer", "expected"), [
+    ({}, {"accelerator": "cpu", "devices": 1, "num_nodes": 1}, 1),
+    ({}, {"accelerator": "cpu", "devices": 2, "num_nodes": 1}, 2),
+    ({}, {"accelerator": "gpu", "devices": "auto", "num_nodes": 2}, 16),
+    ({}, {"accelerator": "gpu", "devices": [0, 1, 2], "num_nodes": 1}, 3),
+    (TORCHRUN, {"accelerator": "gpu", "devices": 8, "num_nodes": 2}, 16),
+])
+def test_planned_world_size(monkeypatch, env, trainer, expected):
+    from pipeline.distributed import planned_world_size
+
+    FakeCuda(monkeypatch, 8)
+    assert planned_world_size(trainer, env) == expected
+
+
+def test_fit_key_and_stage_hash_record_the_world_size(monkeypatch, tmp_path):
+    """A fold trained on 1 device is not reused on 8: the neural stage's config (its hash) and the fold key hold
+    the world size; the stage's other placement keys still do not retrain."""
+    from omegaconf import OmegaConf
+
+    from pipeline.stages import neural as stage
+    from tests.helpers import compose_fast
+
+    FakeCuda(monkeypatch, 8)
+    c = OmegaConf.to_container(compose_fast(tmp_path), resolve=True)
+
+    def config(**trainer):
+        return stage.config({**c, "trainer": {**c["trainer"], "accelerator": "gpu", "num_nodes": 1, **trainer}})
+
+    one, eight = config(devices=1), config(devices=8)
+    assert one["world_size"] == 1 and eight["world_size"] == 8
+    assert one != eight and eight == config(devices="auto", log_every_n_steps=5)
+    keys = {}
+    for devices in (1, 8):
+        cfg = compose_fast(tmp_path, "trainer.accelerator=gpu", f"trainer.devices={devices}")
+        keys[devices] = stage.fold_key(cfg, {"folds.parquet": "abc"}, {"name": "tiny"}, "hierarchical", 0)
+    assert keys[1]["world_size"] == 1 and keys[8]["world_size"] == 8
+    assert {k: v for k, v in keys[1].items() if k != "world_size"} == {
+        k: v for k, v in keys[8].items() if k != "world_size"}
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_batch_size_is_the_global_batch(world):
+    """``model.<name>.batch_size`` is the global batch (Lightning's templates, open_clip): each of N devices loads
+    batch / N, so 1 and N devices train with the same batch at the same learning rate."""
+    from datamodules.shards import device_batch_size
+
+    assert device_batch_size(64, world) * world == 64
+    assert device_batch_size(10, 4, training=False) == 3  # evaluation rounds up
+    with pytest.raises(ValueError, match="not divisible by the 3 devices"):
+        device_batch_size(64, 3)
+
+
+def test_cached_loader_batches_are_global_over_devices(tmp_path):
+    """EmbeddingDataModule divides its batch by the Trainer's world size (a stand-in Trainer with 1 and 4 ranks)."""
+    from types import SimpleNamespace
+
+    from datamodules.cached import EmbeddingDataModule
+    from tests.test_speed_paths import _tiny_cache
+
+    dm = EmbeddingDataModule(*_tiny_cache(tmp_path), fold=0, batch_size=8)
+    for world, per_device in ((1, 8), (4, 2)):
+        dm.trainer = SimpleNamespace(world_size=world)
+        assert dm.train_dataloader().batch_size == dm.predict_dataloader().batch_size == per_device
+    dm.trainer = SimpleNamespace(world_size=3)
+    with pytest.raises(ValueError, match="batch_size 8 .* not divisible by the 3 devices"):
+        dm.train_dataloader()

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.distributed import topology, wait_for, wait_timeout
+from pipeline.distributed import planned_world_size, topology, wait_for, wait_timeout
 from pipeline.layout import RunLayout
 from pipeline.manifest import StageResult, file_digest
 from pipeline.neural import (
@@ -40,8 +40,11 @@ log = logging.getLogger("popstack")
 
 
 def config(c: dict) -> dict:
+    """What the stage's outputs depend on; ``world_size`` (devices x nodes, ``planned_world_size``) too, since
+    ``model.<name>.batch_size`` is the global batch split across the devices: another world size retrains."""
     return {"backbone": c["backbone"], "model": c["model"], "data": data_config(c),
-            "trainer": result_trainer_args(c["trainer"]), **common_config(c)}
+            "trainer": result_trainer_args(c["trainer"]), "world_size": planned_world_size(c["trainer"]),
+            **common_config(c)}
 
 
 def outside_inputs(cfg: DictConfig) -> dict:
@@ -70,15 +73,21 @@ def run(ctx: StageContext) -> StageResult:
         monitor, _ = MONITOR[name]
         for fold in range(int(cfg.n_folds)):
             out = layout.fold_dir(name, fold)
-            key = {"data": inputs, "folds": inputs.get(RunLayout.folds), "fold": fold, "seed": int(cfg.seed) + fold,
-                   "model": OmegaConf.to_container(cfg.model[name], resolve=True), "backbone": {
-                       **bb, "trainable_last_blocks": int(cfg.backbone.trainable_last_blocks),
-                       "token_len": int(cfg.backbone.token_len)},
-                   "trainer": result_trainer_args(trainer_cfg(cfg))}
-            train_fold(cfg, layout, name, fold, key)
+            train_fold(cfg, layout, name, fold, fold_key(cfg, inputs, bb, name, fold))
             metrics[f"{name}/fold{fold}/{monitor}"] = read_done(out)["best_score"]
             outputs.append(layout.rel(out))
     return StageResult(outputs=outputs, metrics=metrics)
+
+
+def fold_key(cfg: DictConfig, inputs: dict, backbone: dict, name: str, fold: int) -> dict:
+    """What fold ``fold`` of module ``name`` is made of (its ``key.json``): the stage's input checksums, the fold
+    assignment, seed, module config, backbone, the trainer keys that change results and the world size (each device
+    trains on its share of the global batch: a fold trained on 1 device is not reused on 8)."""
+    return {"data": inputs, "folds": inputs.get(RunLayout.folds), "fold": fold, "seed": int(cfg.seed) + fold,
+            "model": OmegaConf.to_container(cfg.model[name], resolve=True), "backbone": {
+                **backbone, "trainable_last_blocks": int(cfg.backbone.trainable_last_blocks),
+                "token_len": int(cfg.backbone.token_len)},
+            "trainer": result_trainer_args(trainer_cfg(cfg)), "world_size": planned_world_size(cfg.trainer)}
 
 
 def train_fold(cfg: DictConfig, layout: RunLayout, name: str, fold: int, key: dict) -> None:
