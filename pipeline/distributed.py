@@ -183,6 +183,28 @@ def planned_world_size(trainer: Mapping, env: Mapping[str, str] | None = None) -
     return per_node * int(trainer.get("num_nodes", 1) or 1)
 
 
+def start_lightning_processes(trainer: Mapping) -> bool:
+    """Under Lightning's own launcher, start the other processes now rather than at the first ``Trainer``, so the
+    work before it (the embedding cache) is split across the ranks too; True when processes were started.
+
+    Only the first process of a launch that is neither torchrun nor SLURM, with a ``trainer`` section that starts
+    several processes through Lightning's script launcher (``strategy: ddp``); ``ddp_spawn`` and friends start
+    theirs inside the Trainer and keep doing so. The processes started re-run the command line with ``LOCAL_RANK``
+    etc. set (``topology`` reads them); the later Trainers of this process see those variables and start no more."""
+    if topology().launcher != "single" or planned_world_size(trainer) < 2:
+        return False
+    import lightning as L
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    placement = {k: trainer[k] for k in ("accelerator", "devices", "num_nodes", "strategy") if k in trainer}
+    launcher = L.Trainer(**placement, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False).strategy.launcher
+    if not isinstance(launcher, _SubprocessScriptLauncher):
+        return False
+    launcher.launch(lambda: None)
+    return True
+
+
 def wait_timeout(cfg) -> float:
     """Seconds a rank waits for rank 0's files: the run config's ``rank_wait_s`` (or ``DEFAULT_WAIT_S``)."""
     return float(cfg.get("rank_wait_s", DEFAULT_WAIT_S))

@@ -68,6 +68,10 @@ def test_train_py_ddp_two_processes_end_to_end(lightning_ddp_run):
     tmp, proc = lightning_ddp_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_finished_run(tmp / "run", proc.stderr)
+    # Lightning's launcher starts the second process before the embedding cache, so both encode a share
+    shares = [int(n) for n in re.findall(r"embedding cache: rank \d of 2 encoded (\d+) posts", proc.stderr)]
+    assert len(shares) == 2 and min(shares) > 0
+    assert sum(shares) == len(pd.read_parquet(tmp / "run" / "posts.parquet"))
 
 
 @pytest.mark.slow

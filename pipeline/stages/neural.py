@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.distributed import planned_world_size, topology, wait_for, wait_timeout
+from pipeline.distributed import planned_world_size, start_lightning_processes, topology, wait_for, wait_timeout
 from pipeline.layout import RunLayout
 from pipeline.manifest import StageResult, file_digest
 from pipeline.neural import (
@@ -66,6 +66,7 @@ def run(ctx: StageContext) -> StageResult:
     cache_key = {"shards": inputs.get(RunLayout.shards), "posts": inputs.get(RunLayout.posts), "backbone": bb,
                  "token_len": int(cfg.backbone.token_len), "text_field": cfg.data.text_field,
                  "precision": str(cfg.trainer.precision)}
+    start_lightning_processes(trainer_cfg(cfg))  # Lightning's launcher: the other ranks share the cache work
     build_cache(cfg, layout, key=cache_key)
     metrics = {}
     outputs = [RunLayout.embeddings]
