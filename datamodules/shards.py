@@ -17,6 +17,7 @@ and prediction read every shard once, split by rank then worker (``make_eval_pip
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -336,20 +337,78 @@ def device_batch_size(batch_size: int, world_size: int, training: bool = True) -
 
 # ----------------------------------------------------------------------------- epoch plans (training, validation)
 def shard_keys(url: str | Path) -> list[str]:
-    """The sample keys of one shard, in order, from its tar headers alone (no member is read)."""
-    import tarfile
-
-    keys: list[str] = []
-    with tarfile.open(url) as tar:
-        for member in tar:
-            match = _MEMBER.match(member.name)
-            if match and (not keys or keys[-1] != match.group(1)):
-                keys.append(match.group(1))
-    return keys
+    """The sample keys of one shard, in order, from its tar headers alone (no member is read); remembered per file
+    (path, size, modification time), so the folds and modules of one process scan each shard once."""
+    path = Path(url)
+    stat = path.stat()
+    return list(_shard_keys(str(path), stat.st_size, stat.st_mtime_ns))
 
 
 #: WebDataset's split of a member name into the sample key and its extension (``base_plus_ext``).
 _MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_BLOCK = 512
+
+
+@functools.lru_cache(maxsize=65536)
+def _shard_keys(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
+    names = _plain_member_names(path)
+    if names is None:  # pax / GNU headers (e.g. non-ASCII keys) or an odd file: the standard reader
+        import tarfile
+
+        with tarfile.open(path) as tar:
+            names = [m.name for m in tar if m.isfile()]
+    keys: list[str] = []
+    for name in names:
+        match = _MEMBER.match(name)
+        if match and (not keys or keys[-1] != match.group(1)):
+            keys.append(match.group(1))
+    return tuple(keys)
+
+
+def _plain_member_names(path: str) -> list[str] | None:
+    """File member names read straight from the ustar headers, seeking past each member's data (no ``TarInfo``
+    object per member); pax extended headers (which ``webdataset.TarWriter`` puts before every member) may rename
+    the member that follows. None at any other kind of header or a damaged one, so the caller falls back."""
+    names: list[str] = []
+    pending: str | None = None  # a pax header's path for the next member
+    with open(path, "rb") as fh:
+        while True:
+            header = fh.read(_BLOCK)
+            if len(header) < _BLOCK:
+                return None
+            if header.count(0) == _BLOCK:
+                return names
+            kind = header[156:157]
+            try:
+                size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+                padded = -(-size // _BLOCK) * _BLOCK
+                if kind in (b"x", b"g"):  # pax header: "<len> <key>=<value>\n" records
+                    records = fh.read(padded)[:size]
+                    if kind == b"x":
+                        pending = _pax_path(records) or pending
+                    continue
+                if kind not in (b"0", b"\0"):
+                    return None
+                name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+                prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
+            except (ValueError, UnicodeDecodeError):
+                return None
+            names.append(pending or (f"{prefix}/{name}" if prefix else name))
+            pending = None
+            fh.seek(padded, 1)
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The ``path`` of a pax extended header's records (lengths count bytes), if it has one."""
+    pos = 0
+    while pos < len(records):
+        space = records.index(b" ", pos)
+        length = int(records[pos:space])
+        key, _, value = records[space + 1:pos + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8")
+        pos += length
+    return None
 
 
 def slot_quota(num_samples: int, slots: int, batch_size: int) -> int:

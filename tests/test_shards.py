@@ -219,3 +219,23 @@ def test_post_ids_with_dots_round_trip_through_shards_and_prediction_writer(tmp_
     merged = merge_rank_outputs(tmp_path / "pred", ids[:5])
     assert merged.post_id.tolist() == ids[:5]
     assert merged.y.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_shard_keys_read_from_headers_match_tarfile(tmp_path):
+    """The header scan (pax headers included: non-ASCII and 150-character keys) gives tarfile's member names, and
+    the keys in order, without reading a member."""
+    import tarfile
+
+    from datamodules.shards import _plain_member_names, encode_key, shard_keys
+
+    ids = ["12.5", "ü.jpg", "x" * 150, "7", "50%"]
+    rows = [{"post_id": pid, "uid": "u@N01", "split": "train", "row": i, "image_relpath": "none",
+             "image_status": IMAGE_MISSING, "category": "Animal", "subcategory": "Cats", "concept": "c",
+             "title": "t", "alltags": "", "label": 1.0} for i, pid in enumerate(ids)]
+    posts = pd.DataFrame(rows)
+    write_shards(posts, tmp_path, tmp_path / "shards", split="train", class_ids=build_vocab(posts), shard_size=3)
+    urls = shard_urls(tmp_path / "shards", ["train"])
+    for url in urls:
+        with tarfile.open(url) as tar:
+            assert _plain_member_names(url) == [m.name for m in tar]
+    assert [k for url in urls for k in shard_keys(url)] == [encode_key(p) for p in ids]
