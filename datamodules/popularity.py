@@ -128,9 +128,10 @@ class PopularityDataModule(L.LightningDataModule):
         return make_loader(pipeline, self.num_workers)
 
     def predict_dataloader(self):
+        rank, world = self._rank_world()
         pipeline = make_eval_pipeline(
             shard_urls(self.shard_dir, list(self.predict_splits)), decoder=self.decoder, collate=self.collate,
-            batch_size=self.per_device_batch_size(training=False),
+            batch_size=self.per_device_batch_size(training=False), rank=rank, world_size=world,
         )
         return make_loader(pipeline, self.num_workers)
 

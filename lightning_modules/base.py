@@ -48,7 +48,7 @@ class PostModule(L.LightningModule):
         return {**batch, **enc}
 
     def on_train_epoch_start(self) -> None:
-        """Training over shards: tell the datamodule the epoch, so each epoch draws its own resampled shard order
+        """Training over shards: tell the datamodule the epoch, so each epoch reads the shards in its own order
         (``PopularityDataModule.set_epoch``; the cached path's sampler gets its epoch from Lightning)."""
         set_epoch = getattr(self.trainer.datamodule, "set_epoch", None)
         if set_epoch is not None:
