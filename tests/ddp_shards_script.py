@@ -25,7 +25,7 @@ class CountBatches(L.Callback):
         self.n += 1
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self.val += 1
+        self.val += not trainer.sanity_checking
 
     def on_train_epoch_end(self, trainer, pl_module):
         metrics = sorted(k for k in trainer.callback_metrics if k.startswith("val/"))

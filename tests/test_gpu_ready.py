@@ -22,15 +22,15 @@ from tests.helpers import quiet_trainer
 
 @pytest.fixture(scope="module")
 def shard_run(tmp_path_factory):
-    """60 training posts in 3 folds, written as shards of 20."""
+    """30 training posts in 3 folds, written as shards of 10."""
     tmp = tmp_path_factory.mktemp("shard_run")
-    generate(tmp / "raw", 60, 6, seed=0, n_subcategories=4)
+    generate(tmp / "raw", 30, 3, seed=0, n_subcategories=4)
     posts = read_smpd(tmp / "raw")
     train = posts[posts.split == "train"]
     vocab = build_vocab(train)
     (tmp / "vocab.json").write_text(json.dumps(vocab))
     write_folds(fold_table(posts, 3, 0), tmp / "folds.parquet")
-    write_shards(train, tmp / "raw", tmp / "shards", split="train", class_ids=vocab, shard_size=20)
+    write_shards(train, tmp / "raw", tmp / "shards", split="train", class_ids=vocab, shard_size=10)
     register_local_configs()
     return tmp
 
@@ -58,14 +58,14 @@ def test_shard_path_cosine_schedule_spans_every_step_of_training(shard_run):
     rate at step 1 is still near the base, and reaches the cosine's tail only at the last step (not 0 from step 1,
     as with a loader of unknown length)."""
     lr, epochs = 1e-2, 2
-    dm = PopularityDataModule(str(shard_run / "shards"), str(shard_run / "folds.parquet"), batch_size=8,
+    dm = PopularityDataModule(str(shard_run / "shards"), str(shard_run / "folds.parquet"), batch_size=4,
                               image_size=64, model_name=TINY_MODEL, fold=0, seed=0)
     torch.manual_seed(0)
     module = CLIPHierarchicalPredictor(embed_dim=64, hidden=(16,), lr=lr, backbone_name=TINY_MODEL, token_len=8)
     record = RecordLR()
     trainer = quiet_trainer(max_epochs=epochs, callbacks=[record.callback()], limit_val_batches=0)
     trainer.fit(module, dm)
-    per_epoch = math.ceil(len(dm.train_ids) / 8)  # one rank, no workers: every training post once per epoch
+    per_epoch = math.ceil(len(dm.train_ids) / 4)  # one rank, no workers: every training post once per epoch
     total = epochs * per_epoch
     assert trainer.estimated_stepping_batches == total
     assert len(record.lrs) == total
