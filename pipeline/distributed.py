@@ -28,7 +28,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, TypeVar
+from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 
 from pipeline.errors import UserError
 
@@ -136,7 +136,7 @@ def _device_ids(devices, count: int) -> list[int]:
     them, a number n takes the first n, -1 / "-1" / "auto" take every visible device."""
     if isinstance(devices, str) and "," in devices:
         return [int(d) for d in devices.split(",") if d.strip()]
-    if isinstance(devices, (list, tuple)):
+    if isinstance(devices, Sequence) and not isinstance(devices, str):  # a list (or Hydra's ListConfig)
         return [int(d) for d in devices]
     if devices in (None, "auto", -1, "-1"):
         return list(range(count))

@@ -205,10 +205,13 @@ def test_embedding_cache_encodes_on_the_rank_device(monkeypatch, tmp_path):
     (TORCHRUN, {"accelerator": "gpu", "devices": 8, "num_nodes": 2}, 16),
 ])
 def test_planned_world_size(monkeypatch, env, trainer, expected):
+    from omegaconf import OmegaConf
+
     from pipeline.distributed import planned_world_size
 
     FakeCuda(monkeypatch, 8)
     assert planned_world_size(trainer, env) == expected
+    assert planned_world_size(OmegaConf.create(trainer), env) == expected  # as the run config gives it
 
 
 def test_fit_key_and_stage_hash_record_the_world_size(monkeypatch, tmp_path):
