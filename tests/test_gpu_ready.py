@@ -266,3 +266,17 @@ def test_cached_loader_batches_are_global_over_devices(tmp_path):
     dm.trainer = SimpleNamespace(world_size=3)
     with pytest.raises(ValueError, match="batch_size 8 .* not divisible by the 3 devices"):
         dm.train_dataloader()
+
+
+def test_lightning_processes_start_early_only_under_its_script_launcher(monkeypatch):
+    """start_lightning_processes starts nothing under torchrun/SLURM, for one process, or for a strategy whose
+    launcher starts processes inside the Trainer (ddp_spawn); tests/test_ddp.py covers the launch itself."""
+    import pipeline.distributed as dist
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    two_cpus = {"accelerator": "cpu", "devices": 2, "num_nodes": 1}
+    assert not dist.start_lightning_processes({**two_cpus, "devices": 1, "strategy": "ddp"})
+    assert not dist.start_lightning_processes({**two_cpus, "strategy": "ddp_spawn"})
+    monkeypatch.setattr(dist, "topology", lambda env=None: dist.Topology(0, 0, 2, 0, "torchrun"))
+    assert not dist.start_lightning_processes({**two_cpus, "strategy": "ddp"})
