@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.folds import train_valid_masks
 from datamodules.schema import KEY, LABEL, NO_FOLD, UNKNOWN_ID
+from datamodules.shards import device_batch_size
 
 CACHE_FILES = ("image_emb.npy", "text_emb.npy", "text_tokens.npy", "text_mask.npy", "has_image.npy", "post_ids.json")
 
@@ -127,7 +128,8 @@ class EmbeddingDataModule(L.LightningDataModule):
         cache_dir: the embedding cache. posts_path: ``posts.parquet`` (same row order as the cache).
         folds_path: ``folds.parquet``. vocab_path: ``vocab.json`` (class ids). tabular_path: optional parquet of
         imputed, standardised tabular features keyed by ``post_id``.
-        batch_size: per-device batch size. num_workers: loader worker processes (``data.num_workers``).
+        batch_size: global batch size, divided across the Trainer's devices (``shards.device_batch_size``: training
+        needs it divisible). num_workers: loader worker processes (``data.num_workers``).
         fields: the cache arrays the model reads (``EMBEDDING_FIELDS`` or a subset).
     """
 
@@ -175,14 +177,18 @@ class EmbeddingDataModule(L.LightningDataModule):
     def dataset(self, indices: np.ndarray) -> CachedPosts:
         return CachedPosts(self.cache, self.meta, indices, self.tabular, self.fields)
 
-    def _loader(self, indices: np.ndarray, **kwargs) -> DataLoader:
-        return DataLoader(self.dataset(indices), batch_size=self.batch_size, num_workers=self.num_workers,
-                          collate_fn=keep_batch, persistent_workers=self.num_workers > 0, **kwargs)
+    def _world(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def _loader(self, indices: np.ndarray, training: bool = False, **kwargs) -> DataLoader:
+        return DataLoader(self.dataset(indices), batch_size=device_batch_size(self.batch_size, self._world(), training),
+                          num_workers=self.num_workers, collate_fn=keep_batch, persistent_workers=self.num_workers > 0,
+                          **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        world = self.trainer.world_size if self.trainer is not None else 1  # each rank gets 1/world of the posts
-        return self._loader(self.train_idx, sampler=EpochSeededSampler(len(self.train_idx), self.seed),
-                            drop_last=len(self.train_idx) // world > self.batch_size)
+        world = self._world()  # each rank gets 1/world of the posts
+        return self._loader(self.train_idx, training=True, sampler=EpochSeededSampler(len(self.train_idx), self.seed),
+                            drop_last=len(self.train_idx) // world > device_batch_size(self.batch_size, world))
 
     def val_dataloader(self) -> DataLoader | list:
         if len(self.val_idx) == 0:

@@ -2,9 +2,10 @@
 
 ``train.py`` trains a neural module through it when the module needs images, not the frozen-embedding cache:
 ``backbone.trainable_last_blocks > 0`` (the last CLIP blocks fine-tune) or ``model.<name>.input: images``.
-Training is resampled (shards drawn with replacement from a (seed, epoch, rank, worker) RNG) and cut to the same
-number of batches on every rank, so DDP ranks never wait on each other; evaluation and prediction read every post
-exactly once across ranks.
+An epoch visits every training post once across ranks and workers, in an epoch-seeded order, with the same number of
+batches on every rank (the loader's length: the learning-rate schedule's step count), so DDP ranks never wait on
+each other; validation is split by post, so every rank validates its share; prediction reads every post exactly
+once across ranks (``datamodules.shards``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from datamodules.shards import (
     KeepPosts,
     SampleDecoder,
     SharedEpoch,
+    device_batch_size,
     dist_info,
+    kept_keys,
     make_eval_pipeline,
     make_loader,
+    make_split_eval_pipeline,
     make_train_pipeline,
     shard_urls,
 )
@@ -40,7 +44,7 @@ class PopularityDataModule(L.LightningDataModule):
         folds_path: ``folds.parquet`` (``post_id, fold``); training = labelled posts with fold != ``fold``
             (all labelled posts when ``fold`` is None), validation = posts of ``fold``.
         batch_size: global batch size; each of the ``world_size`` ranks loads ``batch_size / world_size``
-            (``per_device=True``: every rank loads ``batch_size``, as ``EmbeddingDataModule`` does).
+            (``datamodules.shards.device_batch_size``: training needs it divisible).
         model_name: open_clip model whose tokenizer encodes the post text.
         predict_splits: splits read by ``predict_dataloader`` (every post once, across ranks).
         tabular_path: optional parquet keyed by ``post_id`` (imputed, standardised tabular features); its row of
@@ -62,13 +66,11 @@ class PopularityDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         predict_splits: tuple[str, ...] = ("train", "test"),
         tabular_path: str | None = None,
-        per_device: bool = False,
     ):
         super().__init__()
         self.shard_dir = Path(shard_dir)
         self.folds = read_folds(folds_path)
         self.global_batch_size = batch_size
-        self.per_device = per_device
         self.num_workers = num_workers
         self.fold = fold
         self.seed = seed
@@ -78,6 +80,7 @@ class PopularityDataModule(L.LightningDataModule):
         collate = Collate(open_clip.get_tokenizer(model_name))
         self.collate = collate if tabular_path is None else TabularCollate(collate, tabular_path)
         self.epoch = SharedEpoch()
+        self._kept: dict[str, list[list[str]]] = {}
         if fold is None:
             self.train_ids, self.val_ids = self.folds.loc[self.folds.fold != NO_FOLD, KEY].tolist(), []
         else:
@@ -86,38 +89,49 @@ class PopularityDataModule(L.LightningDataModule):
             if not self.val_ids:
                 raise ValueError(f"fold {fold} has no posts in {folds_path}")
 
-    def per_device_batch_size(self) -> int:
-        if self.per_device:
-            return self.global_batch_size
-        _, world = dist_info()
-        if self.global_batch_size % world:
-            raise ValueError(f"batch_size {self.global_batch_size} is not divisible by the world size {world}")
-        return self.global_batch_size // world
+    def per_device_batch_size(self, training: bool = True) -> int:
+        return device_batch_size(self.global_batch_size, self._rank_world()[1], training)
+
+    def _rank_world(self) -> tuple[int, int]:
+        """(rank, world size): the Trainer's once it drives this datamodule, else ``dist_info``."""
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else dist_info()
+
+    def _keys(self, which: str) -> list[list[str]]:
+        """The kept keys of each training shard for ``which`` (train | val), read from the tar headers once."""
+        if which not in self._kept:
+            ids = self.train_ids if which == "train" else self.val_ids
+            self._kept[which] = kept_keys(shard_urls(self.shard_dir, ["train"]), KeepPosts(ids))
+        return self._kept[which]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch.set(epoch)
 
     def train_dataloader(self):
+        rank, world = self._rank_world()
         pipeline = make_train_pipeline(
             shard_urls(self.shard_dir, ["train"]), decoder=self.decoder, collate=self.collate,
-            batch_size=self.per_device_batch_size(), num_samples=len(self.train_ids),
-            num_workers=self.num_workers, seed=self.seed, epoch=self.epoch, keep=KeepPosts(self.train_ids),
-            shuffle_buffer=self.shuffle_buffer,
+            batch_size=self.per_device_batch_size(), num_workers=self.num_workers, seed=self.seed, epoch=self.epoch,
+            keys=self._keys("train"), shuffle_buffer=self.shuffle_buffer, rank=rank, world_size=world,
         )
         return make_loader(pipeline, self.num_workers)
 
     def val_dataloader(self):
         if not self.val_ids:
             return []
-        return self._eval_loader(["train"], KeepPosts(self.val_ids))
+        rank, world = self._rank_world()
+        pipeline = make_split_eval_pipeline(
+            shard_urls(self.shard_dir, ["train"]), decoder=self.decoder, collate=self.collate,
+            batch_size=self.per_device_batch_size(training=False), num_workers=self.num_workers,
+            keys=self._keys("val"), rank=rank, world_size=world,
+        )
+        return make_loader(pipeline, self.num_workers)
 
     def predict_dataloader(self):
-        return self._eval_loader(list(self.predict_splits), None)
-
-    def _eval_loader(self, splits: list[str], keep: KeepPosts | None):
+        rank, world = self._rank_world()
         pipeline = make_eval_pipeline(
-            shard_urls(self.shard_dir, splits), decoder=self.decoder, collate=self.collate,
-            batch_size=self.per_device_batch_size(), keep=keep,
+            shard_urls(self.shard_dir, list(self.predict_splits)), decoder=self.decoder, collate=self.collate,
+            batch_size=self.per_device_batch_size(training=False), rank=rank, world_size=world,
         )
         return make_loader(pipeline, self.num_workers)
 

@@ -5,14 +5,19 @@ missing or unreadable), ``json`` (post_id, uid, split, row, title, alltags, cate
 has_image, label or null) and ``cls`` (subcategory id, -1 unknown). Every split also gets ``{split}-index.json``
 with its shard names and sample counts: the explicit sample count the readers need.
 
-Training follows open_clip's recipe: shards drawn with replacement from an epoch-seeded RNG per rank and worker,
-no-throw tar reading, a sample shuffle buffer, batches, and ``with_epoch`` so every rank yields exactly
-``ceil(ceil(num_samples / (batch_size * world_size)) / workers)`` batches per worker: ranks never wait on each other.
-Evaluation reads every shard once, split by rank then worker, so every post appears exactly once overall.
+Training follows open_clip's recipe without resampling (``EpochSlotSamples``): the shards' keys are read once from
+the tar headers; each epoch orders the shards by (seed, epoch), the same on every rank, and cuts the kept posts into
+one segment per (rank, worker) slot, so an epoch visits every post once across ranks; short segments are padded
+with a post or two so every slot yields ``slot_quota`` samples and every rank ``batches_per_rank`` batches (the
+loader's length, from which the learning-rate schedule counts): ranks never wait on each other. A shuffle buffer
+seeded by (seed, epoch, slot) mixes each slot's samples. Validation is split the same way by post, without padding
+(``make_split_eval_pipeline``), so every rank gets its share however few shards there are. The embedding cache
+and prediction read every shard once, split by rank then worker (``make_eval_pipeline``), and merge by post id.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -295,24 +300,8 @@ def _worker_info() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-class ResampledShardList(torch.utils.data.IterableDataset):
-    """Endless shard URLs drawn with replacement; the RNG is seeded by (seed, epoch, rank, worker).
-
-    Deterministic for a given epoch, different across epochs, ranks and workers.
-    """
-
-    def __init__(self, urls: list[str], seed: int, epoch: SharedEpoch, rank: int):
-        self.urls, self.seed, self.epoch, self.rank = list(urls), seed, epoch, rank
-
-    def __iter__(self) -> Iterator[dict]:
-        worker, _ = _worker_info()
-        rng = random.Random(hash((self.seed, self.epoch.get(), self.rank, worker)) & 0xFFFFFFFF)
-        while True:
-            yield {"url": rng.choice(self.urls)}
-
-
 class RankWorkerShardList(torch.utils.data.IterableDataset):
-    """Every shard once, split by rank then by loader worker (evaluation / prediction)."""
+    """Every shard once, split by rank then by loader worker (embedding cache / prediction, merged by post id)."""
 
     def __init__(self, urls: list[str], rank: int, world_size: int):
         self.urls, self.rank, self.world_size = list(urls), rank, world_size
@@ -333,44 +322,246 @@ def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[i
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def device_batch_size(batch_size: int, world_size: int, training: bool = True) -> int:
+    """Posts per device of a global ``batch_size`` (the configs' convention, as in Lightning's templates and
+    open_clip's total batch): training needs it divisible by ``world_size`` (``ValueError`` otherwise), so the
+    optimiser sees the same batch and learning rate on 1 or N devices; evaluation rounds up."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not training:
+        return math.ceil(batch_size / world_size)
+    if batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} (the global batch) is not divisible by the {world_size} devices")
+    return batch_size // world_size
+
+
+# ----------------------------------------------------------------------------- epoch plans (training, validation)
+def shard_keys(url: str | Path) -> list[str]:
+    """The sample keys of one shard, in order, from its tar headers alone (no member is read); remembered per file
+    (path, size, modification time), so the folds and modules of one process scan each shard once."""
+    path = Path(url)
+    stat = path.stat()
+    return list(_shard_keys(str(path), stat.st_size, stat.st_mtime_ns))
+
+
+#: WebDataset's split of a member name into the sample key and its extension (``base_plus_ext``).
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_BLOCK = 512
+
+
+@functools.lru_cache(maxsize=65536)
+def _shard_keys(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
+    names = _plain_member_names(path)
+    if names is None:  # pax / GNU headers (e.g. non-ASCII keys) or an odd file: the standard reader
+        import tarfile
+
+        with tarfile.open(path) as tar:
+            names = [m.name for m in tar if m.isfile()]
+    keys: list[str] = []
+    for name in names:
+        match = _MEMBER.match(name)
+        if match and (not keys or keys[-1] != match.group(1)):
+            keys.append(match.group(1))
+    return tuple(keys)
+
+
+def _plain_member_names(path: str) -> list[str] | None:
+    """File member names read straight from the ustar headers, seeking past each member's data (no ``TarInfo``
+    object per member); pax extended headers (which ``webdataset.TarWriter`` puts before every member) may rename
+    the member that follows. None at any other kind of header or a damaged one, so the caller falls back."""
+    names: list[str] = []
+    pending: str | None = None  # a pax header's path for the next member
+    with open(path, "rb") as fh:
+        while True:
+            header = fh.read(_BLOCK)
+            if len(header) < _BLOCK:
+                return None
+            if header.count(0) == _BLOCK:
+                return names
+            kind = header[156:157]
+            try:
+                size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+                padded = -(-size // _BLOCK) * _BLOCK
+                if kind in (b"x", b"g"):  # pax header: "<len> <key>=<value>\n" records
+                    records = fh.read(padded)[:size]
+                    if kind == b"x":
+                        pending = _pax_path(records) or pending
+                    continue
+                if kind not in (b"0", b"\0"):
+                    return None
+                name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+                prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
+            except (ValueError, UnicodeDecodeError):
+                return None
+            names.append(pending or (f"{prefix}/{name}" if prefix else name))
+            pending = None
+            fh.seek(padded, 1)
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The ``path`` of a pax extended header's records (lengths count bytes), if it has one."""
+    pos = 0
+    while pos < len(records):
+        space = records.index(b" ", pos)
+        length = int(records[pos:space])
+        key, _, value = records[space + 1:pos + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8")
+        pos += length
+    return None
+
+
+def slot_quota(num_samples: int, slots: int, batch_size: int) -> int:
+    """Samples every (rank, worker) slot yields per training epoch: ``ceil(num_samples / slots)``, one more when
+    that would leave a last batch of a single post (a BatchNorm head cannot train on one)."""
+    quota = math.ceil(num_samples / max(1, slots))
+    return quota + 1 if quota > 1 and quota % batch_size == 1 else quota
+
+
+def batches_per_rank(num_samples: int, batch_size: int, world_size: int, num_workers: int) -> int:
+    """Training batches each rank yields per epoch (every rank the same number; the loader's length)."""
+    workers = max(1, num_workers)
+    return workers * math.ceil(slot_quota(num_samples, world_size * workers, batch_size) / batch_size)
+
+
+class EpochSlotSamples(torch.utils.data.IterableDataset):
+    """The raw samples one (rank, worker) slot reads in one epoch: every post once across the slots.
+
+    The selected posts (``keys``: the kept keys of each shard, in shard order) form one sequence, its shards in an
+    order that depends on (seed, epoch) only, so every rank computes the same sequence; the sequence is cut into
+    ``world_size x workers`` contiguous segments of equal size (+-1), and a slot reads only the shards its segment
+    touches. Training (``quota`` set) pads a short segment with the posts that follow it (wrapping around, as
+    ``DistributedSampler`` pads) so every slot yields exactly ``quota`` samples, and shuffles them through a buffer
+    seeded by (seed, epoch, slot); evaluation (``quota`` None) reads its segment in shard order.
+    """
+
+    def __init__(self, urls: list[str], keys: list[list[str]], *, rank: int, world_size: int, num_workers: int,
+                 seed: int, epoch: SharedEpoch, quota: int | None = None, shuffle_buffer: int = 0):
+        if len(urls) != len(keys):
+            raise ValueError("one key list per shard is needed")
+        self.urls, self.keys = list(urls), [list(k) for k in keys]
+        self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
+        self.seed, self.epoch, self.quota, self.shuffle_buffer = seed, epoch, quota, shuffle_buffer
+
+    @property
+    def num_samples(self) -> int:
+        return sum(map(len, self.keys))
+
+    def positions(self, slot: int, epoch: int) -> list[tuple[int, str]]:
+        """(shard index, key) of every sample ``slot`` reads in ``epoch``."""
+        order = list(range(len(self.urls)))
+        if self.quota is not None:
+            random.Random(f"shards-{self.seed}-{epoch}").shuffle(order)
+        sequence = [(i, k) for i in order for k in self.keys[i]]
+        n, slots = len(sequence), self.world_size * self.workers
+        start, end = slot * n // slots, (slot + 1) * n // slots
+        if self.quota is not None and n:
+            end = start + self.quota
+        return [sequence[p % n] for p in range(start, end)] if n else []
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = _worker_info()
+        if workers != self.workers:
+            raise RuntimeError(f"the epoch plan was made for {self.workers} loader workers, the loader has {workers}")
+        epoch = self.epoch.get()
+        slot = self.rank * self.workers + worker
+        wanted: dict[int, dict[str, int]] = {}
+        for shard, key in self.positions(slot, epoch):
+            counts = wanted.setdefault(shard, {})
+            counts[key] = counts.get(key, 0) + 1
+        samples = self._read(wanted)
+        if self.quota is None:
+            yield from samples
+            return
+        yield from _buffer_shuffle(samples, self.shuffle_buffer, random.Random(f"samples-{self.seed}-{epoch}-{slot}"))
+
+    def _read(self, wanted: dict[int, dict[str, int]]) -> Iterator[dict]:
+        for shard, counts in wanted.items():  # in sequence order
+            source = [{"url": self.urls[shard]}]
+            for sample in wds.tariterators.tarfile_samples(source, handler=wds.warn_and_continue):
+                for _ in range(counts.get(sample["__key__"], 0)):
+                    yield sample
+
+
+def _buffer_shuffle(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """Samples in a random order through a buffer of ``size`` (the whole stream when it fits)."""
+    buffer: list[dict] = []
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) >= max(1, size):
+            i = rng.randrange(len(buffer))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def kept_keys(urls: list[str], keep: KeepPosts | None) -> list[list[str]]:
+    """The keys of each shard that ``keep`` selects (all when None), read from the tar headers."""
+    return [[k for k in shard_keys(url) if keep is None or keep({"__key__": k})] for url in urls]
+
+
 # ----------------------------------------------------------------------------- pipelines
-def batches_per_worker(num_samples: int, batch_size: int, world_size: int, num_workers: int) -> int:
-    """Batches each loader worker yields per epoch so every rank yields the same number of batches."""
-    num_batches = math.ceil(num_samples / (batch_size * world_size))
-    return math.ceil(num_batches / max(1, num_workers))
-
-
 def make_train_pipeline(
     urls: list[str],
     *,
     decoder: SampleDecoder,
     collate: Collate,
     batch_size: int,
-    num_samples: int,
     num_workers: int,
     seed: int,
     epoch: SharedEpoch,
     keep: KeepPosts | None = None,
+    keys: list[list[str]] | None = None,
     shuffle_buffer: int = 1000,
     rank: int | None = None,
     world_size: int | None = None,
 ) -> wds.DataPipeline:
-    """Endless, resampled training pipeline cut to a fixed number of batches per worker (per epoch).
+    """One epoch of training batches for this rank: every kept post once across ranks and workers (open_clip's
+    recipe without resampling: shards in an epoch-seeded order shared by every rank, split by rank and worker).
 
-    ``num_samples`` is the number of training posts (after ``keep``); each rank yields
-    ``batches_per_worker(...) * max(1, num_workers)`` batches of ``batch_size`` per epoch.
+    Every worker of every rank yields ``slot_quota`` samples (a few posts repeat to even the slots out), so every
+    rank yields ``batches_per_rank(...)`` batches of ``batch_size`` (the last of each worker may be smaller); the
+    pipeline's ``len()`` says so, which is what the learning-rate schedule counts its steps from. ``keys``: the
+    kept keys per shard (``kept_keys``) when the caller has them already.
     """
     rank, world_size = dist_info(rank, world_size)
-    n_batches = batches_per_worker(num_samples, batch_size, world_size, num_workers)
-    stages = [
-        ResampledShardList(urls, seed, epoch, rank),
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        wds.select(keep or KeepPosts(None)),
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed + rank)),
-        wds.map(decoder),
-        wds.batched(batch_size, collation_fn=collate, partial=False),
-    ]
-    return wds.DataPipeline(*stages).with_epoch(n_batches)
+    keys = kept_keys(urls, keep) if keys is None else keys
+    workers = max(1, num_workers)
+    n = sum(map(len, keys))
+    if n == 0:
+        raise ValueError(f"no training posts in the {len(urls)} shards")
+    samples = EpochSlotSamples(urls, keys, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed,
+                               epoch=epoch, quota=slot_quota(n, world_size * workers, batch_size),
+                               shuffle_buffer=shuffle_buffer)
+    pipeline = wds.DataPipeline(samples, wds.map(decoder),
+                                wds.batched(batch_size, collation_fn=collate, partial=True))
+    return pipeline.with_length(batches_per_rank(n, batch_size, world_size, num_workers), silent=True)
+
+
+def make_split_eval_pipeline(
+    urls: list[str],
+    *,
+    decoder: SampleDecoder,
+    collate: Collate,
+    batch_size: int,
+    num_workers: int,
+    keep: KeepPosts | None = None,
+    keys: list[list[str]] | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> wds.DataPipeline:
+    """Evaluation split by post, not by shard (validation under DDP): every kept post once across ranks, and every
+    rank gets its share (within one post of the others) however few shards there are, so no rank waits for
+    another's metrics. Raises ``ValueError`` when there are fewer posts than ranks."""
+    rank, world_size = dist_info(rank, world_size)
+    keys = kept_keys(urls, keep) if keys is None else keys
+    n = sum(map(len, keys))
+    if n < world_size:
+        raise ValueError(f"{n} posts to evaluate cannot be shared by {world_size} ranks (each needs one)")
+    samples = EpochSlotSamples(urls, keys, rank=rank, world_size=world_size, num_workers=num_workers, seed=0,
+                               epoch=SharedEpoch())
+    return wds.DataPipeline(samples, wds.map(decoder), wds.batched(batch_size, collation_fn=collate, partial=True))
 
 
 def make_eval_pipeline(
@@ -395,6 +586,11 @@ def make_eval_pipeline(
 
 
 def make_loader(pipeline: wds.DataPipeline, num_workers: int) -> wds.WebLoader:
-    """A DataLoader over a batched pipeline (batching happens in the workers)."""
-    return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=num_workers,
-                         persistent_workers=False)
+    """A DataLoader over a batched pipeline (batching happens in the workers), with the pipeline's length when it
+    has one (the training pipeline: Lightning then knows the epoch's steps)."""
+    loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=num_workers,
+                           persistent_workers=False)
+    try:
+        return loader.with_length(len(pipeline), silent=True)
+    except TypeError:
+        return loader

@@ -24,6 +24,14 @@ class BackboneWeightsError(RuntimeError):
     """Raised when pretrained weights are asked for but cannot be had (no file, no network)."""
 
 
+def float32(x: torch.Tensor):
+    """A region where autocast is off on ``x``'s device: what follows runs in the dtypes it is given (float32 once
+    cast). Used for the outputs that bf16 would coarsen: the regression heads and their de-standardisation (bf16
+    keeps 8 bits: predictions in [8, 16) would land on a 0.0625 grid) and the prompt learner's cosines, which are
+    multiplied by the logit scale before a softmax."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def register_local_configs() -> None:
     """Register the model configs shipped in ``model_configs/`` (e.g. ``popstack-tiny-clip``) with open_clip."""
     for path in sorted(MODEL_CONFIG_DIR.glob("*.json")):

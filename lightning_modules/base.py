@@ -49,7 +49,7 @@ class PostModule(L.LightningModule):
         return {**batch, **enc}
 
     def on_train_epoch_start(self) -> None:
-        """Training over shards: tell the datamodule the epoch, so each epoch draws its own resampled shard order
+        """Training over shards: tell the datamodule the epoch, so each epoch reads the shards in its own order
         (``PopularityDataModule.set_epoch``; the cached path's sampler gets its epoch from Lightning)."""
         set_epoch = getattr(self.trainer.datamodule, "set_epoch", None)
         if set_epoch is not None:
@@ -74,6 +74,10 @@ class PostModule(L.LightningModule):
             return opt
         if self.hparams.scheduler != "cosine":
             raise ValueError(f"scheduler must be cosine or constant, got {self.hparams.scheduler!r}")
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(steps) or steps < 1:
+            raise ValueError(f"the cosine schedule needs the number of training steps, and the training loader gives "
+                             f"none ({steps}); give it a length (shard loaders: datamodules.shards.make_loader)")
+        total = int(steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.backbone import encode_text_embeddings, text_tower
+from lightning_modules.backbone import encode_text_embeddings, float32, text_tower
 
 MASKED = -1e4  # added to padded positions before the softmax over tokens
 
@@ -28,8 +28,9 @@ def class_prompt_text(class_name: str, n_ctx: int) -> str:
 
 
 def global_similarity(h: torch.Tensor, class_feats: torch.Tensor) -> torch.Tensor:
-    """Paper eq. 4: cos(h, G_i). h (B, D), class_feats (K, D) -> (B, K)."""
-    return F.normalize(h.float(), dim=-1) @ F.normalize(class_feats.float(), dim=-1).T
+    """Paper eq. 4: cos(h, G_i). h (B, D), class_feats (K, D) -> (B, K), in float32 (also under autocast)."""
+    with float32(h):
+        return F.normalize(h.float(), dim=-1) @ F.normalize(class_feats.float(), dim=-1).T
 
 
 def local_similarity(
@@ -43,12 +44,14 @@ def local_similarity(
         class_feats: (K, D) local class embeddings L.
         tau_s: softmax temperature over tokens (smaller = focus on the best-matching token).
 
-    Returns: (B, K) aggregated local similarities in [-1, 1].
+    Returns: (B, K) aggregated local similarities in [-1, 1], in float32 (also under autocast).
     """
-    sim = torch.einsum("bld,kd->blk", F.normalize(tokens.float(), dim=-1), F.normalize(class_feats.float(), dim=-1))
-    scores = sim / tau_s + (~mask).unsqueeze(-1).float() * MASKED
-    weights = scores.softmax(dim=1)
-    return (weights * sim).sum(dim=1)
+    with float32(tokens):
+        sim = torch.einsum("bld,kd->blk", F.normalize(tokens.float(), dim=-1),
+                           F.normalize(class_feats.float(), dim=-1))
+        scores = sim / tau_s + (~mask).unsqueeze(-1).float() * MASKED
+        weights = scores.softmax(dim=1)
+        return (weights * sim).sum(dim=1)
 
 
 class DualGrainedPromptLearner(nn.Module):

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_modules.backbone import float32
 from lightning_modules.base import PostModule
 from lightning_modules.losses import huber_loss
 from lightning_modules.prompt_learner import DualGrainedPromptLearner, global_similarity, local_similarity
@@ -159,10 +160,11 @@ class PromptPrototypeModule(PostModule):
                "x": proto["x"], "V": proto["V"], "T": proto["T"], "image_emb": b["image_emb"].float(),
                "text_emb": b["text_emb"].float()}
         if self.regressor is not None:
-            feats = torch.cat([proto["x"], global_logits.softmax(-1), local_logits.softmax(-1),
-                               out["image_emb"], out["text_emb"]], dim=-1)
-            z = self.regressor(feats).squeeze(-1)
-            out["prediction"] = z * self.hparams.target_std + self.hparams.target_mean
+            with float32(global_logits):  # the popularity head and its de-standardisation at full resolution
+                feats = torch.cat([proto["x"].float(), global_logits.softmax(-1), local_logits.softmax(-1),
+                                   out["image_emb"], out["text_emb"]], dim=-1)
+                z = self.regressor(feats).squeeze(-1)
+                out["prediction"] = z * self.hparams.target_std + self.hparams.target_mean
         return out
 
     def _class_targets(self, batch: dict) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_modules.backbone import float32
 from lightning_modules.base import PostModule
 from lightning_modules.losses import huber_loss
 
@@ -78,9 +79,14 @@ class RegressorModule(PostModule):
         raise NotImplementedError
 
     def forward(self, batch: dict) -> torch.Tensor:
-        """Batch (cached or raw) -> (B,) predicted popularity (the head predicts the standardised label)."""
-        z = self.head(self.features(self.encode(batch))).squeeze(-1)
-        return z * self.hparams.target_std + self.hparams.target_mean
+        """Batch (cached or raw) -> (B,) predicted popularity (the head predicts the standardised label).
+
+        The head and the de-standardisation run in float32 outside autocast (``backbone.float32``): under bf16 the
+        predictions would otherwise land on a grid of 0.03-0.06 log-views."""
+        h = self.features(self.encode(batch))
+        with float32(h):
+            z = self.head(h.float()).squeeze(-1)
+            return z * self.hparams.target_std + self.hparams.target_mean
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = huber_loss(self(batch), batch["label"], self.hparams.huber_delta)

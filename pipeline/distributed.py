@@ -28,7 +28,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, TypeVar
+from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 
 from pipeline.errors import UserError
 
@@ -125,6 +125,84 @@ def topology(env: Mapping[str, str] | None = None, devices_per_node: int | None 
         return Topology(node * per_node + local, local, world, node, "lightning", launch)
     node = _int(env, "NODE_RANK", 0)  # the first process of a node before Lightning started any other
     return Topology(node * (devices_per_node or 1), 0, 1, node, "single")
+
+
+#: ``trainer.accelerator`` values that mean a CUDA device when one is present.
+CUDA_ACCELERATORS = ("gpu", "cuda", "auto")
+
+
+def _device_ids(devices, count: int) -> list[int]:
+    """The CUDA device indices ``trainer.devices`` selects, as Lightning reads it: a list or a "0,2" string names
+    them, a number n takes the first n, -1 / "-1" / "auto" take every visible device."""
+    if isinstance(devices, str) and "," in devices:
+        return [int(d) for d in devices.split(",") if d.strip()]
+    if isinstance(devices, Sequence) and not isinstance(devices, str):  # a list (or Hydra's ListConfig)
+        return [int(d) for d in devices]
+    if devices in (None, "auto", -1, "-1"):
+        return list(range(count))
+    return list(range(int(devices)))
+
+
+def rank_device(accelerator: str, devices=None, env: Mapping[str, str] | None = None):
+    """The ``torch.device`` this process computes on outside a ``Trainer`` (the embedding cache, sentence
+    embeddings), made the current CUDA device: ``cuda:<i>`` where ``i`` is the device Lightning gives this local
+    rank (the ``local_rank``-th of ``trainer.devices``), so the N processes of a node use N GPUs, not GPU 0; the
+    CPU when the accelerator asks for none or no GPU is visible. Call it before the first Trainer or CUDA work of
+    the process (``torch.cuda.set_device`` then keeps every plain ``"cuda"`` tensor on this rank's GPU too).
+
+    Raises ``UserError`` when this local rank has no device (more processes on the node than GPUs selected)."""
+    import torch
+
+    if str(accelerator) not in CUDA_ACCELERATORS or not torch.cuda.is_available():
+        return torch.device("cpu")
+    topo = topology(env)
+    ids = _device_ids(devices, torch.cuda.device_count())
+    if topo.local_rank >= len(ids):
+        raise UserError(f"local rank {topo.local_rank} has no GPU: trainer.devices={devices!r} selects {len(ids)} "
+                        f"of the {torch.cuda.device_count()} visible (run one process per selected GPU)")
+    index = ids[topo.local_rank]
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def planned_world_size(trainer: Mapping, env: Mapping[str, str] | None = None) -> int:
+    """How many processes train together under the ``trainer`` config section (accelerator, devices, num_nodes)
+    in this environment: the launcher's world size under torchrun or SLURM, else devices x nodes as Lightning
+    will start them (on GPUs, the devices ``trainer.devices`` selects among the visible ones). The fit key and the
+    neural stage's hash record it: a model trained on 1 device is not reused as if trained on 8."""
+    import torch
+
+    topo = topology(env)
+    if topo.launcher in ("torchrun", "slurm"):
+        return topo.world_size
+    devices = trainer.get("devices", "auto")
+    if str(trainer.get("accelerator", "auto")) in CUDA_ACCELERATORS and torch.cuda.is_available():
+        per_node = len(_device_ids(devices, torch.cuda.device_count()))
+    else:  # CPU: "auto" is one process, a number n starts n
+        per_node = 1 if devices in (None, "auto", -1, "-1") else len(_device_ids(devices, 1))
+    return per_node * int(trainer.get("num_nodes", 1) or 1)
+
+
+def start_lightning_processes(trainer: Mapping) -> bool:
+    """Under Lightning's own launcher, start the other processes now rather than at the first ``Trainer``, so the
+    work before it (the embedding cache) is split across the ranks too; True when processes were started.
+
+    Only the first process of a launch that is neither torchrun nor SLURM, with a ``trainer`` section that starts
+    several processes through Lightning's script launcher (``strategy: ddp``); ``ddp_spawn`` and friends start
+    theirs inside the Trainer and keep doing so. The processes started re-run the command line with ``LOCAL_RANK``
+    etc. set (``topology`` reads them); the later Trainers of this process see those variables and start no more."""
+    if topology().launcher != "single" or planned_world_size(trainer) < 2:
+        return False
+    import lightning as L
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    placement = {k: trainer[k] for k in ("accelerator", "devices", "num_nodes", "strategy") if k in trainer}
+    launcher = L.Trainer(**placement, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False).strategy.launcher
+    if not isinstance(launcher, _SubprocessScriptLauncher):
+        return False
+    launcher.launch(lambda: None)
+    return True
 
 
 def wait_timeout(cfg) -> float:

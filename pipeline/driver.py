@@ -14,7 +14,7 @@ import os
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import RUN_DIR_ENV, save_config
-from pipeline.distributed import topology, wait_for, wait_timeout
+from pipeline.distributed import rank_device, topology, wait_for, wait_timeout
 from pipeline.errors import UserError
 from pipeline.layout import RunLayout
 from pipeline.lock import RunLock
@@ -49,6 +49,7 @@ class Pipeline:
         if unknown:
             raise UserError(f"unknown stage(s) {unknown}; stages are {list(STAGE_NAMES)}")
         self._check_backbone()  # before any other work: no network -> one clear line
+        rank_device(cfg.trainer.accelerator, cfg.trainer.devices)  # this rank's GPU is current before any CUDA work
         self._prepare_run_dir()
         child = not self.topology.is_zero
         lock = None if child else RunLock(self.run_dir).acquire()  # before the first write into the run

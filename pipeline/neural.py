@@ -36,7 +36,7 @@ from lightning_modules.prompt_prototype_module import F_BLOCKS as PROMPT_F_BLOCK
 from lightning_modules.prompt_prototype_module import PromptPrototypeModule
 from lightning_modules.prototypes import prototype_means, select_prototype_posts
 from lightning_modules.regressors import CLIPHierarchicalPredictor, CoAttentionMLPModule
-from pipeline.distributed import topology, wait_for, wait_timeout
+from pipeline.distributed import rank_device, topology, wait_for, wait_timeout
 from pipeline.errors import UserError
 from pipeline.layout import RunLayout
 from pipeline.training import DONE, finished_checkpoint, recorded_key_is
@@ -58,10 +58,6 @@ PROMPT_BLOCKS = tuple(b for b in PROMPT_F_BLOCKS if b not in CLIP_BLOCKS)
 F_BLOCKS = {"f_i": VISUAL, "f_t": NEURAL_TEXT, **dict.fromkeys(PROMPT_BLOCKS, PROMPT)}
 #: The one F model of the prompt/prototype module: classification only, trained on every post with a known class.
 F_MODEL = "features"
-
-
-def _device(cfg: DictConfig) -> str:
-    return "cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
 
 
 def trainer_cfg(cfg: DictConfig) -> dict:
@@ -112,9 +108,10 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
         collate=Collate(bb.tokenizer), batch_size=int(cfg.backbone.embed_batch_size),
         rank=topo.rank, world_size=topo.world_size,
     ), int(cfg.data.num_workers))
-    amp = torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") and _device(cfg) == "cuda" else None
+    device = rank_device(cfg.trainer.accelerator, cfg.trainer.devices)  # this rank's GPU, not GPU 0
+    amp = torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") and device.type == "cuda" else None
     written = encode_into(bb.model, loader, open_cache_arrays(tmp), {p: i for i, p in enumerate(post_ids)},
-                          token_len=int(cfg.backbone.token_len), device=_device(cfg), autocast_dtype=amp,
+                          token_len=int(cfg.backbone.token_len), device=device, autocast_dtype=amp,
                           progress=topo.is_zero and bool(cfg.get("progress_bar", True)), image_grid=grid)
     log.info("embedding cache: rank %d of %d encoded %d posts", topo.rank, topo.world_size, len(written))
     atomic_write_json(tmp / RANK_DONE.format(rank=topo.rank), {"launch": topo.launch_id, "post_ids": written})
@@ -162,7 +159,8 @@ def _tabular_path(cfg: DictConfig, layout: RunLayout, name: str) -> str | None:
 
 def cache_datamodule(cfg: DictConfig, layout: RunLayout, name: str, fold: int | None,
                      all_posts: bool = False) -> EmbeddingDataModule:
-    """Batches of the frozen-embedding cache for module ``name`` (``model.<name>.batch_size`` per device).
+    """Batches of the frozen-embedding cache for module ``name`` (``model.<name>.batch_size``: the global batch,
+    divided across the devices).
     ``all_posts``: train on every post with a known class, labelled or not (the F model)."""
     m = cfg.model[name]
     return EmbeddingDataModule(
@@ -187,13 +185,14 @@ def uses_shards(cfg: DictConfig, name: str) -> bool:
 
 
 def shard_datamodule(cfg: DictConfig, layout: RunLayout, name: str, fold: int | None) -> PopularityDataModule:
-    """Raw image + token batches of the run's shards for module ``name`` (``model.<name>.batch_size`` per device,
-    as on the cached path): resampled training with equal batches per rank, epoch-seeded; every post once to
-    predict. ``fold`` None: all labelled posts train (and prediction reads whichever splits have shards)."""
+    """Raw image + token batches of the run's shards for module ``name`` (``model.<name>.batch_size``: the global
+    batch, as on the cached path): every training post once per epoch with equal batches per rank, epoch-seeded;
+    every post once to predict. ``fold`` None: all labelled posts train (and prediction reads whichever splits have
+    shards)."""
     m = cfg.model[name]
     shards = layout.shards
     return PopularityDataModule(
-        str(shards), str(layout.folds), batch_size=int(m.batch_size), per_device=True,
+        str(shards), str(layout.folds), batch_size=int(m.batch_size),
         num_workers=int(cfg.data.num_workers), image_size=model_image_size(cfg.backbone.name),
         text_field=cfg.data.text_field, model_name=cfg.backbone.name, fold=fold, seed=int(cfg.seed) + (fold or 0),
         predict_splits=tuple(s for s in ("train", "test") if (shards / f"{s}-index.json").is_file()),

@@ -1,11 +1,12 @@
 """Fit one LightningModule into its own directory, resumably, keyed by what produces it.
 
 Layout of ``out_dir``: ``key.json`` (what the fit is made of: data, fold assignment, model config, backbone
-weights; written before training), ``checkpoints/last.ckpt`` (every epoch, atomic), ``checkpoints/best.ckpt``
-(best validation score), ``csv/`` (CSVLogger), ``done.json`` (written when fit finished; ``best`` is relative to
-``out_dir``). A rerun with the same key and a ``done.json`` whose checkpoint exists does nothing; with the same key
-and only ``last.ckpt`` it resumes from it, with the RNG states saved in the checkpoint, so the result equals an
-uninterrupted run with the same seed. A different key (new folds, config or weights) starts from scratch.
+weights, the world size it trains on; written before training), ``checkpoints/last.ckpt`` (every epoch, atomic),
+``checkpoints/best.ckpt`` (best validation score), ``csv/`` (CSVLogger), ``done.json`` (written when fit finished;
+``best`` is relative to ``out_dir``). A rerun with the same key and a ``done.json`` whose checkpoint exists does
+nothing; with the same key and only ``last.ckpt`` it resumes from it, with the RNG states saved in the checkpoint,
+so the result equals an uninterrupted run with the same seed. A different key (new folds, config, weights or world
+size) starts from scratch.
 Checkpoints are read with ``torch.load(weights_only=True)`` always, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
 says: a file that is not a plain tensor checkpoint is refused with a ``UserError`` naming it.
 """
@@ -114,7 +115,9 @@ class RNGState(Callback):
 #: Trainer defaults of the pipeline that the ``trainer`` config section may override.
 TRAINER_DEFAULTS: dict[str, Any] = {"num_sanity_val_steps": 0, "enable_model_summary": False}
 #: Trainer arguments that say where and how visibly a fit runs, not what it computes: changing them reuses the
-#: trained models. Every other ``trainer`` key (precision, gradient clipping, accumulation, ...) retrains.
+#: trained models, unless the number of processes changes (devices x nodes: the fit key records
+#: ``pipeline.distributed.planned_world_size``, since each device trains on its share of the global batch).
+#: Every other ``trainer`` key (precision, gradient clipping, accumulation, ...) retrains.
 PLACEMENT_TRAINER_ARGS = frozenset({"accelerator", "devices", "num_nodes", "strategy", "log_every_n_steps",
                                     "enable_model_summary", "profiler", "barebones"})
 

@@ -1,6 +1,7 @@
 """Launched by tests/test_ddp.py with torchrun (2 CPU processes, gloo): one epoch of the prompt/prototype module
 over WebDataset shards through PopularityDataModule, with the last CLIP block of each tower trainable. Each rank
-writes how many batches it trained on and, per CLIP parameter, whether it changed and a checksum of its values."""
+writes how many batches it trained and validated on, the validation metrics it got, and, per CLIP parameter,
+whether it changed and a checksum of its values."""
 
 from __future__ import annotations
 
@@ -18,13 +19,18 @@ from lightning_modules.prompt_prototype_module import PromptPrototypeModule
 
 class CountBatches(L.Callback):
     def __init__(self, out: Path):
-        self.out, self.n = out, 0
+        self.out, self.n, self.val = out, 0, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.n += 1
 
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.val += not trainer.sanity_checking
+
     def on_train_epoch_end(self, trainer, pl_module):
-        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"batches": self.n}))
+        metrics = sorted(k for k in trainer.callback_metrics if k.startswith("val/"))
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
+            {"batches": self.n, "val_batches": self.val, "val_metrics": metrics}))
 
 
 def main(work: Path) -> None:

@@ -68,6 +68,10 @@ def test_train_py_ddp_two_processes_end_to_end(lightning_ddp_run):
     tmp, proc = lightning_ddp_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_finished_run(tmp / "run", proc.stderr)
+    # Lightning's launcher starts the second process before the embedding cache, so both encode a share
+    shares = [int(n) for n in re.findall(r"embedding cache: rank \d of 2 encoded (\d+) posts", proc.stderr)]
+    assert len(shares) == 2 and min(shares) > 0
+    assert sum(shares) == len(pd.read_parquet(tmp / "run" / "posts.parquet"))
 
 
 @pytest.mark.slow
@@ -139,10 +143,9 @@ def test_two_slurm_tasks_run_prepare_once_and_split_the_cache(tmp_path):
     assert len(json.loads((tmp_path / "run" / "embeddings" / "post_ids.json").read_text())) == n_posts
 
 
-@pytest.mark.slow
-def test_two_process_ddp_over_shards_equal_batches_and_synced_fine_tuning(tmp_path):
-    """torchrun, PopularityDataModule, trainable_last_blocks=1: equal batches per rank (resampled, epoch-seeded),
-    and the trainable CLIP blocks move in step on both ranks."""
+def ddp_over_shards(tmp_path: Path, shard_size: int, timeout: int = 240) -> list[dict]:
+    """tests/ddp_shards_script.py under torchrun (2 ranks) on 90 training posts in 3 folds (fold 0 validates), in
+    shards of ``shard_size``; each rank's counts (``rank<r>.json``)."""
     raw = tmp_path / "raw"
     generate(raw, 90, 10, seed=0, n_subcategories=4)
     posts = read_smpd(raw)
@@ -150,19 +153,37 @@ def test_two_process_ddp_over_shards_equal_batches_and_synced_fine_tuning(tmp_pa
     vocab = build_vocab(train)
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     write_folds(fold_table(posts, 3, 0), tmp_path / "folds.parquet")
-    write_shards(train, raw, tmp_path / "shards", split="train", class_ids=vocab, shard_size=20)
+    write_shards(train, raw, tmp_path / "shards", split="train", class_ids=vocab, shard_size=shard_size)
     proc = launch(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                   str(ROOT / "tests" / "ddp_shards_script.py"), str(tmp_path)], ROOT, timeout=240)
+                   str(ROOT / "tests" / "ddp_shards_script.py"), str(tmp_path)], ROOT, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    counts = [json.loads((tmp_path / f"rank{r}.json").read_text())["batches"] for r in (0, 1)]
-    # 60 training posts (folds 1, 2), global batch 8 -> 4 per rank: ceil(60 / 8) = 8 batches per rank
-    assert counts == [8, 8]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_over_shards_equal_batches_and_synced_fine_tuning(tmp_path):
+    """torchrun, PopularityDataModule, trainable_last_blocks=1: equal batches per rank (every post once per
+    epoch, epoch-seeded), and the trainable CLIP blocks move in step on both ranks."""
+    ranks = ddp_over_shards(tmp_path, 20)
+    # 60 training posts (folds 1, 2), global batch 8 -> 4 per rank: 30 posts per rank = 8 batches per rank
+    assert [r["batches"] for r in ranks] == [8, 8]
     # the trainable last blocks changed identically on both ranks (gradients are all-reduced); the rest did not
     params = [json.loads((tmp_path / f"params{r}.json").read_text()) for r in (0, 1)]
     assert any(p["trainable"] for p in params[0].values()) and not all(p["trainable"] for p in params[0].values())
     for name, p in params[0].items():
         assert p["changed"] == p["trainable"], name
         assert params[1][name]["sum"] == pytest.approx(p["sum"], rel=1e-6, abs=1e-6), name
+
+
+@pytest.mark.slow
+def test_two_process_ddp_validation_with_fewer_shards_than_ranks_finishes(tmp_path):
+    """Every post in one shard, two ranks: validation is split by post, so both ranks validate their half of the
+    fold and log its metrics (split by shard, rank 1 got no batch and rank 0 waited in the metrics' all-gather)."""
+    ranks = ddp_over_shards(tmp_path, 1000, timeout=180)
+    assert [r["batches"] for r in ranks] == [8, 8]
+    # 30 validation posts (fold 0), 4 per rank and batch: 15 posts per rank = 4 batches each
+    assert [r["val_batches"] for r in ranks] == [4, 4]
+    assert all("val/loss" in r["val_metrics"] for r in ranks)
 
 
 @pytest.mark.slow

@@ -17,12 +17,15 @@ from datamodules.shards import (
     KeepPosts,
     SampleDecoder,
     SharedEpoch,
+    batches_per_rank,
     build_vocab,
     make_eval_pipeline,
     make_loader,
+    make_split_eval_pipeline,
     make_train_pipeline,
     read_index,
     shard_urls,
+    slot_quota,
     write_shards,
 )
 from lightning_modules.backbone import TINY_MODEL, register_local_configs
@@ -109,35 +112,80 @@ def test_batch_content_and_blank_fallback(shard_setup):
     assert torch.equal(batch["text_ids"][k], expected)
 
 
-def test_training_pipeline_equal_batches_per_rank_and_worker(shard_setup):
-    posts, _, out, _ = shard_setup
+def train_epoch(out, keep_ids, *, world, workers, batch_size, epoch_value=0, seed=0):
+    """The batches of every rank of one training epoch, simulated rank by rank (workers are real processes)."""
     dec, col = decoder_and_collate()
-    keep_ids = posts.post_id[:17].tolist()  # an uneven training set (e.g. one fold held out)
-    counts = []
-    for rank in range(2):
-        pipe = make_train_pipeline(shard_urls(out, ["train"]), decoder=dec, collate=col, batch_size=3,
-                                   num_samples=len(keep_ids), num_workers=2, seed=0, epoch=SharedEpoch(),
-                                   keep=KeepPosts(keep_ids), shuffle_buffer=8, rank=rank, world_size=2)
-        batches = list(make_loader(pipe, 2))
-        counts.append(len(batches))
-        assert all(len(b["post_id"]) == 3 for b in batches)
-        assert set(pid for b in batches for pid in b["post_id"]) <= set(keep_ids)
-    # ceil(17 / (3 * 2)) = 3 batches per rank -> ceil(3 / 2) = 2 per worker -> 4 per rank
-    assert counts == [4, 4]
+    ranks = []
+    for rank in range(world):
+        pipe = make_train_pipeline(shard_urls(out, ["train"]), decoder=dec, collate=col, batch_size=batch_size,
+                                   num_workers=workers, seed=seed, epoch=SharedEpoch(epoch_value),
+                                   keep=KeepPosts(keep_ids), shuffle_buffer=8, rank=rank, world_size=world)
+        loader = make_loader(pipe, workers)
+        batches = [b["post_id"] for b in loader]
+        assert len(loader) == len(batches) == batches_per_rank(len(keep_ids), batch_size, world, workers)
+        ranks.append(batches)
+    return ranks
+
+
+@pytest.mark.parametrize(("world", "workers"), [(1, 0), (2, 2), (3, 2), (4, 0)])
+def test_training_epoch_visits_every_post_once_with_equal_batches_per_rank(shard_setup, world, workers):
+    """17 kept posts of 5 shards (uneven: one fold held out): every post once per epoch across ranks and workers,
+    fewer than world x workers repeats to even the slots out, and every rank the same batches (same sizes)."""
+    posts, _, out, _ = shard_setup
+    keep_ids = posts.post_id[:17].tolist()
+    ranks = train_epoch(out, keep_ids, world=world, workers=workers, batch_size=3)
+    seen = [pid for batches in ranks for b in batches for pid in b]
+    counts = pd.Series(seen).value_counts()
+    assert set(counts.index) == set(keep_ids)
+    slots = world * max(1, workers)
+    assert counts.sum() - len(keep_ids) < slots and counts.max() <= 2
+    sizes = [[len(b) for b in batches] for batches in ranks]
+    assert all(s == sizes[0] for s in sizes) and min(sizes[0]) > 1
+
+
+def test_training_epoch_every_post_once_when_ranks_outnumber_shards(shard_setup):
+    """Ranks x workers (8) above the shards (5): every rank still trains, on its share of the posts."""
+    posts, _, out, _ = shard_setup
+    ranks = train_epoch(out, posts.post_id.tolist(), world=4, workers=2, batch_size=2)
+    assert all(len(batches) == len(ranks[0]) > 0 for batches in ranks)
+    seen = {pid for batches in ranks for b in batches for pid in b}
+    assert seen == set(posts.post_id)
 
 
 def test_training_order_changes_with_epoch_and_is_reproducible(shard_setup):
-    _, _, out, _ = shard_setup
-    dec, col = decoder_and_collate()
+    posts, _, out, _ = shard_setup
+    ids = posts.post_id.tolist()
 
     def order(epoch_value):
-        epoch = SharedEpoch(epoch_value)
-        pipe = make_train_pipeline(shard_urls(out, ["train"]), decoder=dec, collate=col, batch_size=4,
-                                   num_samples=N, num_workers=0, seed=1, epoch=epoch, rank=0, world_size=1)
-        return [pid for b in make_loader(pipe, 0) for pid in b["post_id"]]
+        return train_epoch(out, ids, world=1, workers=0, batch_size=4, epoch_value=epoch_value, seed=1)[0]
 
     assert order(0) == order(0)
     assert order(0) != order(1)
+    assert sorted(p for b in order(1) for p in b) == sorted(ids)  # a new order, the same posts
+
+
+def test_slot_quota_never_leaves_a_single_post_batch():
+    assert slot_quota(24, 4, 4) == 6
+    assert slot_quota(17, 4, 4) == 6  # ceil(17 / 4) = 5 = 4 + 1: one more
+    assert batches_per_rank(17, 4, 2, 2) == 4
+
+
+def test_split_eval_pipeline_gives_every_rank_posts_when_shards_are_fewer(shard_setup):
+    """Validation split by post: 5 shards, 6 ranks, 2 workers each: every rank gets posts, every post once."""
+    posts, _, out, _ = shard_setup
+    dec, col = decoder_and_collate()
+    seen, per_rank = [], []
+    for rank in range(6):
+        pipe = make_split_eval_pipeline(shard_urls(out, ["train"]), decoder=dec, collate=col, batch_size=4,
+                                        num_workers=2, rank=rank, world_size=6)
+        ids = [pid for b in make_loader(pipe, 2) for pid in b["post_id"]]
+        seen.extend(ids)
+        per_rank.append(len(ids))
+    assert sorted(seen) == sorted(posts.post_id)
+    assert per_rank == [4] * 6
+    with pytest.raises(ValueError, match="cannot be shared by 30 ranks"):
+        make_split_eval_pipeline(shard_urls(out, ["train"]), decoder=dec, collate=col, batch_size=4, num_workers=0,
+                                 rank=0, world_size=30)
 
 
 def test_post_ids_with_dots_round_trip_through_shards_and_prediction_writer(tmp_path):
@@ -171,3 +219,23 @@ def test_post_ids_with_dots_round_trip_through_shards_and_prediction_writer(tmp_
     merged = merge_rank_outputs(tmp_path / "pred", ids[:5])
     assert merged.post_id.tolist() == ids[:5]
     assert merged.y.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_shard_keys_read_from_headers_match_tarfile(tmp_path):
+    """The header scan (pax headers included: non-ASCII and 150-character keys) gives tarfile's member names, and
+    the keys in order, without reading a member."""
+    import tarfile
+
+    from datamodules.shards import _plain_member_names, encode_key, shard_keys
+
+    ids = ["12.5", "ü.jpg", "x" * 150, "7", "50%"]
+    rows = [{"post_id": pid, "uid": "u@N01", "split": "train", "row": i, "image_relpath": "none",
+             "image_status": IMAGE_MISSING, "category": "Animal", "subcategory": "Cats", "concept": "c",
+             "title": "t", "alltags": "", "label": 1.0} for i, pid in enumerate(ids)]
+    posts = pd.DataFrame(rows)
+    write_shards(posts, tmp_path, tmp_path / "shards", split="train", class_ids=build_vocab(posts), shard_size=3)
+    urls = shard_urls(tmp_path / "shards", ["train"])
+    for url in urls:
+        with tarfile.open(url) as tar:
+            assert _plain_member_names(url) == [m.name for m in tar]
+    assert [k for url in urls for k in shard_keys(url)] == [encode_key(p) for p in ids]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.distributed import topology, wait_for, wait_timeout
+from pipeline.distributed import planned_world_size, start_lightning_processes, topology, wait_for, wait_timeout
 from pipeline.layout import RunLayout
 from pipeline.manifest import StageResult, file_digest
 from pipeline.neural import (
@@ -45,8 +45,11 @@ log = logging.getLogger("popstack")
 
 
 def config(c: dict) -> dict:
+    """What the stage's outputs depend on; ``world_size`` (devices x nodes, ``planned_world_size``) too, since
+    ``model.<name>.batch_size`` is the global batch split across the devices: another world size retrains."""
     return {"backbone": c["backbone"], "model": c["model"], "data": data_config(c),
-            "trainer": result_trainer_args(c["trainer"]), **common_config(c)}
+            "trainer": result_trainer_args(c["trainer"]), "world_size": planned_world_size(c["trainer"]),
+            **common_config(c)}
 
 
 def outside_inputs(cfg: DictConfig) -> dict:
@@ -68,14 +71,13 @@ def run(ctx: StageContext) -> StageResult:
     cache_key = {"shards": inputs.get(RunLayout.shards), "posts": inputs.get(RunLayout.posts), "backbone": bb,
                  "token_len": int(cfg.backbone.token_len), "text_field": cfg.data.text_field,
                  "precision": str(cfg.trainer.precision), "image_token_grid": image_token_grid(cfg)}
+    start_lightning_processes(trainer_cfg(cfg))  # Lightning's launcher: the other ranks share the cache work
     build_cache(cfg, layout, key=cache_key)
     metrics = {}
     outputs = [RunLayout.embeddings]
     for name in enabled_modules(cfg):
         monitor, _ = MONITOR[name]
-        model_key = {"model": OmegaConf.to_container(cfg.model[name], resolve=True), "backbone": {
-            **bb, "trainable_last_blocks": int(cfg.backbone.trainable_last_blocks),
-            "token_len": int(cfg.backbone.token_len)}, "trainer": result_trainer_args(trainer_cfg(cfg))}
+        model_key = module_key(cfg, bb, name)
         if name == "prompt_prototype":
             # the F model reads no label and no fold: the fold assignment is not part of its key
             key = {"data": {k: v for k, v in inputs.items() if k != RunLayout.folds}, "seed": int(cfg.seed),
@@ -86,12 +88,7 @@ def run(ctx: StageContext) -> StageResult:
             continue
         for fold in range(int(cfg.n_folds)):
             out = layout.fold_dir(name, fold)
-            key = {"data": inputs, "folds": inputs.get(RunLayout.folds), "fold": fold, "seed": int(cfg.seed) + fold,
-                   "model": OmegaConf.to_container(cfg.model[name], resolve=True), "backbone": {
-                       **bb, "trainable_last_blocks": int(cfg.backbone.trainable_last_blocks),
-                       "token_len": int(cfg.backbone.token_len)},
-                   "trainer": result_trainer_args(trainer_cfg(cfg))}
-            train_fold(cfg, layout, name, fold, key)
+            train_fold(cfg, layout, name, fold, fold_key(cfg, inputs, bb, name, fold))
             metrics[f"{name}/fold{fold}/{monitor}"] = read_done(out)["best_score"]
             outputs.append(layout.rel(out))
     return StageResult(outputs=outputs, metrics=metrics)
@@ -118,6 +115,23 @@ def train_f_model(cfg: DictConfig, layout: RunLayout, name: str, key: dict) -> N
     fit_resumable(module, data, out, key=key if topo.is_zero else None, trainer_cfg=trainer_cfg(cfg),
                   max_epochs=int(cfg.model[name].epochs), monitor=None, mode="min", seed=int(cfg.seed),
                   wandb_prefix=f"{name}/features", progress_bar=bool(cfg.get("progress_bar", True)))
+
+
+def fold_key(cfg: DictConfig, inputs: dict, backbone: dict, name: str, fold: int) -> dict:
+    """What fold ``fold`` of module ``name`` is made of (its ``key.json``): the stage's input checksums, the fold
+    assignment, seed, module config, backbone, the trainer keys that change results and the world size (each device
+    trains on its share of the global batch: a fold trained on 1 device is not reused on 8)."""
+    return {"data": inputs, "folds": inputs.get(RunLayout.folds), "fold": fold, "seed": int(cfg.seed) + fold,
+            **module_key(cfg, backbone, name)}
+
+
+def module_key(cfg: DictConfig, backbone: dict, name: str) -> dict:
+    """The part of a fit's key that is not data: module config, backbone, the trainer keys that change results and
+    the world size."""
+    return {"model": OmegaConf.to_container(cfg.model[name], resolve=True), "backbone": {
+        **backbone, "trainable_last_blocks": int(cfg.backbone.trainable_last_blocks),
+        "token_len": int(cfg.backbone.token_len)},
+        "trainer": result_trainer_args(trainer_cfg(cfg)), "world_size": planned_world_size(cfg.trainer)}
 
 
 def train_fold(cfg: DictConfig, layout: RunLayout, name: str, fold: int, key: dict) -> None:
