@@ -1,0 +1,121 @@
+"""What the first run on a GPU node or a cluster needs, shown on CPU: prediction placement on a machine without
+CUDA, the run lock where ``flock`` is missing, stale rank files, CatBoost's GPU fits from concurrent threads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pipeline.errors import UserError
+
+GPU_TRAINER = {"accelerator": "gpu", "devices": 8, "num_nodes": 2, "strategy": "ddp", "precision": "bf16-mixed"}
+
+
+def test_gpu_run_placement_without_cuda(monkeypatch, caplog):
+    from pipeline.inference import CPU_PLACEMENT, placement_for_this_machine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    trainer = OmegaConf.create(GPU_TRAINER)
+    caplog.set_level("WARNING", logger="popstack")
+    assert placement_for_this_machine(trainer, None, None, None) == CPU_PLACEMENT
+    assert len([r for r in caplog.records if "no CUDA" in r.getMessage()]) == 1
+    caplog.clear()
+    assert placement_for_this_machine(trainer, "cpu", 2, "bf16-mixed") == {**CPU_PLACEMENT, "devices": 2,
+                                                                          "precision": "bf16-mixed"}
+    assert not caplog.records  # asked for the CPU: nothing to warn about
+    with pytest.raises(UserError, match="no CUDA"):
+        placement_for_this_machine(trainer, "gpu", None, None)
+    with pytest.raises(UserError, match="accelerator must be one of"):
+        placement_for_this_machine(trainer, "gpus", None, None)
+
+
+def test_gpu_run_placement_with_cuda_keeps_the_run(monkeypatch):
+    from pipeline.inference import placement_for_this_machine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    trainer = OmegaConf.create(GPU_TRAINER)
+    assert placement_for_this_machine(trainer, None, None, None) == GPU_TRAINER
+    assert placement_for_this_machine(trainer, None, 1, "32-true") == {**GPU_TRAINER, "devices": 1,
+                                                                      "precision": "32-true"}
+
+
+@pytest.mark.parametrize("code", ["ENOSYS", "EOPNOTSUPP"])
+def test_run_lock_falls_back_where_flock_is_missing(monkeypatch, tmp_path, caplog, code):
+    """Lustre/NFS without flock: an O_EXCL lock file naming its holder; a second process is refused, release frees
+    it, and a file left by a dead process of this host is taken over."""
+    import errno
+    import fcntl
+    import json
+    import os
+    import socket
+
+    from pipeline.lock import RunLock
+
+    def no_flock(fd, op):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    caplog.set_level("WARNING", logger="popstack")
+    held = tmp_path / ".lock.held"
+    with RunLock(tmp_path):
+        assert json.loads(held.read_text())["pid"] == os.getpid()
+        with pytest.raises(UserError, match=f"in use by pid {os.getpid()}.*delete .*lock.held"):
+            RunLock(tmp_path).acquire()
+    assert not held.exists()
+    assert sum("no flock" in r.getMessage() for r in caplog.records) == 2  # one line per acquire
+    with RunLock(tmp_path):  # released: taken again at once
+        pass
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    held.write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started": "earlier"}))
+    with RunLock(tmp_path):
+        assert json.loads(held.read_text())["pid"] == os.getpid()
+    held.write_text(json.dumps({"pid": 1, "host": "another-node", "started": "earlier"}))
+    with pytest.raises(UserError, match="pid 1 on another-node"):
+        RunLock(tmp_path).acquire()
+
+
+def test_run_lock_other_flock_errors_are_not_swallowed(monkeypatch, tmp_path):
+    import errno
+    import fcntl
+
+    from pipeline.lock import RunLock
+
+    def broken(fd, op):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(fcntl, "flock", broken)
+    with pytest.raises(OSError, match="I/O error"):
+        RunLock(tmp_path).acquire()
+
+
+def test_stale_rank_files_of_a_run_with_more_devices_are_cleared(tmp_path):
+    """An earlier prediction on 4 devices left rank2/rank3 files (other values for the same posts): a 1-device
+    prediction into the same folder clears them at start and merges only its own."""
+    import lightning as L
+    import pandas as pd
+
+    from lightning_modules.extract import KeyedPredictionWriter, merge_rank_outputs
+    from tests.helpers import quiet_trainer
+
+    ids = [f"p{i}" for i in range(6)]
+
+    class Scores(L.LightningModule):
+        def predict_step(self, batch, batch_idx):
+            return {"post_id": batch["post_id"], "prediction": batch["x"] * 2}
+
+    batches = torch.utils.data.DataLoader([{"post_id": i, "x": float(k)} for k, i in enumerate(ids)], batch_size=4)
+    out = tmp_path / "fold0"
+    out.mkdir()
+    for rank in (2, 3):
+        pd.DataFrame({"post_id": ids, "prediction": [-1.0] * 6}).to_parquet(out / f"rank{rank}.parquet")
+    quiet_trainer(callbacks=[KeyedPredictionWriter(out)]).predict(Scores(), batches, return_predictions=False)
+    assert sorted(p.name for p in out.glob("rank*")) == ["rank0.parquet"]
+    assert merge_rank_outputs(out, ids, world_size=1).prediction.tolist() == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+    pd.DataFrame({"post_id": ids, "prediction": [-1.0] * 6}).to_parquet(out / "rank1.parquet")
+    assert merge_rank_outputs(out, ids, world_size=1).prediction.tolist()[1] == 2.0  # only this launch's ranks
+    with pytest.raises(ValueError, match="rank2.parquet.*not written"):
+        merge_rank_outputs(out, ids, world_size=3)
