@@ -276,7 +276,8 @@ def predict_frames(cfg: DictConfig, dm: EmbeddingDataModule | PopularityDataModu
                             enable_progress_bar=bool(cfg.get("progress_bar", True)), enable_model_summary=False)
         trainer.predict(module, datamodule=dm, return_predictions=False)
         trainer.strategy.barrier()  # every rank's file is written before anyone merges
-        frames[fold] = merge_rank_outputs(out, post_ids).drop(columns=["class_pred"], errors="ignore")
+        frames[fold] = merge_rank_outputs(out, post_ids, trainer.world_size).drop(columns=["class_pred"],
+                                                                                  errors="ignore")
     return frames
 
 
