@@ -119,3 +119,131 @@ def test_stale_rank_files_of_a_run_with_more_devices_are_cleared(tmp_path):
     assert merge_rank_outputs(out, ids, world_size=1).prediction.tolist()[1] == 2.0  # only this launch's ranks
     with pytest.raises(ValueError, match="rank2.parquet.*not written"):
         merge_rank_outputs(out, ids, world_size=3)
+
+
+class FakeGpuCatBoost:
+    """Stands in for ``catboost.CatBoostRegressor``: CPU fits are real; GPU fits record how many run at once and
+    fail while ``gpu_fails`` says so."""
+
+    gpu_fails = False
+    running = 0
+    max_running = 0
+    gpu_params: list[dict] = []
+    guard = None
+
+    real_class = None
+
+    def __init__(self, **params):
+        self.params = params
+        self.real = None if params["task_type"] == "GPU" else type(self).real_class(**params)
+
+    def fit(self, *args, **kwargs):
+        import time
+
+        from catboost import CatBoostError
+
+        if self.real is not None:
+            return self.real.fit(*args, **kwargs)
+        cls = type(self)
+        with cls.guard:
+            cls.running += 1
+            cls.max_running = max(cls.max_running, cls.running)
+            cls.gpu_params.append(self.params)
+        time.sleep(0.05)
+        with cls.guard:
+            cls.running -= 1
+        if cls.gpu_fails:
+            raise CatBoostError("catboost/cuda/cuda_lib/cuda_base.h: CUDA error 2: out of memory")
+        return self
+
+    def predict(self, X):
+        import numpy as np
+
+        return self.real.predict(X) if self.real is not None else np.zeros(len(X))
+
+
+@pytest.fixture
+def fake_gpu_catboost(monkeypatch):
+    import threading
+
+    import catboost
+
+    import stacking.members as members
+
+    FakeGpuCatBoost.gpu_fails, FakeGpuCatBoost.running, FakeGpuCatBoost.max_running = False, 0, 0
+    FakeGpuCatBoost.gpu_params, FakeGpuCatBoost.guard = [], threading.Lock()
+    FakeGpuCatBoost.real_class = catboost.CatBoostRegressor
+    monkeypatch.setattr(catboost, "CatBoostRegressor", FakeGpuCatBoost)
+    monkeypatch.setattr(members, "catboost_gpu_count", lambda: 1)
+    members.CATBOOST_DEVICE.reset()
+    yield FakeGpuCatBoost
+    members.CATBOOST_DEVICE.reset()
+
+
+def _catboost_folds(n_folds: int, **extra):
+    """``n_folds`` CatBoost members (the stack's default parameters) fitted on threads, like the stack's jobs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import pandas as pd
+
+    from stacking.members import make_member
+
+    params = {**OmegaConf.to_container(OmegaConf.load("configs/stacking/default.yaml").members.catboost),
+              "iterations": 20, "thread_count": 1, **extra}
+    params.pop("enabled")
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.normal(size=(120, 4)), columns=list("abcd"))
+    y = X.a.to_numpy() + rng.normal(size=120) * 0.1
+    members = [make_member("catboost", params, [], seed=k) for k in range(n_folds)]
+    with ThreadPoolExecutor(n_folds) as pool:
+        list(pool.map(lambda m: m.fit(X[:80], y[:80], X[80:], y[80:]), members))
+    return members
+
+
+def test_catboost_gpu_fits_from_threads_take_turns_with_a_memory_share(fake_gpu_catboost):
+    members = _catboost_folds(4)
+    assert fake_gpu_catboost.max_running == 1 and len(fake_gpu_catboost.gpu_params) == 4
+    for p in fake_gpu_catboost.gpu_params:
+        assert p["gpu_ram_part"] == 0.5 and p["devices"] == "0" and "rsm" not in p
+    assert all(m.model.real is None for m in members)  # every fold on the GPU
+
+
+def test_catboost_gpu_failure_moves_every_fold_to_the_cpu_with_one_warning(fake_gpu_catboost, caplog):
+    fake_gpu_catboost.gpu_fails = True
+    caplog.set_level("WARNING", logger="popstack")
+    members = _catboost_folds(4)
+    assert len(fake_gpu_catboost.gpu_params) == 1  # tried once, then decided
+    assert all(m.model.real is not None for m in members)  # no mix: every fold on the CPU
+    assert all("gpu_ram_part" not in m.model.params and "devices" not in m.model.params for m in members)
+    assert sum("GPU fit failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_catboost_gpu_failure_fails_loudly_when_asked_or_after_gpu_folds(fake_gpu_catboost):
+    from stacking.members import MemberResourceError
+
+    fake_gpu_catboost.gpu_fails = True
+    with pytest.raises(MemberResourceError, match="gpu_fallback=cpu"):
+        _catboost_folds(1, gpu_fallback="error")
+    fake_gpu_catboost.gpu_fails = False
+    _catboost_folds(1)
+    fake_gpu_catboost.gpu_fails = True
+    with pytest.raises(MemberResourceError, match="earlier fits of this run ran on the GPU"):
+        _catboost_folds(1)
+
+
+def test_tabnet_cuda_out_of_memory_is_one_clear_error(monkeypatch):
+    import numpy as np
+    import pandas as pd
+    from pytorch_tabnet.tab_model import TabNetRegressor
+
+    from stacking.members import MemberResourceError, make_member
+
+    def oom(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(TabNetRegressor, "fit", oom)
+    X = pd.DataFrame(np.random.default_rng(0).normal(size=(64, 3)), columns=list("abc"))
+    member = make_member("tabnet", {"max_epochs": 1, "batch_size": 32}, [], seed=0)
+    with pytest.raises(MemberResourceError, match="tabnet: CUDA out of memory .*64 rows.*batch_size=32"):
+        member.fit(X, np.arange(64.0), X, np.arange(64.0))
