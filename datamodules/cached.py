@@ -163,7 +163,8 @@ class EmbeddingDataModule(L.LightningDataModule):
 
     def _loader(self, indices: np.ndarray, **kwargs) -> DataLoader:
         return DataLoader(self.dataset(indices), batch_size=self.batch_size, num_workers=self.num_workers,
-                          collate_fn=keep_batch, persistent_workers=self.num_workers > 0, **kwargs)
+                          collate_fn=keep_batch, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available(), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         world = self.trainer.world_size if self.trainer is not None else 1  # each rank gets 1/world of the posts

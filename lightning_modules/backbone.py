@@ -16,6 +16,8 @@ import open_clip
 import torch
 from torch import nn
 
+from datamodules.shards import normalise_images
+
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODEL = "popstack-tiny-clip"
 
@@ -190,7 +192,8 @@ def encode_posts(
     ``torch.no_grad()`` when the backbone is frozen (the cache, and modules with no trainable CLIP block).
 
     Args:
-        image: (B, 3, S, S) preprocessed images.
+        image: (B, 3, S, S) images: uint8 as the shard loaders deliver them (normalised here, on their device:
+            ``datamodules.shards.normalise_images``) or float32 already normalised.
         text_ids: (B, C) token ids of the post text (C = context length, 0 = padding).
         token_len: number of leading token positions kept for the per-token features (<= C).
 
@@ -200,7 +203,7 @@ def encode_posts(
         text_tokens: (B, token_len, D) projected per-token text features.
         text_mask: (B, token_len) bool, True for real (non-padding) tokens.
     """
-    image_emb = model.encode_image(image)
+    image_emb = model.encode_image(normalise_images(image))
     text_emb, tokens = encode_text_tokens(model, text_ids)
     return {
         "image_emb": image_emb.float(),

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.atomic import atomic_path, atomic_write_json
 from datamodules.cached import EMBEDDING_FIELDS, EmbeddingDataModule, load_embedding_cache
+from datamodules.cores import loader_workers
 from datamodules.folds import read_folds
 from datamodules.popularity import PopularityDataModule
 from datamodules.schema import KEY, NO_FOLD
@@ -57,6 +58,19 @@ F_BLOCKS = {"image_emb": VISUAL, "text_emb": NEURAL_TEXT, **dict.fromkeys(PROMPT
 
 def _device(cfg: DictConfig) -> str:
     return "cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
+
+
+def loader_workers_of(cfg: DictConfig) -> int:
+    """Loader worker processes per rank: ``data.num_workers``, where ``auto`` is one per core of this rank less
+    one (``datamodules.cores.loader_workers``; the ranks of a node are ``trainer.devices``)."""
+    devices = cfg.trainer.devices
+    if isinstance(devices, int) and devices > 0:
+        per_node = devices
+    elif _device(cfg) == "cuda" and str(devices) in ("auto", "-1"):
+        per_node = torch.cuda.device_count()
+    else:
+        per_node = 1
+    return loader_workers(cfg.data.num_workers, per_node)
 
 
 def trainer_cfg(cfg: DictConfig) -> dict:
@@ -104,7 +118,7 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
         shard_urls(layout.shards, splits), decoder=SampleDecoder(bb.image_size, cfg.data.text_field),
         collate=Collate(bb.tokenizer), batch_size=int(cfg.backbone.embed_batch_size),
         rank=topo.rank, world_size=topo.world_size,
-    ), int(cfg.data.num_workers))
+    ), loader_workers_of(cfg))
     amp = torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") and _device(cfg) == "cuda" else None
     written = encode_into(bb.model, loader, open_cache_arrays(tmp), {p: i for i, p in enumerate(post_ids)},
                           token_len=int(cfg.backbone.token_len), device=_device(cfg), autocast_dtype=amp,
@@ -146,7 +160,7 @@ def cache_datamodule(cfg: DictConfig, layout: RunLayout, name: str, fold: int | 
     m = cfg.model[name]
     return EmbeddingDataModule(
         str(layout.embeddings), str(layout.posts), str(layout.folds), str(layout.vocab), fold=fold,
-        batch_size=int(m.batch_size), num_workers=int(cfg.data.num_workers),
+        batch_size=int(m.batch_size), num_workers=loader_workers_of(cfg),
         fields=getattr(MODULES[name], "cache_fields", EMBEDDING_FIELDS), tabular_path=_tabular_path(cfg, layout, name),
         seed=int(cfg.seed) + (fold or 0),
     )
@@ -173,7 +187,7 @@ def shard_datamodule(cfg: DictConfig, layout: RunLayout, name: str, fold: int | 
     shards = layout.shards
     return PopularityDataModule(
         str(shards), str(layout.folds), batch_size=int(m.batch_size), per_device=True,
-        num_workers=int(cfg.data.num_workers), image_size=model_image_size(cfg.backbone.name),
+        num_workers=loader_workers_of(cfg), image_size=model_image_size(cfg.backbone.name),
         text_field=cfg.data.text_field, model_name=cfg.backbone.name, fold=fold, seed=int(cfg.seed) + (fold or 0),
         predict_splits=tuple(s for s in ("train", "test") if (shards / f"{s}-index.json").is_file()),
         tabular_path=_tabular_path(cfg, layout, name),

@@ -137,7 +137,10 @@ SYNTHETIC = {
 DATA = {
     "kind": OneOf("synthetic", "smpd"), "root": Str(), "synthetic": SYNTHETIC, "check_images": Bool(),
     "text_field": OneOf("title", "alltags", "title+alltags"), "shard_size": Int(lo=1),
-    "image_max_side": Int(lo=1, null=True), "num_workers": Int(lo=0),
+    "image_max_side": Int(lo=1, null=True), "image_short_side": Int(lo=1, null=True),
+    "image_quality": Int(lo=1, hi=100),
+    "num_workers": Spec("any", check=lambda v: None if v == "auto" or (
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0) else "auto or an integer >= 0"),
 }
 BACKBONE = {
     "name": Str(), "pretrained": Str(null=True), "trainable_last_blocks": Int(lo=0), "token_len": Int(lo=1),

@@ -247,3 +247,192 @@ def test_tabnet_cuda_out_of_memory_is_one_clear_error(monkeypatch):
     member = make_member("tabnet", {"max_epochs": 1, "batch_size": 32}, [], seed=0)
     with pytest.raises(MemberResourceError, match="tabnet: CUDA out of memory .*64 rows.*batch_size=32"):
         member.fit(X, np.arange(64.0), X, np.arange(64.0))
+
+
+def _jpeg(w: int, h: int, seed: int = 0, fmt: str = "JPEG") -> bytes:
+    """A photo-like test image: low-frequency colour blobs (JPEG re-encoding keeps them well)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    base = np.random.default_rng(seed).integers(0, 255, (6, 8, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC).save(buf, format=fmt, quality=90)
+    return buf.getvalue()
+
+
+def _float_reference(data: bytes, size: int) -> torch.Tensor:
+    """The image path before uint8 batches: PIL draft, bicubic shorter side, centre crop, float normalisation."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from datamodules.shards import CLIP_MEAN, CLIP_STD
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft("RGB", (size, size))
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = size / min(w, h)
+        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+        w, h = im.size
+        left, top = (w - size) // 2, (h - size) // 2
+        arr = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+    x = torch.from_numpy(arr).permute(2, 0, 1)
+    return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+
+
+@pytest.mark.parametrize("w,h", [(640, 480), (480, 640), (300, 200), (64, 64), (50, 40)])
+def test_uint8_images_normalised_later_equal_the_float_path(w, h):
+    """uint8 images from the loaders, normalised later (on the device): the numbers of the float path."""
+    from datamodules.shards import ImagePreprocessor, normalise_images
+
+    data = _jpeg(w, h)
+    image, ok = ImagePreprocessor(64)(data)
+    assert ok and image.dtype == torch.uint8 and image.shape == (3, 64, 64)
+    diff = (normalise_images(image[None])[0] - _float_reference(data, 64)).abs()
+    assert diff.max() < 1e-5
+
+
+def test_png_missing_and_broken_images_on_the_uint8_path():
+    from datamodules.shards import ImagePreprocessor, normalise_images
+
+    pre = ImagePreprocessor(32)
+    png, ok = pre(_jpeg(90, 60, fmt="PNG"))
+    assert ok and png.shape == (3, 32, 32)
+    for data in (None, b"", _jpeg(90, 60)[:200], b"not an image"):
+        blank, ok = pre(data)
+        assert not ok and blank.dtype == torch.uint8
+        assert normalise_images(blank[None]).abs().max() < 0.01  # the mean colour: about zero once normalised
+    x = torch.randn(2, 3, 4, 4)
+    assert normalise_images(x) is x  # float batches are taken as already normalised
+
+
+def test_presized_shards_store_the_model_input_size_and_embed_alike(tmp_path):
+    """Shards re-encoded so the shorter side is the model's input size: small files, the same embeddings (tiny
+    CLIP) as the original bytes within tolerance; smaller images are stored as they are."""
+    import io
+
+    import pandas as pd
+    import webdataset as wds
+    from PIL import Image
+
+    from datamodules.shards import ImagePreprocessor, build_vocab, shard_urls, write_shards
+    from lightning_modules.backbone import TINY_MODEL, encode_posts, load_backbone, register_local_configs
+
+    sizes = [(640, 480), (480, 640), (200, 150), (40, 30)]
+    rows = []
+    for i, (w, h) in enumerate(sizes):
+        rel = f"train/u@N01/{i}.jpg"
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(_jpeg(w, h, seed=i))
+        rows.append({"post_id": str(i), "uid": "u@N01", "split": "train", "row": i, "image_relpath": rel,
+                     "image_status": "ok", "category": "c", "subcategory": "s", "concept": "k", "title": "t",
+                     "alltags": "", "label": 1.0})
+    posts = pd.DataFrame(rows)
+    register_local_configs()
+    bb = load_backbone(TINY_MODEL, None)
+    size = bb.image_size
+    write_shards(posts, tmp_path, tmp_path / "orig", split="train", class_ids=build_vocab(posts), workers=1)
+    write_shards(posts, tmp_path, tmp_path / "small", split="train", class_ids=build_vocab(posts),
+                 image_short_side=size, workers=2)
+    pre = ImagePreprocessor(size)
+
+    def images(folder):
+        samples = list(wds.WebDataset(shard_urls(tmp_path / folder, ["train"]), shardshuffle=False))
+        return [s["jpg"] for s in samples]
+
+    orig, small = images("orig"), images("small")
+    for (w, h), data in zip(sizes, small):
+        with Image.open(io.BytesIO(data)) as im:
+            assert min(im.size) == min(size, min(w, h)) and (im.size[0] >= im.size[1]) == (w >= h)
+    assert sum(map(len, small)) < sum(map(len, orig)) / 4
+    tokens = bb.tokenizer(["t"] * len(sizes))
+    with torch.no_grad():
+        a = encode_posts(bb.model, torch.stack([pre(d)[0] for d in orig]), tokens, 4)["image_emb"]
+        b = encode_posts(bb.model, torch.stack([pre(d)[0] for d in small]), tokens, 4)["image_emb"]
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
+
+
+def test_prepare_pool_writes_the_same_shards_as_one_process(tmp_path):
+    import pandas as pd
+    import webdataset as wds
+
+    from datamodules.shards import build_vocab, shard_urls, write_shards
+
+    rows = []
+    for i in range(12):
+        rel = f"train/u@N01/{i}.jpg"
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        if i != 5:  # one file missing on disk; one the reader already marked missing
+            (tmp_path / rel).write_bytes(_jpeg(120, 90, seed=i) if i != 7 else b"\xff\xd8broken")
+        rows.append({"post_id": str(i), "uid": "u@N01", "split": "train", "row": i, "image_relpath": rel,
+                     "image_status": "missing" if i == 9 else "ok", "category": "c", "subcategory": "s",
+                     "concept": "k", "title": "t", "alltags": "", "label": 1.0})
+    posts = pd.DataFrame(rows)
+    infos = {}
+    for workers in (1, 3):
+        infos[workers] = write_shards(posts, tmp_path, tmp_path / f"w{workers}", split="train", shard_size=5,
+                                      class_ids=build_vocab(posts), image_short_side=48, workers=workers)
+    assert infos[1].image_status == infos[3].image_status
+    assert [infos[1].image_status[k] for k in ("5", "7", "9")] == ["missing", "unreadable", "missing"]
+
+    def content(folder):
+        return [(s["__key__"], s["json"], s.get("jpg")) for s in
+                wds.WebDataset(shard_urls(tmp_path / folder, ["train"]), shardshuffle=False)]
+
+    assert content("w1") == content("w3") and [k for k, _, _ in content("w1")] == [str(i) for i in range(12)]
+
+
+def test_num_workers_auto_is_the_cores_of_this_rank(monkeypatch):
+    import os
+
+    from datamodules import cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert cores.loader_workers(3, 8, env={}) == 3
+    assert cores.loader_workers("auto", 1, env={}) == 15
+    assert cores.loader_workers("auto", 8, env={}) == 1  # Lightning's launcher: 8 ranks share 16 cores
+    assert cores.loader_workers("auto", 1, env={"LOCAL_WORLD_SIZE": "4"}) == 3  # torchrun
+    slurm = {"SLURM_CPUS_PER_TASK": "16", "LOCAL_WORLD_SIZE": "8"}
+    assert cores.loader_workers("auto", 8, env=slurm) == 15  # srun --cpus-per-task 16: the task's own cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert cores.loader_workers("auto", 1, env={}) == 1
+    assert cores.loader_workers("auto", 2, env={}) == 0  # one core per rank: decode in the rank itself
+
+
+def test_auto_workers_raise_no_dataloader_warning_here(tmp_path):
+    """On this machine (however few cores) ``auto`` never asks for more workers than the DataLoader suggests."""
+    import warnings
+
+    import pandas as pd
+
+    from datamodules.cores import loader_workers
+    from datamodules.shards import Collate, SampleDecoder, build_vocab, make_eval_pipeline, make_loader, shard_urls
+    from lightning_modules.backbone import TINY_MODEL, load_backbone, register_local_configs
+
+    rel = "train/u@N01/0.jpg"
+    (tmp_path / rel).parent.mkdir(parents=True)
+    (tmp_path / rel).write_bytes(_jpeg(80, 60))
+    posts = pd.DataFrame([{"post_id": "0", "uid": "u@N01", "split": "train", "row": 0, "image_relpath": rel,
+                           "image_status": "ok", "category": "c", "subcategory": "s", "concept": "k", "title": "t",
+                           "alltags": "", "label": 1.0}])
+    write_shards_dir = tmp_path / "shards"
+    from datamodules.shards import write_shards
+
+    write_shards(posts, tmp_path, write_shards_dir, split="train", class_ids=build_vocab(posts))
+    register_local_configs()
+    bb = load_backbone(TINY_MODEL, None)
+    workers = loader_workers("auto")
+    pipe = make_eval_pipeline(shard_urls(write_shards_dir, ["train"]), decoder=SampleDecoder(bb.image_size, "title"),
+                              collate=Collate(bb.tokenizer), batch_size=4, rank=0, world_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader = make_loader(pipe, workers)
+        batches = list(loader)
+    torch_loader = loader.pipeline[0]
+    assert torch_loader.persistent_workers == (workers > 0)
+    assert not torch_loader.pin_memory  # no CUDA here: nothing to pin
+    assert batches[0]["image"].dtype == torch.uint8
