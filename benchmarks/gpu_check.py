@@ -150,7 +150,7 @@ def cache(a, work: Path) -> None:
     from data_throughput import make_data
 
     from datamodules.shards import Collate, SampleDecoder, make_eval_pipeline, make_loader, shard_urls
-    from lightning_modules.embed import encode_into
+    from lightning_modules.embed import allocate_cache, encode_into
 
     bb = clip_model(a)
     data = work / "cache_data"
@@ -160,11 +160,8 @@ def cache(a, work: Path) -> None:
     posts = [str(i) for i in range(a.n_images)]
     index = {p: i for i, p in enumerate(posts)}
     for workers in a.workers:
-        arrays = {}
-
-        def allocate(enc):
-            return {k: np.zeros((a.n_images, *v.shape[1:]), dtype=np.float32 if k != "text_mask" else bool)
-                    for k, v in enc.items()} | {"has_image": np.zeros(a.n_images, dtype=bool)}
+        def allocate(enc, folder=work / f"cache{workers}"):
+            return allocate_cache(folder, a.n_images, enc["image_emb"].shape[1], enc["text_tokens"].shape[1])
 
         loader = make_loader(make_eval_pipeline(shard_urls(data / "presized", ["train"]),
                                                 decoder=SampleDecoder(bb.image_size, "title"),
@@ -172,7 +169,7 @@ def cache(a, work: Path) -> None:
                                                 world_size=1), workers)
         with GpuSampler(work / f"cache_{workers}.smi") as smi:
             start = time.perf_counter()
-            written = encode_into(bb.model, loader, allocate if not arrays else arrays, index, token_len=32,
+            written = encode_into(bb.model, loader, allocate, index, token_len=32,
                                   device=a.device, autocast_dtype=torch.bfloat16, progress=False)
             seconds = time.perf_counter() - start
         util = [u for _, u, _ in smi.samples()]

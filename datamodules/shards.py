@@ -225,6 +225,11 @@ def shard_urls(shard_dir: str | Path, splits: Iterable[str]) -> list[str]:
     return [str(Path(shard_dir) / name) for split in splits for name in read_index(shard_dir, split)["shards"]]
 
 
+def shard_counts(shard_dir: str | Path, splits: Iterable[str]) -> list[int]:
+    """Samples per shard, aligned with ``shard_urls(shard_dir, splits)``."""
+    return [int(c) for split in splits for c in read_index(shard_dir, split)["counts"]]
+
+
 # ----------------------------------------------------------------------------- decoding
 #: The uint8 colour of a missing image: the CLIP mean, so it normalises to (almost exactly) zero.
 BLANK_RGB = tuple(round(m * 255) for m in CLIP_MEAN)

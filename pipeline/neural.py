@@ -25,11 +25,19 @@ from datamodules.cores import loader_workers
 from datamodules.folds import read_folds
 from datamodules.popularity import PopularityDataModule
 from datamodules.schema import KEY, NO_FOLD
-from datamodules.shards import Collate, SampleDecoder, make_eval_pipeline, make_loader, shard_urls
+from datamodules.shards import Collate, SampleDecoder, make_eval_pipeline, make_loader, shard_counts, shard_urls
 from features.crossmodal import crossmodal_features
 from features.families import NEURAL_TEXT, PROMPT, VISUAL
 from lightning_modules.backbone import load_backbone, model_image_size
-from lightning_modules.embed import RANK_DONE, allocate_cache, encode_into, finish_cache, open_cache_arrays, partial_dir
+from lightning_modules.embed import (
+    RANK_DONE,
+    RANK_PART,
+    allocate_cache,
+    encode_into,
+    finish_cache,
+    merge_rank_parts,
+    partial_dir,
+)
 from lightning_modules.extract import KeyedPredictionWriter, align_fold_outputs, merge_rank_outputs, oof_and_test
 from lightning_modules.prompt_prototype_module import PromptPrototypeModule
 from lightning_modules.prototypes import prototype_means, select_prototype_posts
@@ -83,9 +91,10 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
     new).
 
     Each of the ``world_size`` processes (``pipeline.distributed.topology``) encodes its share of the shards
-    (``make_eval_pipeline``: shard ``i`` goes to rank ``i % world_size``) into the rows of its posts in the one
-    temporary folder ``embeddings.partial`` that rank 0 allocated, and lists the post ids it wrote in
-    ``rank<r>.done.json``; rank 0 checks that every post was written exactly once and renames the folder (with
+    (``make_eval_pipeline``: shard ``i`` goes to rank ``i % world_size``) into arrays of its own,
+    ``embeddings.partial/rank<r>/`` (no file is written by two ranks), and lists the post ids it wrote in
+    ``rank<r>.done.json``; rank 0 checks that every post was written exactly once, copies the parts into the
+    final arrays by post id (``merge_rank_parts``) and renames the folder (with
     ``key.json`` and, when training, the run's copy of the weights, ``RunLayout.backbone``) to ``embeddings``;
     the other ranks wait for that. Without a process group yet, the ranks meet through files, each marked with the
     launch id so files of an earlier, interrupted launch are never mistaken for this one's.
@@ -104,23 +113,26 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
     bb = load_backbone(cfg.backbone.name, weights or cfg.backbone.pretrained)
     posts = pd.read_parquet(layout.posts, columns=[KEY, "split"])
     post_ids = posts[KEY].tolist()
+    positions = min(int(cfg.backbone.token_len), bb.context_length)
     if topo.is_zero:
-        if tmp.exists():  # left by an interrupted launch
+        if tmp.exists():  # left by an interrupted launch (its rank parts included, however many ranks it had)
             shutil.rmtree(tmp)
-        positions = min(int(cfg.backbone.token_len), bb.context_length)
-        for arr in allocate_cache(tmp, len(post_ids), bb.embed_dim, positions).values():
-            arr.flush()
+        tmp.mkdir(parents=True)
         atomic_write_json(ready, {"launch": topo.launch_id})
     else:
-        wait_for(lambda: _launch_file(ready, topo.launch_id), f"{ready} (cache allocated by rank 0)", timeout)
+        wait_for(lambda: _launch_file(ready, topo.launch_id), f"{ready} (cache folder made by rank 0)", timeout)
     splits = [s for s in ("train", "test") if (posts.split == s).any()]
+    mine = sum(shard_counts(layout.shards, splits)[topo.rank::topo.world_size])  # this rank's shards' posts
     loader = make_loader(make_eval_pipeline(
         shard_urls(layout.shards, splits), decoder=SampleDecoder(bb.image_size, cfg.data.text_field),
         collate=Collate(bb.tokenizer), batch_size=int(cfg.backbone.embed_batch_size),
         rank=topo.rank, world_size=topo.world_size,
     ), loader_workers_of(cfg))
     amp = torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") and _device(cfg) == "cuda" else None
-    written = encode_into(bb.model, loader, open_cache_arrays(tmp), {p: i for i, p in enumerate(post_ids)},
+    alone = topo.world_size == 1  # one process writes the final arrays by post id at once (no copy to merge)
+    part = allocate_cache(tmp if alone else tmp / RANK_PART.format(rank=topo.rank), len(post_ids) if alone else mine,
+                          bb.embed_dim, positions)
+    written = encode_into(bb.model, loader, part, {p: i for i, p in enumerate(post_ids)} if alone else None,
                           token_len=int(cfg.backbone.token_len), device=_device(cfg), autocast_dtype=amp,
                           progress=topo.is_zero and bool(cfg.get("progress_bar", True)))
     log.info("embedding cache: rank %d of %d encoded %d posts", topo.rank, topo.world_size, len(written))
@@ -138,6 +150,8 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
     if key is not None:
         atomic_write_json(tmp / key_file.relative_to(cache), key)
     ready.unlink()
+    if not alone:
+        merge_rank_parts(tmp, post_ids, parts, bb.embed_dim, positions)
     return finish_cache(tmp, cache, post_ids, parts)
 
 

@@ -436,3 +436,41 @@ def test_auto_workers_raise_no_dataloader_warning_here(tmp_path):
     assert torch_loader.persistent_workers == (workers > 0)
     assert not torch_loader.pin_memory  # no CUDA here: nothing to pin
     assert batches[0]["image"].dtype == torch.uint8
+
+
+def test_cache_parts_written_per_rank_then_merged_by_post_id(tmp_path):
+    """Each rank writes its own arrays (rows in its encoding order); rank 0 merges them into the final arrays by
+    post id and deletes the parts: no file is written by two ranks."""
+    import numpy as np
+
+    from lightning_modules.embed import (
+        CACHE_ARRAYS,
+        RANK_PART,
+        allocate_cache,
+        merge_rank_parts,
+        open_cache_arrays,
+    )
+
+    post_ids = [f"p{i}" for i in range(7)]
+    written = [["p3", "p0", "p6"], ["p1", "p5", "p2", "p4"], []]  # a third rank with no shard
+    for rank, ids in enumerate(written):
+        part = allocate_cache(tmp_path / RANK_PART.format(rank=rank), len(ids), 4, 2)
+        for j, pid in enumerate(ids):
+            i = post_ids.index(pid)
+            part["image_emb"][j] = i
+            part["text_emb"][j] = -i
+            part["text_tokens"][j] = i / 2
+            part["text_mask"][j] = i % 2 == 0
+            part["has_image"][j] = i != 5
+        for arr in part.values():
+            arr.flush()
+        del part
+    merge_rank_parts(tmp_path, post_ids, written, 4, 2)
+    final = open_cache_arrays(tmp_path, mode="r")
+    ids = np.arange(7)
+    assert (final["image_emb"][:, 0] == ids).all() and (final["text_emb"][:, 3] == -ids).all()
+    assert (final["text_tokens"][:, 1, 2] == ids / 2).all()
+    assert (final["text_mask"][:, 0] == (ids % 2 == 0)).all() and (final["has_image"] == (ids != 5)).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.npy" for n in CACHE_ARRAYS)
+    with pytest.raises(ValueError, match="more than once"):
+        merge_rank_parts(tmp_path / "again", post_ids, [["p0"], ["p0"]], 4, 2)
