@@ -19,7 +19,9 @@ from pathlib import Path
 from common import print_table, write_results
 
 
-def make_data(work: Path, n: int, w: int, h: int, short_side: int):
+def make_data(work: Path, n: int, w: int, h: int, short_side: int | None = None):
+    """``n`` JPEGs of w x h and their shards: ``shards/`` (original bytes) and, with ``short_side``, ``presized/``
+    (shorter side re-encoded to ``short_side``, as ``data.image_short_side`` writes them)."""
     import numpy as np
     import pandas as pd
     from PIL import Image
@@ -41,6 +43,8 @@ def make_data(work: Path, n: int, w: int, h: int, short_side: int):
                      "title": f"photo {i}", "alltags": "tag a b", "label": 5.0})
     posts = pd.DataFrame(rows)
     write_shards(posts, work, work / "shards", split="train", class_ids=build_vocab(posts), shard_size=250)
+    if short_side is None:
+        return posts
     start = time.perf_counter()
     write_shards(posts, work, work / "presized", split="train", class_ids=build_vocab(posts), shard_size=250,
                  image_short_side=short_side)

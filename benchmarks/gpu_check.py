@@ -188,8 +188,9 @@ def train_steps(a) -> None:
             row("train", f"batch {batch}", "FAILED", proc.stderr.strip().splitlines()[-1][:160] if proc.stderr
                 else "")
             continue
-        for line in proc.stdout.strip().splitlines()[-12:]:
-            row("train", f"batch {batch}", line.strip())
+        for line in proc.stdout.strip().splitlines():  # the module rows of training_throughput's table
+            if line.split()[:1] and line.split()[0] in ("prompt_prototype", "co_attention", "hierarchical"):
+                row("train", f"batch {batch}", " ".join(line.split()), "module input precision steps/s samples/s")
 
 
 def train_run(a, work: Path, name: str, *overrides: str, torchrun: int = 0) -> Path:
