@@ -226,7 +226,8 @@ def runs(a, work: Path) -> None:
     else:
         row("runs", "ddp", "skipped", "one GPU: nothing to compare")
     train_run(a, work, "shards", *trainer, "backbone.trainable_last_blocks=1", "model.prompt_prototype.enabled=false",
-              "model.co_attention.enabled=false", "stages=[prepare,features,neural]")
+              "model.co_attention.enabled=false", "model.hierarchical.epochs=2", "trainer.log_every_n_steps=1",
+              "stages=[prepare,features,neural]")
 
 
 @section("shard_lr")

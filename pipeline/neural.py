@@ -68,11 +68,14 @@ def _device(cfg: DictConfig) -> str:
     return "cuda" if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
 
 
-def loader_workers_of(cfg: DictConfig) -> int:
+def loader_workers_of(cfg: DictConfig, alone: bool = False) -> int:
     """Loader worker processes per rank: ``data.num_workers``, where ``auto`` is one per core of this rank less
-    one (``datamodules.cores.loader_workers``; the ranks of a node are ``trainer.devices``)."""
+    one (``datamodules.cores.loader_workers``; the ranks of a node are ``trainer.devices``, or just this process
+    when it runs ``alone``, e.g. rank 0 building the cache before Lightning's launcher starts the others)."""
     devices = cfg.trainer.devices
-    if isinstance(devices, int) and devices > 0:
+    if alone:
+        per_node = 1
+    elif isinstance(devices, int) and devices > 0:
         per_node = devices
     elif _device(cfg) == "cuda" and str(devices) in ("auto", "-1"):
         per_node = torch.cuda.device_count()
@@ -127,7 +130,7 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
         shard_urls(layout.shards, splits), decoder=SampleDecoder(bb.image_size, cfg.data.text_field),
         collate=Collate(bb.tokenizer), batch_size=int(cfg.backbone.embed_batch_size),
         rank=topo.rank, world_size=topo.world_size,
-    ), loader_workers_of(cfg))
+    ), loader_workers_of(cfg, alone=topo.world_size == 1))
     amp = torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") and _device(cfg) == "cuda" else None
     alone = topo.world_size == 1  # one process writes the final arrays by post id at once (no copy to merge)
     part = allocate_cache(tmp if alone else tmp / RANK_PART.format(rank=topo.rank), len(post_ids) if alone else mine,
