@@ -1,6 +1,7 @@
 """Checkpoint-based inference on new posts: one prediction per post id.
 
-    python predict.py RUN_DIR RAW_DIR --out predictions.json [--devices 1]
+    python predict.py RUN_DIR RAW_DIR --out predictions.json [--accelerator cpu] [--devices 1] [--precision 32-true]
+                      [--shared-dir DIR]
 
 RUN_DIR is a finished ``train.py`` run (its ``config.yaml``, feature state, checkpoints and stacker are all that is
 read); RAW_DIR holds posts in the SMPD layout (either or both splits; labels are not needed and are ignored).
@@ -62,13 +63,20 @@ def write_predictions(result, out: Path, run_name: str) -> None:
 
 
 def predict(run_dir: Path, raw_dir: Path, out: Path, devices: int | None = None, work_dir: Path | None = None,
-            progress_bar: bool = True):
-    """Predictions for every post of ``raw_dir``, written to ``out``; returns the DataFrame (None on ranks above 0)."""
+            progress_bar: bool = True, accelerator: str | None = None, precision: str | None = None):
+    """Predictions for every post of ``raw_dir``, written to ``out``; returns the DataFrame (None on ranks above 0).
+
+    ``work_dir``: where the temporary folder shared by every rank goes (default: ``out``'s folder, which every
+    node of a multi-node launch sees when ``out`` is on shared storage; never node-local ``/tmp``).
+    ``accelerator``/``devices``/``precision``: see ``Predictor.from_run_dir`` (default: the run's trainer, on the
+    CPU where the run asks for a GPU and this machine has none).
+    """
     from pipeline.inference import Predictor
 
     check_out(out)
-    predictor = Predictor.from_run_dir(run_dir, devices=devices, progress_bar=progress_bar)
-    result = predictor.predict(raw_dir, work_dir=work_dir)
+    predictor = Predictor.from_run_dir(run_dir, devices=devices, progress_bar=progress_bar, accelerator=accelerator,
+                                       precision=precision)
+    result = predictor.predict(raw_dir, work_dir=work_dir if work_dir is not None else out.resolve().parent)
     if result is not None:  # ranks above 0 of --devices N only took their share of the neural predictions
         write_predictions(result, out, run_dir.name)
     return result
@@ -79,7 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a finished train.py run directory")
     parser.add_argument("raw_dir", type=Path, help="new posts in the SMPD layout")
     parser.add_argument("--out", type=Path, required=True, help="output file (.json, .parquet or .csv)")
+    parser.add_argument("--accelerator", default=None,
+                        help="cpu, gpu or auto for the neural models (default: the run's; a GPU run falls back to the "
+                             "CPU with a warning where this machine has no CUDA)")
     parser.add_argument("--devices", type=int, default=None, help="devices for the neural models (default: the run's)")
+    parser.add_argument("--precision", default=None,
+                        help="e.g. 32-true or bf16-mixed (default: the run's; 32-true after a CPU fallback)")
+    parser.add_argument("--shared-dir", type=Path, default=None,
+                        help="folder for the temporary files every rank shares; on several nodes it must be on "
+                             "storage all nodes see (default: the folder of --out)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -92,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_lightning()
     try:
         result = predict(args.run_dir.resolve(), args.raw_dir.resolve(), args.out, devices=args.devices,
-                         progress_bar=not args.no_progress)
+                         work_dir=args.shared_dir, progress_bar=not args.no_progress, accelerator=args.accelerator,
+                         precision=args.precision)
     except user_error_types() as err:
         print(f"error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
         return 2

@@ -1,9 +1,11 @@
-"""Samples/s through the shard eval pipeline vs reading the raw JPEG files directly, with 0/1/2 workers.
+"""Samples/s through the shard eval pipeline (original bytes, and pre-sized: shorter side = the model's input, as
+``data.image_short_side`` writes them) vs reading the raw JPEG files directly, with 0/1/2 workers.
 
     python benchmarks/data_throughput.py [--n 2000] [--size 640x480] [--image-size 224]
 
-Both paths decode with the same ImagePreprocessor (PIL + draft + resize + centre crop + normalise) and tokenize
-the post text, so the difference is the I/O layout. The ceiling is the decode rate of one core times workers.
+Every path decodes with the same ImagePreprocessor (PIL + draft + resize + centre crop, uint8 out; normalisation
+happens on the model's device) and tokenizes the post text. The ceiling is the decode rate of one core times
+workers.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from pathlib import Path
 from common import print_table, write_results
 
 
-def make_data(work: Path, n: int, w: int, h: int):
+def make_data(work: Path, n: int, w: int, h: int, short_side: int | None = None):
+    """``n`` JPEGs of w x h and their shards: ``shards/`` (original bytes) and, with ``short_side``, ``presized/``
+    (shorter side re-encoded to ``short_side``, as ``data.image_short_side`` writes them)."""
     import numpy as np
     import pandas as pd
     from PIL import Image
@@ -39,6 +43,12 @@ def make_data(work: Path, n: int, w: int, h: int):
                      "title": f"photo {i}", "alltags": "tag a b", "label": 5.0})
     posts = pd.DataFrame(rows)
     write_shards(posts, work, work / "shards", split="train", class_ids=build_vocab(posts), shard_size=250)
+    if short_side is None:
+        return posts
+    start = time.perf_counter()
+    write_shards(posts, work, work / "presized", split="train", class_ids=build_vocab(posts), shard_size=250,
+                 image_short_side=short_side)
+    print(f"pre-sized shards written in {time.perf_counter() - start:.1f} s (prepare's process pool)")
     return posts
 
 
@@ -75,23 +85,26 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        posts = make_data(work, a.n, w, h)
+        posts = make_data(work, a.n, w, h, a.image_size)
         decoder = SampleDecoder(a.image_size, "title")
         collate = Collate(open_clip.get_tokenizer("ViT-B-32"))
-        urls = shard_urls(work / "shards", ["train"])
         for workers in map(int, a.workers.split(",")):
-            start = time.perf_counter()
-            n = sum(len(b["post_id"]) for b in make_loader(make_eval_pipeline(
-                urls, decoder=decoder, collate=collate, batch_size=64, rank=0, world_size=1), workers))
-            shards_rate = n / (time.perf_counter() - start)
+            rates = {}
+            for folder in ("shards", "presized"):
+                urls = shard_urls(work / folder, ["train"])
+                start = time.perf_counter()
+                n = sum(len(b["post_id"]) for b in make_loader(make_eval_pipeline(
+                    urls, decoder=decoder, collate=collate, batch_size=64, rank=0, world_size=1), workers))
+                rates[folder] = n / (time.perf_counter() - start)
             loader = torch.utils.data.DataLoader(RawPosts(posts, work, decoder), batch_size=64, num_workers=workers,
                                                  collate_fn=collate)
             start = time.perf_counter()
             n = sum(len(b["post_id"]) for b in loader)
             raw_rate = n / (time.perf_counter() - start)
-            rows.append({"workers": workers, "shards_samples_per_s": round(shards_rate, 1),
+            rows.append({"workers": workers, "shards_samples_per_s": round(rates["shards"], 1),
+                         "presized_shards_samples_per_s": round(rates["presized"], 1),
                          "raw_files_samples_per_s": round(raw_rate, 1)})
-    print_table(rows, f"eval pipeline, {a.n} JPEGs of {a.size} -> {a.image_size} px (CLIP preprocessing + tokenizer)")
+    print_table(rows, f"eval pipeline, {a.n} JPEGs of {a.size} -> {a.image_size} px uint8 (+ tokenizer)")
     write_results("data_throughput", {"n": a.n, "size": a.size, "image_size": a.image_size, "rows": rows})
 
 

@@ -39,8 +39,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        posts = make_data(work, a.n, w, h)
-        urls = shard_urls(work / "shards", ["train"])
+        posts = make_data(work, a.n, w, h, bb.image_size)
+        urls = shard_urls(work / "presized", ["train"])  # as prepare writes them with data.image_short_side
         decoder, collate = SampleDecoder(bb.image_size, "title"), Collate(bb.tokenizer)
 
         def loader():

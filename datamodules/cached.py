@@ -183,7 +183,7 @@ class EmbeddingDataModule(L.LightningDataModule):
     def _loader(self, indices: np.ndarray, training: bool = False, **kwargs) -> DataLoader:
         return DataLoader(self.dataset(indices), batch_size=device_batch_size(self.batch_size, self._world(), training),
                           num_workers=self.num_workers, collate_fn=keep_batch, persistent_workers=self.num_workers > 0,
-                          **kwargs)
+                          pin_memory=torch.cuda.is_available(), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         world = self._world()  # each rank gets 1/world of the posts

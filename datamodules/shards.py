@@ -17,8 +17,10 @@ and prediction read every shard once, split by rank then worker (``make_eval_pip
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+import itertools
 import json
 import logging
 import math
@@ -83,23 +85,51 @@ class ShardsInfo:
         return int(sum(self.counts))
 
 
-def check_image(data: bytes, max_side: int | None) -> tuple[bytes | None, str]:
-    """Decode ``data`` fully (truncated/corrupt JPEGs fail here); re-encode when larger than ``max_side``.
+def check_image(data: bytes, max_side: int | None = None, short_side: int | None = None,
+                quality: int = 90) -> tuple[bytes | None, str]:
+    """Decode ``data`` fully (truncated/corrupt JPEGs fail here); re-encode as JPEG (``quality``) when the image is
+    larger than asked: the shorter side above ``short_side`` (the model's input size: the loaders then decode
+    small images), else the longer side above ``max_side``. Never upscales.
 
     Returns (bytes to store or None, status).
     """
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if short_side and min(im.size) > short_side:
+                scale = short_side / min(im.size)
+                target = (max(short_side, round(im.size[0] * scale)), max(short_side, round(im.size[1] * scale)))
+            elif max_side and max(im.size) > max_side:
+                scale = max_side / max(im.size)
+                target = (max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale)))
+            else:
+                target = None
+            if target is not None:
+                im.draft("RGB", target)  # DCT-domain downscale towards the target first: the decode is the cost
             im.load()
-            if max_side and max(im.size) > max_side:
-                im = im.convert("RGB")
-                im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+            if target is not None:
+                im = im.convert("RGB").resize(target, Image.Resampling.BICUBIC, reducing_gap=None)
                 buf = io.BytesIO()
-                im.save(buf, format="JPEG", quality=90)
+                im.save(buf, format="JPEG", quality=int(quality))
                 data = buf.getvalue()
     except (OSError, ValueError, Image.DecompressionBombError):
         return None, IMAGE_UNREADABLE
     return data, IMAGE_OK
+
+
+def _load_image(job: tuple[str, int | None, int | None, int]) -> tuple[bytes | None, str]:
+    """One image file -> (bytes to store or None, status); runs in the prepare stage's worker processes."""
+    path, max_side, short_side, quality = job
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None, IMAGE_MISSING
+    if not data:
+        return None, IMAGE_MISSING
+    return check_image(data, max_side, short_side, quality)
+
+
+#: Posts handed to the worker processes at a time by ``write_shards`` (bounds the bytes in flight).
+WRITE_BLOCK = 2048
 
 
 def write_shards(
@@ -111,6 +141,9 @@ def write_shards(
     class_ids: dict[str, list[str]],
     shard_size: int = 5000,
     image_max_side: int | None = None,
+    image_short_side: int | None = None,
+    image_quality: int = 90,
+    workers: int | None = None,
     progress: bool = False,
 ) -> ShardsInfo:
     """Stream the posts of one split into ``out_dir/{split}-%06d.tar`` (temporary name, renamed when complete).
@@ -120,9 +153,15 @@ def write_shards(
         raw_root: the raw SMPD directory; images at ``raw_root / image_relpath``.
         class_ids: ``vocab.json`` content (field -> sorted names).
         shard_size: posts per shard.
-        image_max_side: re-encode images whose longer side exceeds this many pixels (None: keep the bytes).
+        image_short_side: re-encode images whose shorter side exceeds this many pixels to exactly that (the
+            model's input size; None: see ``image_max_side``). image_max_side: otherwise re-encode images whose
+            longer side exceeds this (None: keep the bytes). image_quality: JPEG quality of re-encoded images.
+        workers: processes reading, checking and re-encoding the images (default: every core this process may
+            use; 1 reads in this process). The tar files are written here, in post order, whatever the count.
         progress: a bar over the posts (images) written (stderr).
     """
+    from datamodules.cores import available_cores
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(f"{split}-*.tar*"):
@@ -130,41 +169,49 @@ def write_shards(
     maps = class_id_maps(class_ids)
     raw_root = Path(raw_root)
     info = ShardsInfo(split=split, shards=[], counts=[])
+    workers = workers or max(1, min(available_cores(), len(posts) // 256))  # a process per >= 256 images
 
     def finished(tmp_name: str) -> None:
         final = tmp_name.removesuffix(".tmp")
         os.replace(tmp_name, final)
         info.shards.append(Path(final).name)
 
+    def images(block: list) -> Iterator[tuple[bytes | None, str]]:
+        # the reader's verdict first: a missing image, or one outside the data root, is never opened
+        jobs = [(str(raw_root / rec.image_relpath), image_max_side, image_short_side, image_quality)
+                for rec in block if rec.image_status == IMAGE_OK]
+        done = iter(pool.map(_load_image, jobs, chunksize=max(1, len(jobs) // (4 * workers))) if pool
+                    else map(_load_image, jobs))
+        for rec in block:
+            yield next(done) if rec.image_status == IMAGE_OK else (None, rec.image_status)
+
     pattern = str(out_dir / f"{split}-%06d.tar.tmp")
-    with wds.ShardWriter(pattern, maxcount=shard_size, post=finished, verbose=0) as sink:
-        for rec in tqdm(posts.itertuples(index=False), total=len(posts), desc=f"prepare {split}", unit="post",
-                        disable=not progress, leave=False):
-            status = rec.image_status
-            jpg = None
-            if status == IMAGE_OK:  # the reader's verdict: missing or outside the data root is never opened
-                path = raw_root / rec.image_relpath
-                try:
-                    data = path.read_bytes()
-                except OSError:
-                    data, status = None, IMAGE_MISSING
-                if data:
-                    jpg, status = check_image(data, image_max_side)
-                else:
-                    status = IMAGE_MISSING
-            info.image_status[rec.post_id] = status
-            label = None if pd.isna(rec.label) else float(rec.label)
-            meta = {
-                "post_id": rec.post_id, "uid": rec.uid, "split": rec.split, "row": int(rec.row),
-                "title": rec.title, "alltags": rec.alltags, "has_image": jpg is not None, "label": label,
-                **{f: getattr(rec, f) for f in VOCAB_FIELDS},
-                **{f"{f}_id": maps[f].get(getattr(rec, f), UNKNOWN_ID) for f in VOCAB_FIELDS},
-            }
-            sample = {"__key__": encode_key(rec.post_id), "json": json.dumps(meta).encode(),
-                      "cls": str(meta["subcategory_id"]).encode()}
-            if jpg is not None:
-                sample["jpg"] = jpg
-            sink.write(sample)
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if workers > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver")))
+        sink = stack.enter_context(wds.ShardWriter(pattern, maxcount=shard_size, post=finished, verbose=0))
+        bar = stack.enter_context(tqdm(total=len(posts), desc=f"prepare {split}", unit="post",
+                                       disable=not progress, leave=False))
+        records = posts.itertuples(index=False)
+        while block := list(itertools.islice(records, WRITE_BLOCK)):
+            for rec, (jpg, status) in zip(block, images(block)):
+                info.image_status[rec.post_id] = status
+                label = None if pd.isna(rec.label) else float(rec.label)
+                meta = {
+                    "post_id": rec.post_id, "uid": rec.uid, "split": rec.split, "row": int(rec.row),
+                    "title": rec.title, "alltags": rec.alltags, "has_image": jpg is not None, "label": label,
+                    **{f: getattr(rec, f) for f in VOCAB_FIELDS},
+                    **{f"{f}_id": maps[f].get(getattr(rec, f), UNKNOWN_ID) for f in VOCAB_FIELDS},
+                }
+                sample = {"__key__": encode_key(rec.post_id), "json": json.dumps(meta).encode(),
+                          "cls": str(meta["subcategory_id"]).encode()}
+                if jpg is not None:
+                    sample["jpg"] = jpg
+                sink.write(sample)
+            bar.update(len(block))
     n = len(posts)
     info.counts = [min(shard_size, n - i * shard_size) for i in range(len(info.shards))]
     index = {"split": split, "shards": info.shards, "counts": info.counts, "total": info.total}
@@ -183,19 +230,33 @@ def shard_urls(shard_dir: str | Path, splits: Iterable[str]) -> list[str]:
     return [str(Path(shard_dir) / name) for split in splits for name in read_index(shard_dir, split)["shards"]]
 
 
-# ----------------------------------------------------------------------------- decoding
-class ImagePreprocessor:
-    """JPEG bytes -> CLIP input (3, S, S) float32: DCT-domain downscale (``Image.draft``), shorter side to S
-    (bicubic), centre crop, CLIP normalisation. Missing/undecodable images -> zeros (= the mean colour after
-    normalisation) and ``has_image = False``."""
+def shard_counts(shard_dir: str | Path, splits: Iterable[str]) -> list[int]:
+    """Samples per shard, aligned with ``shard_urls(shard_dir, splits)``."""
+    return [int(c) for split in splits for c in read_index(shard_dir, split)["counts"]]
 
-    def __init__(self, image_size: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD):
+
+# ----------------------------------------------------------------------------- decoding
+#: The uint8 colour of a missing image: the CLIP mean, so it normalises to (almost exactly) zero.
+BLANK_RGB = tuple(round(m * 255) for m in CLIP_MEAN)
+
+
+class ImagePreprocessor:
+    """JPEG bytes -> CLIP input (3, S, S) **uint8**: DCT-domain downscale (``Image.draft``), shorter side to S
+    (bicubic), centre crop. The batch stays uint8 between processes (4x less than float32 through the loader's
+    shared memory and the host-to-device copy, which ``pin_memory`` makes asynchronous) and is normalised on the
+    device (``normalise_images``, called by ``lightning_modules.backbone.encode_posts``): the same numbers as
+    normalising here. Shards written with ``image_short_side`` = S only need the crop. Missing/undecodable images
+    -> the mean colour ``BLANK_RGB`` (about zero once normalised) and ``has_image = False``.
+
+    (``torchvision.io.decode_jpeg`` is deprecated as of torchvision 0.29, and PIL with ``draft`` decodes within
+    about 10% of it on CPU, so PIL stays the decoder.)
+    """
+
+    def __init__(self, image_size: int):
         self.size = int(image_size)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
     def blank(self) -> torch.Tensor:
-        return torch.zeros(3, self.size, self.size)
+        return torch.tensor(BLANK_RGB, dtype=torch.uint8).view(3, 1, 1).expand(3, self.size, self.size).clone()
 
     def __call__(self, data: bytes | None) -> tuple[torch.Tensor, bool]:
         if not data:
@@ -205,17 +266,28 @@ class ImagePreprocessor:
                 im.draft("RGB", (self.size, self.size))
                 im = im.convert("RGB")
                 w, h = im.size
-                scale = self.size / min(w, h)
-                im = im.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
-                               Image.Resampling.BICUBIC)
-                w, h = im.size
+                if min(w, h) != self.size:
+                    scale = self.size / min(w, h)
+                    im = im.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
+                                   Image.Resampling.BICUBIC)
+                    w, h = im.size
                 left, top = (w - self.size) // 2, (h - self.size) // 2
                 im = im.crop((left, top, left + self.size, top + self.size))
-                arr = np.asarray(im, dtype=np.float32) / 255.0
+                arr = np.asarray(im, dtype=np.uint8)
         except (OSError, ValueError):
             return self.blank(), False
-        x = torch.from_numpy(arr).permute(2, 0, 1)
-        return (x - self.mean) / self.std, True
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), True
+
+
+def normalise_images(image: torch.Tensor, mean: tuple[float, ...] = CLIP_MEAN,
+                     std: tuple[float, ...] = CLIP_STD) -> torch.Tensor:
+    """(B, 3, S, S) uint8 batch (as the loaders deliver it) -> float32 CLIP input, on the batch's device; a float
+    batch is taken as already normalised and returned unchanged."""
+    if image.dtype != torch.uint8:
+        return image
+    m = torch.tensor(mean, dtype=torch.float32, device=image.device).view(1, 3, 1, 1)
+    sd = torch.tensor(std, dtype=torch.float32, device=image.device).view(1, 3, 1, 1)
+    return (image.float().div_(255.0) - m).div_(sd)
 
 
 def post_text(meta: dict, text_field: str) -> str:
@@ -585,11 +657,14 @@ def make_eval_pipeline(
     )
 
 
-def make_loader(pipeline: wds.DataPipeline, num_workers: int) -> wds.WebLoader:
+def make_loader(pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool | None = None) -> wds.WebLoader:
     """A DataLoader over a batched pipeline (batching happens in the workers), with the pipeline's length when it
-    has one (the training pipeline: Lightning then knows the epoch's steps)."""
+    has one (the training pipeline: Lightning then knows the epoch's steps); workers persist across epochs;
+    ``pin_memory`` (default: when CUDA is available) pins the uint8 batches for asynchronous host-to-device
+    copies."""
+    pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
     loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=num_workers,
-                           persistent_workers=False)
+                           persistent_workers=num_workers > 0, pin_memory=pin)
     try:
         return loader.with_length(len(pipeline), silent=True)
     except TypeError:

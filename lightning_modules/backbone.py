@@ -16,6 +16,8 @@ import open_clip
 import torch
 from torch import nn
 
+from datamodules.shards import normalise_images
+
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODEL = "popstack-tiny-clip"
 
@@ -234,7 +236,8 @@ def encode_posts(
     ``torch.no_grad()`` when the backbone is frozen (the cache, and modules with no trainable CLIP block).
 
     Args:
-        image: (B, 3, S, S) preprocessed images.
+        image: (B, 3, S, S) images: uint8 as the shard loaders deliver them (normalised here, on their device:
+            ``datamodules.shards.normalise_images``) or float32 already normalised.
         text_ids: (B, C) token ids of the post text (C = context length, 0 = padding).
         token_len: number of leading token positions kept for the per-token features (<= C).
         image_grid: > 0: also the last layer's patch tokens, pooled to at most this grid (``encode_image_tokens``).
@@ -248,9 +251,9 @@ def encode_posts(
     """
     image_tokens = None
     if image_grid > 0:
-        image_emb, image_tokens = encode_image_tokens(model, image, image_grid)
+        image_emb, image_tokens = encode_image_tokens(model, normalise_images(image), image_grid)
     else:
-        image_emb = model.encode_image(image)
+        image_emb = model.encode_image(normalise_images(image))
     text_emb, tokens = encode_text_tokens(model, text_ids)
     out = {
         "image_emb": image_emb.float(),

@@ -8,10 +8,12 @@ also ``image_tokens.npy`` (n, g * g, D) float16: the last layer's projected patc
 (``lightning_modules.backbone.encode_image_tokens``), what the co-attention MLP attends over.
 Large arrays are written through ``np.lib.format.open_memmap``, so memory stays flat at SMPD scale.
 
-Many ranks build one cache together (``pipeline.neural.build_cache``): rank 0 allocates the arrays in the one
-temporary folder ``<cache>.partial`` (``allocate_cache``), every rank writes the rows of its own posts there
-(``open_cache_arrays`` + ``encode_into``) and lists them in ``rank<r>.done.json``, and ``finish_cache`` checks that
-every post was written exactly once before renaming the folder into place.
+Many ranks build one cache together (``pipeline.neural.build_cache``): in the one temporary folder
+``<cache>.partial`` every rank writes its own posts, in the order it encodes them, to arrays of its own
+(``rank<r>/``, ``allocate_cache`` + ``encode_into`` with no index) and lists them in ``rank<r>.done.json``; no two
+ranks ever write to one file (on NFS, neighbouring ranks' rows sharing pages of one memory-mapped file is unsafe).
+Rank 0 checks that every post was written exactly once (``check_parts``), copies the parts into the final arrays
+by post id (``merge_rank_parts``) and ``finish_cache`` renames the folder into place.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -42,6 +45,10 @@ CACHE_ARRAYS: dict[str, tuple[type, tuple[str, ...]]] = {
 IMAGE_TOKENS, IMAGE_TOKENS_DTYPE = "image_tokens", np.float16
 #: What each rank writes next to the arrays when it has encoded its share: the post ids it wrote, in order.
 RANK_DONE = "rank{rank}.done.json"
+#: Each rank's own arrays (rows in the order of its ``RANK_DONE`` list) inside the temporary folder.
+RANK_PART = "rank{rank}"
+#: Rows copied at a time when rank 0 merges the parts (bounds its memory).
+MERGE_ROWS = 8192
 
 
 def partial_dir(out_dir: str | Path) -> Path:
@@ -65,17 +72,18 @@ def allocate_cache(tmp: str | Path, n: int, embed_dim: int, token_positions: int
     return arrays
 
 
-def open_cache_arrays(tmp: str | Path) -> dict[str, np.ndarray]:
-    """The arrays ``allocate_cache`` created, opened for writing (another rank's rows stay untouched)."""
+def open_cache_arrays(tmp: str | Path, mode: str = "r+") -> dict[str, np.ndarray]:
+    """The arrays ``allocate_cache`` created in ``tmp`` (the patch tokens when there), memory-mapped (``mode``
+    ``r+``: for writing)."""
     names = [*CACHE_ARRAYS, *([IMAGE_TOKENS] if (Path(tmp) / f"{IMAGE_TOKENS}.npy").is_file() else [])]
-    return {name: np.load(Path(tmp) / f"{name}.npy", mmap_mode="r+") for name in names}
+    return {name: np.load(Path(tmp) / f"{name}.npy", mmap_mode=mode) for name in names}
 
 
 def encode_into(
     model: nn.Module,
     batches: Iterable[dict],
     arrays: dict[str, np.ndarray] | Callable[[dict], dict[str, np.ndarray]],
-    index: dict[str, int],
+    index: dict[str, int] | None,
     *,
     token_len: int,
     device: str | torch.device = "cpu",
@@ -83,7 +91,8 @@ def encode_into(
     progress: bool = True,
     image_grid: int = 0,
 ) -> list[str]:
-    """Encode raw batches (``post_id``, ``image``, ``text_ids``, ``has_image``) into the rows ``index[post_id]``.
+    """Encode raw batches (``post_id``, ``image``, ``text_ids``, ``has_image``) into the rows ``index[post_id]``
+    (``index`` None: rows 0, 1, 2, ... in the order the posts come, as a rank's own part of the cache).
 
     ``arrays``: the cache arrays, or a function of the first batch's encoding that allocates them. Returns the
     post ids written, in order; an unknown id, or one seen twice in these batches, raises ``ValueError``.
@@ -98,12 +107,12 @@ def encode_into(
         for batch in tqdm(batches, desc="embedding cache", unit="batch", disable=not progress, leave=False):
             rows = []
             for pid in batch["post_id"]:
-                if pid not in index:
+                if index is not None and pid not in index:
                     raise ValueError(f"embedding cache: post {pid} is not in the posts table")
                 if pid in seen:
                     raise ValueError(f"embedding cache: post {pid} appears twice in the batches")
                 seen.add(pid)
-                rows.append(index[pid])
+                rows.append(index[pid] if index is not None else len(seen) - 1)
             enc = encode_posts(model, batch["image"].to(device), batch["text_ids"].to(device), token_len,
                                image_grid=image_grid)
             if callable(arrays):
@@ -121,10 +130,9 @@ def encode_into(
     return written
 
 
-def finish_cache(tmp: str | Path, out_dir: str | Path, post_ids: list[str], written: Iterable[list[str]]) -> Path:
-    """Check that the parts ``written`` (post ids per rank) hold every post of ``post_ids`` exactly once, then
-    write ``post_ids.json`` and rename ``tmp`` to ``out_dir``. Raises ``ValueError`` naming missing or duplicate
-    posts."""
+def check_parts(post_ids: list[str], written: Iterable[list[str]]) -> None:
+    """Raise ``ValueError`` naming posts that the parts ``written`` (post ids per rank) hold more than once, never,
+    or that are not in ``post_ids``."""
     index = {pid: i for i, pid in enumerate(post_ids)}
     count = np.zeros(len(post_ids), dtype=np.int64)
     for part in written:
@@ -140,13 +148,41 @@ def finish_cache(tmp: str | Path, out_dir: str | Path, post_ids: list[str], writ
         missing = [post_ids[i] for i in np.flatnonzero(count == 0)[:5]]
         raise ValueError(f"embedding cache: {int((count == 0).sum())} posts never came out of the batches, "
                          f"e.g. {missing}")
+
+
+def merge_rank_parts(tmp: str | Path, post_ids: list[str], written: list[list[str]], embed_dim: int,
+                     token_positions: int, image_positions: int = 0) -> None:
+    """Rank 0: the final arrays in ``tmp`` from every rank's part (``RANK_PART``; rank r's rows are the posts of
+    ``written[r]`` in order), copied by post id ``MERGE_ROWS`` rows at a time; each part is deleted once copied."""
+    check_parts(post_ids, written)
+    tmp = Path(tmp)
+    index = {pid: i for i, pid in enumerate(post_ids)}
+    final = allocate_cache(tmp, len(post_ids), embed_dim, token_positions, image_positions)
+    for rank, ids in enumerate(written):
+        part_dir = tmp / RANK_PART.format(rank=rank)
+        part = open_cache_arrays(part_dir, mode="r")
+        if any(len(arr) != len(ids) for arr in part.values()):
+            raise ValueError(f"{part_dir}: {len(ids)} posts listed but arrays of {len(part['has_image'])} rows")
+        rows = np.fromiter((index[p] for p in ids), dtype=np.int64, count=len(ids))
+        for start in range(0, len(ids), MERGE_ROWS):
+            for name, arr in final.items():
+                arr[rows[start:start + MERGE_ROWS]] = part[name][start:start + MERGE_ROWS]
+        del part
+        shutil.rmtree(part_dir)
+    for arr in final.values():
+        arr.flush()
+
+
+def finish_cache(tmp: str | Path, out_dir: str | Path, post_ids: list[str], written: Iterable[list[str]]) -> Path:
+    """Check that the parts ``written`` (post ids per rank) hold every post of ``post_ids`` exactly once, then
+    write ``post_ids.json`` and rename ``tmp`` to ``out_dir``. Raises ``ValueError`` naming missing or duplicate
+    posts."""
+    check_parts(post_ids, written)
     tmp, out_dir = Path(tmp), Path(out_dir)
     for done in tmp.glob(RANK_DONE.format(rank="*")):
         done.unlink()
     atomic_write_text(tmp / "post_ids.json", json.dumps(post_ids))
     if out_dir.exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir

@@ -8,6 +8,7 @@ mean over the fold models. ``align_fold_outputs`` first puts every fold model's 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +44,38 @@ def outputs_to_frame(outputs: list[dict[str, Any]]) -> pd.DataFrame:
     return frame
 
 
+#: One rank's predict outputs inside a writer's folder.
+RANK_FILE = "rank{rank}.parquet"
+_RANK_FILE_RE = re.compile(r"rank(\d+)\.parquet")
+
+
+def stale_rank_files(out_dir: str | Path, world_size: int) -> list[Path]:
+    """Rank files of ``out_dir`` no rank of a ``world_size`` launch writes (left by an earlier one with more
+    devices)."""
+    out = []
+    for path in Path(out_dir).glob(RANK_FILE.format(rank="*")):
+        m = _RANK_FILE_RE.fullmatch(path.name)
+        if m is None or int(m.group(1)) >= world_size:
+            out.append(path)
+    return out
+
+
 class KeyedPredictionWriter(BasePredictionWriter):
-    """Collect this rank's predict outputs and write them at epoch end to ``out_dir/rank<r>.parquet``."""
+    """Collect this rank's predict outputs and write them at epoch end to ``out_dir/rank<r>.parquet``.
+
+    At the start of prediction the first rank deletes the rank files of ranks this launch does not have (an earlier
+    prediction with more devices); each rank overwrites its own.
+    """
 
     def __init__(self, out_dir: str | Path):
         super().__init__(write_interval="batch_and_epoch")
         self.out_dir = Path(out_dir)
         self._outputs: list[dict] = []
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank == 0:
+            for path in stale_rank_files(self.out_dir, trainer.world_size):
+                path.unlink(missing_ok=True)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         self._outputs.append(prediction)
@@ -57,18 +83,27 @@ class KeyedPredictionWriter(BasePredictionWriter):
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         frame = outputs_to_frame(self._outputs)
-        path = self.out_dir / f"rank{trainer.global_rank}.parquet"
+        path = self.out_dir / RANK_FILE.format(rank=trainer.global_rank)
         with atomic_path(path) as tmp:
             frame.to_parquet(tmp, index=False)
         self._outputs = []
 
 
-def merge_rank_outputs(out_dir: str | Path, expected_post_ids: list[str]) -> pd.DataFrame:
+def merge_rank_outputs(out_dir: str | Path, expected_post_ids: list[str],
+                       world_size: int | None = None) -> pd.DataFrame:
     """Concatenate the rank files; identical duplicate rows (DDP padding) are dropped; rows in expected order.
 
-    Raises ``ValueError`` naming posts that are missing, unexpected, or duplicated with different values.
+    ``world_size``: read exactly the files of ranks ``0 .. world_size - 1`` (one missing raises); None: every rank
+    file of the folder. Raises ``ValueError`` naming posts that are missing, unexpected, or duplicated with
+    different values.
     """
-    files = sorted(Path(out_dir).glob("rank*.parquet"))
+    if world_size is None:
+        files = sorted(Path(out_dir).glob(RANK_FILE.format(rank="*")))
+    else:
+        files = [Path(out_dir) / RANK_FILE.format(rank=r) for r in range(world_size)]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ValueError(f"{out_dir}: rank files {absent} were not written")
     if not files:
         raise ValueError(f"{out_dir}: no rank*.parquet prediction files")
     frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True).drop_duplicates()

@@ -13,5 +13,6 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
     from datamodules.smpd import SMPDFormatError
     from lightning_modules.backbone import BackboneWeightsError
+    from stacking.members import MemberResourceError
 
-    return (UserError, SMPDFormatError, BackboneWeightsError, HydraException)
+    return (UserError, SMPDFormatError, BackboneWeightsError, HydraException, MemberResourceError)

@@ -82,6 +82,48 @@ def posts_from_frame(frame: pd.DataFrame, image_root: Path) -> pd.DataFrame:
     return posts[list(COLUMNS)]
 
 
+#: What a run trained on GPUs predicts with on a machine without CUDA.
+CPU_PLACEMENT = {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto", "precision": "32-true"}
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
+def placement_for_this_machine(trainer: DictConfig, accelerator: str | None, devices: int | None,
+                               precision: str | None) -> dict:
+    """The ``trainer`` keys that place prediction: the run's, with the given ones instead.
+
+    The run's GPU accelerator on a machine without CUDA becomes ``CPU_PLACEMENT`` (one process, ``32-true``; an
+    explicit ``devices``/``precision`` is still honoured) with one warning line; an explicit ``accelerator="cpu"``
+    likewise drops the run's GPU settings (silently); an explicit GPU accelerator without CUDA is a ``UserError``.
+    """
+    import torch
+
+    from pipeline.schema import ACCELERATORS
+
+    keys = ("accelerator", "devices", "num_nodes", "strategy", "precision")
+    out = {k: trainer.get(k) for k in keys}
+    want = str(accelerator if accelerator is not None else out["accelerator"]).lower()
+    if accelerator is not None and want not in ACCELERATORS:
+        raise UserError(f"accelerator must be one of {', '.join(ACCELERATORS)}, got {accelerator!r}")
+    if devices is not None and int(devices) < 1:
+        raise UserError(f"devices must be 1 or more, got {devices}")
+    gpu_asked = want in GPU_ACCELERATORS
+    if gpu_asked and accelerator is not None and not torch.cuda.is_available():
+        raise UserError(f"accelerator={accelerator} asked for, but this machine has no CUDA GPU "
+                        f"(leave it out, or use accelerator=cpu)")
+    if (gpu_asked and not torch.cuda.is_available()) or (accelerator is not None and want == "cpu"):
+        if gpu_asked:
+            log.warning("predict: the run's trainer asks for accelerator=%s but this machine has no CUDA GPU; "
+                        "predicting on the CPU (%s)", want, CPU_PLACEMENT["precision"])
+        out.update(CPU_PLACEMENT)
+    elif accelerator is not None:
+        out["accelerator"] = want
+    if devices is not None:
+        out["devices"] = int(devices)
+    if precision is not None:
+        out["precision"] = str(precision)
+    return out
+
+
 class Predictor:
     """A finished run, loaded once: feature state, standardiser, PCA and stacker manifest; see the module docstring."""
 
@@ -102,9 +144,15 @@ class Predictor:
         self.columns = list(stack["feature_columns"]) + list(stack["config"]["neural_columns"])
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path, devices: int | None = None, progress_bar: bool = True) -> "Predictor":
-        """Load ``run_dir`` (a finished ``train.py`` run); ``devices``: GPUs/processes for the neural models
-        (default: the run's; with more than one, every rank takes part and the first writes the result)."""
+    def from_run_dir(cls, run_dir: str | Path, devices: int | None = None, progress_bar: bool = True, *,
+                     accelerator: str | None = None, precision: str | None = None) -> "Predictor":
+        """Load ``run_dir`` (a finished ``train.py`` run) to predict on this machine.
+
+        ``accelerator`` (``cpu``, ``gpu``, ``auto``), ``devices`` (GPUs/processes for the neural models; with more
+        than one, every rank takes part and the first writes the result) and ``precision`` (e.g. ``32-true``,
+        ``bf16-mixed``) default to the run's ``trainer`` section; where that asks for a GPU and this machine has
+        no CUDA, prediction falls back to the CPU with one warning line (see ``placement_for_this_machine``).
+        """
         from pipeline.config import load_run_config
 
         run_dir = Path(run_dir).resolve()
@@ -113,8 +161,8 @@ class Predictor:
             raise UserError(f"{run_dir}: the run has no trained stacker (stack/model/stack.json); "
                             f"finish train.py first")
         with open_dict(cfg):
-            if devices is not None:
-                cfg.trainer.devices = devices
+            for key, value in placement_for_this_machine(cfg.trainer, accelerator, devices, precision).items():
+                cfg.trainer[key] = value
             cfg.progress_bar = progress_bar
         return cls(run_dir, cfg)
 

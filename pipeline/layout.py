@@ -36,6 +36,7 @@ class RunLayout:
     # run-level files
     config = _Entry("config.yaml")
     lock = _Entry(".lock")
+    lock_held = _Entry(".lock.held")  # the run lock where the file system has no flock (pipeline.lock)
     manifests = _Entry("manifests")
     wandb = _Entry("wandb")
     wandb_run_ids = _Entry("wandb_run_ids.json")

@@ -23,14 +23,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.atomic import atomic_path, atomic_write_json
 from datamodules.cached import EMBEDDING_FIELDS, EmbeddingDataModule, load_embedding_cache
+from datamodules.cores import loader_workers
 from datamodules.folds import read_folds
 from datamodules.popularity import PopularityDataModule
 from datamodules.schema import KEY, NO_FOLD
-from datamodules.shards import Collate, SampleDecoder, make_eval_pipeline, make_loader, shard_urls
+from datamodules.shards import Collate, SampleDecoder, make_eval_pipeline, make_loader, shard_counts, shard_urls
 from features.crossmodal import crossmodal_features
 from features.families import NEURAL_TEXT, PROMPT, VISUAL
 from lightning_modules.backbone import load_backbone, model_image_size, token_grid
-from lightning_modules.embed import RANK_DONE, allocate_cache, encode_into, finish_cache, open_cache_arrays, partial_dir
+from lightning_modules.embed import (
+    RANK_DONE,
+    RANK_PART,
+    allocate_cache,
+    encode_into,
+    finish_cache,
+    merge_rank_parts,
+    partial_dir,
+)
 from lightning_modules.extract import KeyedPredictionWriter, merge_rank_outputs, oof_and_test
 from lightning_modules.prompt_prototype_module import F_BLOCKS as PROMPT_F_BLOCKS
 from lightning_modules.prompt_prototype_module import PromptPrototypeModule
@@ -60,6 +69,23 @@ F_BLOCKS = {"f_i": VISUAL, "f_t": NEURAL_TEXT, **dict.fromkeys(PROMPT_BLOCKS, PR
 F_MODEL = "features"
 
 
+def loader_workers_of(cfg: DictConfig, alone: bool = False) -> int:
+    """Loader worker processes per rank: ``data.num_workers``, where ``auto`` is one per core of this rank less
+    one (``datamodules.cores.loader_workers``; the ranks of a node are ``trainer.devices``, or just this process
+    when it runs ``alone``, e.g. rank 0 building the cache before Lightning's launcher starts the others)."""
+    devices = cfg.trainer.devices
+    if alone:
+        per_node = 1
+    elif isinstance(devices, int) and devices > 0:
+        per_node = devices
+    elif cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() and str(devices) in (
+            "auto", "-1"):
+        per_node = torch.cuda.device_count()
+    else:
+        per_node = 1
+    return loader_workers(cfg.data.num_workers, per_node)
+
+
 def trainer_cfg(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg.trainer, resolve=True)
 
@@ -70,9 +96,10 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
     new).
 
     Each of the ``world_size`` processes (``pipeline.distributed.topology``) encodes its share of the shards
-    (``make_eval_pipeline``: shard ``i`` goes to rank ``i % world_size``) into the rows of its posts in the one
-    temporary folder ``embeddings.partial`` that rank 0 allocated, and lists the post ids it wrote in
-    ``rank<r>.done.json``; rank 0 checks that every post was written exactly once and renames the folder (with
+    (``make_eval_pipeline``: shard ``i`` goes to rank ``i % world_size``) into arrays of its own,
+    ``embeddings.partial/rank<r>/`` (no file is written by two ranks), and lists the post ids it wrote in
+    ``rank<r>.done.json``; rank 0 checks that every post was written exactly once, copies the parts into the
+    final arrays by post id (``merge_rank_parts``) and renames the folder (with
     ``key.json`` and, when training, the run's copy of the weights, ``RunLayout.backbone``) to ``embeddings``;
     the other ranks wait for that. Without a process group yet, the ranks meet through files, each marked with the
     launch id so files of an earlier, interrupted launch are never mistaken for this one's.
@@ -92,25 +119,28 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
     grid = image_token_grid(cfg)
     posts = pd.read_parquet(layout.posts, columns=[KEY, "split"])
     post_ids = posts[KEY].tolist()
+    positions = min(int(cfg.backbone.token_len), bb.context_length)
+    image_positions = token_grid(bb.model, grid) ** 2 if grid else 0
     if topo.is_zero:
-        if tmp.exists():  # left by an interrupted launch
+        if tmp.exists():  # left by an interrupted launch (its rank parts included, however many ranks it had)
             shutil.rmtree(tmp)
-        positions = min(int(cfg.backbone.token_len), bb.context_length)
-        image_positions = token_grid(bb.model, grid) ** 2 if grid else 0
-        for arr in allocate_cache(tmp, len(post_ids), bb.embed_dim, positions, image_positions).values():
-            arr.flush()
+        tmp.mkdir(parents=True)
         atomic_write_json(ready, {"launch": topo.launch_id})
     else:
-        wait_for(lambda: _launch_file(ready, topo.launch_id), f"{ready} (cache allocated by rank 0)", timeout)
+        wait_for(lambda: _launch_file(ready, topo.launch_id), f"{ready} (cache folder made by rank 0)", timeout)
     splits = [s for s in ("train", "test") if (posts.split == s).any()]
+    mine = sum(shard_counts(layout.shards, splits)[topo.rank::topo.world_size])  # this rank's shards' posts
     loader = make_loader(make_eval_pipeline(
         shard_urls(layout.shards, splits), decoder=SampleDecoder(bb.image_size, cfg.data.text_field),
         collate=Collate(bb.tokenizer), batch_size=int(cfg.backbone.embed_batch_size),
         rank=topo.rank, world_size=topo.world_size,
-    ), int(cfg.data.num_workers))
+    ), loader_workers_of(cfg, alone=topo.world_size == 1))
     device = rank_device(cfg.trainer.accelerator, cfg.trainer.devices)  # this rank's GPU, not GPU 0
     amp = torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") and device.type == "cuda" else None
-    written = encode_into(bb.model, loader, open_cache_arrays(tmp), {p: i for i, p in enumerate(post_ids)},
+    alone = topo.world_size == 1  # one process writes the final arrays by post id at once (no copy to merge)
+    part = allocate_cache(tmp if alone else tmp / RANK_PART.format(rank=topo.rank), len(post_ids) if alone else mine,
+                          bb.embed_dim, positions, image_positions)
+    written = encode_into(bb.model, loader, part, {p: i for i, p in enumerate(post_ids)} if alone else None,
                           token_len=int(cfg.backbone.token_len), device=device, autocast_dtype=amp,
                           progress=topo.is_zero and bool(cfg.get("progress_bar", True)), image_grid=grid)
     log.info("embedding cache: rank %d of %d encoded %d posts", topo.rank, topo.world_size, len(written))
@@ -128,6 +158,8 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
     if key is not None:
         atomic_write_json(tmp / key_file.relative_to(cache), key)
     ready.unlink()
+    if not alone:
+        merge_rank_parts(tmp, post_ids, parts, bb.embed_dim, positions, image_positions)
     return finish_cache(tmp, cache, post_ids, parts)
 
 
@@ -165,7 +197,7 @@ def cache_datamodule(cfg: DictConfig, layout: RunLayout, name: str, fold: int | 
     m = cfg.model[name]
     return EmbeddingDataModule(
         str(layout.embeddings), str(layout.posts), str(layout.folds), str(layout.vocab), fold=fold, all_posts=all_posts,
-        batch_size=int(m.batch_size), num_workers=int(cfg.data.num_workers),
+        batch_size=int(m.batch_size), num_workers=loader_workers_of(cfg),
         fields=getattr(MODULES[name], "cache_fields", EMBEDDING_FIELDS), tabular_path=_tabular_path(cfg, layout, name),
         seed=int(cfg.seed) + (fold or 0),
     )
@@ -193,7 +225,7 @@ def shard_datamodule(cfg: DictConfig, layout: RunLayout, name: str, fold: int | 
     shards = layout.shards
     return PopularityDataModule(
         str(shards), str(layout.folds), batch_size=int(m.batch_size),
-        num_workers=int(cfg.data.num_workers), image_size=model_image_size(cfg.backbone.name),
+        num_workers=loader_workers_of(cfg), image_size=model_image_size(cfg.backbone.name),
         text_field=cfg.data.text_field, model_name=cfg.backbone.name, fold=fold, seed=int(cfg.seed) + (fold or 0),
         predict_splits=tuple(s for s in ("train", "test") if (shards / f"{s}-index.json").is_file()),
         tabular_path=_tabular_path(cfg, layout, name),
@@ -301,7 +333,8 @@ def predict_frames(cfg: DictConfig, dm: EmbeddingDataModule | PopularityDataModu
                             enable_progress_bar=bool(cfg.get("progress_bar", True)), enable_model_summary=False)
         trainer.predict(module, datamodule=dm, return_predictions=False)
         trainer.strategy.barrier()  # every rank's file is written before anyone merges
-        frames[fold] = merge_rank_outputs(out, post_ids).drop(columns=["class_pred"], errors="ignore")
+        frames[fold] = merge_rank_outputs(out, post_ids, trainer.world_size).drop(columns=["class_pred"],
+                                                                                  errors="ignore")
     return frames
 
 

@@ -147,7 +147,10 @@ def _date_window_error(value: Any) -> str | None:
 DATA = {
     "kind": OneOf("synthetic", "smpd"), "root": Str(), "synthetic": SYNTHETIC, "check_images": Bool(),
     "text_field": OneOf("title", "alltags", "title+alltags"), "shard_size": Int(lo=1),
-    "image_max_side": Int(lo=1, null=True), "num_workers": Int(lo=0),
+    "image_max_side": Int(lo=1, null=True), "image_short_side": Int(lo=1, null=True),
+    "image_quality": Int(lo=1, hi=100),
+    "num_workers": Spec("any", check=lambda v: None if v == "auto" or (
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0) else "auto or an integer >= 0"),
     "postdate_range": Spec("any", check=_date_window_error),
 }
 BACKBONE = {

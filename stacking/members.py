@@ -29,6 +29,37 @@ _STDOUT_REDIRECT = threading.Lock()
 
 #: CatBoost parameters its GPU trainer rejects for regression (feature subsampling per split is CPU-only there).
 CATBOOST_CPU_ONLY = ("rsm",)
+#: CatBoost parameters only its GPU trainer takes (``devices``, ``gpu_ram_part``) and the member's own GPU keys.
+CATBOOST_GPU_ONLY = ("devices", "gpu_ram_part")
+CATBOOST_GPU_KEYS = ("use_gpu", "gpu_fallback")
+GPU_FALLBACKS = ("cpu", "error")
+
+
+class MemberResourceError(RuntimeError):
+    """A member cannot fit with the resources it was given (a GPU that fails, CUDA out of memory): the message
+    says which setting to change. The entry points print it as one ``error:`` line."""
+
+
+class CatBoostDevice:
+    """Where this process's CatBoost fits run, decided once and then the same for every fold.
+
+    GPU fits take turns (``lock``): concurrent GPU fits in one process each grab the whole ``gpu_ram_part`` of every
+    device in ``devices`` and fail. The first fit decides: if it fits on the GPU, every later fit does (a later GPU
+    failure raises ``MemberResourceError``: falling back then would mix GPU and CPU folds); if it fails, the
+    ``gpu_fallback`` setting either raises (``error``) or moves every fit of the process to the CPU (``cpu``) with one
+    warning line. ``reset()`` forgets the decision (tests; a new process starts undecided).
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.decided: str | None = None  # None, "GPU" or "CPU"
+
+    def reset(self) -> None:
+        with self.lock:
+            self.decided = None
+
+
+CATBOOST_DEVICE = CatBoostDevice()
 
 class Member(Protocol):
     name: str
@@ -126,9 +157,10 @@ class CatBoostMember:
         from catboost import CatBoostRegressor
 
         p = fit_params(self.params, n_rows, "learning_rate", "thread_count")
-        p.pop("use_gpu", None)
-        if gpu:
-            p = {k: v for k, v in p.items() if k not in CATBOOST_CPU_ONLY}
+        for key in CATBOOST_GPU_KEYS:
+            p.pop(key, None)
+        drop = CATBOOST_CPU_ONLY if gpu else CATBOOST_GPU_ONLY
+        p = {k: v for k, v in p.items() if k not in drop}
         return CatBoostRegressor(random_seed=self.seed, task_type="GPU" if gpu else "CPU", verbose=False,
                                  allow_writing_files=False, **p)
 
@@ -140,8 +172,6 @@ class CatBoostMember:
         return catboost_gpu_count() > 0
 
     def fit(self, X_tr, y_tr, X_va, y_va):
-        from catboost import CatBoostError
-
         self.columns = list(X_tr.columns)
         cats = [c for c in self.categorical if c in self.columns]
         self.offset = float(np.median(y_tr))
@@ -150,14 +180,9 @@ class CatBoostMember:
         if X_va is not None:  # None: a refit on every label, a fixed number of trees (``refit_params``)
             kwargs.update(eval_set=(_int_categoricals(X_va, cats), np.asarray(y_va) - self.offset),
                           use_best_model=True)
-        gpu = self._use_gpu()
-        try:
-            self.model = self._model(len(X_tr), gpu)
-            self.model.fit(*args, **kwargs)
-        except CatBoostError as err:  # e.g. a loss its GPU trainer does not implement: the CPU trainer has them all
-            if not gpu:
-                raise
-            log.warning("catboost: GPU training refused (%s); fitting on the CPU", err)
+        if self._use_gpu():
+            self._fit_gpu_or_fall_back(args, kwargs)
+        else:
             self.model = self._model(len(X_tr), False)
             self.model.fit(*args, **kwargs)
         return self
@@ -166,6 +191,39 @@ class CatBoostMember:
         """Trees up to the best validation score (all of them for a fit without a validation part)."""
         best = self.model.get_best_iteration()
         return int(best) + 1 if best is not None else int(self.model.tree_count_)
+
+    def _fit_gpu_or_fall_back(self, args: tuple, kwargs: dict) -> None:
+        """One GPU fit at a time; the first decides GPU or CPU for every fit (``CatBoostDevice``)."""
+        from catboost import CatBoostError
+
+        fallback = str(self.params.get("gpu_fallback", "cpu")).lower()
+        if fallback not in GPU_FALLBACKS:
+            raise ValueError(f"stacking.members.catboost.gpu_fallback must be one of {list(GPU_FALLBACKS)}, "
+                             f"got {fallback!r}")
+        dev = CATBOOST_DEVICE
+        with dev.lock:
+            if dev.decided != "CPU":
+                try:
+                    self.model = self._model(len(args[0]), True)
+                    self.model.fit(*args, **kwargs)
+                    dev.decided = "GPU"
+                    return
+                except CatBoostError as err:  # e.g. out of GPU memory, or a loss its GPU trainer lacks
+                    reason = " ".join(str(err).split())
+                    if dev.decided == "GPU":
+                        raise MemberResourceError(
+                            f"catboost: a GPU fit failed after earlier fits of this run ran on the GPU ({reason}); "
+                            f"set stacking.members.catboost.use_gpu=false (or a smaller gpu_ram_part / fewer "
+                            f"devices) so every fold fits on one kind of device") from err
+                    if fallback == "error":
+                        raise MemberResourceError(
+                            f"catboost: GPU fit failed ({reason}); set stacking.members.catboost.use_gpu=false, or "
+                            f"gpu_fallback=cpu to fit every fold on the CPU instead") from err
+                    dev.decided = "CPU"
+                    log.warning("catboost: GPU fit failed (%s); every CatBoost fit of this process runs on the CPU",
+                                reason)
+        self.model = self._model(len(args[0]), False)
+        self.model.fit(*args, **kwargs)
 
     def predict(self, X):
         cats = [c for c in self.categorical if c in self.columns]
@@ -276,13 +334,21 @@ class TabNetMember:
         vbs = min(int(fit_args.pop("virtual_batch_size", 128)), bs)
         # TabNet prints its early-stopping summary. Redirecting stdout swaps process-wide state, so concurrent fits
         # (the stack's threads) take turns: interleaved redirects would leave sys.stdout pointing at a buffer.
-        with _STDOUT_REDIRECT, contextlib.redirect_stdout(io.StringIO()):
-            y_fit = (np.asarray(y_tr) - self.offset).astype(np.float32).reshape(-1, 1)
-            self.model.fit(self.scaler.transform(X_tr), y_fit,
-                           eval_set=[(self.scaler.transform(X_va),
-                                      (np.asarray(y_va) - self.offset).astype(np.float32).reshape(-1, 1))],
-                           eval_metric=["mae"], loss_fn=torch.nn.HuberLoss(delta=delta), batch_size=bs,
-                           virtual_batch_size=vbs, drop_last=len(X_tr) > bs, **fit_args)
+        try:
+            with _STDOUT_REDIRECT, contextlib.redirect_stdout(io.StringIO()):
+                y_fit = (np.asarray(y_tr) - self.offset).astype(np.float32).reshape(-1, 1)
+                self.model.fit(self.scaler.transform(X_tr), y_fit,
+                               eval_set=[(self.scaler.transform(X_va),
+                                          (np.asarray(y_va) - self.offset).astype(np.float32).reshape(-1, 1))],
+                               eval_metric=["mae"], loss_fn=torch.nn.HuberLoss(delta=delta), batch_size=bs,
+                               virtual_batch_size=vbs, drop_last=len(X_tr) > bs, **fit_args)
+        except torch.cuda.OutOfMemoryError as err:
+            self.model = None
+            torch.cuda.empty_cache()
+            raise MemberResourceError(
+                f"tabnet: CUDA out of memory fitting {len(X_tr)} rows x {X_tr.shape[1]} features at batch_size={bs} "
+                f"(other fits share the GPU); lower stacking.members.tabnet.batch_size or stacking.n_jobs, or hide "
+                f"the GPU (CUDA_VISIBLE_DEVICES=)") from err
         return self
 
     def predict(self, X):

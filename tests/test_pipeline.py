@@ -124,6 +124,45 @@ def test_predict_on_fresh_raw_posts_without_labels(finished_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_gpu_run_predicts_on_a_cpu_only_machine(finished_run, tmp_path, caplog, monkeypatch):
+    """A run whose config says trainer=gpu (bf16) predicts here: with --accelerator cpu, and with no flag (one
+    warning line, then the CPU), both equal to the run's own predictions."""
+    import yaml
+
+    from pipeline.inference import Predictor
+    from predict import predict
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run_dir, cfg, _ = finished_run
+    gpu_run = tmp_path / "gpu_run"
+    shutil.copytree(run_dir, gpu_run)
+    config = yaml.safe_load((gpu_run / "config.yaml").read_text())
+    config["trainer"].update(yaml.safe_load((ROOT / "configs" / "trainer" / "gpu.yaml").read_text()))
+    assert config["trainer"]["accelerator"] == "gpu"
+    (gpu_run / "config.yaml").write_text(yaml.safe_dump(config))
+    posts = pd.read_parquet(run_dir / "posts.parquet")
+    trained = pd.read_parquet(run_dir / "predictions.parquet").set_index("post_id")
+    raw = Path(cfg.data.root)
+    test_ids = posts.loc[posts.split == "test", "post_id"]
+
+    proc = run_cli("predict.py", str(gpu_run), str(raw), "--out", str(tmp_path / "cpu.parquet"), "--accelerator", "cpu",
+                   "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no CUDA" not in proc.stderr
+    got = pd.read_parquet(tmp_path / "cpu.parquet").set_index("post_id").loc[test_ids, "popularity_score"]
+    np.testing.assert_allclose(got.to_numpy(), trained.loc[test_ids, "prediction"].to_numpy(), rtol=1e-4, atol=1e-4)
+
+    caplog.set_level("WARNING", logger="popstack")
+    predictor = Predictor.from_run_dir(gpu_run, progress_bar=False)
+    assert predictor.cfg.trainer.accelerator == "cpu" and predictor.cfg.trainer.precision == "32-true"
+    fallback = [r for r in caplog.records if "no CUDA" in r.getMessage()]
+    assert len(fallback) == 1 and "\n" not in fallback[0].getMessage()
+    result = predict(gpu_run, raw, tmp_path / "auto.parquet", work_dir=tmp_path)
+    np.testing.assert_allclose(result.set_index("post_id").loc[test_ids, "popularity_score"].to_numpy(),
+                               trained.loc[test_ids, "prediction"].to_numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
 def test_kill_during_neural_then_resume_equals_uninterrupted(tmp_path):
     args = ["debug=fast", f"paths.root_dir={tmp_path}", "model.prompt_prototype.epochs=3",
             "model.co_attention.epochs=3", "model.hierarchical.epochs=3", "stacking.members.tabnet.enabled=false"]

@@ -13,6 +13,7 @@ from PIL import Image
 
 from datamodules.schema import IMAGE_MISSING, IMAGE_OK, IMAGE_UNREADABLE
 from datamodules.shards import (
+    BLANK_RGB,
     Collate,
     KeepPosts,
     SampleDecoder,
@@ -98,12 +99,13 @@ def test_batch_content_and_blank_fallback(shard_setup):
     pipe = make_eval_pipeline(shard_urls(out, ["train"]), decoder=dec, collate=col, batch_size=N, rank=0,
                               world_size=1)
     batch = next(iter(make_loader(pipe, 0)))
-    assert batch["image"].shape == (N, 3, 64, 64) and batch["image"].dtype == torch.float32
+    assert batch["image"].shape == (N, 3, 64, 64) and batch["image"].dtype == torch.uint8  # normalised on the device
     assert batch["text_ids"].shape == (N, 77) and batch["text_ids"].dtype == torch.int64
     i = batch["post_id"].index("1003")
     j = batch["post_id"].index("1005")
     assert not batch["has_image"][i] and not batch["has_image"][j]
-    assert torch.all(batch["image"][i] == 0) and torch.all(batch["image"][j] == 0)
+    blank = torch.tensor(BLANK_RGB, dtype=torch.uint8).view(3, 1, 1)  # the mean colour: ~0 once normalised
+    assert torch.all(batch["image"][i] == blank) and torch.all(batch["image"][j] == blank)
     k = batch["post_id"].index("1004")
     assert batch["has_image"][k] and batch["image"][k].abs().sum() > 0
     assert batch["label"][k] == pytest.approx(2.0)
