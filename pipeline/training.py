@@ -223,7 +223,7 @@ def fit_resumable(
     if wandb_prefix is not None:
         from pipeline.tracking import model_job_logger
 
-        job = model_job_logger(wandb_prefix)  # one W&B run per model fold, in the pipeline's group
+        job = model_job_logger(wandb_prefix, monitor, mode, resume=resume is not None)  # one run per model fold
         if job is not None:
             loggers.append(job[0])
             callbacks.append(job[1])

@@ -397,3 +397,23 @@ def predict_stack(directory: str | Path, X: pd.DataFrame) -> np.ndarray:
             P.append(member.predict(X[cols]))
         fold_preds.append(blend(np.column_stack(P), manifest["blend"][str(k)]))
     return np.mean(fold_preds, axis=0)
+
+
+def predict_stack_members(directory: str | Path, X: pd.DataFrame) -> pd.DataFrame:
+    """Per-member predictions for new rows: one column per member (the mean over folds of that member's fold
+    models, as the stack's test predictions are) and ``blend`` (what ``predict_stack`` returns)."""
+    directory = Path(directory)
+    manifest = json.loads((directory / "stack.json").read_text())
+    neural = set(manifest["config"]["neural_columns"])
+    per_member: dict[str, list[np.ndarray]] = {name: [] for name in manifest["members"]}
+    blends = []
+    for k in manifest["folds"]:
+        P = []
+        for name in manifest["members"]:
+            kind = manifest["kinds"][name]
+            member = load_member(kind, directory / "members" / f"{name}.fold{k}.{manifest['extensions'][name]}")
+            P.append(member.predict(X[[name] if name in neural else manifest["feature_columns"]]))
+            per_member[name].append(P[-1])
+        blends.append(blend(np.column_stack(P), manifest["blend"][str(k)]))
+    out = {name: np.mean(preds, axis=0) for name, preds in per_member.items()}
+    return pd.DataFrame({**out, "blend": np.mean(blends, axis=0)}, index=X.index)

@@ -169,7 +169,7 @@ def _plot_sections(layout: RunLayout, labelled: pd.DataFrame, sections: list[tup
 
 
 def _track(tracker, cfg: DictConfig, layout: RunLayout, scores: pd.DataFrame, n_test: int, plots: list[Path]) -> None:
-    """The report's figures to W&B: summary scores, tables, plots and the run's artifacts."""
+    """The report's figures to W&B: summary scores, tables and plots (the driver logs the artifacts)."""
     blend = scores[scores.member == "blend"].iloc[0] if (scores.member == "blend").any() else scores.iloc[0]
     tracker.summary({"oof/src": float(blend.oof_src), "oof/mae": float(blend.oof_mae),
                      "heldback/src": float(blend.heldback_src), "heldback/mae": float(blend.heldback_mae),
@@ -180,4 +180,3 @@ def _track(tracker, cfg: DictConfig, layout: RunLayout, scores: pd.DataFrame, n_
             tracker.table(path.stem, pd.read_csv(path))
     for png in plots:
         tracker.image(f"plots/{png.stem}", png)
-    tracker.log_run_artifacts()
