@@ -173,6 +173,26 @@ def start_fresh_unless(out_dir: Path, key: dict[str, Any]) -> None:
     atomic_write_json(key_file, key)
 
 
+def user_callbacks(callbacks_cfg) -> list:
+    """The config's ``callbacks`` section (name -> ``_target_`` entry, null = off) built with Hydra's
+    ``instantiate``: fresh objects for every fit. A target that cannot be built is a ``UserError``."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from pipeline.errors import UserError
+
+    out = []
+    for name, node in (callbacks_cfg or {}).items():
+        if node is None:
+            continue
+        try:
+            out.append(instantiate(node))
+        except InstantiationException as err:
+            raise UserError(f"callbacks.{name}: cannot build {node.get('_target_')}: "
+                            f"{' '.join(str(err).split())}") from err
+    return out
+
+
 def fit_resumable(
     module: L.LightningModule,
     datamodule: L.LightningDataModule,
@@ -187,11 +207,14 @@ def fit_resumable(
     wandb_prefix: str | None = None,
     progress_bar: bool = True,
     early_stopping_patience: int | None = None,
+    extra_callbacks: list | None = None,
 ) -> Path:
     """Fit ``module`` (or resume it) and return the path of the best checkpoint.
 
     ``trainer_cfg``: the config's ``trainer`` section, any ``lightning.Trainer`` arguments (see ``trainer_kwargs``);
     ``early_stopping_patience``: stop after this many validations without improvement of ``monitor`` (None = off).
+    ``extra_callbacks``: Lightning callbacks added to the pipeline's own (the config's ``callbacks``,
+    ``user_callbacks``).
     ``key``: JSON-serialisable description of everything the fit depends on (see the module docstring); a
     directory made with another key starts afresh. None: no key is recorded or checked (a caller-owned folder).
     Raises ``UserError`` when ``max_epochs`` < 1 or the fit ended without writing a checkpoint.
@@ -220,6 +243,7 @@ def fit_resumable(
     callbacks: list = [checkpoint, RNGState(), LearningRateMonitor(logging_interval="epoch")]
     if early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=int(early_stopping_patience)))
+    callbacks.extend(extra_callbacks or [])
     if wandb_prefix is not None:
         from pipeline.tracking import model_job_logger
 

@@ -34,6 +34,7 @@ from pipeline.training import (
     recorded_key_is,
     result_trainer_args,
     start_fresh_unless,
+    user_callbacks,
 )
 
 log = logging.getLogger("popstack")
@@ -41,7 +42,8 @@ log = logging.getLogger("popstack")
 
 def config(c: dict) -> dict:
     return {"backbone": c["backbone"], "model": c["model"], "data": data_config(c),
-            "trainer": result_trainer_args(c["trainer"]), **common_config(c)}
+            "trainer": result_trainer_args(c["trainer"]), **common_config(c),
+            **({"callbacks": c["callbacks"]} if c.get("callbacks") else {})}  # absent when none: old runs stay valid
 
 
 def outside_inputs(cfg: DictConfig) -> dict:
@@ -75,6 +77,8 @@ def run(ctx: StageContext) -> StageResult:
                        **bb, "trainable_last_blocks": int(cfg.backbone.trainable_last_blocks),
                        "token_len": int(cfg.backbone.token_len)},
                    "trainer": result_trainer_args(trainer_cfg(cfg))}
+            if cfg.get("callbacks"):  # user callbacks change what a fit makes
+                key["callbacks"] = OmegaConf.to_container(cfg.callbacks, resolve=True)
             train_fold(cfg, layout, name, fold, key)
             metrics[f"{name}/fold{fold}/{monitor}"] = read_done(out)["best_score"]
             outputs.append(layout.rel(out))
@@ -104,4 +108,5 @@ def train_fold(cfg: DictConfig, layout: RunLayout, name: str, fold: int, key: di
                   max_epochs=int(cfg.model[name].epochs), monitor=monitor, mode=mode,
                   seed=int(cfg.seed) + fold, wandb_prefix=f"{name}/fold{fold}",
                   progress_bar=bool(cfg.get("progress_bar", True)),
-                  early_stopping_patience=cfg.model[name].get("early_stopping_patience"))
+                  early_stopping_patience=cfg.model[name].get("early_stopping_patience"),
+                  extra_callbacks=user_callbacks(cfg.get("callbacks")))
