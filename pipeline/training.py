@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from datamodules.atomic import atomic_path, atomic_write_json
+from datamodules.progress import progress_mode
 
 log = logging.getLogger("popstack")
 
@@ -173,6 +174,20 @@ def start_fresh_unless(out_dir: Path, key: dict[str, Any]) -> None:
     atomic_write_json(key_file, key)
 
 
+class EpochLog(Callback):
+    """One ``popstack`` log line per finished epoch (the monitored value when logged): the training's progress where
+    a bar would garble a captured log (``datamodules.progress``)."""
+
+    def __init__(self, name: str, max_epochs: int, monitor: str):
+        self.name, self.max_epochs, self.monitor = name, max_epochs, monitor
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            value = trainer.callback_metrics.get(self.monitor)
+            shown = "" if value is None else f", {self.monitor}={float(value):.4f}"
+            log.info("%s: epoch %d/%d done%s", self.name, trainer.current_epoch + 1, self.max_epochs, shown)
+
+
 def user_callbacks(callbacks_cfg) -> list:
     """The config's ``callbacks`` section (name -> ``_target_`` entry, null = off) built with Hydra's
     ``instantiate``: fresh objects for every fit. A target that cannot be built is a ``UserError``."""
@@ -243,6 +258,8 @@ def fit_resumable(
     callbacks: list = [checkpoint, RNGState(), LearningRateMonitor(logging_interval="epoch")]
     if early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=int(early_stopping_patience)))
+    if progress_mode(progress_bar) == "log":  # no bar in a captured log: one line per epoch instead
+        callbacks.append(EpochLog(out_dir.parent.name + "/" + out_dir.name, max_epochs, monitor))
     callbacks.extend(extra_callbacks or [])
     if wandb_prefix is not None:
         from pipeline.tracking import model_job_logger
@@ -252,7 +269,8 @@ def fit_resumable(
             loggers.append(job[0])
             callbacks.append(job[1])
     trainer = L.Trainer(**trainer_kwargs(trainer_cfg, max_epochs=max_epochs, logger=loggers, callbacks=callbacks,
-                                         plugins=[SafeCheckpointIO()], enable_progress_bar=progress_bar,
+                                         plugins=[SafeCheckpointIO()],
+                                         enable_progress_bar=progress_mode(progress_bar) == "bar",  # not in a log
                                          default_root_dir=str(out_dir)))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else last

@@ -229,10 +229,10 @@ def run_stack(
     jobs = concurrent_fits(cfg.n_jobs, len(fold_ids) * len(names), threads)
     log.info("stack: %d fits at a time, %d core(s) each", jobs, max(available_cores() // jobs, 1))
 
-    from tqdm.auto import tqdm
+    from datamodules.progress import progress as progress_bar
 
-    bar = tqdm(total=(cfg.pseudo_rounds + 1) * len(fold_ids) * len(names), desc="stack", unit="fit",
-               disable=not progress, leave=False)
+    bar = progress_bar(total=(cfg.pseudo_rounds + 1) * len(fold_ids) * len(names), desc="stack", unit="fit",
+                       enabled=progress)
     pseudo = {k: (XU.iloc[:0], np.zeros(0)) for k in fold_ids}  # per fold: rows and their pseudo-labels
     round_log = []
     for r in range(cfg.pseudo_rounds + 1):
