@@ -133,7 +133,18 @@ def _flags(argv: list[str]) -> tuple[str, list[str], list[str]]:
     hydra_dir = [f"hydra.run.dir={o.split('=', 1)[1]}" for o in overrides
                  if o.startswith("run_dir=") and o.split("=", 1)[1] not in ("", "null")
                  and not any(x.startswith("hydra.run.dir=") for x in overrides)]
-    return mode, overrides, [*flags, *overrides, *hydra_dir]
+    return mode, overrides, [*flags, *overrides, *hydra_dir, *_rank_overrides(overrides)]
+
+
+def _rank_overrides(overrides: list[str]) -> list[str]:
+    """Processes above rank 0 (torchrun, srun) write no ``.hydra/`` of their own and log to ``train_rank<k>.log``
+    (rank 0 writes ``.hydra/`` and ``train.log``); Lightning's own launcher already passes its equivalents."""
+    from pipeline.distributed import topology
+
+    topo = topology()
+    if topo.is_zero or any(o.startswith(("hydra.output_subdir=", "hydra.job.name=")) for o in overrides):
+        return []
+    return ["hydra.output_subdir=null", f"hydra.job.name=train_rank{topo.rank}"]
 
 
 def _check_jobs(overrides: list[str], multirun: bool) -> None:
