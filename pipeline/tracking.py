@@ -82,14 +82,15 @@ def group_name(cfg: DictConfig, run_dir: Path) -> str:
 
 
 def override_tags(run_dir: Path) -> list[str]:
-    """The launch's command-line overrides (``<run_dir>/.hydra/overrides.yaml``) as tags, without path-valued and
-    Hydra keys, each cut to W&B's tag length."""
+    """The launch's command-line overrides (``<run_dir>/.hydra/overrides.yaml``) as tags, without path-valued,
+    Hydra and secret-looking keys, each cut to W&B's tag length."""
     path = Path(run_dir) / OVERRIDES_FILE
     if not path.is_file():
         return []
     overrides = OmegaConf.to_container(OmegaConf.load(path)) or []
     keys = [str(o).lstrip("+~") for o in overrides]
-    return [o[:MAX_TAG] for o in keys if not o.startswith(UNTAGGED_KEYS)]
+    secret = [o for o in keys if any(m in o.split("=", 1)[0].lower() for m in SECRET_MARKERS)]
+    return [o[:MAX_TAG] for o in keys if not o.startswith(UNTAGGED_KEYS) and o not in secret]
 
 
 def init_settings(cfg: DictConfig, run_dir: Path, environ: dict[str, str] | None = None) -> dict[str, Any]:

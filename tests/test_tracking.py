@@ -129,7 +129,8 @@ def test_sweep_jobs_get_their_own_group_and_overrides_become_tags(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "overrides.yaml").write_text(
-        "- debug=fast\n- trainer=gpu\n- hydra.run.dir=/x\n- data.root=/data/smpd\n- model.co_attention.lr=0.001\n")
+        "- debug=fast\n- trainer=gpu\n- hydra.run.dir=/x\n- data.root=/data/smpd\n- model.co_attention.lr=0.001\n"
+        "- +logger.wandb.api_key=abc\n")
     tags = init_settings(cfg, run_dir, environ={"WANDB_TAGS": "team"})["tags"]
     assert tags == ["debug=fast", "trainer=gpu", "model.co_attention.lr=0.001", "team"]
 
