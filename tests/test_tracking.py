@@ -110,8 +110,10 @@ def test_per_member_predictions_blend_to_the_score(tracked_run, tmp_path):
     run_dir, cfg, _ = tracked_run
     posts = pd.read_parquet(run_dir / "posts.parquet")
     frame = posts[posts.split == "test"].rename(columns={"image_relpath": "image_path"}).drop(columns=["label"])
-    got = Predictor.from_run_dir(run_dir, progress_bar=False).predict(frame, image_root=cfg.data.root,
-                                                                      work_dir=tmp_path, members=True)
+    predictor = Predictor.from_run_dir(run_dir, progress_bar=False)
+    got = predictor.predict(frame, image_root=cfg.data.root, work_dir=tmp_path / "m", members=True)
+    plain = predictor.predict(frame, image_root=cfg.data.root, work_dir=tmp_path / "p")
+    np.testing.assert_allclose(got.popularity_score, plain.popularity_score, rtol=1e-6)  # the same blend
     stack = json.loads((run_dir / "stack" / "model" / "stack.json").read_text())
     assert list(got.columns) == ["post_id", "split", "popularity_score", *stack["members"]]
     if len(stack["folds"]) == 1:  # one fold: the blend of the member columns is the score
