@@ -62,11 +62,11 @@ def read_schema(directory: str | Path) -> dict:
 
 def _families(posts, folds, state, cfg, encoder, image_dir, progress: bool = False
               ) -> tuple[list[pd.DataFrame], dict[str, float]]:
-    from tqdm.auto import tqdm
+    from datamodules.progress import progress as progress_bar
 
     seconds: dict[str, float] = {}
     blocks: list[pd.DataFrame] = []
-    bar = tqdm(desc="features", unit="family", disable=not progress, leave=False)
+    bar = progress_bar(desc="features", unit="family", enabled=progress)
 
     def timed(name, fn):
         bar.set_postfix_str(name)
@@ -137,11 +137,14 @@ def build_features(posts: pd.DataFrame, folds: np.ndarray, cfg: FeatureConfig,
     that are constant on the training rows (``folds != NO_FOLD``; one log line names them).
 
     ``image_dir``: the WebDataset shard directory holding the posts' images (image-statistics family); None
-    leaves that family NaN. ``progress``: a bar over the families (stderr)."""
+    leaves that family NaN. ``progress``: progress over the families and per batch of the sentence encoder
+    (``datamodules.progress``: a bar on a terminal, periodic log lines otherwise)."""
     state = FeatureState()
     if cfg.sentence_model and encoder is None:
         encoder = SentenceEncoder(resolve_model_dir(cfg.sentence_model), cfg.sentence_max_length,
                                   cfg.sentence_batch_size)
+    if encoder is not None:
+        encoder.progress = progress  # per batch inside the family (the longest one at SMPD scale)
     blocks, seconds = _families(posts.reset_index(drop=True), np.asarray(folds), state, cfg, encoder, image_dir,
                                 progress)
     state.fitted = True

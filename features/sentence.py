@@ -46,6 +46,7 @@ class SentenceEncoder:
         self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval().to(self.device)
         self.max_length = max_length
         self.batch_size = batch_size
+        self.progress = False  # per-batch progress (datamodules.progress); build_features sets it
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -61,7 +62,11 @@ class SentenceEncoder:
         ids = self.tokenizer(unique, truncation=True, max_length=self.max_length)["input_ids"]
         order = np.argsort([len(x) for x in ids], kind="stable")
         out = np.zeros((len(unique), self.model.config.hidden_size), dtype=np.float32)
-        for start in range(0, len(unique), self.batch_size):
+        from datamodules.progress import progress
+
+        starts = range(0, len(unique), self.batch_size)
+        for start in progress(starts, desc=f"sentence encoder ({len(unique)} texts)", unit="batch",
+                              enabled=self.progress):
             idx = order[start:start + self.batch_size]
             batch = self.tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(self.device)
             hidden = self.model(**batch).last_hidden_state

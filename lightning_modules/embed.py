@@ -28,9 +28,9 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from datamodules.atomic import atomic_write_text
+from datamodules.progress import progress as progress_bar
 from lightning_modules.backbone import encode_posts
 
 #: Cache arrays: name -> (dtype, shape after the row dimension; "d" = CLIP dim, "l" = kept token positions).
@@ -104,7 +104,7 @@ def encode_into(
     amp = torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype) if autocast_dtype \
         else contextlib.nullcontext()
     with torch.inference_mode(), amp:
-        for batch in tqdm(batches, desc="embedding cache", unit="batch", disable=not progress, leave=False):
+        for batch in progress_bar(batches, desc="embedding cache", unit="batch", enabled=progress):
             rows = []
             for pid in batch["post_id"]:
                 if index is not None and pid not in index:

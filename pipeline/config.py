@@ -1,7 +1,8 @@
-"""Compose the Hydra config (groups in ``configs/``) from command-line overrides, without ``@hydra.main``.
+"""The Hydra config (groups in ``configs/``): composed from overrides, made final, saved into the run directory.
 
-Composing with the compose API keeps error handling ours (one clear line for a bad override) and lets tests call
-``compose_config([...])`` exactly as the command line does.
+``train.py`` runs under ``@hydra.main`` (launcher and sweeper plugins, ``--cfg``, ``--info``, ``.hydra/``); it first
+composes every job here with the compose API (``compose_config``) so that a bad value ends in one clear line
+before anything is written, and tests call ``compose_config([...])`` exactly as the command line composes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def trainer_overrides(overrides: list[str]) -> list[str]:
     return [f"++{o}" if o.startswith("trainer.") and "=" in o else o for o in overrides]
 
 
-def compose_config(overrides: list[str], config_name: str = "train", validate: bool = True) -> DictConfig:
+def compose_config(overrides: list[str], config_name: str = "train", validate: bool = True,
+                   hardware: bool = True) -> DictConfig:
     """Compose ``configs/<config_name>.yaml`` with ``overrides``, fix ``run_dir`` (from ``hydra.run.dir``) and check
     the result against ``pipeline.schema`` (nothing is written).
 
@@ -34,17 +36,26 @@ def compose_config(overrides: list[str], config_name: str = "train", validate: b
     """
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name, overrides=trainer_overrides(list(overrides)), return_hydra_config=True)
+    with open_dict(cfg):
+        hydra_run_dir = cfg.hydra.run.dir
+        del cfg["hydra"]
+    return finish_config(cfg, hydra_run_dir, validate=validate, hardware=hardware)
+
+
+def finish_config(cfg: DictConfig, hydra_run_dir: str, validate: bool = True, hardware: bool = True) -> DictConfig:
+    """A composed config (without its ``hydra`` node) made final: ``run_dir`` fixed (the config's, else the one a
+    first process published, else ``hydra_run_dir``), resolved, checked against ``pipeline.schema``
+    (``hardware=False``: no GPU check). ``train.py``'s Hydra task and ``compose_config`` both end here."""
     # DDP launchers re-run the command line in child processes: they must land in the same run directory,
     # not in a new ${now:...} one, so the first process publishes its run directory in the environment.
-    run_dir = cfg.run_dir or os.environ.get(RUN_DIR_ENV) or cfg.hydra.run.dir
+    run_dir = cfg.run_dir or os.environ.get(RUN_DIR_ENV) or hydra_run_dir
     with open_dict(cfg):
         cfg.run_dir = str(Path(run_dir).resolve())
-        del cfg["hydra"]
     OmegaConf.resolve(cfg)
     if validate:
         from pipeline.schema import validate as check
 
-        check(cfg)
+        check(cfg, hardware=hardware)
     return cfg
 
 

@@ -94,18 +94,24 @@ class Pipeline:
     def _run_stage(self, stage: Stage, child: bool) -> dict:
         """Run (or skip, when its manifest matches) one stage; returns its metrics."""
         self._require_upstream(stage)
-        if self.tracker is not None:
-            self.tracker.start(stage.name)  # W&B: one run per stage (job_type), in the pipeline's group
+        tracker = self.tracker
         inputs = stage.outside_inputs(self.cfg)  # computed once: a user's weights file is hashed once per run
         reads = stage.reads_for(self.cfg)
         ctx = StageContext(self.cfg, self.layout, self.tracker, self.runner.manifests, self.runner.upstream(reads),
                            inputs)
         config = stage.config(OmegaConf.to_container(self.cfg, resolve=True))
-        manifest = self.runner.run(stage.name, config, lambda: stage.run(ctx), inputs=inputs, reads=reads)
+
+        def work():
+            if tracker is not None:  # W&B: one run per stage that runs (none for a skipped one), in the group
+                tracker.start(stage.name)
+            return stage.run(ctx)
+
+        manifest = self.runner.run(stage.name, config, work, inputs=inputs, reads=reads)
         if not child and self.topology.world_size > 1:
             self._publish(stage.name, manifest.hash)
-        if self.tracker is not None:
-            self.tracker.log({f"time/{stage.name}_s": manifest.seconds})
+        if tracker is not None and not manifest.skipped:
+            tracker.log({f"time/{stage.name}_s": manifest.seconds})
+            tracker.stage_done(stage.name)  # the stage's artifacts, from its own run
         return manifest.metrics
 
     def _launch_record(self):

@@ -124,6 +124,28 @@ def placement_for_this_machine(trainer: DictConfig, accelerator: str | None, dev
     return out
 
 
+def predictor_files(run_dir: str | Path, cfg: DictConfig) -> list[Path]:
+    """Everything ``Predictor`` reads from a finished run (what the W&B ``predictor`` artifact holds): the config,
+    vocab, feature state and standardiser, the extract state (PCA), the backbone weights, every fold's ``done.json``
+    and the checkpoint it names, and the stacker. Raises ``UserError`` when one is missing."""
+    from pipeline.neural import checkpoints, enabled_modules, f_checkpoint, f_model_dir, has_fold_models
+    from pipeline.training import DONE
+
+    run = RunLayout(Path(run_dir))
+    files = [run.config, run.vocab, run.feature_state, run.tabular_scaler, run.extract_state, run.backbone,
+             run.stack_model]
+    for name in enabled_modules(cfg):
+        if name == "prompt_prototype":  # its one F model (eq. 11's blocks)
+            files += [f_model_dir(run, name) / DONE, f_checkpoint(run, name)]
+        if has_fold_models(cfg, name):
+            for fold, best in checkpoints(cfg, run, name).items():
+                files += [run.fold_dir(name, fold) / DONE, best]
+    missing = [run.rel(p) for p in files if not p.exists()]
+    if missing:
+        raise UserError(f"{run.root}: not a finished run, missing {missing}")
+    return files
+
+
 class Predictor:
     """A finished run, loaded once: feature state, standardiser, PCA and stacker manifest; see the module docstring."""
 
@@ -167,9 +189,11 @@ class Predictor:
         return cls(run_dir, cfg)
 
     def predict(self, posts: str | Path | pd.DataFrame, image_root: str | Path = ".",
-                work_dir: str | Path | None = None) -> pd.DataFrame | None:
+                work_dir: str | Path | None = None, members: bool = False) -> pd.DataFrame | None:
         """Scores of every post of ``posts``: a directory in the SMPD layout (either or both splits, labels
-        ignored) or a DataFrame (see ``posts_from_frame``). Returns ``post_id, split, popularity_score``.
+        ignored) or a DataFrame (see ``posts_from_frame``). Returns ``post_id, split, popularity_score``;
+        ``members=True`` adds one column per stack member (its mean over the fold models; ``pred_<module>`` are the
+        neural modules' own predictions), ``popularity_score`` being their blend.
 
         With several devices every rank calls this: all share one temporary folder (``shared_tmpdir``); rank 0
         lays the posts out and returns the result, the others encode and predict their share and return None.
@@ -199,13 +223,91 @@ class Predictor:
                 source = str(raw)
             log.info("predict: %d posts from %s", len(table), source)
             X = self._stack_inputs(table, work)
-        from stacking.stack import predict_stack
-
-        scores = predict_stack(self.run.stack_model, X)
-        result = pd.DataFrame({KEY: table[KEY].to_numpy(), "split": table["split"].to_numpy(),
-                               "popularity_score": scores})
+        result = self._scores(table, X, members)
         result.attrs["popstack"] = self._metadata(table, source)
         return result
+
+    def _scores(self, table: pd.DataFrame, X: pd.DataFrame, members: bool) -> pd.DataFrame:
+        """``post_id, split, popularity_score`` (+ one column per member with ``members``) of the stack inputs."""
+        from stacking.stack import predict_stack, predict_stack_members
+
+        ids = {KEY: table[KEY].to_numpy(), "split": table["split"].to_numpy()}
+        if not members:
+            return pd.DataFrame({**ids, "popularity_score": predict_stack(self.run.stack_model, X)})
+        per = predict_stack_members(self.run.stack_model, X).reset_index(drop=True)
+        return pd.concat([pd.DataFrame({**ids, "popularity_score": per.pop("blend").to_numpy()}), per], axis=1)
+
+    def evaluate(self, posts: str | Path | pd.DataFrame, image_root: str | Path = ".",
+                 work_dir: str | Path | None = None) -> pd.DataFrame:
+        """A leaderboard on labelled posts (like AutoGluon's ``TabularPredictor.leaderboard``): SRC and MAE of every
+        stack member and of the blend, best SRC first, columns ``member, src, mae, posts``.
+
+        ``posts``: a DataFrame of posts with a ``label`` column (log-views; rows without a label are not scored), or
+        a directory in the SMPD layout whose ``train_label.txt`` gives the labels. ``result.attrs["popstack"]`` is
+        the prediction's metadata; ``result.attrs["predictions"]`` the per-post predictions with their labels.
+        """
+        from datamodules.schema import LABEL
+        from stacking.metrics import scores
+
+        if isinstance(posts, pd.DataFrame):
+            if LABEL not in posts.columns:
+                raise UserError(f"posts DataFrame: evaluate needs a {LABEL!r} column (log-views) to score against")
+            labels = pd.Series(pd.to_numeric(posts[LABEL], errors="coerce").to_numpy(),
+                               index=posts[KEY].astype(str).to_numpy())
+        else:
+            from datamodules.smpd import read_smpd
+
+            raw = Path(posts)
+            if not raw.is_dir():
+                raise UserError(f"raw posts directory not found: {raw}")
+            read = read_smpd(raw, check_images=False, labels=True)
+            labels = pd.Series(read[LABEL].to_numpy(), index=read[KEY].astype(str).to_numpy())
+        predicted = self.predict(posts, image_root=image_root, work_dir=work_dir, members=True)
+        predicted[LABEL] = labels.reindex(predicted[KEY].astype(str)).to_numpy()
+        scored = predicted[predicted[LABEL].notna()]
+        if scored.empty:
+            raise UserError("evaluate: none of the posts has a label to score against")
+        y = scored[LABEL].to_numpy(dtype=np.float64)
+        columns = {"blend": "popularity_score", **{c: c for c in predicted.columns
+                                                   if c not in (KEY, "split", "popularity_score", LABEL)}}
+        rows = [{"member": name, **scores(y, scored[col].to_numpy(dtype=np.float64)), "posts": len(scored)}
+                for name, col in columns.items()]
+        board = pd.DataFrame(rows).sort_values("src", ascending=False, kind="stable").reset_index(drop=True)
+        board.attrs["popstack"] = predicted.attrs.get("popstack", {})
+        board.attrs["predictions"] = predicted
+        return board
+
+    @classmethod
+    def from_artifact(cls, artifact, root: str | Path | None = None, devices: int | None = None,
+                      progress_bar: bool = True) -> "Predictor":
+        """A Predictor from the ``predictor`` artifact a training run logged to W&B (``pipeline.tracking``).
+
+        ``artifact``: its full name (``"<entity>/<project>/<group>-predictor:latest"``, downloaded with the W&B API
+        into ``root``), a ``wandb.Artifact`` object (one logged or built in this process, offline included, is
+        copied from its local files into ``root``), or the folder an artifact was downloaded to. ``root``
+        defaults to a new temporary folder.
+        """
+        import shutil
+        import tempfile
+
+        if isinstance(artifact, (str, Path)) and Path(artifact).is_dir():
+            return cls.from_run_dir(artifact, devices=devices, progress_bar=progress_bar)
+        target = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="popstack-predictor-"))
+        if isinstance(artifact, (str, Path)):
+            import wandb
+
+            try:
+                artifact = wandb.Api().artifact(str(artifact), type="model")
+            except (wandb.errors.CommError, ValueError) as err:
+                raise UserError(f"W&B artifact {artifact}: {' '.join(str(err).split())}") from err
+        local = {name: entry.local_path for name, entry in artifact.manifest.entries.items()}
+        if local and all(p is not None and Path(p).is_file() for p in local.values()):
+            for name, src in local.items():  # built or logged in this process: its files are here
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, target / name)
+        else:
+            artifact.download(root=str(target))
+        return cls.from_run_dir(target, devices=devices, progress_bar=progress_bar)
 
     def _stack_inputs(self, posts: pd.DataFrame, work: RunLayout) -> pd.DataFrame:
         """The stacker's input columns for ``posts`` laid out in ``work`` (float32, rows in posts order)."""

@@ -40,6 +40,7 @@ class RunLayout:
     manifests = _Entry("manifests")
     wandb = _Entry("wandb")
     wandb_run_ids = _Entry("wandb_run_ids.json")
+    sweep_job = _Entry("sweep_job.json")  # a multirun job's line of the sweep's comparison table
     # prepare
     posts = _Entry("posts.parquet")
     vocab = _Entry("vocab.json")

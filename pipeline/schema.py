@@ -212,6 +212,16 @@ PRECISIONS = ("64", "32", "16", "bf16", "transformer-engine", "transformer-engin
               "bf16-true", "bf16-mixed", "32-true", "64-true", 64, 32, 16)
 
 
+def _callbacks_error(value: Any) -> str | None:
+    """``callbacks``: a mapping of names to ``_target_`` entries (``lightning`` callbacks), or null entries (off)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return "a mapping of names to {_target_: <callback class>, ...} entries"
+    bad = [k for k, v in value.items() if v is not None and not (isinstance(v, dict) and "_target_" in v)]
+    return None if not bad else f"each entry a {{_target_: <callback class>, ...}} mapping or null (not: {bad})"
+
+
 def _devices_error(value: Any) -> str | None:
     allowed = 'a positive integer, "auto", -1 (all), or a list of device indices'
     if value == "auto" or value == -1:
@@ -251,6 +261,7 @@ SCHEMA = {
     "folds": {"strategy": OneOf(*FOLD_STRATEGIES), "holdout_fraction": Num(lo=0, hi=0.5)}, "paths": PATHS,
     "data": DATA, "backbone": BACKBONE, "features": FEATURES, "model": MODEL,
     "trainer": Spec("any"), "logger": LOGGER, "stacking": STACKING,
+    "callbacks": Spec("any", check=lambda v: _callbacks_error(v)),
 }
 #: ``trainer`` is checked apart, last (``_check_trainer``): against ``lightning.Trainer``'s signature.
 
@@ -300,7 +311,7 @@ def _check(node: Any, rule: Any, path: str) -> None:
     return None
 
 
-def _check_trainer(node: Any, path: str) -> None:
+def _check_trainer(node: Any, path: str, hardware: bool = True) -> None:
     names = trainer_arguments()
     for key in node:
         sub = f"{path}.{key}"
@@ -313,7 +324,7 @@ def _check_trainer(node: Any, path: str) -> None:
         if key in TRAINER_RULES:
             _check(node[key], TRAINER_RULES[key], sub)
     accel = node.get("accelerator")
-    if accel in ("gpu", "cuda"):
+    if accel in ("gpu", "cuda") and hardware:
         import torch
 
         if not torch.cuda.is_available():
@@ -321,8 +332,9 @@ def _check_trainer(node: Any, path: str) -> None:
                               f"use trainer=cpu (or trainer.accelerator=cpu trainer.precision=32-true)")
 
 
-def validate(cfg: DictConfig) -> DictConfig:
-    """Raise ``ConfigError`` for the first key of ``cfg`` the schema refuses; return ``cfg`` unchanged otherwise."""
+def validate(cfg: DictConfig, hardware: bool = True) -> DictConfig:
+    """Raise ``ConfigError`` for the first key of ``cfg`` the schema refuses; return ``cfg`` unchanged otherwise.
+    ``hardware=False`` skips the check that a GPU accelerator has a GPU here (printing a config on a login node)."""
     _check(cfg, SCHEMA, "")
-    _check_trainer(cfg.trainer, "trainer")  # last: it imports lightning (its signature) and torch (the GPU check)
+    _check_trainer(cfg.trainer, "trainer", hardware)  # last: it imports lightning and torch (the GPU check)
     return cfg

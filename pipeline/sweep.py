@@ -2,23 +2,27 @@
 
     python train.py -m model.co_attention.lr=1e-3,3e-4 seed=1,2     # 4 jobs, cartesian product
 
-Sweep syntax is Hydra's override grammar (``a,b``, ``range(1,4)``, ``choice(...)``, ``glob(...)``). Every job is
-composed and validated before the first one runs, so a bad value in any job fails the sweep with nothing written.
-Jobs run one after another in this process, into ``<sweep dir>/<job number>`` (``hydra.sweep.dir``); the sweep
-directory gets ``comparison.csv`` and ``comparison.md`` (one row per job: its overrides, status and metrics).
+Sweeps run under Hydra (``@hydra.main`` in ``train.py``): its sweep syntax (``a,b``, ``range(1,4)``,
+``choice(...)``, ``glob(...)``), its launchers (the basic one runs jobs one after another in this process; the
+submitit launcher sends them to SLURM) and sweepers (Optuna: the task returns the blend's out-of-fold SRC). A basic
+sweep's jobs are all composed and validated before the first one runs, so a bad value in any job fails the sweep
+with nothing written. Jobs run into ``<sweep dir>/<job number>`` (``hydra.sweep.dir``); each records its line
+(``record_job``) and, when the multirun ends, ``ComparisonCallback`` writes ``comparison.csv`` and ``comparison.md``
+into the sweep directory (one row per job: the swept keys, status and metrics).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from datamodules.atomic import atomic_path, atomic_write_text
+from datamodules.atomic import atomic_path, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("popstack")
 COMPARISON = "comparison"
@@ -45,33 +49,54 @@ def metric_row(metrics: dict) -> dict[str, float]:
     return {f"{stage}/{name}": value for stage, values in metrics.items() for name, value in (values or {}).items()}
 
 
-def run_sweep(overrides: list[str], compose: Callable[[list[str]], DictConfig],
-              train: Callable[[DictConfig], dict]) -> tuple[Path, pd.DataFrame]:
-    """Compose every job (``compose(overrides)``), run them in order, write the comparison table.
+def record_job(run_dir: str | Path, overrides: list[str], status: str, metrics: dict) -> None:
+    """A sweep job's line of the comparison (``sweep_job.json`` in its run directory): its overrides, ``ok`` or
+    ``failed: <why>``, its metrics (``{stage: {name: value}}``). Written where the job ran (any launcher)."""
+    from pipeline.layout import RunLayout
 
-    Returns the sweep directory and the table (one row per job: ``job``, the swept keys, ``run_dir``, ``status``,
-    then the metrics). A job that fails with a user error is recorded as failed and the sweep goes on.
-    """
-    from pipeline.config import sweep_dir as find_sweep_dir
-    from pipeline.errors import user_error_types
+    path = RunLayout(Path(run_dir)).sweep_job
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"overrides": overrides, "status": status, "metrics": metric_row(metrics)})
 
-    jobs, swept = expand(overrides)
-    root = find_sweep_dir(jobs[0])
-    cfgs = [compose([*job, f"run_dir={root / str(i)}"]) for i, job in enumerate(jobs)]
-    log.info("multirun: %d jobs into %s", len(jobs), root)
-    rows = []
-    for i, (job, cfg) in enumerate(zip(jobs, cfgs)):
-        values = {key: job[pos].split("=", 1)[1] for key, pos in swept.items()}
-        log.info("multirun: job %d/%d %s", i + 1, len(jobs), " ".join(f"{k}={v}" for k, v in values.items()))
-        row = {"job": i, **values, "run_dir": str(Path(cfg.run_dir).relative_to(root))}
-        try:
-            row.update(status="ok", **metric_row(train(cfg)))
-        except user_error_types() as err:
-            row.update(status=f"failed: {' '.join(str(err).split())}")
-            log.error("multirun: job %d failed: %s", i, err)
-        rows.append(row)
-        write_comparison(root, pd.DataFrame(rows))  # rewritten after every job: a partial sweep is readable
-    return root, pd.DataFrame(rows)
+
+def comparison_table(root: Path) -> pd.DataFrame:
+    """One row per job folder of the sweep directory ``root`` (``job``, the keys whose values differ between
+    jobs, ``run_dir``, ``status``, then the metrics); a job that left no record (it crashed) is ``failed``."""
+    from omegaconf import OmegaConf
+
+    from pipeline.layout import RunLayout
+
+    jobs = sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    records = []
+    for job in jobs:
+        path = RunLayout(job).sweep_job
+        if path.is_file():
+            records.append(json.loads(path.read_text()))
+            continue
+        saved = job / ".hydra" / "overrides.yaml"
+        overrides = OmegaConf.to_container(OmegaConf.load(saved)) if saved.is_file() else []
+        records.append({"overrides": overrides, "status": "failed: no result recorded (see its train.log)",
+                        "metrics": {}})
+    values = [dict(o.lstrip("+~").split("=", 1) for o in r["overrides"] if "=" in o) for r in records]
+    swept = [k for k in dict.fromkeys(k for v in values for k in v) if len({v.get(k) for v in values}) > 1]
+    rows = [{"job": int(job.name), **{k: v.get(k) for k in swept}, "run_dir": job.name, "status": r["status"],
+             **r["metrics"]} for job, v, r in zip(jobs, values, records)]
+    return pd.DataFrame(rows)
+
+
+class ComparisonCallback(Callback):
+    """Hydra callback (``hydra.callbacks.comparison`` in ``configs/train.yaml``): when a multirun ends, whatever
+    its launcher or sweeper, ``comparison.csv``/``comparison.md`` in the sweep directory."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        root = Path(config.hydra.sweep.dir).resolve()
+        if not root.is_dir():
+            return
+        table = comparison_table(root)
+        write_comparison(root, table)
+        failed = int((~table.status.eq("ok")).sum()) if len(table) else 0
+        print(f"multirun: {len(table)} jobs in {root} (comparison.csv, comparison.md)"
+              + (f"; {failed} failed" if failed else ""))
 
 
 def write_comparison(root: Path, table: pd.DataFrame) -> None:

@@ -29,6 +29,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from datamodules.atomic import atomic_path, atomic_write_json
+from datamodules.progress import progress_mode
 
 log = logging.getLogger("popstack")
 
@@ -176,6 +177,40 @@ def start_fresh_unless(out_dir: Path, key: dict[str, Any]) -> None:
     atomic_write_json(key_file, key)
 
 
+class EpochLog(Callback):
+    """One ``popstack`` log line per finished epoch (the monitored value when logged): the training's progress where
+    a bar would garble a captured log (``datamodules.progress``)."""
+
+    def __init__(self, name: str, max_epochs: int, monitor: str):
+        self.name, self.max_epochs, self.monitor = name, max_epochs, monitor
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            value = trainer.callback_metrics.get(self.monitor)
+            shown = "" if value is None else f", {self.monitor}={float(value):.4f}"
+            log.info("%s: epoch %d/%d done%s", self.name, trainer.current_epoch + 1, self.max_epochs, shown)
+
+
+def user_callbacks(callbacks_cfg) -> list:
+    """The config's ``callbacks`` section (name -> ``_target_`` entry, null = off) built with Hydra's
+    ``instantiate``: fresh objects for every fit. A target that cannot be built is a ``UserError``."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from pipeline.errors import UserError
+
+    out = []
+    for name, node in (callbacks_cfg or {}).items():
+        if node is None:
+            continue
+        try:
+            out.append(instantiate(node))
+        except InstantiationException as err:
+            raise UserError(f"callbacks.{name}: cannot build {node.get('_target_')}: "
+                            f"{' '.join(str(err).split())}") from err
+    return out
+
+
 def fit_resumable(
     module: L.LightningModule,
     datamodule: L.LightningDataModule,
@@ -190,12 +225,15 @@ def fit_resumable(
     wandb_prefix: str | None = None,
     progress_bar: bool = True,
     early_stopping_patience: int | None = None,
+    extra_callbacks: list | None = None,
 ) -> Path:
     """Fit ``module`` (or resume it) and return the path of the best checkpoint.
 
     ``trainer_cfg``: the config's ``trainer`` section, any ``lightning.Trainer`` arguments (see ``trainer_kwargs``);
     ``monitor``: the metric that picks the best checkpoint (None: the last epoch's); ``early_stopping_patience``: stop
     after this many validations without improvement of ``monitor`` (None = off).
+    ``extra_callbacks``: Lightning callbacks added to the pipeline's own (the config's ``callbacks``,
+    ``user_callbacks``).
     ``key``: JSON-serialisable description of everything the fit depends on (see the module docstring); a
     directory made with another key starts afresh. None: no key is recorded or checked (a caller-owned folder).
     Raises ``UserError`` when ``max_epochs`` < 1 or the fit ended without writing a checkpoint.
@@ -224,15 +262,19 @@ def fit_resumable(
     callbacks: list = [checkpoint, RNGState(), LearningRateMonitor(logging_interval="epoch")]
     if early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=int(early_stopping_patience)))
+    if progress_mode(progress_bar) == "log":  # no bar in a captured log: one line per epoch instead
+        callbacks.append(EpochLog(out_dir.parent.name + "/" + out_dir.name, max_epochs, monitor))
+    callbacks.extend(extra_callbacks or [])
     if wandb_prefix is not None:
         from pipeline.tracking import model_job_logger
 
-        job = model_job_logger(wandb_prefix)  # one W&B run per model fold, in the pipeline's group
+        job = model_job_logger(wandb_prefix, monitor, mode, resume=resume is not None)  # one run per model fold
         if job is not None:
             loggers.append(job[0])
             callbacks.append(job[1])
     trainer = L.Trainer(**trainer_kwargs(trainer_cfg, max_epochs=max_epochs, logger=loggers, callbacks=callbacks,
-                                         plugins=[SafeCheckpointIO()], enable_progress_bar=progress_bar,
+                                         plugins=[SafeCheckpointIO()],
+                                         enable_progress_bar=progress_mode(progress_bar) == "bar",  # not in a log
                                          default_root_dir=str(out_dir)))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else last

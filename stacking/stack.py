@@ -275,10 +275,10 @@ def run_stack(
     jobs = concurrent_fits(cfg.n_jobs, len(fold_ids) * len(names), threads)
     log.info("stack: %d fits at a time, %d core(s) each", jobs, max(available_cores() // jobs, 1))
 
-    from tqdm.auto import tqdm
+    from datamodules.progress import progress as progress_bar
 
-    bar = tqdm(total=(cfg.pseudo_rounds + 1) * len(fold_ids) * len(names), desc="stack", unit="fit",
-               disable=not progress, leave=False)
+    bar = progress_bar(total=(cfg.pseudo_rounds + 1) * len(fold_ids) * len(names), desc="stack", unit="fit",
+                       enabled=progress)
     pseudo = {k: (XU.iloc[:0], np.zeros(0)) for k in fold_ids}  # per fold: rows and their pseudo-labels
     round_log = []
     for r in range(cfg.pseudo_rounds + 1):
@@ -536,21 +536,31 @@ def _result(names: list[str], cfg: StackConfig, fits: _RoundFits, blended: _Blen
 def predict_stack(directory: str | Path, X: pd.DataFrame) -> np.ndarray:
     """Predictions for new rows: every fold's blend members -> the fold's blend -> mean over folds; with a refit
     (``refit_full``), the refitted tree members (and the fold means of the others) -> the mean fold blend."""
+    return predict_stack_members(directory, X)["blend"].to_numpy()
+
+
+def predict_stack_members(directory: str | Path, X: pd.DataFrame) -> pd.DataFrame:
+    """Per-member predictions for new rows: one column per member of the blend (its refit on every label when
+    ``refit_full`` made one, else the mean over its fold models, as the stack's test predictions are) and ``blend``
+    (what ``predict_stack`` returns)."""
     directory = Path(directory)
     manifest = json.loads((directory / "stack.json").read_text())
     neural = set(manifest["config"]["neural_columns"])
     members = manifest.get("blend_members", manifest["members"])
+    refit = manifest.get("refit", [])
 
     def member_predict(name: str, tag: str) -> np.ndarray:
         member = load_member(manifest["kinds"][name],
                              directory / "members" / f"{name}.{tag}.{manifest['extensions'][name]}")
         return member.predict(X[[name] if name in neural else manifest["feature_columns"]])
 
-    fold_preds = {k: {n: member_predict(n, f"fold{k}") for n in members if n not in manifest.get("refit", [])}
-                  for k in manifest["folds"]}
-    if manifest.get("refit"):
-        P = [member_predict(n, "full") if n in manifest["refit"] else
-             np.mean([fold_preds[k][n] for k in manifest["folds"]], axis=0) for n in members]
-        return blend(np.column_stack(P), _mean_params({k: manifest["blend"][str(k)] for k in manifest["folds"]}))
-    return np.mean([blend(np.column_stack([fold_preds[k][n] for n in members]), manifest["blend"][str(k)])
-                    for k in manifest["folds"]], axis=0)
+    fold_preds = {k: {n: member_predict(n, f"fold{k}") for n in members if n not in refit} for k in manifest["folds"]}
+    per_member = {n: member_predict(n, "full") if n in refit else
+                  np.mean([fold_preds[k][n] for k in manifest["folds"]], axis=0) for n in members}
+    if refit:
+        out = blend(np.column_stack([per_member[n] for n in members]),
+                    _mean_params({k: manifest["blend"][str(k)] for k in manifest["folds"]}))
+    else:
+        out = np.mean([blend(np.column_stack([fold_preds[k][n] for n in members]), manifest["blend"][str(k)])
+                       for k in manifest["folds"]], axis=0)
+    return pd.DataFrame({**per_member, "blend": out}, index=X.index)

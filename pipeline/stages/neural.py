@@ -39,6 +39,7 @@ from pipeline.training import (
     recorded_key_is,
     result_trainer_args,
     start_fresh_unless,
+    user_callbacks,
 )
 
 log = logging.getLogger("popstack")
@@ -49,7 +50,8 @@ def config(c: dict) -> dict:
     ``model.<name>.batch_size`` is the global batch split across the devices: another world size retrains."""
     return {"backbone": c["backbone"], "model": c["model"], "data": data_config(c),
             "trainer": result_trainer_args(c["trainer"]), "world_size": planned_world_size(c["trainer"]),
-            **common_config(c)}
+            **common_config(c),
+            **({"callbacks": c["callbacks"]} if c.get("callbacks") else {})}  # absent when none: old runs stay valid
 
 
 def outside_inputs(cfg: DictConfig) -> dict:
@@ -126,12 +128,13 @@ def fold_key(cfg: DictConfig, inputs: dict, backbone: dict, name: str, fold: int
 
 
 def module_key(cfg: DictConfig, backbone: dict, name: str) -> dict:
-    """The part of a fit's key that is not data: module config, backbone, the trainer keys that change results and
-    the world size."""
+    """The part of a fit's key that is not data: module config, backbone, the trainer keys that change results, the
+    world size and the user's callbacks (when any: they change what a fit makes)."""
     return {"model": OmegaConf.to_container(cfg.model[name], resolve=True), "backbone": {
         **backbone, "trainable_last_blocks": int(cfg.backbone.trainable_last_blocks),
         "token_len": int(cfg.backbone.token_len)},
-        "trainer": result_trainer_args(trainer_cfg(cfg)), "world_size": planned_world_size(cfg.trainer)}
+        "trainer": result_trainer_args(trainer_cfg(cfg)), "world_size": planned_world_size(cfg.trainer),
+        **({"callbacks": OmegaConf.to_container(cfg.callbacks, resolve=True)} if cfg.get("callbacks") else {})}
 
 
 def train_fold(cfg: DictConfig, layout: RunLayout, name: str, fold: int, key: dict) -> None:
@@ -157,4 +160,5 @@ def train_fold(cfg: DictConfig, layout: RunLayout, name: str, fold: int, key: di
                   max_epochs=int(cfg.model[name].epochs), monitor=monitor, mode=mode,
                   seed=int(cfg.seed) + fold, wandb_prefix=f"{name}/fold{fold}",
                   progress_bar=bool(cfg.get("progress_bar", True)),
-                  early_stopping_patience=cfg.model[name].get("early_stopping_patience"))
+                  early_stopping_patience=cfg.model[name].get("early_stopping_patience"),
+                  extra_callbacks=user_callbacks(cfg.get("callbacks")))

@@ -233,7 +233,7 @@ def _plot_sections(layout: RunLayout, labelled: pd.DataFrame, sections: list[tup
 
 
 def _track(tracker, cfg: DictConfig, layout: RunLayout, scores: pd.DataFrame, n_test: int, plots: list[Path]) -> None:
-    """The report's figures to W&B: summary scores, tables, plots and the run's artifacts."""
+    """The report's figures to W&B: summary scores, tables and plots (the driver logs the artifacts)."""
     blend = scores[scores.member == "blend"].iloc[0] if (scores.member == "blend").any() else scores.iloc[0]
     head = headline(scores)
     tracker.summary({"headline/src": head["src"], "headline/mae": head["mae"], "headline/source": head["source"],
@@ -246,4 +246,3 @@ def _track(tracker, cfg: DictConfig, layout: RunLayout, scores: pd.DataFrame, n_
             tracker.table(path.stem, pd.read_csv(path))
     for png in plots:
         tracker.image(f"plots/{png.stem}", png)
-    tracker.log_run_artifacts()
