@@ -70,13 +70,19 @@ def main(argv: list[str] | None = None) -> int:
         return _error(err)
     except user_error_types() as err:
         return _error(err)
+    except (OSError, RuntimeError) as err:
+        from pipeline.checks import disk_full
+
+        if not disk_full(err):
+            raise
+        return _error(f"disk full while writing ({err}); free space and rerun the same command to resume")
     except KeyboardInterrupt:
         print("interrupted: rerun the same command with hydra.run.dir=<run dir> to resume", file=sys.stderr)
         return 130
     return 0
 
 
-def _error(err: BaseException) -> int:
+def _error(err: BaseException | str) -> int:
     """One ``error:`` line on stderr; exit status 2."""
     print(f"error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
     return 2

@@ -234,6 +234,8 @@ SCHEMA = {
     "folds": {"strategy": OneOf(*FOLD_STRATEGIES), "holdout_fraction": Num(lo=0, hi=0.5)}, "paths": PATHS,
     "data": DATA, "backbone": BACKBONE, "features": FEATURES, "model": MODEL,
     "trainer": Spec("any"), "logger": LOGGER, "stacking": STACKING,
+    "checks": {"label_abs_max": Num(lo=0, lo_open=True), "min_fit_posts": Int(lo=2),
+               "disk_headroom": Num(lo=1)},
 }
 #: ``trainer`` is checked apart, last (``_check_trainer``): against ``lightning.Trainer``'s signature.
 
