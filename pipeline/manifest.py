@@ -236,6 +236,11 @@ class StageRunner:
             before_rerun("it has not run yet" if previous is None else "its config or inputs changed")
         if previous is not None and previous.hash == digest:
             problem = self.verify(previous)
+            if problem is None and (previous.config is None or previous.upstream is None):
+                # written before these were recorded: the hash matched, so they are what it covers
+                previous.config, previous.upstream = config_hash(config), self.upstream(reads or {})
+                if self.write_manifests:
+                    atomic_write_json(self.manifest_path(stage), previous.record())
             if problem is None:
                 self.log(f"[{stage}] skipped: finished earlier with the same config and inputs "
                          f"({self.manifest_path(stage)})")

@@ -44,11 +44,10 @@ SMPD_NAMES = {
 #: SMPD fields that need a decision the API will not guess.
 REFUSED = {"user_description": "user_vector (399 floats) or user_text",
            "location_description": "location_vector (400 floats) or location_text"}
-#: Columns computed from the frame, never taken from it.
-COMPUTED = ("row", "image_status", "image_relpath")
-KNOWN = tuple(c for c in COLUMNS if c not in COMPUTED) + ("image_path",)
+#: Every column of the posts table (a posts table itself is a valid frame), the image path under its API name.
+KNOWN = tuple(c for c in COLUMNS if c != "image_relpath") + ("image_path",)
 TEXT_COLUMNS = ("uid", "category", "subcategory", "concept", "title", "alltags", "mediatype", "mediastatus",
-                *NULLABLE_STRING_COLUMNS)
+                "image_status", *NULLABLE_STRING_COLUMNS)
 
 _NAME = "posts DataFrame"
 

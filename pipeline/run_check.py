@@ -17,7 +17,7 @@ Outputs inference never reads (shards, the embedding cache's arrays, the report)
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,7 +30,8 @@ INFERENCE_STAGES = ("prepare", "features", "neural", "extract", "stack")
 #: Inside the outputs inference reads, files it never opens (bulky data checked by the chain alone).
 _NOT_READ = (RunLayout.shards, RunLayout.posts, RunLayout.folds, RunLayout.feature_table, RunLayout.tabular,
              RunLayout.neural_features, RunLayout.neural_predictions)
-_CACHE_READ = ("backbone.pt",)  # the only file of embeddings/ inference reads (its own cache is rebuilt)
+#: The only file of ``embeddings/`` inference reads (it rebuilds its own cache): the run's copy of the backbone.
+_CACHE_READ = (PurePosixPath(RunLayout.backbone).relative_to(RunLayout.embeddings).as_posix(),)
 
 
 def _read_by_inference(rel: str, name: str) -> bool:

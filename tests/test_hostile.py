@@ -408,3 +408,20 @@ def test_predict_refuses_unwritable_out_and_zero_devices(finished, raw, tmp_path
         predict.check_out(Path("/proc/x.json"))
     code = predict.main([str(finished[0]), str(raw), "--out", str(tmp_path / "p.json"), "--devices", "0"])
     assert code == 2 and "--devices 0" in capsys.readouterr().err
+
+
+def test_a_run_from_before_the_records_gets_them_from_one_skipping_rerun(finished, tmp_path, caplog):
+    from pipeline.errors import UserError
+    from pipeline.inference import Predictor
+    from train import train
+
+    run, data = _copy(finished, tmp_path)
+    for path in (run / "manifests").glob("*.json"):
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in record.items() if k not in ("config", "upstream")}))
+    with pytest.raises(UserError, match="predates"):
+        Predictor.from_run_dir(run)
+    with caplog.at_level("INFO", logger="popstack"):
+        train(compose_fast(tmp_path, *SMALL, f"data.root={data}", f"hydra.run.dir={run}"))
+    assert not [r for r in caplog.records if "] running" in r.getMessage()]
+    assert Predictor.from_run_dir(run).columns
