@@ -2,7 +2,8 @@
 as it was; ``Predictor`` loads only a consistent run; nothing outside ``data.root`` is opened; everything checkable is
 checked before the first write; a posts DataFrame is validated; every user-caused failure is one ``error:`` line.
 
-One finished ``debug=fast`` run per module (``finished``), copied per test that touches it."""
+One finished ``debug=fast`` run per module (``finished``), copied per test that touches it; the tests that read it
+are marked slow, the others build a tiny SMPD directory and fail (or pass) in about a second."""
 
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def _unlocked(run: Path) -> bool:
 
 
 # ------------------------------------------------------------------ cases 1-2: validate first, write after
+@pytest.mark.slow  # reads the module's finished pipeline run
 @pytest.mark.parametrize("overrides, says", [
     (("data=smpd", "data.root=/nonexistent", "data.text_field=title"), "is not a directory"),
     (("data=smpd", "data.root={file}", "data.text_field=title"), "is not a directory"),
@@ -114,6 +116,7 @@ def _break_stack_member(run: Path) -> str:
     return member.relative_to(run).as_posix()
 
 
+@pytest.mark.slow  # reads the module's finished pipeline run
 @pytest.mark.parametrize("damage, says", [
     ("rerun_killed", "out of date"),
     ("member_garbled", "changed since the stage wrote it"),
@@ -173,6 +176,7 @@ def test_predictor_refuses_an_inconsistent_run_before_any_work(finished, tmp_pat
         Predictor.from_run_dir(run)
 
 
+@pytest.mark.slow  # reads the module's finished pipeline run
 def test_a_consistent_copy_still_loads(finished, tmp_path):
     from pipeline.inference import Predictor
 
@@ -400,16 +404,17 @@ def test_disk_full_is_one_error_line(raw, tmp_path, capsys, monkeypatch, failure
     assert code == 2 and err.startswith("error: disk full") and len(err.strip().splitlines()) == 1, err
 
 
-def test_predict_refuses_unwritable_out_and_zero_devices(finished, raw, tmp_path, capsys):
+def test_predict_refuses_unwritable_out_and_zero_devices(raw, tmp_path, capsys):
     import predict
     from pipeline.errors import UserError
 
     with pytest.raises(UserError, match="cannot write"):
         predict.check_out(Path("/proc/x.json"))
-    code = predict.main([str(finished[0]), str(raw), "--out", str(tmp_path / "p.json"), "--devices", "0"])
+    code = predict.main([str(tmp_path), str(raw), "--out", str(tmp_path / "p.json"), "--devices", "0"])
     assert code == 2 and "--devices 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # reads the module's finished pipeline run
 def test_a_run_from_before_the_records_gets_them_from_one_skipping_rerun(finished, tmp_path, caplog):
     from pipeline.errors import UserError
     from pipeline.inference import Predictor
