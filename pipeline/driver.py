@@ -41,6 +41,7 @@ class Pipeline:
         devices = cfg.trainer.devices
         self.topology = topology(devices_per_node=devices if isinstance(devices, int) and devices > 0 else None)
         self.runner = StageRunner(self.run_dir, log.info, write_manifests=self.topology.is_zero)
+        self.runner.remove_damaged = self.topology.world_size == 1 and not self._is_distributed()
         self.tracker = None
 
     # ------------------------------------------------------------------ driver

@@ -187,6 +187,10 @@ class StageRunner:
         self.log = log
         self.write_manifests = write_manifests  # False in DDP child processes: only the first process records
         self.manifests: dict[str, Manifest] = {}
+        #: Remove an output altered behind the stage's back before the stage reruns, so the stage's own caches
+        #: (the embedding cache's key, a fold's done.json) cannot keep it (single-process runs: no rank races).
+        self.remove_damaged = False
+        self.damaged: list[str] = []
 
     def manifest_path(self, stage: str) -> Path:
         return self.layout.manifest(stage)
@@ -207,16 +211,21 @@ class StageRunner:
         return config_hash({"stage": stage, "config": config, "inputs": inputs, "upstream": self.upstream(reads)})
 
     def verify(self, manifest: Manifest) -> str | None:
-        """None when every output matches its checksum (refreshing recorded mtimes), else what is wrong."""
-        fresh = {}
+        """None when every output matches its checksum (refreshing recorded mtimes), else what is wrong (the first
+        problem; every altered output is listed in ``self.damaged``)."""
+        fresh, problems = {}, []
+        self.damaged = []
         for rel in manifest.outputs:
             recorded = manifest.checksums.get(rel)
             current = checksum(self.run_dir / rel, recorded)
             if current is None:
-                return f"{rel} is missing"
-            if content_of(current) != content_of(recorded):
-                return f"{rel} changed since the stage wrote it"
+                problems.append(f"{rel} is missing")
+            elif content_of(current) != content_of(recorded):
+                self.damaged.append(rel)
+                problems.append(f"{rel} changed since the stage wrote it")
             fresh[rel] = current
+        if problems:
+            return problems[0]
         if fresh != manifest.checksums:
             manifest.checksums = fresh
             if self.write_manifests:
@@ -248,6 +257,9 @@ class StageRunner:
                 self.manifests[stage] = previous
                 return previous
             self.log(f"[{stage}] running: {problem}")
+            if self.remove_damaged:
+                for rel in self.damaged:
+                    self._remove(rel)
         elif previous is not None:
             self.log(f"[{stage}] running: its config or inputs changed")
         else:
@@ -265,6 +277,17 @@ class StageRunner:
         self.manifests[stage] = manifest
         self.log(f"[{stage}] done in {manifest.seconds:.1f} s")
         return manifest
+
+    def _remove(self, rel: str) -> None:
+        """Delete the altered output ``rel`` (a file or a folder of the run directory) before its stage rewrites it."""
+        import shutil
+
+        path = self.run_dir / rel
+        self.log(f"removing {rel}: altered since its stage wrote it, rebuilt now")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
     def load_existing(self, stage: str) -> Manifest | None:
         """The manifest of a stage not run in this invocation (for `stages=[...]` subsets)."""

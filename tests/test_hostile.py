@@ -430,3 +430,21 @@ def test_a_run_from_before_the_records_gets_them_from_one_skipping_rerun(finishe
         train(compose_fast(tmp_path, *SMALL, f"data.root={data}", f"hydra.run.dir={run}"))
     assert not [r for r in caplog.records if "] running" in r.getMessage()]
     assert Predictor.from_run_dir(run).columns
+
+
+@pytest.mark.slow  # reads the module's finished pipeline run
+def test_planted_files_in_a_run_are_rebuilt_by_the_next_train(finished, tmp_path, caplog):
+    """A non-checkpoint ``best.ckpt`` and a garbage ``backbone.pt``: the stage's own caches (done.json, the cache
+    key) must not keep them; the rerun rebuilds both byte for byte and nothing downstream changes."""
+    from train import train
+
+    run, data = _copy(finished, tmp_path)
+    (run / "embeddings" / "backbone.pt").write_bytes(b"garbage")
+    ckpt = next((run / "neural").rglob("best.ckpt"))
+    ckpt.write_bytes(b"PK\x03\x04 not a checkpoint")
+    with caplog.at_level("INFO", logger="popstack"):
+        train(compose_fast(tmp_path, *SMALL, f"data.root={data}", f"hydra.run.dir={run}"))
+    for rel in ("embeddings/backbone.pt", ckpt.relative_to(run).as_posix(), "predictions.parquet"):
+        assert (run / rel).read_bytes() == (finished[0] / rel).read_bytes(), rel
+    ran = {m.split("]")[0][1:] for m in (r.getMessage() for r in caplog.records) if "] running" in m}
+    assert ran == {"neural"}, ran
