@@ -43,6 +43,9 @@ def check_out(out: Path) -> Path:
         raise UserError(f"--out {out}: the folder {parent} does not exist (or is not a directory)")
     if not os.access(parent, os.W_OK):
         raise UserError(f"--out {out}: cannot write to {parent}")
+    from pipeline.checks import probe_writable
+
+    probe_writable(out.resolve())  # a real create: os.access says yes for root on /proc
     return out
 
 
@@ -102,8 +105,13 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     warnings.filterwarnings("ignore", message=".*(LeafSpec|does not have many workers|GPU available).*")
+    from pipeline.checks import disk_full
     from pipeline.errors import user_error_types
     from pipeline.training import quiet_lightning
+
+    if args.devices is not None and args.devices < 1:
+        print(f"error: --devices {args.devices}: give 1 or more (or leave it out for the run's own)", file=sys.stderr)
+        return 2
 
     quiet_lightning()
     try:
@@ -115,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (FileNotFoundError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as err:
+        if not disk_full(err):
+            raise
+        print(f"error: disk full while writing ({' '.join(str(err).split())[:200]}); free space and rerun",
+              file=sys.stderr)
         return 2
     if result is not None:
         print(f"wrote {len(result)} predictions to {args.out}")

@@ -153,7 +153,9 @@ def _check_jobs(overrides: list[str], multirun: bool) -> None:
     from pipeline.config import compose_config
 
     if not multirun:
-        _check_writable(compose_config(overrides).run_dir)  # Hydra writes .hydra/ there before the task runs
+        cfg = compose_config(overrides)
+        _check_writable(cfg.run_dir)  # Hydra writes .hydra/ there before the task runs
+        _check_plan(cfg)
         return
     if any(o.lstrip("+~").startswith(("hydra/sweeper", "hydra.sweeper")) for o in overrides):
         return
@@ -161,6 +163,21 @@ def _check_jobs(overrides: list[str], multirun: bool) -> None:
 
     for job in expand(overrides)[0]:
         compose_config(job)
+
+
+def _check_plan(cfg: DictConfig) -> None:
+    """The checks of ``pipeline.checks`` that need no data read (the stage plan against the run directory, the data
+    root's shape), before Hydra creates the run directory; the driver repeats them for ``train(cfg)`` callers."""
+    from pathlib import Path
+
+    from pipeline.checks import check_data_root, check_plan
+    from pipeline.distributed import topology
+    from pipeline.layout import RunLayout
+
+    if topology().is_zero:
+        check_plan(cfg, RunLayout(Path(str(cfg.run_dir))))
+        if "prepare" in cfg.stages:
+            check_data_root(cfg)
 
 
 def _check_writable(run_dir: str) -> None:
@@ -198,9 +215,15 @@ def _task(cfg: DictConfig):
     try:
         cfg = finish_config(cfg, hc.runtime.output_dir)
         metrics = train(cfg)
-    except (UserError, *user_error_types()) as err:
+    except (UserError, *user_error_types(), OSError, RuntimeError) as err:
+        from pipeline.checks import disk_full
+
+        if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, user_error_types()) and not disk_full(err):
+            raise
         _STATUS.append(2)
         text = " ".join(str(err).split()) or type(err).__name__
+        if disk_full(err):
+            text = f"disk full while writing ({text}); free space and rerun the same command to resume"
         if multirun:  # the sweep goes on; comparison.csv records the failure
             log.error("multirun: job %s failed: %s", hc.job.num, text)
             record_job(hc.runtime.output_dir, list(hc.overrides.task), f"failed: {text}", {})

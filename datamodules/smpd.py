@@ -75,7 +75,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datamodules.atomic import atomic_path
-from datamodules.confine import ConfinedRoot
+from datamodules.confine import ConfinedRoot, real_root, resolve_inside
 from datamodules.schema import (
     COLUMNS,
     FLOAT_COLUMNS,
@@ -134,11 +134,25 @@ class SplitSource:
     where: Path
     zip_members: dict[str, str] | None = None  # file name -> member name, for zips
     max_bytes: int = MAX_MEMBER_BYTES
+    root: Path | None = None  # the data root, resolved: a folder's files are confined to it
+
+    def _file(self, name: str) -> Path | None:
+        """The real path of file ``name`` of a folder source, confined to the data root (None: not a file)."""
+        path = self.where / name
+        real = _confined(self.root, path) if self.root is not None else path
+        return real if real is not None and real.is_file() else None
 
     def names(self) -> list[str]:
         if self.zip_members is not None:
             return list(self.zip_members)
-        return [p.name for p in self.where.iterdir() if p.is_file()]
+        return sorted(p.name for p in self.where.iterdir() if self._listed(p.name))
+
+    def _listed(self, name: str) -> bool:
+        """A file of the folder, or a symlink leading outside the root (refused by name when it is read)."""
+        try:
+            return self._file(name) is not None
+        except SMPDFormatError:
+            return True
 
     def label(self, name: str) -> str:
         return f"{self.where}:{self.zip_members[name]}" if self.zip_members is not None else str(self.where / name)
@@ -146,7 +160,7 @@ class SplitSource:
     def read_bytes(self, name: str) -> bytes:
         """The bytes of one metadata file; at most ``max_bytes``; zip damage becomes ``SMPDFormatError``."""
         if self.zip_members is None:
-            path = self.where / name
+            path = self._file(name) or self.where / name
             try:
                 size = path.stat().st_size
                 if size > self.max_bytes:
@@ -190,20 +204,40 @@ class SplitSource:
         return None
 
 
+def _confined(root_real: Path, path: Path) -> Path | None:
+    """``path`` (under ``root_real``) with its symlinks resolved inside the root; ``SMPDFormatError`` when a symlink
+    leads outside it (never followed); None when nothing is there."""
+    rel = path.relative_to(root_real).as_posix()
+    real = resolve_inside(root_real, rel) if rel != "." else root_real
+    if real is None:
+        raise SMPDFormatError(f"{path}: a symlink leading outside the data root {root_real}; metadata is read "
+                              f"only from inside data.root (copy the file or folder into it)")
+    try:
+        real.lstat()
+    except OSError:
+        return None
+    return real
+
+
 def find_split(root: Path, split: str, max_bytes: int = MAX_MEMBER_BYTES) -> SplitSource:
-    """Locate the metadata of ``split`` under ``root`` (folder, zip, or files directly in root)."""
+    """Locate the metadata of ``split`` under ``root`` (folder, zip, or files directly in root); symlinks are
+    followed only inside ``root`` (``datamodules.confine``)."""
     if split not in SPLITS:
         raise SMPDFormatError(f"unknown split {split!r}; SMPD splits are {', '.join(SPLITS)}")
     if not root.is_dir():
         raise SMPDFormatError(f"{root}: SMPD root directory not found")
+    base = real_root(root)
     marker = f"{split}_img_filepath.txt"
-    candidates = [root / f"{split}_allmetadata_json", root / f"{split}_all_json", root / split, root]
-    for cand in candidates:
-        if cand.is_dir() and any((cand / f"{split}_{s}").is_file() for s in FILE_ALIASES["img_filepath"]):
-            return SplitSource(split, cand, max_bytes=max_bytes)
+    for name in (f"{split}_allmetadata_json", f"{split}_all_json", split, "."):
+        cand = _confined(base, base / name)
+        if cand is None or not cand.is_dir():
+            continue
+        lists = [_confined(base, cand / f"{split}_{s}") for s in FILE_ALIASES["img_filepath"]]
+        if any(p is not None and p.is_file() for p in lists):
+            return SplitSource(split, cand, max_bytes=max_bytes, root=base)
     for zname in (f"{split}_allmetadata_json.zip", f"SMP_image_{split}_metadata.zip"):
-        zpath = root / zname
-        if zpath.is_file():
+        zpath = _confined(base, base / zname)
+        if zpath is not None and zpath.is_file():
             return SplitSource(split, zpath, _zip_members(zpath, split), max_bytes)
     raise SMPDFormatError(
         f"{root}: no metadata for split '{split}' (looked for {marker} in {split}_allmetadata_json/, {split}/, "
@@ -286,13 +320,17 @@ def _columnar_to_records(src: SplitSource, name: str, data: dict) -> list[dict[s
     return rows
 
 
+_NEWLINE = re.compile(r"\r\n|\r|\n")
+
+
 def _lines(src: SplitSource, name: str) -> list[tuple[int, str]]:
     """(1-based line number in the file, stripped text) of every non-blank line."""
     try:
         text = src.read_bytes(name).decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise SMPDFormatError(f"{src.label(name)}: not UTF-8 text (byte {err.start})") from err
-    return [(k, ln.strip()) for k, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
+    # Lines end at \n, \r\n or \r only: str.splitlines would also split at U+2028, U+0085 ... inside a Pid
+    return [(k, ln.strip()) for k, ln in enumerate(_NEWLINE.split(text), start=1) if ln.strip()]
 
 
 @dataclass
@@ -395,10 +433,6 @@ def _epoch(v: Any) -> float:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _str_or_none(v: Any) -> str | None:
-    return None if _is_null(v) else str(v)
-
-
 def _valid_text(s: str) -> str:
     """``s`` if it encodes as UTF-8; ``_BadValue`` when it holds a lone surrogate."""
     if not s.isascii():
@@ -428,12 +462,35 @@ def _clean(strings: list[str | None], fix: Counter, column: str) -> list[str | N
                      lambda s: _SURROGATE.sub("\ufffd", s), fix, column)
 
 
-def _or_empty(values: list[Any]) -> list[str]:
-    return [_str_or_none(v) or "" for v in values]
+def _scalar_text(v: Any) -> str | None:
+    """A text cell: a string, or a number written as text; None when null; ``_BadValue`` for anything else (an
+    object, a list, a boolean), which must not become a class named ``"{'a': 1}"`` or ``'True'``."""
+    if _is_null(v):
+        return None
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+    raise _BadValue
 
 
-def _or_none(values: list[Any]) -> list[str | None]:
-    return [_str_or_none(v) for v in values]
+def _class_name(v: Any) -> str:
+    """A category/subcategory/concept: text or a number written as text; ``_BadValue`` for null or another type
+    (repaired to ``""``, one class for every unknown, never ``'None'``)."""
+    name = _scalar_text(v)
+    if name is None:
+        raise _BadValue
+    return name
+
+
+def _or_empty(values: list[Any], fix: Counter, column: str) -> list[str]:
+    """Text cells, null as ``""``; a value of the wrong type becomes ``""`` (one repair counted)."""
+    return [v or "" for v in _repaired(values, _scalar_text, lambda v: None, fix, column)]
+
+
+def _or_none(values: list[Any], fix: Counter, column: str) -> list[str | None]:
+    """Text cells, null as None; a value of the wrong type becomes None (one repair counted)."""
+    return _repaired(values, _scalar_text, lambda v: None, fix, column)
 
 
 def _floats(values: list[Any], parse: Callable[[Any], float], fix: Counter, column: str) -> list[float]:
@@ -526,15 +583,15 @@ def _align(raw: _RawSplit) -> tuple[list[str], list[str]]:
 
 
 def _category_columns(f: _Records, fix: Counter) -> dict[str, list]:
-    return {col: _clean([str(v) for v in f.column(field, required=True)], fix, col)
+    return {col: _clean(_repaired(f.column(field, required=True), _class_name, lambda v: "", fix, col), fix, col)
             for col, field in (("category", "Category"), ("subcategory", "Subcategory"), ("concept", "Concept"))}
 
 
 def _text_columns(f: _Records, fix: Counter) -> dict[str, list]:
     return {
-        "title": _clean(_or_empty(f.column("Title", ("Tile",))), fix, "title"),
-        "alltags": _clean(_or_empty(f.column("Alltags")), fix, "alltags"),
-        "mediatype": _clean(_or_empty(f.column("Mediatype")), fix, "mediatype"),
+        "title": _clean(_or_empty(f.column("Title", ("Tile",)), fix, "title"), fix, "title"),
+        "alltags": _clean(_or_empty(f.column("Alltags"), fix, "alltags"), fix, "alltags"),
+        "mediatype": _clean(_or_empty(f.column("Mediatype"), fix, "mediatype"), fix, "mediatype"),
     }
 
 
@@ -588,9 +645,9 @@ def _temporalspatial_columns(f: _Records, fix: Counter, window: tuple[int, int])
 
 def _additional_columns(f: _Records, fix: Counter) -> dict[str, list]:
     return {
-        "pathalias": _clean(_or_none(f.column("Pathalias")), fix, "pathalias"),
+        "pathalias": _clean(_or_none(f.column("Pathalias"), fix, "pathalias"), fix, "pathalias"),
         "ispublic": _floats(f.column("Ispublic"), _number, fix, "ispublic"),
-        "mediastatus": _clean(_or_empty(f.column("Mediastatus")), fix, "mediastatus"),
+        "mediastatus": _clean(_or_empty(f.column("Mediastatus"), fix, "mediastatus"), fix, "mediastatus"),
     }
 
 
@@ -619,8 +676,10 @@ def _user_columns(f: _Records, fix: Counter) -> dict[str, list]:
         "photo_count": _floats(f.column("photo_count"), _number, fix, "photo_count"),
         "ispro": _floats(f.column("ispro"), _number, fix, "ispro"),
         "canbuypro": _floats(f.column("canbuypro"), _number, fix, "canbuypro"),
-        "timezone_offset": _clean(_or_none(f.column("timezone_offset")), fix, "timezone_offset"),
-        "timezone_id": _clean(_or_none(f.column("timezone_id", ("timezone_timezone_id",))), fix, "timezone_id"),
+        "timezone_offset": _clean(_or_none(f.column("timezone_offset"), fix, "timezone_offset"), fix,
+                                  "timezone_offset"),
+        "timezone_id": _clean(_or_none(f.column("timezone_id", ("timezone_timezone_id",)), fix, "timezone_id"), fix,
+                              "timezone_id"),
         "user_vector": user_vec,
         "user_text": _clean(user_txt, fix, "user_text"),
         "location_vector": loc_vec,

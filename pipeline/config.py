@@ -73,7 +73,13 @@ def save_config(cfg: DictConfig, run_dir: str | Path) -> Path:
     """
     saved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     saved.run_dir = "."
-    return atomic_write_text(RunLayout(Path(run_dir)).config, OmegaConf.to_yaml(saved))
+    path, text = RunLayout(Path(run_dir)).config, OmegaConf.to_yaml(saved)
+    try:
+        if path.read_text() == text:
+            return path  # unchanged: not rewritten
+    except (OSError, UnicodeDecodeError):
+        pass
+    return atomic_write_text(path, text)
 
 
 def load_run_config(run_dir: str | Path) -> DictConfig:
@@ -83,6 +89,15 @@ def load_run_config(run_dir: str | Path) -> DictConfig:
         from pipeline.errors import UserError
 
         raise UserError(f"{run_dir} is not a popstack run directory: {path.name} not found")
-    cfg = OmegaConf.load(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax, bad UTF-8, a folder named config.yaml
+        from pipeline.errors import UserError
+
+        raise UserError(f"{path}: not a readable config ({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(cfg, DictConfig):
+        from pipeline.errors import UserError
+
+        raise UserError(f"{path}: not a config mapping")
     cfg.run_dir = str(Path(run_dir).resolve())
     return cfg

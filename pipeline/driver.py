@@ -13,6 +13,7 @@ import os
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.checks import check_data_root, check_plan, refuse_stale_downstream
 from pipeline.config import RUN_DIR_ENV, save_config
 from pipeline.distributed import rank_device, topology, wait_for, wait_timeout
 from pipeline.errors import UserError
@@ -40,6 +41,7 @@ class Pipeline:
         devices = cfg.trainer.devices
         self.topology = topology(devices_per_node=devices if isinstance(devices, int) and devices > 0 else None)
         self.runner = StageRunner(self.run_dir, log.info, write_manifests=self.topology.is_zero)
+        self.runner.remove_damaged = self.topology.world_size == 1 and not self._is_distributed()
         self.tracker = None
 
     # ------------------------------------------------------------------ driver
@@ -50,6 +52,10 @@ class Pipeline:
             raise UserError(f"unknown stage(s) {unknown}; stages are {list(STAGE_NAMES)}")
         self._check_backbone()  # before any other work: no network -> one clear line
         rank_device(cfg.trainer.accelerator, cfg.trainer.devices)  # this rank's GPU is current before any CUDA work
+        if self.topology.is_zero:  # validate first, write after (pipeline/checks.py)
+            check_plan(cfg, self.layout)
+            if "prepare" in cfg.stages:
+                check_data_root(cfg)
         self._prepare_run_dir()
         child = not self.topology.is_zero
         lock = None if child else RunLock(self.run_dir).acquire()  # before the first write into the run
@@ -61,8 +67,6 @@ class Pipeline:
 
     def _run_stages(self, child: bool) -> dict:
         cfg = self.cfg
-        if not child:
-            save_config(cfg, self.run_dir)
         if self._is_distributed():
             os.environ.setdefault(RUN_DIR_ENV, str(self.run_dir))
         import lightning as L
@@ -84,6 +88,8 @@ class Pipeline:
                         self._await_rank_zero(stage.name)
                     continue
                 metrics[stage.name] = self._run_stage(stage, child)
+                if not child:  # config.yaml changes only once a stage that uses it has completed
+                    save_config(cfg, self.run_dir)
         finally:
             if self.tracker is not None:
                 self.tracker.finish()
@@ -106,7 +112,9 @@ class Pipeline:
                 tracker.start(stage.name)
             return stage.run(ctx)
 
-        manifest = self.runner.run(stage.name, config, work, inputs=inputs, reads=reads)
+        manifest = self.runner.run(stage.name, config, work, inputs=inputs, reads=reads,
+                                   before_rerun=None if child else
+                                   lambda why: refuse_stale_downstream(self.cfg, self.layout, stage.name, why))
         if not child and self.topology.world_size > 1:
             self._publish(stage.name, manifest.hash)
         if tracker is not None and not manifest.skipped:

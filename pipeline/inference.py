@@ -46,9 +46,13 @@ def posts_from_frame(frame: pd.DataFrame, image_root: Path) -> pd.DataFrame:
 
     Needs ``post_id``, ``uid`` and ``image_path`` (absolute, or relative to ``image_root``); any other column of
     the posts table is taken when present and otherwise filled as a reader fills an absent field (empty text,
-    NaN numbers, no vectors). Rows keep their order; ``split`` defaults to ``test``.
+    NaN numbers, no vectors). Names and types are checked first (``pipeline.posts_frame``: SMPD spellings such
+    as ``Title`` are mapped, unknown columns and wrong types refused by name). Rows keep their order; ``split``
+    defaults to ``test``.
     """
-    frame = frame.rename(columns={"image_relpath": "image_path"}).reset_index(drop=True)
+    from pipeline.posts_frame import normalise_frame
+
+    frame = normalise_frame(frame)  # SMPD spellings mapped, unknown columns and wrong types refused by name
     missing = [c for c in REQUIRED_FRAME_COLUMNS if c not in frame.columns]
     if missing:
         raise UserError(f"posts DataFrame: missing column(s) {missing}; needed: {list(REQUIRED_FRAME_COLUMNS)}")
@@ -176,12 +180,14 @@ class Predictor:
         no CUDA, prediction falls back to the CPU with one warning line (see ``placement_for_this_machine``).
         """
         from pipeline.config import load_run_config
+        from pipeline.run_check import check_run
 
         run_dir = Path(run_dir).resolve()
         cfg = load_run_config(run_dir)
         if not (RunLayout(run_dir).stack_model / "stack.json").is_file():
             raise UserError(f"{run_dir}: the run has no trained stacker (stack/model/stack.json); "
                             f"finish train.py first")
+        check_run(run_dir, cfg)  # manifests, hash chain, config and model files: before any feature or neural work
         with open_dict(cfg):
             for key, value in placement_for_this_machine(cfg.trainer, accelerator, devices, precision).items():
                 cfg.trainer[key] = value

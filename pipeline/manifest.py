@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,15 +91,49 @@ def content_of(check: dict | None) -> dict | None:
     return None if check is None else {name: [size, digest] for name, (size, _, digest) in check.items()}
 
 
-def raw_fingerprint(root: Path) -> dict:
+def raw_fingerprint(root: Path, exclude: tuple[Path, ...] = ()) -> dict:
     """What the prepare stage read from a raw data root: ``{relative path: [size, sha256]}`` for metadata files,
-    ``{relative path: [size, mtime_ns]}`` for images (their list, sizes and modification times)."""
+    ``{relative path: [size, mtime_ns]}`` for images (their list, sizes and modification times).
+
+    Confined like the reader (``datamodules.confine``): nothing outside the root is opened, stat'ed or followed. A
+    symlink is resolved one component at a time inside the root; one whose target leaves the root is recorded as
+    ``[-1, "outside <target>"]`` (its target never touched), a symlinked folder inside the root as
+    ``[-1, "link <real relative path>"]`` (its files are fingerprinted where they really are). Folders in
+    ``exclude`` (the run directory, when it lies inside the root) and temporary files are left out.
+    """
+    from datamodules.confine import real_root, resolve_inside
+
+    base = real_root(root)
+    skip = {real_root(p) for p in exclude}
     out = {}
-    for name, p in _files(root):
-        st = p.stat()
-        second = st.st_mtime_ns if p.suffix.lower() in IMAGE_SUFFIXES else file_digest(p, st.st_size)
-        out[name] = [st.st_size, second]
-    return out
+
+    def add(name: str, real: Path) -> None:
+        st = real.stat()  # ``real`` has no symlink component: this stat stays inside the root
+        if stat.S_ISDIR(st.st_mode):
+            out[name] = [-1, f"link {real.relative_to(base).as_posix()}"]
+        elif stat.S_ISREG(st.st_mode):
+            second = st.st_mtime_ns if real.suffix.lower() in IMAGE_SUFFIXES else file_digest(real, st.st_size)
+            out[name] = [st.st_size, second]
+
+    todo = [base]
+    while todo:  # os.walk would stat every symlink's target to tell folders from files: this walk never does
+        with os.scandir(todo.pop()) as entries:
+            for entry in entries:
+                path = Path(entry.path)
+                if TMP_MARK in entry.name or path in skip:
+                    continue
+                name = path.relative_to(base).as_posix()
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(path)
+                elif not entry.is_symlink():
+                    add(name, path)
+                else:
+                    real = resolve_inside(base, name)
+                    if real is None:
+                        out[name] = [-1, f"outside {os.readlink(path)}"]
+                    elif real.exists() and real not in skip:
+                        add(name, real)
+    return dict(sorted(out.items()))
 
 
 @dataclass
@@ -118,9 +154,15 @@ class Manifest:
     counts: dict[str, Any]
     metrics: dict[str, Any]
     seconds: float
+    #: ``config_hash`` of the stage's config section alone, and the content checksums of the upstream outputs it
+    #: read: what ``pipeline.run_check`` compares with ``config.yaml`` and the upstream manifests (None in
+    #: manifests written before they were recorded).
+    config: str | None = None
+    upstream: dict | None = None
     skipped: bool = False
 
     FIELDS = ("stage", "hash", "outputs", "checksums", "counts", "metrics", "seconds")
+    OPTIONAL = ("config", "upstream")
 
     @classmethod
     def read(cls, path: Path) -> "Manifest | None":
@@ -128,12 +170,12 @@ class Manifest:
             return None
         try:
             data = json.loads(path.read_text())
-            return cls(**{k: data[k] for k in cls.FIELDS})
-        except (json.JSONDecodeError, KeyError, TypeError):
+            return cls(**{k: data[k] for k in cls.FIELDS}, **{k: data.get(k) for k in cls.OPTIONAL})
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, OSError):
             return None  # a damaged (or older) manifest means "not finished": the stage reruns
 
     def record(self) -> dict:
-        return {k: getattr(self, k) for k in self.FIELDS}
+        return {k: getattr(self, k) for k in self.FIELDS + self.OPTIONAL}
 
 
 class StageRunner:
@@ -145,6 +187,10 @@ class StageRunner:
         self.log = log
         self.write_manifests = write_manifests  # False in DDP child processes: only the first process records
         self.manifests: dict[str, Manifest] = {}
+        #: Remove an output altered behind the stage's back before the stage reruns, so the stage's own caches
+        #: (the embedding cache's key, a fold's done.json) cannot keep it (single-process runs: no rank races).
+        self.remove_damaged = False
+        self.damaged: list[str] = []
 
     def manifest_path(self, stage: str) -> Path:
         return self.layout.manifest(stage)
@@ -165,16 +211,21 @@ class StageRunner:
         return config_hash({"stage": stage, "config": config, "inputs": inputs, "upstream": self.upstream(reads)})
 
     def verify(self, manifest: Manifest) -> str | None:
-        """None when every output matches its checksum (refreshing recorded mtimes), else what is wrong."""
-        fresh = {}
+        """None when every output matches its checksum (refreshing recorded mtimes), else what is wrong (the first
+        problem; every altered output is listed in ``self.damaged``)."""
+        fresh, problems = {}, []
+        self.damaged = []
         for rel in manifest.outputs:
             recorded = manifest.checksums.get(rel)
             current = checksum(self.run_dir / rel, recorded)
             if current is None:
-                return f"{rel} is missing"
-            if content_of(current) != content_of(recorded):
-                return f"{rel} changed since the stage wrote it"
+                problems.append(f"{rel} is missing")
+            elif content_of(current) != content_of(recorded):
+                self.damaged.append(rel)
+                problems.append(f"{rel} changed since the stage wrote it")
             fresh[rel] = current
+        if problems:
+            return problems[0]
         if fresh != manifest.checksums:
             manifest.checksums = fresh
             if self.write_manifests:
@@ -184,11 +235,21 @@ class StageRunner:
     def run(
         self, stage: str, config: Any, fn: Callable[[], StageResult], inputs: Any = None,
         reads: dict[str, tuple[str, ...] | None] | None = None,
+        before_rerun: Callable[[str], None] | None = None,
     ) -> Manifest:
+        """Skip ``stage`` when its manifest matches, else run ``fn``. ``before_rerun(why)`` is called (and may raise)
+        before ``fn`` when the stage would run with a changed config or inputs, or for the first time."""
         digest = self.stage_hash(stage, config, inputs, reads or {})
         previous = Manifest.read(self.manifest_path(stage))
+        if before_rerun is not None and (previous is None or previous.hash != digest):
+            before_rerun("it has not run yet" if previous is None else "its config or inputs changed")
         if previous is not None and previous.hash == digest:
             problem = self.verify(previous)
+            if problem is None and (previous.config is None or previous.upstream is None):
+                # written before these were recorded: the hash matched, so they are what it covers
+                previous.config, previous.upstream = config_hash(config), self.upstream(reads or {})
+                if self.write_manifests:
+                    atomic_write_json(self.manifest_path(stage), previous.record())
             if problem is None:
                 self.log(f"[{stage}] skipped: finished earlier with the same config and inputs "
                          f"({self.manifest_path(stage)})")
@@ -196,6 +257,9 @@ class StageRunner:
                 self.manifests[stage] = previous
                 return previous
             self.log(f"[{stage}] running: {problem}")
+            if self.remove_damaged:
+                for rel in self.damaged:
+                    self._remove(rel)
         elif previous is not None:
             self.log(f"[{stage}] running: its config or inputs changed")
         else:
@@ -205,13 +269,25 @@ class StageRunner:
         checksums = {rel: checksum(self.run_dir / rel) for rel in result.outputs}
         manifest = Manifest(
             stage=stage, hash=digest, outputs=result.outputs, checksums=checksums, counts=result.counts,
-            metrics=result.metrics, seconds=round(time.perf_counter() - start, 3),
+            metrics=result.metrics, seconds=round(time.perf_counter() - start, 3), config=config_hash(config),
+            upstream=self.upstream(reads or {}),
         )
         if self.write_manifests:
             atomic_write_json(self.manifest_path(stage), manifest.record())
         self.manifests[stage] = manifest
         self.log(f"[{stage}] done in {manifest.seconds:.1f} s")
         return manifest
+
+    def _remove(self, rel: str) -> None:
+        """Delete the altered output ``rel`` (a file or a folder of the run directory) before its stage rewrites it."""
+        import shutil
+
+        path = self.run_dir / rel
+        self.log(f"removing {rel}: altered since its stage wrote it, rebuilt now")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
     def load_existing(self, stage: str) -> Manifest | None:
         """The manifest of a stage not run in this invocation (for `stages=[...]` subsets)."""

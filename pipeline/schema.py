@@ -262,6 +262,8 @@ SCHEMA = {
     "data": DATA, "backbone": BACKBONE, "features": FEATURES, "model": MODEL,
     "trainer": Spec("any"), "logger": LOGGER, "stacking": STACKING,
     "callbacks": Spec("any", check=lambda v: _callbacks_error(v)),
+    "checks": {"label_abs_max": Num(lo=0, lo_open=True), "min_fit_posts": Int(lo=2),
+               "disk_headroom": Num(lo=1)},
 }
 #: ``trainer`` is checked apart, last (``_check_trainer``): against ``lightning.Trainer``'s signature.
 

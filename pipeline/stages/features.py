@@ -66,7 +66,8 @@ def _featurize(cfg: DictConfig, layout: RunLayout, staged) -> StageResult:
     per_family = pd.Series(fs.families).value_counts().to_dict()
     log.info("features: %d columns (%s)", len(fs.families), ", ".join(f"{k}={v}" for k, v in per_family.items()))
     return StageResult(
-        outputs=[RunLayout.feature_table, RunLayout.feature_schema, RunLayout.feature_state, RunLayout.tabular],
+        outputs=[RunLayout.feature_table, RunLayout.feature_schema, RunLayout.feature_state, RunLayout.tabular,
+                 RunLayout.tabular_scaler],
         counts={"columns": len(fs.families), **{f"columns_{k}": int(v) for k, v in per_family.items()}},
         metrics={f"seconds_{k}": v for k, v in fs.seconds.items()},
     )

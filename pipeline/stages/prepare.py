@@ -10,8 +10,9 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.atomic import atomic_path, atomic_write_json
-from datamodules.folds import fold_table, write_folds
+from datamodules.folds import write_folds
 from datamodules.schema import IMAGE_OK, KEY, LABEL
+from pipeline.checks import check_free_space, check_labelled
 from pipeline.errors import UserError
 from pipeline.layout import RunLayout
 from pipeline.manifest import StageResult, raw_fingerprint
@@ -49,8 +50,9 @@ def config(c: dict) -> dict:
 
 
 def outside_inputs(cfg: DictConfig) -> dict:
-    """The data root's fingerprint (its metadata files' content, its images' sizes and times)."""
-    return raw_fingerprint(raw_root(cfg))
+    """The data root's fingerprint (its metadata files' content, its images' sizes and times); a run directory
+    inside the data root is not part of it."""
+    return raw_fingerprint(raw_root(cfg), exclude=(Path(cfg.run_dir),))
 
 
 def postdate_range(cfg: DictConfig) -> tuple[int, int]:
@@ -75,10 +77,11 @@ def run(ctx: StageContext) -> StageResult:
     if (posts.split == "test").sum() == 0:
         log.warning("%s: no test split; the submission will be empty", root)
 
+    folds = check_labelled(posts, cfg)  # checked before the first write (pipeline/checks.py)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    check_free_space(layout.root, sum(size for size, _ in (ctx.inputs or {}).values()), len(posts), cfg)
     vocab = build_vocab(train)
     atomic_write_json(layout.vocab, vocab)
-    folds = fold_table(posts, int(cfg.n_folds), int(cfg.seed), str(cfg.folds.strategy),
-                       float(cfg.folds.holdout_fraction))
     write_folds(folds, layout.folds)
     with atomic_path(layout.shards) as tmp:
         posts = write_split_shards(posts, root, tmp, vocab, cfg)
