@@ -38,13 +38,13 @@ def _write(root: Path, posts: pd.DataFrame, signal, labels, images: bool) -> pd.
     return pd.Series(labels, index=posts[KEY].to_numpy())
 
 
-def one_author_without_images(root: Path) -> pd.Series:
-    posts, signal, labels = make_posts(600, 200, seed=5, n_users=1)
+def one_author_without_images(root: Path, n_train: int = 600, n_test: int = 200) -> pd.Series:
+    posts, signal, labels = make_posts(n_train, n_test, seed=5, n_users=1)
     return _write(root, posts, signal, labels, images=False)
 
 
-def strong_trend(root: Path) -> pd.Series:
-    posts, signal, labels = make_posts(600, 200, seed=6)
+def strong_trend(root: Path, n_train: int = 600, n_test: int = 200) -> pd.Series:
+    posts, signal, labels = make_posts(n_train, n_test, seed=6)
     t = posts.postdate.to_numpy(dtype=float)
     labels = labels + 4.0 * (t - t.min()) / np.ptp(t)  # +4 log-views over the span: about 1.6 label sd
     return _write(root, posts, signal, labels, images=True)
