@@ -70,4 +70,5 @@ def test_real_shapes_run_end_to_end_within_1_2x_of_a_flat_lightgbm(make, tmp_pat
     flat = flat_lightgbm_mae(posts, truth)
     report = (run / "report.md").read_text()
     assert report.index("## Headline") < report.index("## Scores") and "held-back slice" in report
+    assert "Fold strategy **time**" in report  # the default for real data
     assert mae <= 1.2 * flat, (mae, flat)
