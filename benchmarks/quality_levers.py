@@ -9,7 +9,11 @@ no_neural_members (neural predictions leave the blend), no_tabnet, no_pseudo (0 
 no_iqr (IQR filter off), blend_mae / blend_ridge (instead of the configured blend), no_image_stats (the
 image-statistics family dropped), no_native_cats (category/user codes as plain numbers, not categoricals),
 no_prompt_prototype (the prompt/prototype module's F-vector columns and prediction dropped), no_hierarchical and
-no_co_attention (that module's prediction dropped).
+no_co_attention (that module's prediction dropped); the tabular core (issue 22): lgb_all_cats (LightGBM splits
+every categorical natively, user ids included, instead of only those with <= 1,000 levels), lgb_xt / lgb_rf (a
+LightGBM of extremely randomised trees / a LightGBM random forest joins the stack, ``CANDIDATES``), no_trend (the
+absolute position in time, ``temporal.days_since_start``, dropped: trees cannot extrapolate it past the training
+period).
 
 Scored separately: the test split (posts.split == "test") and the held-back chronological slice of the labelled
 posts (``folds.holdout_fraction``), both against the labels ``signal.parquet`` keeps; and the out-of-fold blend.
@@ -27,7 +31,33 @@ import pandas as pd
 from common import print_table, write_results
 
 LEVERS = ("default", "no_neural_members", "no_tabnet", "no_pseudo", "no_iqr", "blend_mae", "blend_ridge",
-          "no_image_stats", "no_native_cats", "no_prompt_prototype", "no_hierarchical", "no_co_attention")
+          "no_image_stats", "no_native_cats", "no_prompt_prototype", "no_hierarchical", "no_co_attention",
+          "lgb_all_cats", "lgb_xt", "lgb_rf", "no_trend")
+
+
+#: Tabular-core candidates (issue 22), tried as levers only: measured, none earned a default (benchmarks/README.md).
+#: Each is a LightGBM with other params, registered under its own member name for the lever's refit.
+CANDIDATES = {
+    "lightgbm_xt": {"objective": "huber", "alpha": 1.0, "learning_rate": "auto", "extra_trees": True,
+                    "num_leaves": 63, "min_data_in_leaf": 10, "feature_fraction": 0.7, "max_bin": 63,
+                    "n_estimators": 3000, "early_stopping_rounds": 50, "num_threads": "auto"},
+    "lightgbm_rf": {"boosting": "rf", "objective": "huber", "alpha": 1.0, "num_leaves": 255, "min_data_in_leaf": 5,
+                    "bagging_freq": 1, "bagging_fraction": 0.632, "feature_fraction": 0.5, "max_bin": 63,
+                    "n_estimators": 300, "early_stopping_rounds": 50, "num_threads": "auto"},
+}
+
+
+def register_candidates() -> None:
+    """Make the candidate names known to ``stacking.members`` (LightGBM classes; one with every categorical
+    native) for this process only."""
+    from stacking import members
+
+    class WideCategoricalLightGBM(members.LightGBMMember):
+        def __init__(self, params, categorical, seed):
+            super().__init__(params, categorical, seed, max_cat_levels=2**31 - 1)
+
+    members.TABULAR_MEMBERS.update({"lightgbm_xt": members.LightGBMMember, "lightgbm_rf": members.LightGBMMember,
+                                    "lightgbm_all_cats": WideCategoricalLightGBM})
 
 
 def variant(lever: str, scfg, features: pd.DataFrame, categorical: list[str], families: dict[str, str]):
@@ -59,6 +89,16 @@ def variant(lever: str, scfg, features: pd.DataFrame, categorical: list[str], fa
         features = features.drop(columns=[c for c in features.columns if families.get(c) == IMAGE_STATS])
     elif lever == "no_native_cats":
         categorical = []
+    elif lever == "lgb_all_cats":
+        members = {("lightgbm_all_cats" if k == "lightgbm" else k): v for k, v in scfg.members.items()}
+        scfg = dataclasses.replace(scfg, members=members)
+    elif lever in ("lgb_xt", "lgb_rf"):
+        name = "lightgbm_" + lever.removeprefix("lgb_")
+        scfg = dataclasses.replace(scfg, members={**scfg.members, name: dict(CANDIDATES[name])})
+    elif lever == "no_trend":
+        from features.families import TEMPORAL, column_name
+
+        features = features.drop(columns=[column_name(TEMPORAL, "days_since_start")], errors="ignore")
     elif lever != "default":
         raise SystemExit(f"unknown lever {lever!r}; levers: {', '.join(LEVERS)}")
     return scfg, features, categorical
@@ -70,6 +110,7 @@ def main() -> None:
     p.add_argument("--levers", default=",".join(LEVERS))
     p.add_argument("--name", default="quality_levers")
     a = p.parse_args()
+    register_candidates()
     from datamodules.folds import read_folds
     from datamodules.schema import KEY, LABEL, NO_FOLD
     from features.families import NEURAL_PRED
