@@ -6,8 +6,10 @@ line up row for row. Unlabelled posts get ``NO_FOLD`` (-1).
 Strategies (``folds.strategy``):
 
 * ``random``: labelled posts shuffled with the seed, dealt round-robin (fold sizes differ by at most one).
-* ``time``: labelled posts sorted by ``postdate`` and cut into K contiguous chronological blocks (the shape of
-  SMPD's own train/test split: a fold's validation posts are one stretch of time).
+* ``time`` (the configs' default): labelled posts sorted by ``postdate`` and cut into K contiguous chronological
+  blocks (the shape of SMPD's own train/test split: a fold's validation posts are one stretch of time). Blocks rather
+  than forward chaining, so every labelled post keeps exactly one out-of-fold prediction for the blend; the
+  forward-only score is the held-back slice's.
 * ``user``: whole users dealt to folds (largest user first, to the emptiest fold; users of equal size in seeded
   random order), so no user has posts in two folds.
 

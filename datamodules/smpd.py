@@ -30,7 +30,9 @@ prepare stage writes into its manifest as ``repaired_<column>``) and logged in o
     field (file)                      bad value                                          outcome
     --------------------------------  -------------------------------------------------  ------------------------
     Postdate (temporalspatial)        missing, not a number, non-finite (Infinity,       error naming file, row
-                                      1e400), outside [2004-01-01, 2100-01-01) UTC       and field
+                                      1e400), outside the postdate window (default       and field
+                                      [2004-01-01, 2100-01-01) UTC; config key
+                                      data.postdate_range)
     Latitude, Longitude               not a number, non-finite, outside [-90, 90] /      repair: no geotag (both
       (temporalspatial)               [-180, 180]                                        coordinates NaN)
     Geoaccuracy (temporalspatial)     not a number, non-finite, negative, above 16,      repair: 0 (no geotag,
@@ -107,7 +109,9 @@ VECTOR_MIN_COMMAS = 50  # a description with this many commas and only numbers i
 #: Bytes one metadata file or zip member may hold. SMPD's largest file, the variant-A train user data, is about
 #: 1.3-2.2 GB (4.3-7.2 kB per post of 399 + 400 float strings); the cap stops a zip bomb well before memory runs out.
 MAX_MEMBER_BYTES = 4 * 2**30
-POSTDATE_RANGE = (1_072_915_200, 4_102_444_800)  # [2004-01-01, 2100-01-01) UTC: Flickr opened in February 2004
+#: Default plausible postdate window [2004-01-01, 2100-01-01) UTC (Flickr opened in February 2004); the pipeline
+#: passes ``data.postdate_range`` (``postdate_window``), which a user widens for an archive of older posts.
+POSTDATE_RANGE = (1_072_915_200, 4_102_444_800)
 EPOCH_RANGE = (-2_208_988_800, 4_102_444_800)  # [1900-01-01, 2100-01-01) UTC, user dates
 #: What the zipfile module raises for a damaged archive or member (CRC, broken stream, unsupported or encrypted).
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, OSError, ValueError)
@@ -534,9 +538,28 @@ def _text_columns(f: _Records, fix: Counter) -> dict[str, list]:
     }
 
 
-def _postdate(f: _Records) -> np.ndarray:
-    """Postdate as int64 epoch seconds; any bad value is an error (there is nothing to repair it with)."""
-    lo, hi = POSTDATE_RANGE
+def postdate_window(dates: Any) -> tuple[int, int]:
+    """``[first, end]`` as two ISO dates (``"2004-01-01"``, UTC) -> epoch seconds ``(lo, hi)``, posts accepted in
+    [lo, hi). ``ValueError`` names what is wrong (not two dates, unparsable, not increasing)."""
+    if dates is None or isinstance(dates, str) or len(dates) != 2:
+        raise ValueError(f"postdate range must be two dates [first, end], got {dates!r}")
+    try:
+        lo, hi = (int(pd.Timestamp(str(d), tz="UTC").timestamp()) for d in dates)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"postdate range {list(dates)!r}: {err}") from err
+    if lo >= hi:
+        raise ValueError(f"postdate range {list(dates)!r}: the first date must be before the end date")
+    return lo, hi
+
+
+def _utc_day(seconds: int) -> str:
+    return pd.Timestamp(seconds, unit="s", tz="UTC").strftime("%Y-%m-%d")
+
+
+def _postdate(f: _Records, window: tuple[int, int] = POSTDATE_RANGE) -> np.ndarray:
+    """Postdate as int64 epoch seconds; any bad value is an error (there is nothing to repair it with).
+    ``window``: accepted [lo, hi) epoch seconds."""
+    lo, hi = window
     out = np.empty(len(f.rows), dtype=np.int64)
     for i, v in enumerate(f.column("Postdate", required=True)):
         try:
@@ -545,14 +568,14 @@ def _postdate(f: _Records) -> np.ndarray:
             raise SMPDFormatError(f"{f.where(i, 'Postdate')} is {_short(v)}, expected epoch seconds") from err
         if not lo <= x < hi:  # NaN and infinities fail too
             raise SMPDFormatError(
-                f"{f.where(i, 'Postdate')} is {_short(v)}, outside the plausible range 2004-01-01 .. 2100-01-01 "
-                f"UTC ({lo} .. {hi} epoch seconds)"
+                f"{f.where(i, 'Postdate')} is {_short(v)}, outside the plausible range {_utc_day(lo)} .. "
+                f"{_utc_day(hi)} UTC ({lo} .. {hi} epoch seconds; widen it with data.postdate_range)"
             )
         out[i] = int(x)
     return out
 
 
-def _temporalspatial_columns(f: _Records, fix: Counter) -> dict[str, Any]:
+def _temporalspatial_columns(f: _Records, fix: Counter, window: tuple[int, int]) -> dict[str, Any]:
     """Postdate, and the geotag: coordinates NaN unless both are valid and geoaccuracy > 0."""
     lat = np.array(_floats(f.column("Latitude", required=True), _coordinate(90.0), fix, "latitude"))
     lon = np.array(_floats(f.column("Longitude", required=True), _coordinate(180.0), fix, "longitude"))
@@ -560,7 +583,7 @@ def _temporalspatial_columns(f: _Records, fix: Counter) -> dict[str, Any]:
                              "geoaccuracy"), dtype=np.int64)
     no_geo = np.isnan(lat) | np.isnan(lon) | (acc == 0)
     lat[no_geo], lon[no_geo] = np.nan, np.nan
-    return {"postdate": _postdate(f), "latitude": lat, "longitude": lon, "geoaccuracy": acc}
+    return {"postdate": _postdate(f, window), "latitude": lat, "longitude": lon, "geoaccuracy": acc}
 
 
 def _additional_columns(f: _Records, fix: Counter) -> dict[str, list]:
@@ -653,9 +676,11 @@ def _image_status(root: Path, raw: _RawSplit, check_images: bool) -> list[str]:
 
 
 def read_split(root: str | Path, split: str, *, check_images: bool = True, labels: bool = True,
-               max_member_bytes: int = MAX_MEMBER_BYTES) -> pd.DataFrame:
+               max_member_bytes: int = MAX_MEMBER_BYTES,
+               postdate_range: tuple[int, int] = POSTDATE_RANGE) -> pd.DataFrame:
     """Read one split into the posts table (``datamodules.schema`` columns); see the module docstring.
 
+    ``postdate_range``: accepted postdates, [lo, hi) epoch seconds (``postdate_window`` turns dates into it).
     ``labels=False`` reads no label file at all (inference on new posts): every label is NaN.
     ``posts.attrs["repairs"]``: {column: number of repaired cells} for every column of ``REPAIRABLE``.
     """
@@ -673,7 +698,7 @@ def read_split(root: str | Path, split: str, *, check_images: bool = True, label
         "image_status": _image_status(root, raw, check_images),
         **_category_columns(raw.files["category"], fix),
         **_text_columns(raw.files["text"], fix),
-        **_temporalspatial_columns(raw.files["temporalspatial"], fix),
+        **_temporalspatial_columns(raw.files["temporalspatial"], fix, postdate_range),
         **_additional_columns(raw.files["additional"], fix),
         **_user_columns(raw.files["user"], fix),
         # test splits: a label file, if any, is ignored (test labels were never released)
@@ -701,7 +726,8 @@ def _typed(posts: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_smpd(root: str | Path, splits: tuple[str, ...] = SPLITS, *, check_images: bool = True,
-              labels: bool = True, max_member_bytes: int = MAX_MEMBER_BYTES) -> pd.DataFrame:
+              labels: bool = True, max_member_bytes: int = MAX_MEMBER_BYTES,
+              postdate_range: tuple[int, int] = POSTDATE_RANGE) -> pd.DataFrame:
     """Read several splits (train rows first) into one posts table; Pids must be unique across splits.
 
     A split listed in ``splits`` but absent from ``root`` is an error except for ``test``, which may be missing
@@ -714,7 +740,7 @@ def read_smpd(root: str | Path, splits: tuple[str, ...] = SPLITS, *, check_image
     for split in splits:
         try:
             frames.append(read_split(root, split, check_images=check_images, labels=labels,
-                                     max_member_bytes=max_member_bytes))
+                                     max_member_bytes=max_member_bytes, postdate_range=postdate_range))
         except SMPDFormatError as err:
             if (split == "test" or not labels) and "no metadata for split" in str(err):
                 continue

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from datamodules.schema import KEY
+from datamodules.schema import IMAGE_OK, KEY, NO_FOLD
 from features.category import categorical_columns, category_features
 from features.config import FeatureConfig
 from features.families import USER, column_name, family_of
@@ -84,12 +84,27 @@ def _families(posts, folds, state, cfg, encoder, image_dir, progress: bool = Fal
         timed("sentence", lambda: sentence_features(posts, state, cfg, encoder))
     if cfg.glove_path:
         timed("glove", lambda: glove_features(posts, cfg.glove_path))
-    if cfg.image_stats:
+    if cfg.image_stats and _images_readable(posts, state):
         timed("image_stats", lambda: image_stats_features(
             posts, shard_image_statistics(image_dir) if image_dir else None))
     timed("target", lambda: target_features(posts, folds, state, cfg.target_prior, tuple(cfg.target_keys)))
     bar.close()
     return blocks, seconds
+
+
+IMAGES_SKIPPED = "image_stats.skipped"
+
+
+def _images_readable(posts: pd.DataFrame, state: FeatureState) -> bool:
+    """Whether the image family is worth computing: when fitting, some post has a readable image (else one log line
+    and the family is skipped, now and for new posts); for new posts, what the fit decided."""
+    if state.fitted:
+        return not state.meta.get(IMAGES_SKIPPED, False)
+    readable = "image_status" not in posts or bool((posts["image_status"] == IMAGE_OK).any())
+    if not readable:
+        log.info("features: no post has a readable image; the image-statistics family is skipped")
+    state.meta[IMAGES_SKIPPED] = not readable
+    return readable
 
 
 def _assemble(posts: pd.DataFrame, blocks: list[pd.DataFrame]) -> pd.DataFrame:
@@ -98,10 +113,28 @@ def _assemble(posts: pd.DataFrame, blocks: list[pd.DataFrame]) -> pd.DataFrame:
     return frame
 
 
+def constant_columns(frame: pd.DataFrame, rows: np.ndarray) -> list[str]:
+    """Feature columns of ``frame`` holding one value (NaN counts as a value) on ``rows`` (bool mask)."""
+    part = frame.loc[rows, [c for c in frame.columns if c != KEY]]
+    return [c for c in part.columns if part[c].nunique(dropna=False) <= 1]
+
+
+def _drop_constant(frame: pd.DataFrame, training: np.ndarray) -> pd.DataFrame:
+    """``frame`` without the columns constant on the training rows (the rows with a fold): nothing learns from them
+    and a test row that differs is off every scale fitted on them (a z-score over a zero spread). One log line."""
+    if not training.any():
+        return frame
+    dropped = constant_columns(frame, training)
+    if dropped:
+        log.info("features: %d column(s) constant in training dropped: %s", len(dropped), ", ".join(dropped))
+    return frame.drop(columns=dropped)
+
+
 def build_features(posts: pd.DataFrame, folds: np.ndarray, cfg: FeatureConfig,
                    encoder: SentenceEncoder | None = None, image_dir: str | Path | None = None,
                    progress: bool = False) -> FeatureSet:
-    """Fit every family on the training run's posts (train + test rows) and return the matrix.
+    """Fit every family on the training run's posts (train + test rows) and return the matrix, without the columns
+    that are constant on the training rows (``folds != NO_FOLD``; one log line names them).
 
     ``image_dir``: the WebDataset shard directory holding the posts' images (image-statistics family); None
     leaves that family NaN. ``progress``: a bar over the families (stderr)."""
@@ -112,7 +145,7 @@ def build_features(posts: pd.DataFrame, folds: np.ndarray, cfg: FeatureConfig,
     blocks, seconds = _families(posts.reset_index(drop=True), np.asarray(folds), state, cfg, encoder, image_dir,
                                 progress)
     state.fitted = True
-    frame = _assemble(posts, blocks)
+    frame = _drop_constant(_assemble(posts, blocks), np.asarray(folds) != NO_FOLD)
     families = {c: family_of(c) for c in frame.columns if c != KEY}
     state.meta["columns"] = list(families)
     cats = categorical_columns() + [column_name(USER, "uid_code")]

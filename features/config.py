@@ -22,6 +22,7 @@ class FeatureConfig:
     target_keys: post fields with out-of-fold label statistics (``features.target.TARGET_KEYS``; default the user).
     image_stats: the image-statistics family (brightness, colour, hue histogram, sharpness, size; read from the
         run's shards), on/off.
+    standardised_clip: the neural members' standardised tabular inputs are clipped to [-clip, clip] (z-scores).
     """
 
     user_vector_dim: int = 32
@@ -37,4 +38,5 @@ class FeatureConfig:
     target_prior: float = 10.0
     target_keys: tuple[str, ...] = ("uid",)
     image_stats: bool = True
+    standardised_clip: float = 5.0
     seed: int = 0

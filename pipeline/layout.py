@@ -71,6 +71,8 @@ class RunLayout:
     blend_weights = _Entry("stack/blend_weights.csv")
     importance = _Entry("stack/importance.csv")
     ablation = _Entry("stack/ablation.csv")
+    dropped_members = _Entry("stack/dropped.csv")
+    refit = _Entry("stack/refit.csv")
     # report
     predictions = _Entry("predictions.parquet")
     submission = _Entry("submission.json")

@@ -71,13 +71,20 @@ def write_report(path: Path, sections: list[tuple[str, str]]) -> Path:
     return atomic_write_text(path, text)
 
 
-def print_summary(members: pd.DataFrame, stage_seconds: dict[str, float]) -> None:
-    """Final stdout table: members and blend with SRC/MAE, and seconds per stage."""
+def print_summary(members: pd.DataFrame, stage_seconds: dict[str, float], headline: dict | None = None,
+                  warning: str | None = None) -> None:
+    """Final stdout: the headline (``{"src", "mae", "source"}``) and a warning if any, the members and blend with
+    SRC/MAE (out-of-fold and held-back), and seconds per stage."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    table = Table(title="popstack: out-of-fold scores on the labelled posts")
+    if headline is not None:
+        console.print(f"[bold]popstack headline: SRC {headline['src']:.4f} / MAE {headline['mae']:.4f} on the "
+                      f"{headline['source']}[/bold]")
+    if warning:
+        console.print(f"[bold red]{warning}[/bold red]")
+    table = Table(title="popstack: scores per member (out-of-fold on the folds; held-back slice)")
     for col in members.columns:
         table.add_column(str(col), justify="right" if col != "member" else "left")
     for row in members.itertuples(index=False):

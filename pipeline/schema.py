@@ -134,10 +134,21 @@ SYNTHETIC = {
     "n_train": Int(lo=1), "n_test": Int(lo=0), "seed": Int(), "n_subcategories": Int(lo=1),
     "user_variant": OneOf("A", "B"), "world": Int(lo=0), "naming": OneOf("2025", "2020", 2025, 2020),
 }
+def _date_window_error(value: Any) -> str | None:
+    from datamodules.smpd import postdate_window
+
+    try:
+        postdate_window(list(value) if isinstance(value, (list, tuple, ListConfig)) else value)
+    except ValueError:
+        return 'two ISO dates [first, end] with first < end, e.g. ["2004-01-01", "2100-01-01"]'
+    return None
+
+
 DATA = {
     "kind": OneOf("synthetic", "smpd"), "root": Str(), "synthetic": SYNTHETIC, "check_images": Bool(),
     "text_field": OneOf("title", "alltags", "title+alltags"), "shard_size": Int(lo=1),
     "image_max_side": Int(lo=1, null=True), "num_workers": Int(lo=0),
+    "postdate_range": Spec("any", check=_date_window_error),
 }
 BACKBONE = {
     "name": Str(), "pretrained": Str(null=True), "trainable_last_blocks": Int(lo=0), "token_len": Int(lo=1),
@@ -148,6 +159,7 @@ FEATURES = {
     "tfidf_dim": Int(lo=0), "tfidf_max_features": Int(lo=1), "sentence_model": Str(), "sentence_dim": Int(lo=0),
     "sentence_batch_size": Int(lo=1), "sentence_max_length": Int(lo=1), "glove_path": Str(),
     "target_prior": Num(lo=0), "target_keys": ListOf(OneOf(*TARGET_KEYS)), "image_stats": Bool(),
+    "standardised_clip": Num(lo=0, lo_open=True),
 }
 #: Keys every neural module has (training loop, optimiser, early stopping).
 MODULE_COMMON = {
@@ -183,6 +195,8 @@ STACKING = {
     "iqr_k": Num(lo=0), "selection_fraction": Num(lo=0, hi=1, lo_open=True),
     "selection_member": OneOf(*TABULAR_MEMBERS),
     "n_jobs": AUTO_OR_COUNT,
+    "guard": {"label_margin": Num(lo=0), "max_outside": Num(lo=0, hi=1), "max_error_ratio": Num(lo=1)},
+    "refit_full": Bool(),
     "ablation": {"enabled": Bool(), "members": ListOf(OneOf(*TABULAR_MEMBERS)),
                  "variants": ListOf(OneOf(*ABLATION_VARIANTS))},
 }

@@ -146,8 +146,10 @@ class CatBoostMember:
         cats = [c for c in self.categorical if c in self.columns]
         self.offset = float(np.median(y_tr))
         args = (_int_categoricals(X_tr, cats), np.asarray(y_tr) - self.offset)
-        kwargs = dict(cat_features=cats, eval_set=(_int_categoricals(X_va, cats), np.asarray(y_va) - self.offset),
-                      use_best_model=True)
+        kwargs = dict(cat_features=cats)
+        if X_va is not None:  # None: a refit on every label, a fixed number of trees (``refit_params``)
+            kwargs.update(eval_set=(_int_categoricals(X_va, cats), np.asarray(y_va) - self.offset),
+                          use_best_model=True)
         gpu = self._use_gpu()
         try:
             self.model = self._model(len(X_tr), gpu)
@@ -159,6 +161,11 @@ class CatBoostMember:
             self.model = self._model(len(X_tr), False)
             self.model.fit(*args, **kwargs)
         return self
+
+    def best_rounds(self) -> int:
+        """Trees up to the best validation score (all of them for a fit without a validation part)."""
+        best = self.model.get_best_iteration()
+        return int(best) + 1 if best is not None else int(self.model.tree_count_)
 
     def predict(self, X):
         cats = [c for c in self.categorical if c in self.columns]
@@ -207,10 +214,17 @@ class LightGBMMember:
         patience = int(p.pop("early_stopping_rounds", 100))
         p.update(seed=self.seed, deterministic=True, verbosity=-1, force_col_wise=True)
         train = lgb.Dataset(X_tr, y_tr, categorical_feature=cats, free_raw_data=False)
+        if X_va is None:  # a refit on every label: a fixed number of trees (``refit_params``)
+            self.booster = lgb.train(p, train, num_boost_round=rounds)
+            return self
         valid = lgb.Dataset(X_va, y_va, categorical_feature=cats, reference=train)
         self.booster = lgb.train(p, train, num_boost_round=rounds, valid_sets=[valid],
                                  callbacks=[lgb.early_stopping(patience, verbose=False)])
         return self
+
+    def best_rounds(self) -> int:
+        """Trees up to the best validation score (all of them for a fit without a validation part)."""
+        return int(self.booster.best_iteration or self.booster.current_iteration())
 
     def predict(self, X):
         return self.booster.predict(X[self.columns], num_iteration=self.booster.best_iteration).astype(np.float64)
@@ -317,29 +331,45 @@ class TabNetMember:
         return pd.Series(self.model.feature_importances_, index=self.scaler.columns)
 
 
+def label_bounds(y: np.ndarray, margin: float) -> tuple[float, float]:
+    """The range of the training labels ``y`` widened by ``margin`` times its width on each side."""
+    lo, hi = float(np.nanmin(y)), float(np.nanmax(y))
+    return lo - margin * (hi - lo), hi + margin * (hi - lo)
+
+
 class NeuralMember:
-    """A neural model's predictions (out-of-fold for training rows, fold mean for the rest) read from a column."""
+    """A neural model's predictions (out-of-fold for training rows, fold mean for the rest) read from a column,
+    kept inside the training label range widened by ``margin`` of its width (``stacking.guard.label_margin``): a
+    regressor that extrapolates (a prediction of 210 for labels near 10) cannot drag the blend with it."""
 
     extension = "json"
 
-    def __init__(self, column: str):
+    def __init__(self, column: str, margin: float | None = None):
         self.column = column
         self.name = column
+        self.margin = margin
+        self.bounds: tuple[float, float] | None = None
 
     def fit(self, X_tr, y_tr, X_va, y_va):
         if self.column not in X_tr.columns:
             raise KeyError(f"neural member: column {self.column!r} not in the stack inputs")
+        if self.margin is not None and len(y_tr):
+            self.bounds = label_bounds(np.asarray(y_tr, dtype=np.float64), self.margin)
         return self
 
     def predict(self, X):
-        return X[self.column].to_numpy(dtype=np.float64)
+        raw = X[self.column].to_numpy(dtype=np.float64)
+        return raw if self.bounds is None else np.clip(raw, *self.bounds)
 
     def save(self, path):
-        Path(path).write_text(json.dumps({"column": self.column}))
+        Path(path).write_text(json.dumps({"column": self.column, "bounds": self.bounds}))
 
     @classmethod
     def load(cls, path):
-        return cls(json.loads(Path(path).read_text())["column"])
+        meta = json.loads(Path(path).read_text())
+        member = cls(meta["column"])
+        member.bounds = tuple(meta["bounds"]) if meta.get("bounds") else None  # saved before clipping: none
+        return member
 
     def feature_importance(self):
         return None
@@ -358,6 +388,24 @@ def fit_threads(kind: str, params: dict[str, Any], n_rows: int, cores: int) -> i
     if str(value).lower() == "auto":
         return threads_for(n_rows, cores)
     return int(value) if int(value) > 0 else cores
+
+
+#: Each tree library's round-count parameter: what a refit on every label sets to the scaled best count.
+ROUND_KEYS = {"catboost": "iterations", "lightgbm": "n_estimators"}
+#: Each tree library's learning-rate and early-stopping parameters.
+LR_KEYS = {"catboost": "learning_rate", "lightgbm": "learning_rate"}
+PATIENCE_KEYS = {"catboost": "early_stopping_rounds", "lightgbm": "early_stopping_rounds"}
+
+
+def refit_params(kind: str, params: dict[str, Any], rounds: int, fold_rows: int) -> dict[str, Any]:
+    """Params of a refit of tree member ``kind`` on every label (AutoGluon's ``refit_full``): ``rounds`` trees, no
+    early stopping, and the learning rate the fold fits used (``auto`` resolved for ``fold_rows`` training rows,
+    so the round count found by early stopping means the same step size)."""
+    p = {k: v for k, v in params.items() if k != PATIENCE_KEYS[kind]}
+    p[ROUND_KEYS[kind]] = int(rounds)
+    if str(p.get(LR_KEYS[kind], "")).lower() == "auto":
+        p[LR_KEYS[kind]] = auto_learning_rate(fold_rows)
+    return p
 
 
 def make_member(kind: str, params: dict[str, Any], categorical: list[str], seed: int):

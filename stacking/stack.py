@@ -14,6 +14,20 @@ were fitted without fold k's labelled rows), selected by the agreement of fold k
 all folds would carry fold k's labels back into fold k through the models of the other folds, and lift its
 out-of-fold score.
 
+Guards (``stacking.guard``): a neural member's predictions are clipped to the training label range widened by
+``label_margin`` of its width; a member whose unlabelled-row predictions leave that range (more than ``max_outside``
+of them, before clipping) or whose error on the latest validation rows (``latest``: the last share of the rows with
+a fold, by date; the held-back slice never decides) is more than ``max_error_ratio`` times both its error on the
+other validation rows and the best member's error on the latest rows, is left out of the blend; ``dropped`` names
+it and says why. At least one member always stays.
+
+Refit (``stacking.refit_full``, AutoGluon's ``refit_full``): after validation every tree member is fitted once more
+on every labelled row, the held-back slice included, with its mean best round count over the folds scaled by the
+larger row count and the folds' learning rate, no early stopping; the unlabelled rows that are not held back (the
+test posts) are predicted by those refits, blended with the fold blends' mean weights. TabNet and the neural
+members keep their fold models (their test predictions are the fold means). Validation scores, out-of-fold and
+held-back, all come from the fold models, before the refit.
+
 Loss-based selection (CMPA-DGPL §4.2) ranks the labelled rows by a per-row loss given by the caller (the
 prompt/prototype module's out-of-fold classification loss); without one it falls back to the absolute error of an
 out-of-fold ``selection_member`` pass, and says so in the log.
@@ -36,7 +50,17 @@ import pandas as pd
 from datamodules.folds import train_valid_masks
 from datamodules.schema import NO_FOLD
 from stacking.blend import blend, fit_weights
-from stacking.members import NeuralMember, available_cores, fit_cores, fit_threads, load_member, make_member
+from stacking.members import (
+    ROUND_KEYS,
+    NeuralMember,
+    available_cores,
+    fit_cores,
+    fit_threads,
+    label_bounds,
+    load_member,
+    make_member,
+    refit_params,
+)
 from stacking.metrics import scores
 from stacking.pseudo import select_pseudo
 from stacking.selection import iqr_filter, loss_based_keep
@@ -69,6 +93,8 @@ class StackConfig:
     blend: caruana | mae | spearman | ridge; caruana_size: greedy steps.
     pseudo_rounds, pseudo_alpha: eq. 10. iqr_k: IQR fence factor for training labels (0 = no filter).
     selection_fraction: loss-based selection (1.0 = keep all; the paper uses 0.77).
+    guard: label_margin, max_outside, max_error_ratio (see the module docstring).
+    refit_full: refit the tree members on every label for the test predictions (see the module docstring).
     n_jobs: (fold, member) fits at once: auto (``concurrent_fits``) or an integer.
     Defaults come from ``configs/stacking/default.yaml`` (``DEFAULTS_YAML``), never from this class.
     """
@@ -83,6 +109,8 @@ class StackConfig:
     selection_fraction: float = _from_yaml("selection_fraction")
     selection_member: str = _from_yaml("selection_member")
     n_jobs: int | str = _from_yaml("n_jobs")
+    guard: dict[str, float] = _from_yaml("guard")
+    refit_full: bool = _from_yaml("refit_full")
     seed: int = 0
 
 
@@ -101,6 +129,10 @@ class StackResult:
     blend_params: dict[int, dict]
     feature_columns: list[str]
     config: StackConfig
+    blend_members: list[str] = field(default_factory=list)  # the members the blend uses (the guards' survivors)
+    dropped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["member", "reason"]))
+    refit: dict[str, Any] = field(default_factory=dict)  # member -> model fitted on every label
+    refit_rounds: dict[str, int] = field(default_factory=dict)
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -110,10 +142,14 @@ class StackResult:
             kind = "neural" if isinstance(model, NeuralMember) else name
             kinds[name] = kind
             model.save(directory / "members" / f"{name}.fold{k}.{model.extension}")
+        for name, model in self.refit.items():
+            model.save(directory / "members" / f"{name}.full.{model.extension}")
         manifest = {
             "members": self.member_names, "kinds": kinds, "folds": sorted({k for _, k in self.models}),
+            "blend_members": self.blend_members or self.member_names,
             "blend": {str(k): {"weights": np.asarray(v["weights"]).tolist(), "intercept": v["intercept"]}
                       for k, v in self.blend_params.items()},
+            "refit": sorted(self.refit),
             "feature_columns": self.feature_columns, "config": asdict(self.config),
             "extensions": {name: m.extension for (name, _), m in self.models.items()},
         }
@@ -126,7 +162,7 @@ def _member_list(cfg: StackConfig) -> list[str]:
 
 def _new_member(name: str, cfg: StackConfig, categorical: list[str]):
     if name in cfg.neural_columns:
-        return NeuralMember(name)
+        return NeuralMember(name, float(cfg.guard["label_margin"]))
     return make_member(name, cfg.members[name], categorical, cfg.seed)
 
 
@@ -199,18 +235,22 @@ def _selection_keep(XL: pd.DataFrame, yl: np.ndarray, fl: np.ndarray, categorica
 def run_stack(
     X: pd.DataFrame, y: np.ndarray, folds: np.ndarray, categorical: list[str], cfg: StackConfig,
     eval_folds: list[int] | None = None, progress: bool = False, selection_losses: np.ndarray | None = None,
+    latest: np.ndarray | None = None,
 ) -> StackResult:
     """Fit the stack. ``X``: float32 features of every post (neural prediction columns included);
     ``y``: labels (ignored where the fold is NO_FOLD: unlabelled and held-back posts); ``folds``: from
     ``datamodules.folds``. ``eval_folds``: fit only these folds (e.g. ``[0]``: one hold-out split instead of
     K-fold); scores are then computed on those folds' rows only. ``progress`` shows a bar over (round, fold,
-    member) fits. ``selection_losses``: (n,) per-row loss for loss-based selection (NaN = unknown), or None."""
+    member) fits. ``selection_losses``: (n,) per-row loss for loss-based selection (NaN = unknown), or None.
+    ``latest``: (n,) bool, the latest rows with a fold (by date), on which the error guard decides; None = no error
+    guard. A row without a fold but with a label (the held-back slice) reaches only the refit (``cfg.refit_full``)."""
     y = np.asarray(y, dtype=np.float64)
     folds = np.asarray(folds)
     labelled = folds != NO_FOLD
     if np.isnan(y[labelled]).any():
         raise ValueError("a row with a fold has no label")
-    y = np.where(labelled, y, np.nan)  # a held-back row's label never reaches a fit
+    held_labels = np.where(labelled, np.nan, y)[~labelled]  # the held-back slice's labels: the refit's only
+    y = np.where(labelled, y, np.nan)  # a held-back row's label never reaches a validated fit
     names = _member_list(cfg)
     if not names:
         raise ValueError("the stack has no members")
@@ -219,6 +259,7 @@ def run_stack(
     XU = X[~labelled].reset_index(drop=True)
     fold_ids = sorted(np.unique(fl).tolist()) if eval_folds is None else list(eval_folds)
     scored = np.isin(fl, fold_ids)
+    latest_l = None if latest is None else np.asarray(latest, dtype=bool)[labelled] & scored
     keep = _rows_to_fit(XL, yl, fl, categorical, cfg, feature_columns,
                         None if selection_losses is None else np.asarray(selection_losses)[labelled])
     log.info("stack: %d labelled rows, %d kept for fitting (IQR k=%s, selection %.2f), %d unlabelled",
@@ -238,7 +279,9 @@ def run_stack(
     for r in range(cfg.pseudo_rounds + 1):
         fits = _fit_members(names, cfg, categorical, XL, yl, fl, XU, fold_ids, keep, pseudo, jobs,
                             bar)
-        blended = _blend_folds(names, cfg, fits, yl, fl, fold_ids, has_unlabelled=len(XU) > 0)
+        dropped = guard_members(names, cfg, fits, yl, keep, XU, scored, latest_l)
+        active = [n for n in names if n not in dropped]
+        blended = _blend_folds(active, cfg, fits, yl, fl, fold_ids, has_unlabelled=len(XU) > 0)
         sc = scores(yl[scored], blended.oof[scored])
         entry = {"round": r, "pseudo_rows": int(np.mean([len(pseudo[k][1]) for k in fold_ids])), **sc,
                  "tau": np.nan, "selected_next": 0, "member_seconds": round(sum(fits.seconds.values()), 3)}
@@ -255,7 +298,79 @@ def run_stack(
         log.info("stack round %d: OOF SRC %.4f MAE %.4f (pseudo rows per fold in training: %d)", r, sc["src"],
                  sc["mae"], entry["pseudo_rows"])
     bar.close()
-    return _result(names, cfg, fits, blended, yl, scored, round_log, feature_columns)
+    for n, why in dropped.items():
+        log.warning("stack: member %s left out of the blend: %s", n, why)
+    result = _result(names, cfg, fits, blended, yl, scored, round_log, feature_columns)
+    result.blend_members = active
+    result.dropped = pd.DataFrame({"member": list(dropped), "reason": list(dropped.values())},
+                                  columns=["member", "reason"])
+    if cfg.refit_full and len(XU) and eval_folds is None:
+        _refit_full(result, cfg, categorical, XL, yl, fl, keep, XU, held_labels, fold_ids)
+    return result
+
+
+def guard_members(names: list[str], cfg: StackConfig, fits: "_RoundFits", yl: np.ndarray, keep: np.ndarray,
+                  XU: pd.DataFrame, scored: np.ndarray, latest: np.ndarray | None) -> dict[str, str]:
+    """``{member: reason}`` for the members the blend leaves out (see the module docstring); never all of them."""
+    g = cfg.guard
+    lo, hi = label_bounds(yl[keep], float(g["label_margin"]))
+    reasons: dict[str, str] = {}
+    for n in names:
+        test = XU[n].to_numpy(dtype=np.float64) if n in cfg.neural_columns else (
+            np.mean([fits.test_by_fold[n][k] for k in fits.test_by_fold[n]], axis=0) if len(XU) else np.zeros(0))
+        outside = float(np.mean((test < lo) | (test > hi))) if len(test) else 0.0
+        if outside > float(g["max_outside"]):
+            reasons[n] = (f"{outside:.1%} of its test predictions lie outside the training label range with margin "
+                          f"[{lo:.3g}, {hi:.3g}] (allowed {float(g['max_outside']):.1%})")
+    if latest is not None and latest.any() and (scored & ~latest).any():
+        err = {n: (float(np.mean(np.abs(fits.oof[n][latest] - yl[latest]))),
+                   float(np.mean(np.abs(fits.oof[n][scored & ~latest] - yl[scored & ~latest])))) for n in names}
+        best_latest = min(e[0] for e in err.values())
+        ratio = float(g["max_error_ratio"])
+        for n, (late, rest) in err.items():
+            if n not in reasons and late > ratio * rest and late > ratio * best_latest:
+                reasons[n] = (f"MAE {late:.3g} on the latest validation rows is more than {ratio:g}x its MAE "
+                              f"{rest:.3g} on the earlier ones and the best member's {best_latest:.3g} there")
+    if len(reasons) == len(names):  # keep the member with the lowest out-of-fold error
+        best = min(names, key=lambda n: float(np.mean(np.abs(fits.oof[n][scored] - yl[scored]))))
+        reasons.pop(best)
+    return reasons
+
+
+def _mean_params(params: dict[int, dict]) -> dict:
+    """The fold blends' mean weights and intercept (the blend is linear: the mean of the fold blends' predictions
+    equals the blend with the mean parameters)."""
+    return {"weights": np.mean([np.asarray(p["weights"], float) for p in params.values()], axis=0),
+            "intercept": float(np.mean([p["intercept"] for p in params.values()]))}
+
+
+def _refit_full(result: StackResult, cfg: StackConfig, categorical: list[str], XL: pd.DataFrame, yl: np.ndarray,
+                fl: np.ndarray, keep: np.ndarray, XU: pd.DataFrame, held_labels: np.ndarray,
+                fold_ids: list[int]) -> None:
+    """Refit the blend's tree members on every label (the held-back slice included) and replace the test rows'
+    predictions (the unlabelled rows that are not held back) in ``result.test``; see the module docstring."""
+    held = ~np.isnan(held_labels)
+    X_full = pd.concat([XL[keep], XU[held]], ignore_index=True)
+    y_full = np.concatenate([yl[keep], held_labels[held]])
+    fold_rows = float(np.mean([int((keep & (fl != k)).sum()) for k in fold_ids]))
+    test_rows = ~held
+    preds = {}
+    for n in result.blend_members:
+        if n in cfg.neural_columns or n not in ROUND_KEYS:  # neural and TabNet: their fold models' mean
+            preds[n] = result.test[n].to_numpy()[test_rows]
+            continue
+        best = float(np.mean([result.models[(n, k)].best_rounds() for k in fold_ids]))
+        rounds = max(1, int(round(best * len(y_full) / fold_rows)))
+        cols = [c for c in X_full.columns if c not in cfg.neural_columns]
+        member = make_member(n, refit_params(n, cfg.members[n], rounds, int(fold_rows)), categorical, cfg.seed)
+        member.fit(X_full[cols], y_full, None, None)
+        result.refit[n], result.refit_rounds[n] = member, rounds
+        preds[n] = member.predict(XU[cols][test_rows])
+        result.test.loc[test_rows, n] = preds[n]
+    P = np.column_stack([preds[n] for n in result.blend_members])
+    result.test.loc[test_rows, "blend"] = blend(P, _mean_params(result.blend_params))
+    log.info("stack: refit on %d labels (%d held back) for %d test rows: %s", len(y_full), int(held.sum()),
+             int(test_rows.sum()), ", ".join(f"{n} {r} rounds" for n, r in result.refit_rounds.items()))
 
 
 def _rows_to_fit(XL: pd.DataFrame, yl: np.ndarray, fl: np.ndarray, categorical: list[str], cfg: StackConfig,
@@ -342,6 +457,7 @@ class _Blended:
     oof: np.ndarray
     test_by_fold: dict[int, np.ndarray]
     test: np.ndarray
+    members: list[str]
 
 
 def _blend_folds(names: list[str], cfg: StackConfig, fits: _RoundFits, yl: np.ndarray, fl: np.ndarray,
@@ -355,7 +471,7 @@ def _blend_folds(names: list[str], cfg: StackConfig, fits: _RoundFits, yl: np.nd
         if has_unlabelled:
             test_blend[k] = blend(np.column_stack([fits.test_by_fold[n][k] for n in names]), params[k])
     test = np.mean([test_blend[k] for k in fold_ids], axis=0) if has_unlabelled else np.zeros(0)
-    return _Blended(params, oof_blend, test_blend, test)
+    return _Blended(params, oof_blend, test_blend, test, list(names))
 
 
 def _result(names: list[str], cfg: StackConfig, fits: _RoundFits, blended: _Blended, yl: np.ndarray,
@@ -368,8 +484,9 @@ def _result(names: list[str], cfg: StackConfig, fits: _RoundFits, blended: _Blen
             for n in names]
     rows.append({"member": "blend", **scores(yl[scored], blended.oof[scored]),
                  "seconds": round(sum(fits.seconds.values()), 2)})
+    active = blended.members
     weights = pd.DataFrame([{"fold": k, "member": n, "weight": float(w)} for k, p in blended.params.items()
-                            for n, w in zip(names, p["weights"])])
+                            for n, w in zip(active, p["weights"])])
     importances = [m.feature_importance() for m in fits.models.values()]
     importances = [s / s.sum() for s in importances if s is not None and s.sum() > 0]
     importance = pd.concat(importances, axis=1).fillna(0).mean(axis=1) if importances else pd.Series(dtype=float)
@@ -383,17 +500,23 @@ def _result(names: list[str], cfg: StackConfig, fits: _RoundFits, blended: _Blen
 
 
 def predict_stack(directory: str | Path, X: pd.DataFrame) -> np.ndarray:
-    """Predictions for new rows: every fold's members -> the fold's blend -> mean over folds."""
+    """Predictions for new rows: every fold's blend members -> the fold's blend -> mean over folds; with a refit
+    (``refit_full``), the refitted tree members (and the fold means of the others) -> the mean fold blend."""
     directory = Path(directory)
     manifest = json.loads((directory / "stack.json").read_text())
     neural = set(manifest["config"]["neural_columns"])
-    fold_preds = []
-    for k in manifest["folds"]:
-        P = []
-        for name in manifest["members"]:
-            kind = manifest["kinds"][name]
-            member = load_member(kind, directory / "members" / f"{name}.fold{k}.{manifest['extensions'][name]}")
-            cols = [name] if name in neural else manifest["feature_columns"]
-            P.append(member.predict(X[cols]))
-        fold_preds.append(blend(np.column_stack(P), manifest["blend"][str(k)]))
-    return np.mean(fold_preds, axis=0)
+    members = manifest.get("blend_members", manifest["members"])
+
+    def member_predict(name: str, tag: str) -> np.ndarray:
+        member = load_member(manifest["kinds"][name],
+                             directory / "members" / f"{name}.{tag}.{manifest['extensions'][name]}")
+        return member.predict(X[[name] if name in neural else manifest["feature_columns"]])
+
+    fold_preds = {k: {n: member_predict(n, f"fold{k}") for n in members if n not in manifest.get("refit", [])}
+                  for k in manifest["folds"]}
+    if manifest.get("refit"):
+        P = [member_predict(n, "full") if n in manifest["refit"] else
+             np.mean([fold_preds[k][n] for k in manifest["folds"]], axis=0) for n in members]
+        return blend(np.column_stack(P), _mean_params({k: manifest["blend"][str(k)] for k in manifest["folds"]}))
+    return np.mean([blend(np.column_stack([fold_preds[k][n] for n in members]), manifest["blend"][str(k)])
+                    for k in manifest["folds"]], axis=0)

@@ -118,7 +118,7 @@ def test_paper_settings_run_end_to_end_without_a_prediction_column(prompt_run, c
 def test_report_shows_fold_strategy_and_held_back_scores(prompt_run):
     run_dir, cfg, metrics = prompt_run
     text = (run_dir / "report.md").read_text()
-    assert "Fold strategy **random**" in text and "Held-back chronological slice" in text
+    assert "Fold strategy **time**" in text and "Held-back chronological slice" in text
     header = next(line for line in text.splitlines() if line.startswith("| member"))
     assert header.split(" | ")[1:5] == ["oof_src", "oof_mae", "heldback_src", "heldback_mae"]
     folds = read_folds(run_dir / "folds.parquet")

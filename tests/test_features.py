@@ -113,8 +113,9 @@ def test_target_stats_are_out_of_fold_and_smoothed():
     assert t["target__user_mean"][0] == pytest.approx(7.0)
     # posts 2, 3 (fold 1) see post 1 only: (4 + 4) / 2 = 4
     assert t["target__user_mean"][1] == pytest.approx(4.0)
-    # unknown-label user u2 (test row): no labelled posts -> the global mean of all labels (6)
-    assert t["target__user_mean"][3] == pytest.approx(6.0)
+    # unknown-label user u2 (test row): no labelled posts -> per fold k the global mean of the other folds' labels
+    # (without fold 0: 7; without fold 1: 4), averaged over the folds like every test-row statistic
+    assert t["target__user_mean"][3] == pytest.approx(5.5)
     assert t["target__user_label_count"].tolist() == [2, 1, 1, 0]
 
 
@@ -129,7 +130,8 @@ def test_target_stats_per_other_key_are_out_of_fold_and_refit_for_new_posts():
     labels = posts.label.to_numpy()
     assert t["target__concept_mean"][0] == pytest.approx(labels[1])
     assert t["target__concept_mean"][1] == pytest.approx(labels[0])
-    assert t["target__concept_label_count"].tolist() == [1, 1, 0, 2]  # the test post sees both labelled a posts
+    # the test post: per fold k the other folds' concept-a posts (one each), averaged -> 1, like a training post
+    assert t["target__concept_label_count"].tolist() == [1, 1, 0, 1]
     st.fitted = True
     again = target_features(posts, None, st, prior=0.0, keys=("uid", "concept"))
     assert again["target__concept_mean"][3] == pytest.approx(labels[:2].mean())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,6 +210,35 @@ def test_bad_input_names_file_row_field(tmp_path, breaker, expected):
         read_smpd(root)
     for piece in expected:
         assert piece in str(err.value), (piece, str(err.value))
+
+
+def test_postdate_window_is_a_setting_and_older_posts_read_when_widened(tmp_path):
+    import yaml
+
+    from datamodules.smpd import POSTDATE_RANGE, postdate_window
+    from pipeline.schema import ConfigError, validate
+
+    root = raw_dir(tmp_path)
+    _postdate_raw('"631152000"')(root)  # 1990-01-01: an archive older than Flickr
+    with pytest.raises(SMPDFormatError, match="outside the plausible range 2004-01-01 .. 2100-01-01"):
+        read_smpd(root)
+    posts = read_smpd(root, postdate_range=postdate_window(["1990-01-01", "2100-01-01"]))
+    assert posts.postdate.iloc[2] == 631152000
+    with pytest.raises(SMPDFormatError, match="outside the plausible range 1995-01-01 .. 2100-01-01"):
+        read_smpd(root, postdate_range=postdate_window(["1995-01-01", "2100-01-01"]))
+    # the configs' default is SMPD's window, written in the configs and equal to the reader's own default
+    for name in ("smpd", "synthetic"):
+        text = (Path(__file__).parent.parent / "configs" / "data" / f"{name}.yaml").read_text()
+        assert postdate_window(yaml.safe_load(text)["postdate_range"]) == POSTDATE_RANGE
+    for bad in (["2100-01-01", "2004-01-01"], ["2004-01-01"], ["yesterday", "2100-01-01"]):
+        with pytest.raises(ValueError):
+            postdate_window(bad)
+    from omegaconf import OmegaConf
+
+    from tests.helpers import compose_fast
+    with pytest.raises(ConfigError, match="postdate_range"):
+        validate(compose_fast(tmp_path, "data.postdate_range=[2100-01-01,2004-01-01]"))
+    assert OmegaConf.select(validate(compose_fast(tmp_path)), "data.postdate_range") is not None
 
 
 def test_unknown_split_and_missing_root(tmp_path):

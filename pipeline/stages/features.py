@@ -60,7 +60,7 @@ def _featurize(cfg: DictConfig, layout: RunLayout, staged) -> StageResult:
     fs = build_features(posts, folds, feature_config(cfg), image_dir=layout.shards, progress=bool(cfg.progress_bar))
     fs.save(staged(layout.features))
     labelled = folds != NO_FOLD
-    scaler = Standardiser.fit(fs.frame.loc[labelled, list(fs.families)])
+    scaler = Standardiser.fit(fs.frame.loc[labelled, list(fs.families)], clip=fs.config.standardised_clip)
     scaler.save(staged(layout.tabular_scaler))
     standardised(fs.frame, scaler).to_parquet(staged(layout.tabular), index=False)
     per_family = pd.Series(fs.families).value_counts().to_dict()

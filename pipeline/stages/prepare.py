@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from datamodules.atomic import atomic_path, atomic_write_json
 from datamodules.folds import fold_table, write_folds
@@ -53,13 +53,21 @@ def outside_inputs(cfg: DictConfig) -> dict:
     return raw_fingerprint(raw_root(cfg))
 
 
+def postdate_range(cfg: DictConfig) -> tuple[int, int]:
+    """``data.postdate_range`` as epoch seconds (a run configured before the key existed: the reader's window)."""
+    from datamodules.smpd import POSTDATE_RANGE, postdate_window
+
+    dates = OmegaConf.select(cfg, "data.postdate_range", default=None)
+    return POSTDATE_RANGE if dates is None else postdate_window(list(dates))
+
+
 def run(ctx: StageContext) -> StageResult:
     from datamodules.shards import build_vocab
     from datamodules.smpd import read_smpd, write_posts
 
     cfg, layout = ctx.cfg, ctx.layout
     root = raw_root(cfg)
-    posts = read_smpd(root, check_images=bool(cfg.data.check_images))
+    posts = read_smpd(root, check_images=bool(cfg.data.check_images), postdate_range=postdate_range(cfg))
     repairs = {f"repaired_{col}": n for col, n in posts.attrs["repairs"].items() if n}
     train = posts[posts.split == "train"]
     if len(train) == 0 or train[LABEL].notna().sum() == 0:
@@ -102,7 +110,8 @@ def prepare_new_posts(cfg: DictConfig, run: RunLayout, raw_dir: Path, work: RunL
     """Lay out new (unlabelled) posts in ``work`` the way the training run is laid out, with the run's vocab."""
     from datamodules.smpd import read_smpd
 
-    posts = read_smpd(raw_dir, check_images=bool(cfg.data.check_images), labels=False)
+    posts = read_smpd(raw_dir, check_images=bool(cfg.data.check_images), labels=False,
+                      postdate_range=postdate_range(cfg))
     if len(posts) == 0:
         raise UserError(f"{raw_dir}: no posts to predict (the image lists are empty)")
     return lay_out_new_posts(cfg, run, posts, raw_dir, work)

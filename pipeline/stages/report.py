@@ -4,6 +4,12 @@ Scores come in two columns per member and for the blend: out-of-fold on the post
 held-back chronological slice (``folds.holdout_fraction``: posts that no fit, early stopping, checkpoint choice or
 blend weight saw; their predictions are the fold means, as for test posts), so the optimism of the out-of-fold
 figure shows. The report names the fold strategy that produced them.
+
+The headline (report.md's first section, the console summary's first line, W&B's ``headline/*``) is the blend's
+score on the held-back slice: posts later than every post fitted, like the test split. Without a held-back slice it
+is the out-of-fold score and says so. The report also names the members the stack's guards left out of the blend
+(and why), says loudly when the blend is worse on the held-back slice than its best single member, and says which
+test predictions come from the refit on every label (``stacking.refit_full``; all scores are from before it).
 """
 
 from __future__ import annotations
@@ -53,6 +59,50 @@ def score_table(oof_scores: pd.DataFrame, stack_preds: pd.DataFrame, labels: np.
     return pd.DataFrame(rows)
 
 
+def headline(scores: pd.DataFrame) -> dict:
+    """``{"src", "mae", "source"}``: the blend's held-back score (``source`` "held-back slice"), or its out-of-fold
+    score (``source`` "out-of-fold") when the run has no held-back slice."""
+    blend = scores[scores.member == "blend"].iloc[0] if (scores.member == "blend").any() else scores.iloc[0]
+    if np.isfinite(blend.heldback_mae):
+        return {"src": float(blend.heldback_src), "mae": float(blend.heldback_mae), "source": "held-back slice"}
+    return {"src": float(blend.oof_src), "mae": float(blend.oof_mae), "source": "out-of-fold"}
+
+
+def blend_warning(scores: pd.DataFrame, blend_members: list[str] | None = None) -> str | None:
+    """A loud sentence when the blend's held-back MAE is worse than its best single member's, else None."""
+    members = scores[(scores.member != "blend") & np.isfinite(scores.heldback_mae)]
+    blend = scores[scores.member == "blend"]
+    if members.empty or blend.empty or not np.isfinite(blend.heldback_mae.iloc[0]):
+        return None
+    best = members.loc[members.heldback_mae.idxmin()]
+    if blend.heldback_mae.iloc[0] <= best.heldback_mae:
+        return None
+    return (f"WARNING: the blend is worse on the held-back slice than its best single member: blend MAE "
+            f"{blend.heldback_mae.iloc[0]:.4f} vs {best.member} {best.heldback_mae:.4f} (SRC "
+            f"{blend.heldback_src.iloc[0]:.4f} vs {best.heldback_src:.4f}). The blend weights were fitted on the "
+            f"validation folds; the later posts do not behave like them.")
+
+
+def guard_text(layout: RunLayout) -> str | None:
+    """Markdown: the members left out of the blend and why, and the refit of the test predictions (None: neither)."""
+    from pipeline import render
+
+    parts = []
+    if layout.dropped_members.is_file():
+        dropped = pd.read_csv(layout.dropped_members)
+        if len(dropped):
+            parts.append("Left out of the blend (decided on validation rows and test-row predictions, never on the "
+                         "held-back labels):\n\n" + render.markdown_table(dropped))
+    if layout.refit.is_file():
+        refit = pd.read_csv(layout.refit)
+        if len(refit):
+            parts.append("Test predictions come from a refit of these members on every labelled post (the held-back "
+                         "slice included), with their best round counts scaled to the larger data and the folds' "
+                         "blend weights; every score above is from before the refit.\n\n"
+                         + render.markdown_table(refit))
+    return "\n\n".join(parts) or None
+
+
 def folds_line(cfg: DictConfig, folds: pd.DataFrame, postdate: np.ndarray) -> str:
     """One sentence: the fold strategy, K, and the held-back slice (size and date range)."""
     held = folds[HOLDOUT].to_numpy()
@@ -85,7 +135,20 @@ def run(ctx: StageContext) -> StageResult:
     preds = _write_predictions(layout, posts, stack_preds)
     test = _write_submission(cfg, layout, preds)
     labelled = preds[preds[KEY].isin(folds.loc[folds.fold != NO_FOLD, KEY])]
-    sections = [("Scores: out-of-fold and held-back slice", fold_text + "\n\n" + render.markdown_table(scores))]
+    head = headline(scores)
+    head_text = (f"**SRC {head['src']:.4f} / MAE {head['mae']:.4f}** on the {head['source']}"
+                 + (" (posts later than every post fitted, scored like the test split)."
+                    if head["source"] == "held-back slice" else
+                    ": no held-back slice (folds.holdout_fraction=0), so this is the optimistic out-of-fold figure."))
+    warning = blend_warning(scores)
+    if warning:
+        log.warning("report: %s", warning)
+        head_text += f"\n\n**{warning}**"
+    sections = [("Headline", head_text),
+                ("Scores: out-of-fold and held-back slice", fold_text + "\n\n" + render.markdown_table(scores))]
+    guards = guard_text(layout)
+    if guards:
+        sections.append(("Members left out and the refit", guards))
     plots = _plot_sections(layout, labelled, sections)
     for rel, title in STACK_TABLES:
         path = layout.root / rel
@@ -101,12 +164,13 @@ def run(ctx: StageContext) -> StageResult:
     render.write_report(layout.report, sections)
     if ctx.tracker is not None:
         _track(ctx.tracker, cfg, layout, scores, len(test), plots)
-    render.print_summary(scores, stage_seconds)
+    render.print_summary(scores, stage_seconds, head, warning)
     log.info("report: %s", layout.report)
     blend_row = scores[scores.member == "blend"]
     metrics = {} if blend_row.empty else {
         "src": float(blend_row.oof_src.iloc[0]), "mae": float(blend_row.oof_mae.iloc[0]),
-        "heldback_src": float(blend_row.heldback_src.iloc[0]), "heldback_mae": float(blend_row.heldback_mae.iloc[0])}
+        "heldback_src": float(blend_row.heldback_src.iloc[0]), "heldback_mae": float(blend_row.heldback_mae.iloc[0]),
+        "headline_src": head["src"], "headline_mae": head["mae"]}
     outputs = [RunLayout.predictions, RunLayout.submission, RunLayout.report, *(layout.rel(p) for p in plots)]
     return StageResult(outputs=outputs, counts={"test_predictions": len(test), "labelled": len(labelled),
                                                 "heldback": int(held.sum())},
@@ -171,7 +235,9 @@ def _plot_sections(layout: RunLayout, labelled: pd.DataFrame, sections: list[tup
 def _track(tracker, cfg: DictConfig, layout: RunLayout, scores: pd.DataFrame, n_test: int, plots: list[Path]) -> None:
     """The report's figures to W&B: summary scores, tables, plots and the run's artifacts."""
     blend = scores[scores.member == "blend"].iloc[0] if (scores.member == "blend").any() else scores.iloc[0]
-    tracker.summary({"oof/src": float(blend.oof_src), "oof/mae": float(blend.oof_mae),
+    head = headline(scores)
+    tracker.summary({"headline/src": head["src"], "headline/mae": head["mae"], "headline/source": head["source"],
+                     "oof/src": float(blend.oof_src), "oof/mae": float(blend.oof_mae),
                      "heldback/src": float(blend.heldback_src), "heldback/mae": float(blend.heldback_mae),
                      "folds/strategy": str(cfg.folds.strategy), "test_posts": n_test})
     tracker.table("scores", scores)

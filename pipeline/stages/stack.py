@@ -55,8 +55,19 @@ def stack_config(cfg: DictConfig, neural_columns: list[str]) -> StackConfig:
         members=members, neural_columns=neural_columns if s["use_neural_members"] else [], blend=s["blend"],
         caruana_size=s["caruana_size"], pseudo_rounds=s["pseudo_rounds"], pseudo_alpha=s["pseudo_alpha"],
         iqr_k=s["iqr_k"], selection_fraction=s["selection_fraction"], selection_member=s["selection_member"],
-        n_jobs=s["n_jobs"], seed=int(cfg.seed),
+        n_jobs=s["n_jobs"], guard=s["guard"], refit_full=bool(s["refit_full"]), seed=int(cfg.seed),
     )
+
+
+def latest_rows(folds: np.ndarray, postdate: np.ndarray) -> np.ndarray:
+    """Bool (n,): the last 1/K of the rows with a fold by date (K folds), on which the stack's error guard decides;
+    the held-back slice (no fold) is never among them."""
+    with_fold = np.flatnonzero(folds != NO_FOLD)
+    k = len(np.unique(folds[with_fold]))
+    order = with_fold[np.argsort(postdate[with_fold], kind="stable")]
+    mask = np.zeros(len(folds), dtype=bool)
+    mask[order[len(order) - len(order) // max(k, 1):]] = True
+    return mask
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -77,8 +88,9 @@ def _stack(cfg: DictConfig, layout: RunLayout, tracker, staged: Callable[[Path],
         features = features.drop(columns=neural_cols)
     loss_file = layout.class_loss  # the prompt/prototype module's, for loss-based selection
     losses = pd.read_parquet(loss_file)["class_loss"].to_numpy() if loss_file.is_file() else None
+    postdate = pd.read_parquet(layout.posts, columns=["postdate"])["postdate"].to_numpy()
     result = run_stack(features, y, folds, categorical, scfg, progress=bool(cfg.progress_bar),
-                       selection_losses=losses)
+                       selection_losses=losses, latest=latest_rows(folds, postdate))
     result.save(staged(layout.stack_model))
     labelled = folds != NO_FOLD
     pred = np.empty(len(X))
@@ -94,15 +106,18 @@ def _stack(cfg: DictConfig, layout: RunLayout, tracker, staged: Callable[[Path],
         staged(layout.stack_scores), index=False)
     result.rounds.to_csv(staged(layout.pseudo_rounds), index=False)
     result.weights.to_csv(staged(layout.blend_weights), index=False)
+    result.dropped.to_csv(staged(layout.dropped_members), index=False)
+    pd.DataFrame({"member": list(result.refit_rounds), "rounds": list(result.refit_rounds.values())}).to_csv(
+        staged(layout.refit), index=False)
     if len(result.importance):
         result.importance.rename("importance").rename_axis("feature").reset_index().to_csv(
             staged(layout.importance), index=False)
     outputs = [RunLayout.stack]
     ab = cfg.stacking.ablation
     if ab.enabled:
-        ab_cfg = scfg
+        ab_cfg = StackConfig(**{**scfg.__dict__, "refit_full": False})  # variants are scored, never submitted
         if ab.members:
-            ab_cfg = StackConfig(**{**scfg.__dict__, "members": {m: scfg.members[m] for m in ab.members}})
+            ab_cfg = StackConfig(**{**ab_cfg.__dict__, "members": {m: scfg.members[m] for m in ab.members}})
         table = run_ablations(features, y, folds, categorical, families, ABLATION_GROUPS, ab_cfg,
                               tuple(ab.variants), full=None if ab.members else result,
                               selection_losses=losses)
