@@ -56,8 +56,11 @@ def register_candidates() -> None:
         def __init__(self, params, categorical, seed):
             super().__init__(params, categorical, seed, max_cat_levels=2**31 - 1)
 
-    members.TABULAR_MEMBERS.update({"lightgbm_xt": members.LightGBMMember, "lightgbm_rf": members.LightGBMMember,
-                                    "lightgbm_all_cats": WideCategoricalLightGBM})
+    names = {"lightgbm_xt": members.LightGBMMember, "lightgbm_rf": members.LightGBMMember,
+             "lightgbm_all_cats": WideCategoricalLightGBM}
+    members.TABULAR_MEMBERS.update(names)
+    for keys in (members.ROUND_KEYS, members.LR_KEYS, members.PATIENCE_KEYS):  # refit_full treats them as LightGBMs
+        keys.update(dict.fromkeys(names, keys["lightgbm"]))
 
 
 def variant(lever: str, scfg, features: pd.DataFrame, categorical: list[str], families: dict[str, str]):
@@ -116,7 +119,7 @@ def main() -> None:
     from features.families import NEURAL_PRED
     from pipeline.config import load_run_config
     from pipeline.layout import RunLayout
-    from pipeline.stages.stack import stack_config, stack_inputs
+    from pipeline.stages.stack import latest_rows, stack_config, stack_inputs
     from stacking.metrics import scores
     from stacking.stack import run_stack
 
@@ -124,7 +127,7 @@ def main() -> None:
     for run in a.runs:
         cfg = load_run_config(run)
         X, families, categorical = stack_inputs(RunLayout(run))
-        posts = pd.read_parquet(run / "posts.parquet", columns=[LABEL, "split"])
+        posts = pd.read_parquet(run / "posts.parquet", columns=[LABEL, "split", "postdate"])
         y, split = posts[LABEL].to_numpy(), posts["split"].to_numpy()
         folds = read_folds(run / "folds.parquet")["fold"].to_numpy()
         unlabelled = folds == NO_FOLD  # the rows run_stack predicts as "test": test split + held-back slice
@@ -139,7 +142,8 @@ def main() -> None:
             if not scfg.neural_columns:
                 feats = feats.drop(columns=[c for c in neural_cols if c in feats.columns])
             start = time.perf_counter()
-            result = run_stack(feats, y, folds, cats, scfg, progress=False)
+            result = run_stack(feats, y, folds, cats, scfg, progress=False,
+                               latest=latest_rows(folds, posts["postdate"].to_numpy()))
             pred = result.test["blend"].to_numpy()
             s = scores(y_un[is_test], pred[is_test])
             held = scores(y_un[~is_test], pred[~is_test]) if (~is_test).any() else {"src": np.nan, "mae": np.nan}
