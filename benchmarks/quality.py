@@ -185,6 +185,8 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="keep each case's data and run in WORKDIR/<case> (default: "
                                                    "a temporary directory, removed)")
     a = p.parse_args()
+    if a.workdir is not None:
+        Path(a.workdir).mkdir(parents=True, exist_ok=True)
     ag_python = autogluon_python(a.autogluon_python)
     if ag_python is None:
         print("AutoGluon: not installed here and no --autogluon-python / $POPSTACK_AUTOGLUON_PYTHON given: skipped "

@@ -9,7 +9,11 @@ no_neural_members (neural predictions leave the blend), no_tabnet, no_pseudo (0 
 no_iqr (IQR filter off), blend_mae / blend_ridge (instead of the configured blend), no_image_stats (the
 image-statistics family dropped), no_native_cats (category/user codes as plain numbers, not categoricals),
 no_prompt_prototype (the prompt/prototype module's F-vector columns and prediction dropped), no_hierarchical and
-no_co_attention (that module's prediction dropped).
+no_co_attention (that module's prediction dropped); the tabular core (issue 22): lgb_all_cats (LightGBM splits
+every categorical natively, user ids included, instead of only those with <= 1,000 levels), lgb_xt / lgb_rf (a
+LightGBM of extremely randomised trees / a LightGBM random forest joins the stack, ``CANDIDATES``), no_trend (the
+absolute position in time, ``temporal.days_since_start``, dropped: trees cannot extrapolate it past the training
+period).
 
 Scored separately: the test split (posts.split == "test") and the held-back chronological slice of the labelled
 posts (``folds.holdout_fraction``), both against the labels ``signal.parquet`` keeps; and the out-of-fold blend.
@@ -27,7 +31,36 @@ import pandas as pd
 from common import print_table, write_results
 
 LEVERS = ("default", "no_neural_members", "no_tabnet", "no_pseudo", "no_iqr", "blend_mae", "blend_ridge",
-          "no_image_stats", "no_native_cats", "no_prompt_prototype", "no_hierarchical", "no_co_attention")
+          "no_image_stats", "no_native_cats", "no_prompt_prototype", "no_hierarchical", "no_co_attention",
+          "lgb_all_cats", "lgb_xt", "lgb_rf", "no_trend")
+
+
+#: Tabular-core candidates (issue 22), tried as levers only: measured, none earned a default (benchmarks/README.md).
+#: Each is a LightGBM with other params, registered under its own member name for the lever's refit.
+CANDIDATES = {
+    "lightgbm_xt": {"objective": "huber", "alpha": 1.0, "learning_rate": "auto", "extra_trees": True,
+                    "num_leaves": 63, "min_data_in_leaf": 10, "feature_fraction": 0.7, "max_bin": 63,
+                    "n_estimators": 3000, "early_stopping_rounds": 50, "num_threads": "auto"},
+    "lightgbm_rf": {"boosting": "rf", "objective": "huber", "alpha": 1.0, "num_leaves": 255, "min_data_in_leaf": 5,
+                    "bagging_freq": 1, "bagging_fraction": 0.632, "feature_fraction": 0.5, "max_bin": 63,
+                    "n_estimators": 300, "early_stopping_rounds": 50, "num_threads": "auto"},
+}
+
+
+def register_candidates() -> None:
+    """Make the candidate names known to ``stacking.members`` (LightGBM classes; one with every categorical
+    native) for this process only."""
+    from stacking import members
+
+    class WideCategoricalLightGBM(members.LightGBMMember):
+        def __init__(self, params, categorical, seed):
+            super().__init__(params, categorical, seed, max_cat_levels=2**31 - 1)
+
+    names = {"lightgbm_xt": members.LightGBMMember, "lightgbm_rf": members.LightGBMMember,
+             "lightgbm_all_cats": WideCategoricalLightGBM}
+    members.TABULAR_MEMBERS.update(names)
+    for keys in (members.ROUND_KEYS, members.LR_KEYS, members.PATIENCE_KEYS):  # refit_full treats them as LightGBMs
+        keys.update(dict.fromkeys(names, keys["lightgbm"]))
 
 
 def variant(lever: str, scfg, features: pd.DataFrame, categorical: list[str], families: dict[str, str]):
@@ -59,6 +92,16 @@ def variant(lever: str, scfg, features: pd.DataFrame, categorical: list[str], fa
         features = features.drop(columns=[c for c in features.columns if families.get(c) == IMAGE_STATS])
     elif lever == "no_native_cats":
         categorical = []
+    elif lever == "lgb_all_cats":
+        members = {("lightgbm_all_cats" if k == "lightgbm" else k): v for k, v in scfg.members.items()}
+        scfg = dataclasses.replace(scfg, members=members)
+    elif lever in ("lgb_xt", "lgb_rf"):
+        name = "lightgbm_" + lever.removeprefix("lgb_")
+        scfg = dataclasses.replace(scfg, members={**scfg.members, name: dict(CANDIDATES[name])})
+    elif lever == "no_trend":
+        from features.families import TEMPORAL, column_name
+
+        features = features.drop(columns=[column_name(TEMPORAL, "days_since_start")], errors="ignore")
     elif lever != "default":
         raise SystemExit(f"unknown lever {lever!r}; levers: {', '.join(LEVERS)}")
     return scfg, features, categorical
@@ -70,12 +113,13 @@ def main() -> None:
     p.add_argument("--levers", default=",".join(LEVERS))
     p.add_argument("--name", default="quality_levers")
     a = p.parse_args()
+    register_candidates()
     from datamodules.folds import read_folds
     from datamodules.schema import KEY, LABEL, NO_FOLD
     from features.families import NEURAL_PRED
     from pipeline.config import load_run_config
     from pipeline.layout import RunLayout
-    from pipeline.stages.stack import stack_config, stack_inputs
+    from pipeline.stages.stack import latest_rows, stack_config, stack_inputs
     from stacking.metrics import scores
     from stacking.stack import run_stack
 
@@ -83,7 +127,7 @@ def main() -> None:
     for run in a.runs:
         cfg = load_run_config(run)
         X, families, categorical = stack_inputs(RunLayout(run))
-        posts = pd.read_parquet(run / "posts.parquet", columns=[LABEL, "split"])
+        posts = pd.read_parquet(run / "posts.parquet", columns=[LABEL, "split", "postdate"])
         y, split = posts[LABEL].to_numpy(), posts["split"].to_numpy()
         folds = read_folds(run / "folds.parquet")["fold"].to_numpy()
         unlabelled = folds == NO_FOLD  # the rows run_stack predicts as "test": test split + held-back slice
@@ -98,7 +142,8 @@ def main() -> None:
             if not scfg.neural_columns:
                 feats = feats.drop(columns=[c for c in neural_cols if c in feats.columns])
             start = time.perf_counter()
-            result = run_stack(feats, y, folds, cats, scfg, progress=False)
+            result = run_stack(feats, y, folds, cats, scfg, progress=False,
+                               latest=latest_rows(folds, posts["postdate"].to_numpy()))
             pred = result.test["blend"].to_numpy()
             s = scores(y_un[is_test], pred[is_test])
             held = scores(y_un[~is_test], pred[~is_test]) if (~is_test).any() else {"src": np.nan, "mae": np.nan}
