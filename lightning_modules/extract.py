@@ -3,7 +3,7 @@
 Each rank writes its ``predict_step`` outputs to ``<out_dir>/rank<r>.parquet`` (``KeyedPredictionWriter``);
 ``merge_rank_outputs`` joins them into one row per post. ``oof_and_test`` turns per-fold outputs into the
 stack's inputs: for a labelled post the output of the model whose fold held it out, for an unlabelled post the
-mean over the fold models. ``align_fold_outputs`` first puts every fold model's feature columns on one scale.
+mean over the fold models.
 """
 
 from __future__ import annotations
@@ -140,28 +140,3 @@ def oof_and_test(per_fold: dict[int, pd.DataFrame], folds: pd.DataFrame) -> pd.D
         stacked = np.stack([f.loc[unlabelled].to_numpy(dtype=np.float64) for f in aligned.values()])
         out.loc[unlabelled] = stacked.mean(0)
     return out.reset_index()
-
-
-def align_fold_outputs(per_fold: dict[int, pd.DataFrame], columns: list[str],
-                       stats: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[int, pd.DataFrame]:
-    """Standardise each fold model's ``columns`` with that model's own mean and std over one fixed set of posts.
-
-    Every fold model scores every post of the training run, so on a training run the statistics of all fold models
-    come from the same posts: afterwards a column has the same location and scale whichever fold model produced a
-    row (its learned temperature or offset no longer shows), without looking at any label. ``stats``
-    ({fold: (mean (c,), std (c,))}) is filled when empty and reused as is for new posts, which must be scaled like
-    the training run's rows. Columns not in ``columns`` pass through unchanged.
-    """
-    out = {}
-    for k, frame in per_fold.items():
-        x = frame[columns].to_numpy(dtype=np.float64)
-        if k not in stats:
-            std = x.std(0)
-            stats[k] = (x.mean(0), np.where(std > 0, std, 1.0))
-        mean, std = stats[k]
-        if len(mean) != len(columns):
-            raise ValueError(f"fold {k}: {len(columns)} feature columns but alignment statistics for {len(mean)}")
-        aligned = frame.copy()
-        aligned[columns] = (x - mean) / std
-        out[k] = aligned
-    return out

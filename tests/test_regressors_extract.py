@@ -12,7 +12,7 @@ import torch
 from datamodules.cached import EmbeddingDataModule, load_embedding_cache
 from datamodules.schema import NO_FOLD
 from lightning_modules.embed import compute_embedding_cache
-from lightning_modules.extract import KeyedPredictionWriter, align_fold_outputs, merge_rank_outputs, oof_and_test
+from lightning_modules.extract import KeyedPredictionWriter, merge_rank_outputs, oof_and_test
 from lightning_modules.losses import huber_loss
 from lightning_modules.regressors import CLIPHierarchicalPredictor, CoAttention, CoAttentionMLPModule
 from tests.helpers import quiet_trainer
@@ -225,18 +225,3 @@ def test_oof_never_uses_the_model_that_saw_the_row():
     assert out.prediction.tolist() == [10, 11, 10, 11, 10.5]
     with pytest.raises(ValueError, match="no model for folds"):
         oof_and_test({0: per_fold[0]}, folds)
-
-
-def test_alignment_removes_a_fold_models_scale_and_reuses_training_statistics():
-    rng = np.random.default_rng(0)
-    z = rng.normal(size=50)
-    # two fold models give the same class score up to their own learned temperature and offset
-    per_fold = {0: pd.DataFrame({"post_id": [str(i) for i in range(50)], "w_global_000": z, "prediction": 1.0}),
-                1: pd.DataFrame({"post_id": [str(i) for i in range(50)], "w_global_000": 4 * z + 3, "prediction": 2.0})}
-    stats: dict = {}
-    out = align_fold_outputs(per_fold, ["w_global_000"], stats)
-    np.testing.assert_allclose(out[0].w_global_000, out[1].w_global_000, atol=1e-12)
-    assert out[1].prediction.tolist() == [2.0] * 50  # other columns pass through
-    new = {k: f.iloc[:5] for k, f in per_fold.items()}  # new posts: scaled with the training run's statistics
-    again = align_fold_outputs(new, ["w_global_000"], stats)
-    np.testing.assert_allclose(again[1].w_global_000, out[1].w_global_000[:5])
