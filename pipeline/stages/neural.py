@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.distributed import planned_world_size, start_lightning_processes, topology, wait_for, wait_timeout
+from pipeline.distributed import (
+    Topology,
+    planned_world_size,
+    start_lightning_processes,
+    topology,
+    wait_for,
+    wait_timeout,
+)
 from pipeline.layout import RunLayout
 from pipeline.manifest import StageResult, file_digest
 from pipeline.neural import (
@@ -102,12 +109,7 @@ def train_f_model(cfg: DictConfig, layout: RunLayout, name: str, key: dict) -> N
     ``key`` is there. Over the shards (``uses_shards``) it trains on the labelled posts of every fold."""
     out = f_model_dir(layout, name)
     topo = topology()
-    if topo.is_zero:
-        start_fresh_unless(out, key)
-    else:
-        wait_for(lambda: recorded_key_is(out / KEY_FILE, key), f"{out / KEY_FILE} (keyed by rank 0)",
-                 wait_timeout(cfg))
-    if finished_checkpoint(out) is not None:
+    if _finished_with_key(cfg, out, key, topo):
         return
     log.info("neural: training the %s F model (classification only, every post with a known class)", name)
     torch.manual_seed(int(cfg.seed))
@@ -117,6 +119,17 @@ def train_f_model(cfg: DictConfig, layout: RunLayout, name: str, key: dict) -> N
     fit_resumable(module, data, out, key=key if topo.is_zero else None, trainer_cfg=trainer_cfg(cfg),
                   max_epochs=int(cfg.model[name].epochs), monitor=None, mode="min", seed=int(cfg.seed),
                   wandb_prefix=f"{name}/features", progress_bar=bool(cfg.get("progress_bar", True)))
+
+
+def _finished_with_key(cfg: DictConfig, out: Path, key: dict, topo: Topology) -> bool:
+    """Rank 0 clears a fit folder made from something else and records ``key`` (the other ranks wait for it);
+    whether a finished fit made with ``key`` is there."""
+    if topo.is_zero:
+        start_fresh_unless(out, key)
+    else:
+        wait_for(lambda: recorded_key_is(out / KEY_FILE, key), f"{out / KEY_FILE} (keyed by rank 0)",
+                 wait_timeout(cfg))
+    return finished_checkpoint(out) is not None
 
 
 def fold_key(cfg: DictConfig, inputs: dict, backbone: dict, name: str, fold: int) -> dict:
@@ -143,12 +156,7 @@ def train_fold(cfg: DictConfig, layout: RunLayout, name: str, fold: int, key: di
     Rank 0 alone clears a fold folder made from something else and records ``key``; the other ranks wait for it."""
     out = layout.fold_dir(name, fold)
     topo = topology()
-    if topo.is_zero:
-        start_fresh_unless(out, key)
-    else:
-        wait_for(lambda: recorded_key_is(out / KEY_FILE, key), f"{out / KEY_FILE} (keyed by rank 0)",
-                 wait_timeout(cfg))
-    if finished_checkpoint(out) is not None:
+    if _finished_with_key(cfg, out, key, topo):
         return
     log.info("neural: training %s fold %d/%d", name, fold + 1, cfg.n_folds)
     torch.manual_seed(int(cfg.seed))  # one initialisation for every fold's model (training order: per fold)
