@@ -131,7 +131,8 @@ def placement_for_this_machine(trainer: DictConfig, accelerator: str | None, dev
 def predictor_files(run_dir: str | Path, cfg: DictConfig) -> list[Path]:
     """Everything ``Predictor`` reads from a finished run (what the W&B ``predictor`` artifact holds): the config,
     vocab, feature state and standardiser, the extract state (PCA), the backbone weights, every fold's ``done.json``
-    and the checkpoint it names, and the stacker. Raises ``UserError`` when one is missing."""
+    and the checkpoint it names, the stacker, and the manifests and files its consistency check verifies
+    (``pipeline.run_check``). Raises ``UserError`` when one is missing."""
     from pipeline.neural import checkpoints, enabled_modules, f_checkpoint, f_model_dir, has_fold_models
     from pipeline.training import DONE
 
@@ -144,6 +145,9 @@ def predictor_files(run_dir: str | Path, cfg: DictConfig) -> list[Path]:
         if has_fold_models(cfg, name):
             for fold, best in checkpoints(cfg, run, name).items():
                 files += [run.fold_dir(name, fold) / DONE, best]
+    from pipeline.run_check import inference_files
+
+    files = list(dict.fromkeys([*files, *inference_files(run.root)]))  # what check_run verifies, manifests included
     missing = [run.rel(p) for p in files if not p.exists()]
     if missing:
         raise UserError(f"{run.root}: not a finished run, missing {missing}")

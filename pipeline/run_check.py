@@ -75,6 +75,23 @@ def check_run(run_dir: Path, cfg: DictConfig) -> None:
         manifests[stage.name] = manifest
 
 
+def inference_files(run_dir: Path) -> list[Path]:
+    """The manifests of the inference stages and every file ``check_run`` verifies among their outputs: with
+    ``config.yaml``, what a copy of the run needs to pass ``check_run`` (the W&B ``predictor`` artifact)."""
+    layout = RunLayout(run_dir)
+    files = []
+    for stage in INFERENCE_STAGES:
+        path = layout.manifest(stage)
+        manifest = Manifest.read(path)
+        if manifest is None:
+            raise UserError(f"{run_dir}: stage {stage!r} has no readable manifest ({layout.rel(path)})")
+        files.append(path)
+        for rel in manifest.outputs:
+            files += [run_dir / rel / name if name else run_dir / rel
+                      for name in (manifest.checksums.get(rel) or {}) if _read_by_inference(rel, name)]
+    return files
+
+
 def _verify_files(run_dir: Path, manifest: Manifest, where: str) -> None:
     """Every file inference reads among ``manifest``'s outputs exists and matches its recorded checksum (a file
     whose size and mtime are as recorded is trusted without reading it, as ``pipeline.manifest`` does)."""

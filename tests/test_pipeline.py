@@ -124,6 +124,19 @@ def test_predict_on_fresh_raw_posts_without_labels(finished_run, tmp_path):
 
 
 @pytest.mark.slow
+def _restamp_manifests(run: Path, config: dict) -> None:
+    """Record ``config`` in every stage manifest of ``run`` (the consistency check compares them with config.yaml)."""
+    from pipeline.manifest import config_hash
+    from pipeline.stages import STAGES
+
+    for stage in STAGES:
+        path = run / "manifests" / f"{stage.name}.json"
+        if path.is_file():
+            record = json.loads(path.read_text())
+            record["config"] = config_hash(stage.config(config))
+            path.write_text(json.dumps(record))
+
+
 def test_a_gpu_run_predicts_on_a_cpu_only_machine(finished_run, tmp_path, caplog, monkeypatch):
     """A run whose config says trainer=gpu (bf16) predicts here: with --accelerator cpu, and with no flag (one
     warning line, then the CPU), both equal to the run's own predictions."""
@@ -140,6 +153,7 @@ def test_a_gpu_run_predicts_on_a_cpu_only_machine(finished_run, tmp_path, caplog
     config["trainer"].update(yaml.safe_load((ROOT / "configs" / "trainer" / "gpu.yaml").read_text()))
     assert config["trainer"]["accelerator"] == "gpu"
     (gpu_run / "config.yaml").write_text(yaml.safe_dump(config))
+    _restamp_manifests(gpu_run, config)  # as if the run had been trained with that trainer section
     posts = pd.read_parquet(run_dir / "posts.parquet")
     trained = pd.read_parquet(run_dir / "predictions.parquet").set_index("post_id")
     raw = Path(cfg.data.root)
