@@ -18,7 +18,17 @@ class PostModule(L.LightningModule):
 
     Args common to all subclasses: ``lr``, ``weight_decay``, ``scheduler`` ("cosine" | "constant"),
     ``token_len`` (per-token text features kept when encoding raw batches).
+
+    Class attributes read by the pipeline before a module is built:
+    ``needs_images``: why the module is pointless on a dataset without a readable image (its input is essentially
+    the image), or "" when it still learns from the text side; such a module is not trained then
+    (``pipeline.neural.enabled_modules``).
+    ``image_f_blocks``: the F blocks it emits (``predict_step``) that are functions of the image alone, constant
+    without images and then left out of the F vector.
     """
+
+    needs_images: str = ""
+    image_f_blocks: tuple[str, ...] = ()
 
     def _init_backbone(self, model_name: str, pretrained: str | None, trainable_last_blocks: int) -> None:
         from lightning_modules.backbone import freeze
