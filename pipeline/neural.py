@@ -285,6 +285,7 @@ def build_module(cfg: DictConfig, layout: RunLayout, name: str, dm: EmbeddingDat
             log.info("prompt_prototype: %d classes without training posts use class-name prototypes",
                      int((~filled).sum()))
         module.set_prototypes(torch.from_numpy(visual), torch.from_numpy(textual))
+        module.encode_images = images_readable(layout)  # raw batches (over shards): no image tower without images
         return module
     embed_dim = int(cache["image_emb"].shape[1])
     shards = uses_shards(cfg, name)
@@ -298,6 +299,8 @@ def build_module(cfg: DictConfig, layout: RunLayout, name: str, dm: EmbeddingDat
         module = CLIPHierarchicalPredictor(embed_dim=embed_dim, **hp)
     if shards:
         _load_run_clip(module, layout)
+    if shards:  # raw batches: no image tower when the run has no readable image
+        module.encode_images = images_readable(layout)
     return module
 
 
@@ -341,13 +344,15 @@ def load_module(name: str, checkpoint: str | Path):
 
 
 def predict_frames(cfg: DictConfig, dm: EmbeddingDataModule | PopularityDataModule, work: Path,
-                   ckpts: dict[int, Path], name: str, post_ids: list[str]) -> dict[int, pd.DataFrame]:
+                   ckpts: dict[int, Path], name: str, post_ids: list[str],
+                   images: bool = True) -> dict[int, pd.DataFrame]:
     """Every post's outputs from each fold's checkpoint (``trainer.predict`` + keyed writer, merged by id).
 
     On many devices each rank predicts its share of the posts (the loader is made by the Trainer, once the ranks
     are known) and writes ``work/fold<k>/rank<r>.parquet``; ``work`` must be the same folder on every rank (the
     run directory, or ``pipeline.distributed.shared_tmpdir`` for ``predict.py``). After a barrier every rank reads
-    all rank files, joined by post id (``merge_rank_outputs``: every post exactly once).
+    all rank files, joined by post id (``merge_rank_outputs``: every post exactly once). ``images`` False: raw
+    batches are encoded without the image tower (the run had no readable image).
     """
     import lightning as L
 
@@ -355,6 +360,7 @@ def predict_frames(cfg: DictConfig, dm: EmbeddingDataModule | PopularityDataModu
     t = trainer_cfg(cfg)
     for fold, ckpt in ckpts.items():
         module = load_module(name, ckpt)
+        module.encode_images = images
         out = work / f"fold{fold}"
         writer = KeyedPredictionWriter(out)
         trainer = L.Trainer(accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"],
@@ -454,14 +460,15 @@ def neural_outputs(cfg: DictConfig, data: RunLayout, run: RunLayout, state: dict
         dm = shard_datamodule(cfg, data, name, None) if shards else cache_datamodule(cfg, data, name, None)
         if name == "prompt_prototype":
             f_out = predict_frames(cfg, dm, data.predict_dir(name), {F_MODEL: f_checkpoint(run, name)}, name,
-                                   post_ids)[F_MODEL]
+                                   post_ids, images)[F_MODEL]
             cols = [c for c in f_out.columns if c.rsplit("_", 1)[0] in F_BLOCKS and c.rsplit("_", 1)[0] not in dropped]
             f_frame = f_out[cols].reset_index(drop=True)
             if extras is not None:
                 extras["class_loss"] = f_out["class_loss"].to_numpy(dtype=np.float64)
         if not has_fold_models(cfg, name):
             continue
-        frames = predict_frames(cfg, dm, data.predict_dir(name), checkpoints(cfg, run, name), name, post_ids)
+        frames = predict_frames(cfg, dm, data.predict_dir(name), checkpoints(cfg, run, name), name, post_ids,
+                                images)
         frames = {k: f[[KEY, "prediction"]] for k, f in frames.items()}
         merged = oof_and_test(frames, folds)
         preds[f"pred_{name}"] = merged["prediction"].to_numpy(dtype=np.float32)

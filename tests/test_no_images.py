@@ -36,6 +36,25 @@ def test_encode_posts_without_images_never_runs_the_image_tower():
     assert not out["image_emb"].any()
 
 
+def test_a_module_on_raw_batches_follows_the_run_and_skips_the_image_tower():
+    """Modules trained over the shards (trainable CLIP blocks) encode raw batches the way the cache was encoded."""
+    from lightning_modules.regressors import CLIPHierarchicalPredictor
+
+    module = CLIPHierarchicalPredictor(embed_dim=32, hidden=(8,), backbone_name="popstack-tiny-clip")
+    size, context = module.clip.visual.image_size, module.tokenizer("a").shape[1]
+    batch = {"image": torch.zeros(2, 3, *((size,) * 2 if isinstance(size, int) else size), dtype=torch.uint8),
+             "text_ids": torch.ones(2, context, dtype=torch.long)}
+    assert module.encode(batch)["image_emb"].abs().sum() > 0  # with images: the tower runs (a blank is not zero)
+
+    def no_image_tower(*args, **kwargs):
+        raise AssertionError("the image tower ran")
+
+    module.clip.encode_image = no_image_tower
+    module.encode_images = False
+    with torch.no_grad():
+        assert not module.encode(batch)["image_emb"].any()
+
+
 def test_image_only_modules_are_declared_on_their_classes(tmp_path):
     from pipeline.neural import MODULES, enabled_modules, image_f_blocks, image_skipped, image_token_grid
 
