@@ -80,7 +80,7 @@ def run(ctx: StageContext) -> StageResult:
     config, so nothing made from other inputs is reused."""
     cfg, layout, inputs, bb = ctx.cfg, ctx.layout, ctx.upstream, ctx.inputs
     images = images_readable(layout)
-    if not images:
+    if not images and topology().is_zero:
         skipped = "; ".join(f"{n} skipped ({why})" for n, why in image_skipped(cfg).items())
         log.info("neural: no post has a readable image; the embedding cache skips the image tower%s",
                  f"; {skipped}" if skipped else "")
