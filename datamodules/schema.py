@@ -81,6 +81,14 @@ COLUMNS: tuple[str, ...] = (
 IMAGE_OK, IMAGE_MISSING, IMAGE_UNREADABLE, IMAGE_OUTSIDE = "ok", "missing", "unreadable", "outside_root"
 
 
+def any_image_readable(posts) -> bool:
+    """Whether a dataset has images worth computing anything from: some post's ``image_status`` is ``ok`` (a table
+    without the column counts as having images). The one test of "no readable image": the features stage's image
+    family and the neural stage's image tower and image-only modules all follow it (on the posts of the training
+    run; new posts follow the run's decision)."""
+    return "image_status" not in posts or bool((posts["image_status"] == IMAGE_OK).any())
+
+
 def submission_post_id(post_id: str) -> str:
     """The official submission key: ``"post" + Pid``."""
     return f"post{post_id}"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from datamodules.schema import IMAGE_OK, KEY, NO_FOLD
+from datamodules.schema import KEY, NO_FOLD, any_image_readable
 from features.category import categorical_columns, category_features
 from features.config import FeatureConfig
 from features.families import USER, column_name, family_of
@@ -84,7 +84,8 @@ def _families(posts, folds, state, cfg, encoder, image_dir, progress: bool = Fal
         timed("sentence", lambda: sentence_features(posts, state, cfg, encoder))
     if cfg.glove_path:
         timed("glove", lambda: glove_features(posts, cfg.glove_path))
-    if cfg.image_stats and _images_readable(posts, state):
+    readable = images_readable(posts, state)
+    if cfg.image_stats and readable:
         timed("image_stats", lambda: image_stats_features(
             posts, shard_image_statistics(image_dir) if image_dir else None))
     timed("target", lambda: target_features(posts, folds, state, cfg.target_prior, tuple(cfg.target_keys)))
@@ -95,12 +96,14 @@ def _families(posts, folds, state, cfg, encoder, image_dir, progress: bool = Fal
 IMAGES_SKIPPED = "image_stats.skipped"
 
 
-def _images_readable(posts: pd.DataFrame, state: FeatureState) -> bool:
-    """Whether the image family is worth computing: when fitting, some post has a readable image (else one log line
-    and the family is skipped, now and for new posts); for new posts, what the fit decided."""
+def images_readable(posts: pd.DataFrame, state: FeatureState) -> bool:
+    """Whether image features are worth computing: when fitting, some post has a readable image
+    (``datamodules.schema.any_image_readable``; else one log line and the image family is skipped, now and for new
+    posts); for new posts, what the fit decided (recorded in the state whatever ``image_stats`` says, so
+    ``pipeline.inference.Predictor`` follows the run's decision for the neural modules too)."""
     if state.fitted:
         return not state.meta.get(IMAGES_SKIPPED, False)
-    readable = "image_status" not in posts or bool((posts["image_status"] == IMAGE_OK).any())
+    readable = any_image_readable(posts)
     if not readable:
         log.info("features: no post has a readable image; the image-statistics family is skipped")
     state.meta[IMAGES_SKIPPED] = not readable

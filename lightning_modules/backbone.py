@@ -227,7 +227,8 @@ def encode_image_tokens(model: nn.Module, image: torch.Tensor, grid: int) -> tup
 
 
 def encode_posts(
-    model: nn.Module, image: torch.Tensor, text_ids: torch.Tensor, token_len: int, image_grid: int = 0
+    model: nn.Module, image: torch.Tensor, text_ids: torch.Tensor, token_len: int, image_grid: int = 0,
+    images: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Frozen-backbone features of a batch of posts: the one place raw batches become embeddings.
 
@@ -241,6 +242,8 @@ def encode_posts(
         text_ids: (B, C) token ids of the post text (C = context length, 0 = padding).
         token_len: number of leading token positions kept for the per-token features (<= C).
         image_grid: > 0: also the last layer's patch tokens, pooled to at most this grid (``encode_image_tokens``).
+        images: False (a dataset without readable images): the image tower does not run; ``image_emb`` is zeros
+            and there are no patch tokens.
 
     Returns (all float32 except the mask):
         image_emb: (B, D) CLIP image embedding (not normalised).
@@ -250,11 +253,13 @@ def encode_posts(
         image_tokens: (B, g * g, D) projected patch tokens, only when ``image_grid`` > 0.
     """
     image_tokens = None
-    if image_grid > 0:
+    text_emb, tokens = encode_text_tokens(model, text_ids)
+    if not images:
+        image_emb = torch.zeros_like(text_emb)
+    elif image_grid > 0:
         image_emb, image_tokens = encode_image_tokens(model, normalise_images(image), image_grid)
     else:
         image_emb = model.encode_image(normalise_images(image))
-    text_emb, tokens = encode_text_tokens(model, text_ids)
     out = {
         "image_emb": image_emb.float(),
         "text_emb": text_emb.float(),

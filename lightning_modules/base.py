@@ -18,7 +18,20 @@ class PostModule(L.LightningModule):
 
     Args common to all subclasses: ``lr``, ``weight_decay``, ``scheduler`` ("cosine" | "constant"),
     ``token_len`` (per-token text features kept when encoding raw batches).
+
+    Class attributes read by the pipeline before a module is built:
+    ``needs_images``: why the module is pointless on a dataset without a readable image (its input is essentially
+    the image), or "" when it still learns from the text side; such a module is not trained then
+    (``pipeline.neural.enabled_modules``).
+    ``image_f_blocks``: the F blocks it emits (``predict_step``) that are functions of the image alone, constant
+    without images and then left out of the F vector.
+    ``encode_images`` (instance attribute, not a hyper-parameter): False when the run has no readable image; raw
+    batches are then encoded without the image tower (``encode_posts(images=False)``), as the cache was.
     """
+
+    needs_images: str = ""
+    image_f_blocks: tuple[str, ...] = ()
+    encode_images: bool = True
 
     def _init_backbone(self, model_name: str, pretrained: str | None, trainable_last_blocks: int) -> None:
         from lightning_modules.backbone import freeze
@@ -45,7 +58,7 @@ class PostModule(L.LightningModule):
             if self.frozen:
                 self.clip.eval()
             enc = encode_posts(self.clip, batch["image"], batch["text_ids"], self.hparams.token_len,
-                               image_grid=int(self.hparams.get("image_token_grid", 0)))
+                               image_grid=int(self.hparams.get("image_token_grid", 0)), images=self.encode_images)
         return {**batch, **enc}
 
     def on_train_epoch_start(self) -> None:

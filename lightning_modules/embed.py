@@ -6,6 +6,8 @@ order = ``posts.parquet`` order):
 ``text_mask.npy`` (n, L) bool, ``has_image.npy`` (n,) bool, ``post_ids.json``; with an image-token grid g > 0
 also ``image_tokens.npy`` (n, g * g, D) float16: the last layer's projected patch tokens
 (``lightning_modules.backbone.encode_image_tokens``), what the co-attention MLP attends over.
+A dataset without a readable image (``datamodules.schema.any_image_readable``) gets no image encoding at all:
+``image_emb.npy`` holds zeros (kept, so every reader sees one layout) and ``image_tokens.npy`` is not written.
 Large arrays are written through ``np.lib.format.open_memmap``, so memory stays flat at SMPD scale.
 
 Many ranks build one cache together (``pipeline.neural.build_cache``): in the one temporary folder
@@ -90,6 +92,7 @@ def encode_into(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
     image_grid: int = 0,
+    images: bool = True,
 ) -> list[str]:
     """Encode raw batches (``post_id``, ``image``, ``text_ids``, ``has_image``) into the rows ``index[post_id]``
     (``index`` None: rows 0, 1, 2, ... in the order the posts come, as a rank's own part of the cache).
@@ -97,6 +100,8 @@ def encode_into(
     ``arrays``: the cache arrays, or a function of the first batch's encoding that allocates them. Returns the
     post ids written, in order; an unknown id, or one seen twice in these batches, raises ``ValueError``.
     ``image_grid`` > 0: the patch tokens too (``image_tokens``, which the arrays must then hold).
+    ``images`` False (no post has a readable image): the image tower never runs and ``image_emb`` is written as
+    zeros (``encode_posts``).
     """
     seen: set[str] = set()
     written: list[str] = []
@@ -114,7 +119,7 @@ def encode_into(
                 seen.add(pid)
                 rows.append(index[pid] if index is not None else len(seen) - 1)
             enc = encode_posts(model, batch["image"].to(device), batch["text_ids"].to(device), token_len,
-                               image_grid=image_grid)
+                               image_grid=image_grid, images=images)
             if callable(arrays):
                 arrays = arrays(enc)
             rows_arr = np.asarray(rows)

@@ -61,6 +61,11 @@ class PromptPrototypeModule(PostModule):
     larger step than the projection/attention/head weights. token_len: per-token features for raw batches.
     """
 
+    #: its text side (prompts, w_g, w_l, f_t) still learns without images; these blocks are functions of the image
+    #: (x~ attends from the image feature, V~ and T~ are weighted by the image's class posterior), so without a
+    #: readable image they are the same for every post
+    image_f_blocks = ("f_i", "x_tilde", "v_tilde", "t_tilde")
+
     def __init__(
         self,
         class_names: list[str],

@@ -113,6 +113,9 @@ class CoAttentionMLPModule(RegressorModule):
     accept raw batches.
     """
 
+    #: without images the co-attention has nothing to attend over: every post's patch tokens are the same blank
+    needs_images = "it attends over image patch tokens"
+
     cache_fields = ("image_emb", "text_emb", "text_tokens", "text_mask", "image_tokens")
 
     def __init__(self, embed_dim: int, tabular_dim: int = 0, attn_dim: int = 128, heads: int = 4,
@@ -145,6 +148,7 @@ class CLIPHierarchicalPredictor(RegressorModule):
     """Stacked FC + ReLU + BatchNorm layers on [CLIP image embedding; CLIP text embedding] (Huber loss)."""
 
     cache_fields = ("image_emb", "text_emb")  # the embedding-cache arrays it reads (not the per-token features)
+    #: needs_images stays "": without images its image half is zeros and the text half still learns
 
     def __init__(self, embed_dim: int, hidden: tuple[int, ...] = (512, 128, 32), dropout: float = 0.1,
                  huber_delta: float = 1.0, lr: float = 1e-3, weight_decay: float = 1e-4, scheduler: str = "cosine",

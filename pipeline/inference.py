@@ -133,20 +133,22 @@ def predictor_files(run_dir: str | Path, cfg: DictConfig) -> list[Path]:
     vocab, feature state and standardiser, the extract state (PCA), the backbone weights, every fold's ``done.json``
     and the checkpoint it names, the stacker, and the manifests and files its consistency check verifies
     (``pipeline.run_check``). Raises ``UserError`` when one is missing."""
+    from features.build import images_readable
+    from features.state import FeatureState
     from pipeline.neural import checkpoints, enabled_modules, f_checkpoint, f_model_dir, has_fold_models
+    from pipeline.run_check import inference_files
     from pipeline.training import DONE
 
     run = RunLayout(Path(run_dir))
+    images = images_readable(None, FeatureState.load(run.feature_state)) if run.feature_state.is_dir() else True
     files = [run.config, run.vocab, run.feature_state, run.tabular_scaler, run.extract_state, run.backbone,
              run.stack_model]
-    for name in enabled_modules(cfg):
+    for name in enabled_modules(cfg, images):  # the modules the run trained
         if name == "prompt_prototype":  # its one F model (eq. 11's blocks)
             files += [f_model_dir(run, name) / DONE, f_checkpoint(run, name)]
         if has_fold_models(cfg, name):
             for fold, best in checkpoints(cfg, run, name).items():
                 files += [run.fold_dir(name, fold) / DONE, best]
-    from pipeline.run_check import inference_files
-
     files = list(dict.fromkeys([*files, *inference_files(run.root)]))  # what check_run verifies, manifests included
     missing = [run.rel(p) for p in files if not p.exists()]
     if missing:
@@ -158,6 +160,7 @@ class Predictor:
     """A finished run, loaded once: feature state, standardiser, PCA and stacker manifest; see the module docstring."""
 
     def __init__(self, run_dir: Path, cfg: DictConfig):
+        from features.build import images_readable
         from features.preprocess import Standardiser
         from features.state import FeatureState
         from pipeline.neural import load_extract_state
@@ -165,6 +168,8 @@ class Predictor:
         self.run_dir, self.cfg = run_dir, cfg
         self.run = RunLayout(run_dir)
         self.state = FeatureState.load(self.run.feature_state)
+        #: the training run's decision on images (new posts follow it: no image tower, no image-only module)
+        self.images = images_readable(None, self.state)
         self.scaler = Standardiser.load(self.run.tabular_scaler)
         self.extract_state = load_extract_state(self.run.extract_state)
         self.weights = str(self.run.backbone)
@@ -216,8 +221,8 @@ class Predictor:
             work = RunLayout(work_root)  # the new posts laid out the way the run is
             if not topology().is_zero:
                 wait_for(lambda: work.tabular.is_file(), f"{work_root} laid out by rank 0", wait_timeout(self.cfg))
-                build_cache(self.cfg, work, weights=self.weights)
-                neural_outputs(self.cfg, work, self.run, self.extract_state)
+                build_cache(self.cfg, work, weights=self.weights, images=self.images)
+                neural_outputs(self.cfg, work, self.run, self.extract_state, images=self.images)
                 return None
             if isinstance(posts, pd.DataFrame):
                 if posts.empty:
@@ -328,8 +333,8 @@ class Predictor:
         feats = transform_features(posts, self.state, feature_config(self.cfg), image_dir=work.shards)
         with atomic_path(work.tabular) as tmp:  # the other ranks wait for this file
             standardised(feats, self.scaler).to_parquet(tmp, index=False)
-        build_cache(self.cfg, work, weights=self.weights)
-        nf, preds = neural_outputs(self.cfg, work, self.run, self.extract_state)
+        build_cache(self.cfg, work, weights=self.weights, images=self.images)
+        nf, preds = neural_outputs(self.cfg, work, self.run, self.extract_state, images=self.images)
         X = pd.concat([feats.reset_index(drop=True), nf.drop(columns=[KEY]), preds.drop(columns=[KEY])], axis=1)
         return X[self.columns].astype(np.float32)
 

@@ -26,7 +26,7 @@ from datamodules.cached import EMBEDDING_FIELDS, EmbeddingDataModule, load_embed
 from datamodules.cores import loader_workers
 from datamodules.folds import read_folds
 from datamodules.popularity import PopularityDataModule
-from datamodules.schema import KEY, NO_FOLD
+from datamodules.schema import KEY, NO_FOLD, any_image_readable
 from datamodules.shards import Collate, SampleDecoder, make_eval_pipeline, make_loader, shard_counts, shard_urls
 from features.crossmodal import crossmodal_features
 from features.families import NEURAL_TEXT, PROMPT, VISUAL
@@ -63,6 +63,8 @@ MONITOR = {"prompt_prototype": ("val/loss", "min"), "co_attention": ("val/mae", 
 #: from the prompt/prototype F model when it runs (its CLIP, tuned where it is tuned), else from the embedding
 #: cache; the others from the F model (``PromptPrototypeModule.f_blocks``). s is the tabular table.
 CLIP_BLOCKS = {"f_i": "image_emb", "f_t": "text_emb"}  # block -> embedding-cache array
+#: The cache blocks that are the image alone (left out without images, like the modules' ``image_f_blocks``).
+IMAGE_CLIP_BLOCKS = ("f_i",)
 PROMPT_BLOCKS = tuple(b for b in PROMPT_F_BLOCKS if b not in CLIP_BLOCKS)
 F_BLOCKS = {"f_i": VISUAL, "f_t": NEURAL_TEXT, **dict.fromkeys(PROMPT_BLOCKS, PROMPT)}
 #: The one F model of the prompt/prototype module: classification only, trained on every post with a known class.
@@ -90,7 +92,18 @@ def trainer_cfg(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg.trainer, resolve=True)
 
 
-def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, key: dict | None = None) -> Path:
+def images_readable(layout: RunLayout) -> bool:
+    """Whether the posts laid out in ``layout`` (a training run) have a readable image: the one test the features
+    stage applies too (``datamodules.schema.any_image_readable``). ``Predictor`` takes the training run's decision
+    from its feature state instead (``features.build.images_readable``)."""
+    import pyarrow.parquet as pq
+
+    columns = ["image_status"] if "image_status" in pq.read_schema(layout.posts).names else []
+    return any_image_readable(pd.read_parquet(layout.posts, columns=columns))
+
+
+def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, key: dict | None = None,
+                images: bool = True) -> Path:
     """Encode every post once with the frozen backbone, split across ranks; skipped when the cache exists and was
     built with ``key`` (the shards, posts and backbone it encodes; None at inference, where the work directory is
     new).
@@ -105,6 +118,8 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
     launch id so files of an earlier, interrupted launch are never mistaken for this one's.
 
     ``weights``: CLIP weights file to use instead of ``cfg.backbone.pretrained`` (inference uses the run's).
+    ``images`` False (no readable image in the training run): the image tower never runs, ``image_emb`` is zeros
+    and no patch tokens are cached (``lightning_modules.embed``).
     """
     cache, key_file = layout.embeddings, layout.embeddings_key
     ready = (cache / "post_ids.json").is_file() and (recorded_key_is(key_file, key) if key else not key_file.exists())
@@ -116,7 +131,7 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
     ready = tmp / "allocated.json"
     torch.manual_seed(int(cfg.seed))
     bb = load_backbone(cfg.backbone.name, weights or cfg.backbone.pretrained)
-    grid = image_token_grid(cfg)
+    grid = image_token_grid(cfg, images)
     posts = pd.read_parquet(layout.posts, columns=[KEY, "split"])
     post_ids = posts[KEY].tolist()
     positions = min(int(cfg.backbone.token_len), bb.context_length)
@@ -142,7 +157,8 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
                           bb.embed_dim, positions, image_positions)
     written = encode_into(bb.model, loader, part, {p: i for i, p in enumerate(post_ids)} if alone else None,
                           token_len=int(cfg.backbone.token_len), device=device, autocast_dtype=amp,
-                          progress=topo.is_zero and bool(cfg.get("progress_bar", True)), image_grid=grid)
+                          progress=topo.is_zero and bool(cfg.get("progress_bar", True)), image_grid=grid,
+                          images=images)
     log.info("embedding cache: rank %d of %d encoded %d posts", topo.rank, topo.world_size, len(written))
     atomic_write_json(tmp / RANK_DONE.format(rank=topo.rank), {"launch": topo.launch_id, "post_ids": written})
     if not topo.is_zero:
@@ -163,10 +179,10 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
     return finish_cache(tmp, cache, post_ids, parts)
 
 
-def image_token_grid(cfg: DictConfig) -> int:
+def image_token_grid(cfg: DictConfig, images: bool = True) -> int:
     """The patch-token grid the embedding cache holds: ``backbone.image_token_grid`` when the co-attention MLP runs
-    (it attends over the patch tokens), else 0 (no patch tokens cached)."""
-    if not ("co_attention" in cfg.model and cfg.model.co_attention.enabled):
+    (it attends over the patch tokens), else 0 (no patch tokens cached; also without images, where it is skipped)."""
+    if "co_attention" not in enabled_modules(cfg, images):
         return 0
     grid = int(cfg.backbone.image_token_grid)
     if grid < 1:
@@ -269,6 +285,7 @@ def build_module(cfg: DictConfig, layout: RunLayout, name: str, dm: EmbeddingDat
             log.info("prompt_prototype: %d classes without training posts use class-name prototypes",
                      int((~filled).sum()))
         module.set_prototypes(torch.from_numpy(visual), torch.from_numpy(textual))
+        module.encode_images = images_readable(layout)  # raw batches (over shards): no image tower without images
         return module
     embed_dim = int(cache["image_emb"].shape[1])
     shards = uses_shards(cfg, name)
@@ -282,6 +299,8 @@ def build_module(cfg: DictConfig, layout: RunLayout, name: str, dm: EmbeddingDat
         module = CLIPHierarchicalPredictor(embed_dim=embed_dim, **hp)
     if shards:
         _load_run_clip(module, layout)
+    if shards:  # raw batches: no image tower when the run has no readable image
+        module.encode_images = images_readable(layout)
     return module
 
 
@@ -291,12 +310,25 @@ def _load_run_clip(module, layout: RunLayout) -> None:
     module.clip.load_state_dict(torch.load(layout.backbone, map_location="cpu", weights_only=True))
 
 
-def enabled_modules(cfg: DictConfig) -> list[str]:
+def enabled_modules(cfg: DictConfig, images: bool = True) -> list[str]:
+    """The modules that run: enabled in ``cfg.model``, less, when the dataset has no readable image (``images``
+    False), those whose input is essentially the image (their class's ``needs_images``, see ``image_skipped``)."""
     names = [n for n in MODULES if n in cfg.model and cfg.model[n].enabled]
     unknown = [n for n in cfg.model if n not in MODULES and n != "extract"]
     if unknown:
         raise ValueError(f"unknown model section(s) {unknown}; modules are {list(MODULES)}")
-    return names
+    return names if images else [n for n in names if not MODULES[n].needs_images]
+
+
+def image_skipped(cfg: DictConfig) -> dict[str, str]:
+    """{enabled module: why} for the modules a dataset without a readable image skips (``needs_images``)."""
+    return {n: MODULES[n].needs_images for n in enabled_modules(cfg) if MODULES[n].needs_images}
+
+
+def image_f_blocks(cfg: DictConfig) -> set[str]:
+    """The F blocks that are the image alone (constant without images): the cache's ``IMAGE_CLIP_BLOCKS`` and the
+    enabled modules' ``image_f_blocks``."""
+    return {*IMAGE_CLIP_BLOCKS, *(b for n in enabled_modules(cfg) for b in MODULES[n].image_f_blocks)}
 
 
 def load_module(name: str, checkpoint: str | Path):
@@ -312,13 +344,15 @@ def load_module(name: str, checkpoint: str | Path):
 
 
 def predict_frames(cfg: DictConfig, dm: EmbeddingDataModule | PopularityDataModule, work: Path,
-                   ckpts: dict[int, Path], name: str, post_ids: list[str]) -> dict[int, pd.DataFrame]:
+                   ckpts: dict[int, Path], name: str, post_ids: list[str],
+                   images: bool = True) -> dict[int, pd.DataFrame]:
     """Every post's outputs from each fold's checkpoint (``trainer.predict`` + keyed writer, merged by id).
 
     On many devices each rank predicts its share of the posts (the loader is made by the Trainer, once the ranks
     are known) and writes ``work/fold<k>/rank<r>.parquet``; ``work`` must be the same folder on every rank (the
     run directory, or ``pipeline.distributed.shared_tmpdir`` for ``predict.py``). After a barrier every rank reads
-    all rank files, joined by post id (``merge_rank_outputs``: every post exactly once).
+    all rank files, joined by post id (``merge_rank_outputs``: every post exactly once). ``images`` False: raw
+    batches are encoded without the image tower (the run had no readable image).
     """
     import lightning as L
 
@@ -326,6 +360,7 @@ def predict_frames(cfg: DictConfig, dm: EmbeddingDataModule | PopularityDataModu
     t = trainer_cfg(cfg)
     for fold, ckpt in ckpts.items():
         module = load_module(name, ckpt)
+        module.encode_images = images
         out = work / f"fold{fold}"
         writer = KeyedPredictionWriter(out)
         trainer = L.Trainer(accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"],
@@ -397,7 +432,7 @@ def _block_frame(cache, blocks: dict[str, str]) -> pd.DataFrame:
 
 
 def neural_outputs(cfg: DictConfig, data: RunLayout, run: RunLayout, state: dict,
-                   extras: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   extras: dict | None = None, images: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Neural features (the F vector blocks of eq. 11, PCA-reduced, + the cross-modal cosine) and predictions of
     every post laid out in ``data`` (posts, folds, vocab, embeddings, features), with the checkpoints of ``run``.
 
@@ -410,34 +445,39 @@ def neural_outputs(cfg: DictConfig, data: RunLayout, run: RunLayout, state: dict
     ``fold_predictions`` ({prediction column: {fold: (unlabelled posts,) that fold model's predictions}}:
     pseudo-labels of fold k read fold k's model only, ``stacking.stack.fold_pseudo_labels``) and ``class_loss``:
     (n,) per-post classification loss of the F model (the subcategory is not a popularity label), or nothing.
+    ``images`` False (the training run had no readable image): the image-only modules were not trained and are not
+    read, and the F blocks that are the image alone (``image_f_blocks``) and the cross-modal cosine are left out.
     """
     folds = read_folds(data.folds)
     post_ids = folds[KEY].tolist()
     labelled = folds["fold"].to_numpy() != NO_FOLD
     cache = load_embedding_cache(data.embeddings)
     preds = pd.DataFrame({KEY: post_ids})
-    f_frame = _block_frame(cache, CLIP_BLOCKS)
-    for name in enabled_modules(cfg):
+    dropped = set() if images else image_f_blocks(cfg)
+    f_frame = _block_frame(cache, {b: a for b, a in CLIP_BLOCKS.items() if b not in dropped})
+    for name in enabled_modules(cfg, images):
         shards = uses_shards(cfg, name)
         dm = shard_datamodule(cfg, data, name, None) if shards else cache_datamodule(cfg, data, name, None)
         if name == "prompt_prototype":
             f_out = predict_frames(cfg, dm, data.predict_dir(name), {F_MODEL: f_checkpoint(run, name)}, name,
-                                   post_ids)[F_MODEL]
-            cols = [c for c in f_out.columns if c.rsplit("_", 1)[0] in F_BLOCKS]
+                                   post_ids, images)[F_MODEL]
+            cols = [c for c in f_out.columns if c.rsplit("_", 1)[0] in F_BLOCKS and c.rsplit("_", 1)[0] not in dropped]
             f_frame = f_out[cols].reset_index(drop=True)
             if extras is not None:
                 extras["class_loss"] = f_out["class_loss"].to_numpy(dtype=np.float64)
         if not has_fold_models(cfg, name):
             continue
-        frames = predict_frames(cfg, dm, data.predict_dir(name), checkpoints(cfg, run, name), name, post_ids)
+        frames = predict_frames(cfg, dm, data.predict_dir(name), checkpoints(cfg, run, name), name, post_ids,
+                                images)
         frames = {k: f[[KEY, "prediction"]] for k, f in frames.items()}
         merged = oof_and_test(frames, folds)
         preds[f"pred_{name}"] = merged["prediction"].to_numpy(dtype=np.float32)
         if extras is not None:
             extras.setdefault("fold_predictions", {})[f"pred_{name}"] = unlabelled_by_fold(frames, folds)
     nf = fit_pca_blocks(f_frame, labelled, int(cfg.model.extract.pca_dim), state)
-    nf = pd.concat([nf, crossmodal_features(np.asarray(cache["image_emb"]), np.asarray(cache["text_emb"]),
-                                            np.asarray(cache["has_image"]))], axis=1)
+    if images:  # without images the image-text cosine is NaN for every post
+        nf = pd.concat([nf, crossmodal_features(np.asarray(cache["image_emb"]), np.asarray(cache["text_emb"]),
+                                                np.asarray(cache["has_image"]))], axis=1)
     nf.insert(0, KEY, post_ids)
     return nf, preds
 

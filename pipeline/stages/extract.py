@@ -15,7 +15,7 @@ from features.families import NEURAL_PRED
 from pipeline.distributed import topology
 from pipeline.layout import RunLayout
 from pipeline.manifest import StageResult
-from pipeline.neural import neural_outputs, save_extract_state
+from pipeline.neural import images_readable, neural_outputs, save_extract_state
 from pipeline.stages.base import StageContext, no_outside_inputs
 
 log = logging.getLogger("popstack")
@@ -31,7 +31,7 @@ def run(ctx: StageContext) -> StageResult:
     cfg, layout = ctx.cfg, ctx.layout
     state: dict = {}
     extras: dict = {}
-    nf, preds = neural_outputs(cfg, layout, layout, state, extras)
+    nf, preds = neural_outputs(cfg, layout, layout, state, extras, images=images_readable(layout))
     if not topology().is_zero:  # the other ranks took part in trainer.predict; the first process writes the results
         return StageResult(outputs=[])
     outputs = [RunLayout.neural_features, RunLayout.neural_predictions, RunLayout.neural_families,

@@ -32,7 +32,9 @@ from pipeline.neural import (
     enabled_modules,
     f_model_dir,
     has_fold_models,
+    image_skipped,
     image_token_grid,
+    images_readable,
     shard_datamodule,
     trainer_cfg,
     uses_shards,
@@ -77,14 +79,20 @@ def run(ctx: StageContext) -> StageResult:
     The embedding cache and each fold's directory are keyed by them, by the fold assignment and the module's
     config, so nothing made from other inputs is reused."""
     cfg, layout, inputs, bb = ctx.cfg, ctx.layout, ctx.upstream, ctx.inputs
+    images = images_readable(layout)
+    if not images and topology().is_zero:
+        skipped = "; ".join(f"{n} skipped ({why})" for n, why in image_skipped(cfg).items())
+        log.info("neural: no post has a readable image; the embedding cache skips the image tower%s",
+                 f"; {skipped}" if skipped else "")
     cache_key = {"shards": inputs.get(RunLayout.shards), "posts": inputs.get(RunLayout.posts), "backbone": bb,
                  "token_len": int(cfg.backbone.token_len), "text_field": cfg.data.text_field,
-                 "precision": str(cfg.trainer.precision), "image_token_grid": image_token_grid(cfg)}
+                 "precision": str(cfg.trainer.precision), "image_token_grid": image_token_grid(cfg, images),
+                 **({} if images else {"images": False})}  # a cache with images keeps its key
     start_lightning_processes(trainer_cfg(cfg))  # Lightning's launcher: the other ranks share the cache work
-    build_cache(cfg, layout, key=cache_key)
+    build_cache(cfg, layout, key=cache_key, images=images)
     metrics = {}
     outputs = [RunLayout.embeddings]
-    for name in enabled_modules(cfg):
+    for name in enabled_modules(cfg, images):
         monitor, _ = MONITOR[name]
         model_key = module_key(cfg, bb, name)
         if name == "prompt_prototype":
