@@ -1,5 +1,5 @@
-"""Helpers the test modules share (fixtures stay in ``conftest.py``): composed configs, CLI runs, free ports, a quiet
-CPU Trainer, simulated SLURM tasks."""
+"""Helpers the test modules share (fixtures stay in ``conftest.py``): composed configs, one finished small run, CLI
+runs, free ports, a quiet CPU Trainer, simulated SLURM tasks, a spy on file-system calls."""
 
 from __future__ import annotations
 
@@ -20,6 +20,29 @@ def compose_fast(tmp_path, *overrides: str):
     from pipeline.config import compose_config
 
     return compose_config(["debug=fast", f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run", *overrides])
+
+
+def finished_run(tmp_path_factory, name: str, *overrides: str) -> tuple[Path, Path]:
+    """(run dir, data root) of one finished ``debug=fast`` run with ``overrides`` in a fresh folder ``name``."""
+    from train import train
+
+    cfg = compose_fast(tmp_path_factory.mktemp(name), *overrides)
+    train(cfg)
+    return Path(cfg.run_dir), Path(cfg.data.root)
+
+
+def spy_file_calls(monkeypatch, calls) -> list[str]:
+    """Record the path of every call to ``calls`` ((module, function name) pairs, e.g. ``(os, "stat")``) until
+    ``monkeypatch.undo()``; returns the list the paths are appended to."""
+    touched: list[str] = []
+    for module, name in calls:
+        real = getattr(module, name)
+
+        def spy(path, *args, _real=real, **kwargs):
+            touched.append(str(path))
+            return _real(path, *args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    return touched
 
 
 def run_cli(script: str, *args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -21,19 +21,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import compose_fast
+from tests.helpers import compose_fast, finished_run, spy_file_calls
 from tests.test_run_integrity import SMALL
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """(run dir, data root) of one finished small run; never modified (tests copy it)."""
-    from train import train
-
-    tmp = tmp_path_factory.mktemp("hostile")
-    cfg = compose_fast(tmp, *SMALL)
-    train(cfg)
-    return Path(cfg.run_dir), Path(cfg.data.root)
+    return finished_run(tmp_path_factory, "hostile", *SMALL)
 
 
 def _copy(finished, tmp_path) -> tuple[Path, Path]:
@@ -239,15 +234,8 @@ def test_fingerprint_never_touches_anything_outside_the_root(raw, tmp_path, monk
     _move_out(raw, image.relative_to(raw).as_posix(), outside)                    # a symlinked image
     (raw / "more").symlink_to(outside)                                            # a symlinked folder
     (outside / "big.txt").write_text("x" * 100)
-    touched = []
-    for module, name in ((os, "stat"), (os, "lstat"), (os, "open"), (os, "scandir"), (io, "open"),
-                         (builtins, "open")):
-        real = getattr(module, name)
-
-        def spy(path, *args, _real=real, **kwargs):
-            touched.append(str(path))
-            return _real(path, *args, **kwargs)
-        monkeypatch.setattr(module, name, spy)
+    touched = spy_file_calls(monkeypatch, ((os, "stat"), (os, "lstat"), (os, "open"), (os, "scandir"), (io, "open"),
+                                           (builtins, "open")))
     fp = raw_fingerprint(raw)
     monkeypatch.undo()
     assert any(p.startswith(str(raw)) for p in touched)

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.helpers import compose_fast
+from tests.helpers import compose_fast, finished_run
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The smallest full pipeline: one neural module, no TabNet, no pseudo-labelling rounds.
@@ -29,12 +29,7 @@ SMALL = ("model.prompt_prototype.enabled=false", "model.co_attention.enabled=fal
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    from train import train
-
-    tmp = tmp_path_factory.mktemp("integrity")
-    cfg = compose_fast(tmp, *SMALL)
-    train(cfg)
-    return Path(cfg.run_dir), Path(cfg.data.root)
+    return finished_run(tmp_path_factory, "integrity", *SMALL)
 
 
 def _stage_log(caplog) -> dict[str, str]:

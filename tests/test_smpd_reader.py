@@ -13,6 +13,7 @@ import pytest
 from datamodules.schema import COLUMNS, IMAGE_MISSING, IMAGE_OK, IMAGE_OUTSIDE
 from datamodules.smpd import SMPDFormatError, read_posts, read_smpd, read_split, vector_matrix, write_posts
 from datamodules.synthetic import generate, make_posts
+from tests.helpers import spy_file_calls
 
 
 def raw_dir(tmp_path, naming="2025", user_variant="A", n_train=30, n_test=12, mess=False):
@@ -390,15 +391,8 @@ def test_image_paths_outside_the_root_are_refused_and_never_touched(tmp_path, mo
     (root / rel[6]).unlink()
     (root / rel[6]).symlink_to("../../store/x.jpg")                   # a symlink that stays inside: fine
 
-    touched = []
-    for module, name in ((os, "stat"), (os, "lstat"), (os, "open"), (os, "readlink"), (io, "open"),
-                         (builtins, "open")):
-        real = getattr(module, name)
-
-        def spy(path, *args, _real=real, **kwargs):
-            touched.append(str(path))
-            return _real(path, *args, **kwargs)
-        monkeypatch.setattr(module, name, spy)
+    touched = spy_file_calls(monkeypatch, ((os, "stat"), (os, "lstat"), (os, "open"), (os, "readlink"), (io, "open"),
+                                           (builtins, "open")))
     for check in (True, False):
         again = read_smpd(root, check_images=check)
         assert again.image_status[:6].tolist() == [IMAGE_OUTSIDE] * 6, check
