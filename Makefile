@@ -34,7 +34,7 @@ test-fast: lint
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 # The packaged commands work from any directory: build the wheel, install it (no deps: they come from $(VENV)
-# through a .pth file) into a fresh venv, and run `popstack-train debug=fast` + `popstack-predict` outside the repo.
+# through a .pth file) into a fresh venv, check that it installs only `popstack`, and run `popstack-train debug=fast` + `popstack-predict` outside the repo.
 WHEEL_DIR  := build/wheel-check
 WHEEL_VENV := $(WHEEL_DIR)/venv
 wheel-check: $(STAMP)
@@ -44,8 +44,7 @@ wheel-check: $(STAMP)
 	$(PY) -m pip --python $(WHEEL_VENV)/bin/python install -q --no-deps $(WHEEL_DIR)/dist/*.whl
 	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
 	  "$$($(WHEEL_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/project-deps.pth"
-	cd $(WHEEL_DIR)/work && ../venv/bin/python -c "import pipeline, configs, sys; \
-	  assert '/venv/' in pipeline.__file__, pipeline.__file__; print('imports from', pipeline.__file__)"
+	cd $(WHEEL_DIR)/work && ../venv/bin/python $(CURDIR)/tests/wheel_contents.py
 	cd $(WHEEL_DIR)/work && ../venv/bin/popstack-train debug=fast hydra.run.dir=run stacking.members.tabnet.enabled=false
 	cd $(WHEEL_DIR)/work && ../venv/bin/popstack-predict run data/synthetic-120-40-s0-w0 --out preds.csv --no-progress
 

@@ -26,7 +26,7 @@ def make_data(work: Path, n: int, w: int, h: int, short_side: int | None = None)
     import pandas as pd
     from PIL import Image
 
-    from datamodules.shards import build_vocab, write_shards
+    from popstack.datamodules.shards import build_vocab, write_shards
 
     rng = np.random.default_rng(0)
     rows = []
@@ -78,7 +78,7 @@ def main() -> None:
     import open_clip
     import torch
 
-    from datamodules.shards import Collate, SampleDecoder, make_eval_pipeline, make_loader, shard_urls
+    from popstack.datamodules.shards import Collate, SampleDecoder, make_eval_pipeline, make_loader, shard_urls
 
     torch.set_num_threads(1)
     w, h = map(int, a.size.split("x"))

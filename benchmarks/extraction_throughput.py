@@ -29,9 +29,9 @@ def main() -> None:
     a = p.parse_args()
     import torch
 
-    from datamodules.shards import Collate, SampleDecoder, make_eval_pipeline, make_loader, shard_urls
-    from lightning_modules.backbone import load_backbone
-    from lightning_modules.embed import compute_embedding_cache
+    from popstack.datamodules.shards import Collate, SampleDecoder, make_eval_pipeline, make_loader, shard_urls
+    from popstack.lightning_modules.backbone import load_backbone
+    from popstack.lightning_modules.embed import compute_embedding_cache
 
     bb = load_backbone(a.model)
     model = bb.model.to(a.device).eval()

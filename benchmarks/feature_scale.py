@@ -20,10 +20,10 @@ SMPD_POSTS = 486_194
 
 
 def build(n: int) -> dict:
-    from datamodules.folds import assign_folds
-    from datamodules.synthetic import make_posts
-    from features.build import build_features
-    from features.config import FeatureConfig
+    from popstack.datamodules.folds import assign_folds
+    from popstack.datamodules.synthetic import make_posts
+    from popstack.features.build import build_features
+    from popstack.features.config import FeatureConfig
 
     posts, _, _ = make_posts(int(n * 0.63), n - int(n * 0.63), 0)
     folds = assign_folds(posts.label.to_numpy(), 5, 0)
@@ -47,8 +47,8 @@ def sentence_rate(n: int, batch_size: int) -> list[dict]:
     import numpy as np
     import torch
 
-    from datamodules.synthetic import make_posts
-    from features.sentence import SentenceEncoder, post_sentences, resolve_model_dir
+    from popstack.datamodules.synthetic import make_posts
+    from popstack.features.sentence import SentenceEncoder, post_sentences, resolve_model_dir
 
     torch.set_num_threads(2)
     posts, _, _ = make_posts(n, 0, 0)

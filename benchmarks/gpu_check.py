@@ -91,7 +91,7 @@ class GpuSampler:
 def env(a) -> None:
     import torch
 
-    from datamodules.cores import available_cores, cores_per_rank
+    from popstack.datamodules.cores import available_cores, cores_per_rank
 
     row("env", "python / torch", f"{sys.version.split()[0]} / {torch.__version__}")
     row("env", "CUDA (torch) / available", f"{torch.version.cuda} / {torch.cuda.is_available()}")
@@ -108,7 +108,7 @@ def env(a) -> None:
 
 
 def clip_model(a):
-    from lightning_modules.backbone import load_backbone, register_local_configs
+    from popstack.lightning_modules.backbone import load_backbone, register_local_configs
 
     register_local_configs()
     return load_backbone(a.model, None)
@@ -121,7 +121,7 @@ def model_only(a) -> None:
     bb = clip_model(a)
     model = bb.model.to(a.device).eval()
     x = torch.randint(0, 256, (a.batch, 3, bb.image_size, bb.image_size), dtype=torch.uint8, device=a.device)
-    from datamodules.shards import normalise_images
+    from popstack.datamodules.shards import normalise_images
 
     amp = torch.autocast(a.device, dtype=torch.bfloat16)
     with torch.inference_mode(), amp:
@@ -149,8 +149,8 @@ def cache(a, work: Path) -> None:
     import torch
     from data_throughput import make_data
 
-    from datamodules.shards import Collate, SampleDecoder, make_eval_pipeline, make_loader, shard_urls
-    from lightning_modules.embed import allocate_cache, encode_into
+    from popstack.datamodules.shards import Collate, SampleDecoder, make_eval_pipeline, make_loader, shard_urls
+    from popstack.lightning_modules.embed import allocate_cache, encode_into
 
     bb = clip_model(a)
     data = work / "cache_data"
@@ -255,9 +255,9 @@ def bf16_vs_fp32(a, work: Path) -> None:
     import torch
     from scipy.stats import spearmanr
 
-    from datamodules.cached import EmbeddingDataModule
-    from pipeline.neural import load_module
-    from pipeline.training import finished_checkpoint
+    from popstack.datamodules.cached import EmbeddingDataModule
+    from popstack.pipeline.neural import load_module
+    from popstack.pipeline.training import finished_checkpoint
 
     run = work / "gpu"
     fold = run / "neural" / "hierarchical" / "fold0"
@@ -284,7 +284,7 @@ def stack(a, work: Path) -> None:
     import numpy as np
     import pandas as pd
 
-    import stacking.members as members
+    import popstack.stacking.members as members
 
     rng = np.random.default_rng(0)
     X = pd.DataFrame(rng.normal(size=(a.stack_rows, 200)).astype(np.float32), columns=[f"f{i}" for i in range(200)])
@@ -321,7 +321,7 @@ def main() -> None:
         sys.exit(1)
     a.device = "cpu" if a.cpu else "cuda"
     if a.cpu:
-        from lightning_modules.backbone import TINY_MODEL
+        from popstack.lightning_modules.backbone import TINY_MODEL
 
         a.model, a.batch, a.iters, a.n_images, a.workers = TINY_MODEL, 16, 2, 64, [1]
         a.train_batches, a.steps, a.n_posts, a.stack_rows, a.stack_iters = [16], 3, 300, 2000, 20

@@ -27,9 +27,9 @@ def main() -> None:
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.preprocessing import StandardScaler
 
-    from datamodules.cached import EmbeddingDataModule, load_embedding_cache
-    from pipeline.neural import load_module
-    from stacking.metrics import scores
+    from popstack.datamodules.cached import EmbeddingDataModule, load_embedding_cache
+    from popstack.pipeline.neural import load_module
+    from popstack.stacking.metrics import scores
 
     run = a.run_dir
     cache = load_embedding_cache(run / "embeddings")

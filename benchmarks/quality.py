@@ -49,7 +49,7 @@ TARGET_SRC_MARGIN, TARGET_TIME_FACTOR = 0.01, 3.0
 
 def flat_table(posts: pd.DataFrame, raw_root: Path) -> pd.DataFrame:
     """(n posts, 24) the raw fields as a user would flatten them (see the module docstring), in ``posts`` order."""
-    from features.image_stats import image_statistics
+    from popstack.features.image_stats import image_statistics
 
     X = posts[list(NUMERIC)].astype(float).copy()
     for c in CATEGORICAL:
@@ -103,9 +103,9 @@ def fit_autogluon(python: str, X_tr: pd.DataFrame, y_tr: np.ndarray, X_te: pd.Da
 
 def run_popstack(overrides: list[str], tmp: Path) -> tuple[Path, float, Path]:
     """``train(cfg)`` in ``tmp``; returns (run dir, wall seconds without data generation, raw data root)."""
-    from pipeline.config import compose_config
-    from pipeline.stages.prepare import raw_root
-    from train import train
+    from popstack import train
+    from popstack.pipeline.config import compose_config
+    from popstack.pipeline.stages.prepare import raw_root
 
     cfg = compose_config([f"paths.root_dir={tmp}", f"hydra.run.dir={tmp}/run", "logger=none", "progress_bar=false",
                           *overrides])
@@ -116,8 +116,8 @@ def run_popstack(overrides: list[str], tmp: Path) -> tuple[Path, float, Path]:
 
 
 def run_case(name: str, data_overrides: list[str], a: argparse.Namespace, ag_python: str | None) -> list[dict]:
-    from datamodules.smpd import read_posts
-    from stacking.metrics import scores
+    from popstack.datamodules.smpd import read_posts
+    from popstack.stacking.metrics import scores
 
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:

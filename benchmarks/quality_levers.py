@@ -50,7 +50,7 @@ CANDIDATES = {
 def register_candidates() -> None:
     """Make the candidate names known to ``stacking.members`` (LightGBM classes; one with every categorical
     native) for this process only."""
-    from stacking import members
+    from popstack.stacking import members
 
     class WideCategoricalLightGBM(members.LightGBMMember):
         def __init__(self, params, categorical, seed):
@@ -65,8 +65,10 @@ def register_candidates() -> None:
 
 def variant(lever: str, scfg, features: pd.DataFrame, categorical: list[str], families: dict[str, str]):
     """(stack config, features, categorical columns) with ``lever`` (or ``a+b+...``) applied."""
-    from features.families import IMAGE_STATS, PROMPT
-    from pipeline.neural import MODULES  # the neural modules; a lever drops one's prediction column, pred_<name>
+    from popstack.features.families import IMAGE_STATS, PROMPT
+    from popstack.pipeline.neural import (
+        MODULES,  # the neural modules; a lever drops one's prediction column, pred_<name>
+    )
 
     if "+" in lever:
         for part in lever.split("+"):
@@ -99,7 +101,7 @@ def variant(lever: str, scfg, features: pd.DataFrame, categorical: list[str], fa
         name = "lightgbm_" + lever.removeprefix("lgb_")
         scfg = dataclasses.replace(scfg, members={**scfg.members, name: dict(CANDIDATES[name])})
     elif lever == "no_trend":
-        from features.families import TEMPORAL, column_name
+        from popstack.features.families import TEMPORAL, column_name
 
         features = features.drop(columns=[column_name(TEMPORAL, "days_since_start")], errors="ignore")
     elif lever != "default":
@@ -114,14 +116,14 @@ def main() -> None:
     p.add_argument("--name", default="quality_levers")
     a = p.parse_args()
     register_candidates()
-    from datamodules.folds import read_folds
-    from datamodules.schema import KEY, LABEL, NO_FOLD
-    from features.families import NEURAL_PRED
-    from pipeline.config import load_run_config
-    from pipeline.layout import RunLayout
-    from pipeline.stages.stack import latest_rows, stack_config, stack_inputs
-    from stacking.metrics import scores
-    from stacking.stack import run_stack
+    from popstack.datamodules.folds import read_folds
+    from popstack.datamodules.schema import KEY, LABEL, NO_FOLD
+    from popstack.features.families import NEURAL_PRED
+    from popstack.pipeline.config import load_run_config
+    from popstack.pipeline.layout import RunLayout
+    from popstack.pipeline.stages.stack import latest_rows, stack_config, stack_inputs
+    from popstack.stacking.metrics import scores
+    from popstack.stacking.stack import run_stack
 
     rows = []
     for run in a.runs:

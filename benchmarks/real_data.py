@@ -54,7 +54,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from datamodules.atomic import atomic_path  # noqa: E402
+from popstack.datamodules.atomic import atomic_path  # noqa: E402
 
 
 def package_dir(name: str, version: str) -> Path:

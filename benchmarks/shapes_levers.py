@@ -22,7 +22,7 @@ from common import ROOT, print_table, write_results  # noqa: F401  (ROOT: the re
 
 
 def _plain(root: Path) -> pd.Series:
-    from datamodules.synthetic import make_posts, write_smpd
+    from popstack.datamodules.synthetic import make_posts, write_smpd
 
     posts, signal, labels = make_posts(900, 300, seed=7)
     write_smpd(root, posts, signal, labels, seed=0, image_mess=False)
@@ -42,10 +42,10 @@ def main() -> None:
     p.add_argument("shape", choices=["trend", "one_author", "plain"])
     p.add_argument("variants", nargs="+")
     a = p.parse_args()
-    from stacking.metrics import scores
+    from popstack import train
+    from popstack.stacking.metrics import scores
     from tests.helpers import compose_fast
     from tests.test_real_shapes import flat_lightgbm_mae
-    from train import train
 
     raw, truth_file = a.out / f"raw-{a.shape}", a.out / f"truth-{a.shape}.parquet"
     if not raw.exists():

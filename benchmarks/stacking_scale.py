@@ -23,10 +23,10 @@ def fit(rows: int, n_features: int, members: tuple[str, ...], folds: int, overri
     import numpy as np
     import pandas as pd
 
-    from datamodules.folds import assign_folds
-    from pipeline.config import compose_config
-    from pipeline.stages.stack import stack_config
-    from stacking.stack import StackConfig, run_stack
+    from popstack.datamodules.folds import assign_folds
+    from popstack.pipeline.config import compose_config
+    from popstack.pipeline.stages.stack import stack_config
+    from popstack.stacking.stack import StackConfig, run_stack
 
     rng = np.random.default_rng(0)
     X = pd.DataFrame(rng.normal(size=(rows, n_features)).astype(np.float32),

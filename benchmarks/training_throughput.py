@@ -48,9 +48,9 @@ def main() -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from lightning_modules.backbone import load_backbone
-    from lightning_modules.prompt_prototype_module import PromptPrototypeModule
-    from lightning_modules.regressors import CLIPHierarchicalPredictor, CoAttentionMLPModule
+    from popstack.lightning_modules.backbone import load_backbone
+    from popstack.lightning_modules.prompt_prototype_module import PromptPrototypeModule
+    from popstack.lightning_modules.regressors import CLIPHierarchicalPredictor, CoAttentionMLPModule
 
     bb = load_backbone(a.model)
     dim, k = bb.embed_dim, a.classes

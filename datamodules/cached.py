@@ -19,9 +19,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from datamodules.folds import train_valid_masks
-from datamodules.schema import KEY, LABEL, NO_FOLD, UNKNOWN_ID
-from datamodules.shards import device_batch_size
+from popstack.datamodules.folds import train_valid_masks
+from popstack.datamodules.schema import KEY, LABEL, NO_FOLD, UNKNOWN_ID
+from popstack.datamodules.shards import device_batch_size
 
 CACHE_FILES = ("image_emb.npy", "text_emb.npy", "text_tokens.npy", "text_mask.npy", "has_image.npy", "post_ids.json")
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from datamodules.atomic import atomic_path
-from datamodules.schema import KEY, LABEL, NO_FOLD
+from popstack.datamodules.atomic import atomic_path
+from popstack.datamodules.schema import KEY, LABEL, NO_FOLD
 
 STRATEGIES = ("random", "time", "user")
 HOLDOUT = "holdout"

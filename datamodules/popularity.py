@@ -18,9 +18,9 @@ import open_clip
 import pandas as pd
 import torch
 
-from datamodules.folds import read_folds, train_valid_masks
-from datamodules.schema import KEY, NO_FOLD
-from datamodules.shards import (
+from popstack.datamodules.folds import read_folds, train_valid_masks
+from popstack.datamodules.schema import KEY, NO_FOLD
+from popstack.datamodules.shards import (
     Collate,
     KeepPosts,
     SampleDecoder,

@@ -39,8 +39,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
-from datamodules.atomic import atomic_write_json
-from datamodules.schema import IMAGE_MISSING, IMAGE_OK, IMAGE_UNREADABLE, UNKNOWN_ID
+from popstack.datamodules.atomic import atomic_write_json
+from popstack.datamodules.schema import IMAGE_MISSING, IMAGE_OK, IMAGE_UNREADABLE, UNKNOWN_ID
 
 log = logging.getLogger("popstack")
 
@@ -160,7 +160,7 @@ def write_shards(
             use; 1 reads in this process). The tar files are written here, in post order, whatever the count.
         progress: a bar over the posts (images) written (stderr).
     """
-    from datamodules.cores import available_cores
+    from popstack.datamodules.cores import available_cores
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

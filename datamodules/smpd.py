@@ -74,9 +74,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datamodules.atomic import atomic_path
-from datamodules.confine import ConfinedRoot, real_root, resolve_inside
-from datamodules.schema import (
+from popstack.datamodules.atomic import atomic_path
+from popstack.datamodules.confine import ConfinedRoot, real_root, resolve_inside
+from popstack.datamodules.schema import (
     COLUMNS,
     FLOAT_COLUMNS,
     IMAGE_MISSING,

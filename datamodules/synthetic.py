@@ -1,6 +1,6 @@
 """Synthetic SMPD: a complete directory in the real SMPD layout with a known latent popularity model.
 
-    python -m datamodules.synthetic OUT --n-train 2000 --n-test 800 --seed 0
+    python -m popstack.datamodules.synthetic OUT --n-train 2000 --n-test 800 --seed 0
 
 Latent model (per post i of user u, subcategory c, posted at hour h on weekday d)::
 
@@ -44,8 +44,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from datamodules.schema import COLUMNS, IMAGE_OK, VECTOR_COLUMNS
-from datamodules.synthetic_worlds import N_OBJECTS, World, draw_world, standardised
+from popstack.datamodules.schema import COLUMNS, IMAGE_OK, VECTOR_COLUMNS
+from popstack.datamodules.synthetic_worlds import N_OBJECTS, World, draw_world, standardised
 
 #: The 11 SMPD categories and their 77 subcategories (as the SMPD release names them; commas stand for spaces).
 TAXONOMY: dict[str, list[str]] = {

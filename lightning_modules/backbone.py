@@ -16,7 +16,7 @@ import open_clip
 import torch
 from torch import nn
 
-from datamodules.shards import normalise_images
+from popstack.datamodules.shards import normalise_images
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODEL = "popstack-tiny-clip"

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanAbsoluteError, SpearmanCorrCoef
 
-from lightning_modules.backbone import encode_posts, load_backbone
+from popstack.lightning_modules.backbone import encode_posts, load_backbone
 
 
 class PostModule(L.LightningModule):
@@ -34,7 +34,7 @@ class PostModule(L.LightningModule):
     encode_images: bool = True
 
     def _init_backbone(self, model_name: str, pretrained: str | None, trainable_last_blocks: int) -> None:
-        from lightning_modules.backbone import freeze
+        from popstack.lightning_modules.backbone import freeze
 
         bb = load_backbone(model_name, pretrained)
         freeze(bb.model, trainable_last_blocks)

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from datamodules.atomic import atomic_write_text
-from datamodules.progress import progress as progress_bar
-from lightning_modules.backbone import encode_posts
+from popstack.datamodules.atomic import atomic_write_text
+from popstack.datamodules.progress import progress as progress_bar
+from popstack.lightning_modules.backbone import encode_posts
 
 #: Cache arrays: name -> (dtype, shape after the row dimension; "d" = CLIP dim, "l" = kept token positions).
 CACHE_ARRAYS: dict[str, tuple[type, tuple[str, ...]]] = {

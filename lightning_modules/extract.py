@@ -17,8 +17,8 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from datamodules.atomic import atomic_path
-from datamodules.schema import KEY, NO_FOLD
+from popstack.datamodules.atomic import atomic_path
+from popstack.datamodules.schema import KEY, NO_FOLD
 
 
 def outputs_to_frame(outputs: list[dict[str, Any]]) -> pd.DataFrame:

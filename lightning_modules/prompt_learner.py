@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.backbone import encode_text_embeddings, float32, text_tower
+from popstack.lightning_modules.backbone import encode_text_embeddings, float32, text_tower
 
 MASKED = -1e4  # added to padded positions before the softmax over tokens
 

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_modules.backbone import float32
-from lightning_modules.base import PostModule
-from lightning_modules.losses import huber_loss
-from lightning_modules.prompt_learner import DualGrainedPromptLearner, global_similarity, local_similarity
-from lightning_modules.prototype_classifier import CrossModalPrototypeClassifier
+from popstack.lightning_modules.backbone import float32
+from popstack.lightning_modules.base import PostModule
+from popstack.lightning_modules.losses import huber_loss
+from popstack.lightning_modules.prompt_learner import DualGrainedPromptLearner, global_similarity, local_similarity
+from popstack.lightning_modules.prototype_classifier import CrossModalPrototypeClassifier
 
 IGNORE = -1
 #: The F blocks of eq. 11 that ``predict_step`` emits, in order (s is the tabular table).

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_modules.backbone import float32
-from lightning_modules.base import PostModule
-from lightning_modules.losses import huber_loss
+from popstack.lightning_modules.backbone import float32
+from popstack.lightning_modules.base import PostModule
+from popstack.lightning_modules.losses import huber_loss
 
 
 class CoAttention(nn.Module):

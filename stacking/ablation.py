@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from stacking.stack import StackConfig, StackResult, run_stack
+from popstack.stacking.stack import StackConfig, StackResult, run_stack
 
 log = logging.getLogger("popstack")
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from datamodules.cores import available_cores
+from popstack.datamodules.cores import available_cores
 
 log = logging.getLogger("popstack")
 
@@ -319,7 +319,7 @@ class TabNetMember:
         import torch
         from pytorch_tabnet.tab_model import TabNetRegressor
 
-        from features.preprocess import Standardiser
+        from popstack.features.preprocess import Standardiser
 
         p = dict(self.params)
         fit_keys = ("max_epochs", "patience", "batch_size", "virtual_batch_size")
@@ -358,7 +358,7 @@ class TabNetMember:
         """Weights as safetensors at ``path`` (no pickle), the constructor arguments and offset in ``path.json``."""
         from safetensors.torch import save_model
 
-        from datamodules.atomic import atomic_path, atomic_write_json
+        from popstack.datamodules.atomic import atomic_path, atomic_write_json
 
         init = {k: v for k, v in self.model.get_params().items() if not isinstance(v, type)}
         with atomic_path(path) as tmp:
@@ -376,7 +376,7 @@ class TabNetMember:
         from safetensors import SafetensorError
         from safetensors.torch import load_model
 
-        from features.preprocess import Standardiser
+        from popstack.features.preprocess import Standardiser
 
         meta = json.loads(Path(f"{path}.json").read_text())
         member = cls({}, [], 0)

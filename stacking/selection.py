@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from features.preprocess import iqr_keep_mask
+from popstack.features.preprocess import iqr_keep_mask
 
 
 def iqr_filter(y: np.ndarray, k: float) -> np.ndarray:

@@ -48,10 +48,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from datamodules.folds import train_valid_masks
-from datamodules.schema import NO_FOLD
-from stacking.blend import blend, fit_weights
-from stacking.members import (
+from popstack.datamodules.folds import train_valid_masks
+from popstack.datamodules.schema import NO_FOLD
+from popstack.stacking.blend import blend, fit_weights
+from popstack.stacking.members import (
     ROUND_KEYS,
     NeuralMember,
     available_cores,
@@ -62,9 +62,9 @@ from stacking.members import (
     make_member,
     refit_params,
 )
-from stacking.metrics import scores
-from stacking.pseudo import select_pseudo
-from stacking.selection import iqr_filter, loss_based_keep
+from popstack.stacking.metrics import scores
+from popstack.stacking.pseudo import select_pseudo
+from popstack.stacking.selection import iqr_filter, loss_based_keep
 
 log = logging.getLogger("popstack")
 
@@ -275,7 +275,7 @@ def run_stack(
     jobs = concurrent_fits(cfg.n_jobs, len(fold_ids) * len(names), threads)
     log.info("stack: %d fits at a time, %d core(s) each", jobs, max(available_cores() // jobs, 1))
 
-    from datamodules.progress import progress as progress_bar
+    from popstack.datamodules.progress import progress as progress_bar
 
     bar = progress_bar(total=(cfg.pseudo_rounds + 1) * len(fold_ids) * len(names), desc="stack", unit="fit",
                        enabled=progress)

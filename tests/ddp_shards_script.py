@@ -12,9 +12,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from datamodules.popularity import PopularityDataModule
-from lightning_modules.backbone import TINY_MODEL
-from lightning_modules.prompt_prototype_module import PromptPrototypeModule
+from popstack.datamodules.popularity import PopularityDataModule
+from popstack.lightning_modules.backbone import TINY_MODEL
+from popstack.lightning_modules.prompt_prototype_module import PromptPrototypeModule
 
 
 class CountBatches(L.Callback):

@@ -17,14 +17,14 @@ SLURM_2_TASKS = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODE
 
 def compose_fast(tmp_path, *overrides: str):
     """The train config with the `debug=fast` overlay, writing everything under ``tmp_path``."""
-    from pipeline.config import compose_config
+    from popstack.pipeline.config import compose_config
 
     return compose_config(["debug=fast", f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run", *overrides])
 
 
 def finished_run(tmp_path_factory, name: str, *overrides: str) -> tuple[Path, Path]:
     """(run dir, data root) of one finished ``debug=fast`` run with ``overrides`` in a fresh folder ``name``."""
-    from train import train
+    from popstack import train
 
     cfg = compose_fast(tmp_path_factory.mktemp(name), *overrides)
     train(cfg)

@@ -4,48 +4,84 @@ ordered, run files are named in one place, and predict.py does not load the repo
 from __future__ import annotations
 
 import ast
-import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from pipeline.layout import RunLayout
+from popstack.pipeline.layout import RunLayout
 from tests.helpers import ROOT
 
-ROOMS = ("datamodules", "features", "lightning_modules", "stacking")
+#: Folder of each room (relative to the repository), by the name after ``popstack.``.
+ROOM_DIRS = {"datamodules": "datamodules", "features": "popstack/features", "lightning_modules": "lightning_modules",
+             "stacking": "stacking", "pipeline": "popstack/pipeline", "commands": "popstack/commands"}
 #: Every name ``RunLayout`` gives, relative to the run directory.
 LAYOUT_NAMES = {e.rel for e in vars(RunLayout).values() if hasattr(e, "rel")}
 
 
 def imported_modules(path) -> set[str]:
-    """Top-level package names a Python file imports (at any depth of the file)."""
+    """Full names of the modules a Python file imports (at any depth of the file; absolute imports only)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names.update(a.name.split(".")[0] for a in node.names)
+            names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
     return names
 
 
-@pytest.mark.parametrize("room", ROOMS)
-def test_rooms_never_import_pipeline_or_the_entry_points(room):
-    offenders = {str(p.relative_to(ROOT)): sorted(imported_modules(p) & {"pipeline", "train", "predict"})
-                 for p in (ROOT / room).rglob("*.py")}
-    assert not {k: v for k, v in offenders.items() if v}
+def documented_import_table() -> dict[str, set[str]]:
+    """docs/architecture.md's table "Rooms and the direction of imports": room -> the rooms it may import."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text.split("## Rooms and the direction of imports", 1)[1].split("\n## ", 1)[0]
+    table = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0].startswith("`"):
+            continue
+        room = cells[0].strip("`/").rsplit("/", 1)[-1]
+        table[room] = set(re.findall(r"`(\w+)`", cells[-1]))
+    return table
 
 
-def test_stacking_and_datamodules_stay_out_of_the_neural_room():
-    for room, banned in (("stacking", {"lightning_modules"}),
-                         ("datamodules", {"features", "lightning_modules", "stacking"})):
-        for p in (ROOT / room).rglob("*.py"):
-            assert not imported_modules(p) & banned, p
+def room_imports(room: str) -> dict[str, set[str]]:
+    """file -> the other parts of popstack it imports (the name after ``popstack.``; ``popstack`` for the top)."""
+    out = {}
+    for p in (ROOT / ROOM_DIRS[room]).rglob("*.py"):
+        parts = [m.split(".") for m in imported_modules(p) if m.split(".")[0] == "popstack"]
+        out[str(p.relative_to(ROOT))] = {x[1] if len(x) > 1 else "popstack" for x in parts} - {room}
+    return out
+
+
+def test_the_documented_table_names_every_room():
+    assert set(documented_import_table()) == set(ROOM_DIRS)
+
+
+@pytest.mark.parametrize("room", sorted(ROOM_DIRS))
+def test_every_import_follows_the_documented_table(room):
+    allowed = documented_import_table()[room]
+    offenders = {f: sorted(used - allowed) for f, used in room_imports(room).items() if used - allowed}
+    assert not offenders, f"{room} may import only {sorted(allowed)} (docs/architecture.md)"
+
+
+def test_code_imports_rooms_only_by_their_full_name():
+    """``from popstack.stacking import ...``, never ``from stacking import ...``: a bare room name would import a
+    second copy of the module from a checkout and does not exist in the installed wheel."""
+    bare = {"pipeline", "features", "commands", "configs", *ROOM_DIRS}
+    offenders = {}
+    for p in ROOT.rglob("*.py"):
+        rel = p.relative_to(ROOT)
+        if rel.parts[0] in (".venv", "build") or rel.parts[0].startswith("."):
+            continue
+        used = {m.split(".")[0] for m in imported_modules(p)} & bare
+        if used:
+            offenders[str(rel)] = sorted(used)
+    assert not offenders
 
 
 def test_registry_is_ordered_and_every_stage_module_has_the_one_interface():
-    from pipeline.stages import STAGE_NAMES, STAGES
+    from popstack.pipeline.stages import STAGE_NAMES, STAGES
 
     assert STAGE_NAMES == ("prepare", "features", "neural", "extract", "stack", "report")
     for i, stage in enumerate(STAGES):
@@ -64,7 +100,7 @@ def test_run_file_names_are_spelled_only_in_the_layout():
               "key.json"}
     pattern = re.compile("|".join(re.escape(f'"{n}"') for n in sorted(names)))
     hits = []
-    for p in (ROOT / "pipeline").rglob("*.py"):
+    for p in (ROOT / ROOM_DIRS["pipeline"]).rglob("*.py"):
         if p.name == "layout.py":
             continue
         for lineno, line in enumerate(p.read_text().splitlines(), 1):
@@ -77,10 +113,9 @@ def test_run_file_names_are_spelled_only_in_the_layout():
 def test_predict_imports_no_plotting():
     """predict.py and the inference path never load the report stage or its rendering module (matplotlib may still
     arrive through a third-party import; popstack's own code does not ask for it there)."""
-    code = ("import sys, predict, pipeline.inference, pipeline.stages.prepare, pipeline.stages.features, "
-            "pipeline.neural, stacking.stack; "
-            "bad = [m for m in ('pipeline.render', 'pipeline.stages.report') if m in sys.modules]; "
+    code = ("import sys, popstack.commands.predict, popstack.pipeline.inference, popstack.pipeline.stages.prepare, "
+            "popstack.pipeline.stages.features, popstack.pipeline.neural, popstack.stacking.stack; "
+            "bad = [m for m in ('popstack.pipeline.render', 'popstack.pipeline.stages.report') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]

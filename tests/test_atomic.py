@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from datamodules.atomic import atomic_path, atomic_write_json, atomic_write_text, temporary_name
+from popstack.datamodules.atomic import atomic_path, atomic_write_json, atomic_write_text, temporary_name
 
 
 def test_write_replaces_and_leaves_no_temporary(tmp_path):

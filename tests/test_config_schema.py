@@ -33,7 +33,7 @@ def test_bad_config_is_one_error_line_before_anything_runs(overrides, key, value
     import lightning  # noqa: F401  (imports are paid once per process; the check itself is what is timed)
     import torch
 
-    from train import main
+    from popstack.commands.train import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the GPU case reads the same on every machine
     start = time.perf_counter()
@@ -51,7 +51,7 @@ def test_bad_config_is_one_error_line_before_anything_runs(overrides, key, value
 def test_gpu_trainer_without_gpu_names_the_cpu_override(tmp_path, capsys, monkeypatch):
     import torch
 
-    from train import main
+    from popstack.commands.train import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["debug=fast", f"paths.root_dir={tmp_path}", "trainer.accelerator=cuda"]) == 2
@@ -60,8 +60,8 @@ def test_gpu_trainer_without_gpu_names_the_cpu_override(tmp_path, capsys, monkey
 
 def test_every_allowed_value_of_the_shipped_configs_passes():
     """The schema accepts what the YAML files ship (each experiment, trainer and logger): defaults and rules agree."""
-    from pipeline.config import compose_config
-    from pipeline.schema import validate
+    from popstack.pipeline.config import compose_config
+    from popstack.pipeline.schema import validate
 
     for overrides in (["experiment=smpd", "data.root=/data"], ["experiment=hyperfusion", "data.root=/data"],
                       ["experiment=cmpa_dgpl", "data.root=/data"], ["trainer=ddp"], ["logger=wandb"], ["logger=none"],
@@ -71,8 +71,8 @@ def test_every_allowed_value_of_the_shipped_configs_passes():
 
 def test_stack_config_defaults_are_the_yaml():
     """One source of defaults: ``StackConfig()`` equals ``configs/stacking/default.yaml`` (enabled members)."""
-    from pipeline.config import compose_config
-    from stacking.stack import StackConfig
+    from popstack.pipeline.config import compose_config
+    from popstack.stacking.stack import StackConfig
 
     yaml = compose_config(["~experiment"]).stacking  # the stacking group alone, no experiment overlay
     cfg = StackConfig()
@@ -86,7 +86,7 @@ def test_stack_config_defaults_are_the_yaml():
 def test_schema_refuses_unknown_keys_and_adding_one_is_one_line(monkeypatch):
     from omegaconf import OmegaConf
 
-    from pipeline import schema
+    from popstack.pipeline import schema
 
     cfg = OmegaConf.create({"data": {"kind": "smpd", "brand_new": 3}})
     with pytest.raises(schema.ConfigError, match="data.brand_new"):

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datamodules.folds import read_folds
-from datamodules.schema import KEY, LABEL, NO_FOLD
-from pipeline.layout import RunLayout
+from popstack.datamodules.folds import read_folds
+from popstack.datamodules.schema import KEY, LABEL, NO_FOLD
+from popstack.pipeline.layout import RunLayout
 from tests.helpers import compose_fast
 
 #: The CMPA-DGPL paper's settings on the debug data: the prompt/prototype module alone, without a popularity head
@@ -27,7 +27,7 @@ PAPER_SETTINGS = ("model.co_attention.enabled=false", "model.hierarchical.enable
 @pytest.fixture(scope="module")
 def prompt_run(tmp_path_factory):
     """The whole pipeline with ``PAPER_SETTINGS`` (2 folds, 2 epochs, a 10% held-back slice)."""
-    from train import train
+    from popstack import train
 
     cfg = compose_fast(tmp_path_factory.mktemp("correct"), *PAPER_SETTINGS)
     metrics = train(cfg)
@@ -36,7 +36,7 @@ def prompt_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_f_holds_the_blocks_of_eq_11(prompt_run):
-    from pipeline.neural import F_BLOCKS
+    from popstack.pipeline.neural import F_BLOCKS
 
     run_dir, _, _ = prompt_run
     nf = pd.read_parquet(run_dir / "neural" / "features.parquet")
@@ -54,7 +54,7 @@ def test_f_of_a_post_is_the_same_whichever_fold_it_is_in(prompt_run, tmp_path):
     of every post is unchanged (the F model reads no fold and no label)."""
     import shutil
 
-    from pipeline.neural import neural_outputs
+    from popstack.pipeline.neural import neural_outputs
 
     run_dir, cfg, _ = prompt_run
     copy = tmp_path / "run"
@@ -103,14 +103,14 @@ def test_report_shows_fold_strategy_and_held_back_scores(prompt_run):
     assert held.sum() == 16 and posts[LABEL][held].notna().all()  # 10% of 160 labelled posts
     # the held-back posts are treated like test posts everywhere: never in a fit, fold-mean predictions
     stack_preds = pd.read_parquet(run_dir / "stack" / "predictions.parquet")
-    from stacking.metrics import scores
+    from popstack.stacking.metrics import scores
 
     expected = scores(posts[LABEL][held].to_numpy(), stack_preds.prediction[held].to_numpy())
     assert metrics["report"]["heldback_mae"] == pytest.approx(expected["mae"])
 
 
 def test_experiment_configs_carry_the_papers_settings():
-    from pipeline.config import compose_config
+    from popstack.pipeline.config import compose_config
 
     cmpa = compose_config(["experiment=cmpa_dgpl"], validate=False)  # data.root and the GPU come at run time
     assert cmpa.model.prompt_prototype.regression_weight == 0 and cmpa.model.extract.pca_dim == 0

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datamodules.folds import fold_table, write_folds
-from datamodules.shards import build_vocab, write_shards
-from datamodules.smpd import read_smpd
-from datamodules.synthetic import generate
+from popstack.datamodules.folds import fold_table, write_folds
+from popstack.datamodules.shards import build_vocab, write_shards
+from popstack.datamodules.smpd import read_smpd
+from popstack.datamodules.synthetic import generate
 from tests.helpers import ROOT, compose_fast, free_port, slurm_task
 
 DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "debug=fast"]
@@ -100,8 +100,8 @@ def test_train_py_under_torchrun_end_to_end(lightning_ddp_run):
 
 @pytest.mark.slow
 def test_predict_devices_2_equals_devices_1(lightning_ddp_run, tmp_path):
-    from pipeline.config import load_run_config
-    from predict import predict
+    from popstack.commands.predict import predict
+    from popstack.pipeline.config import load_run_config
 
     tmp, first = lightning_ddp_run
     assert first.returncode == 0, first.stderr[-3000:]
@@ -192,9 +192,10 @@ def test_one_fold_over_shards_trains_the_last_clip_block_only(tmp_path):
     changes (the optimiser holds it), every other CLIP weight stays, and the checkpoint predicts identically."""
     import torch
 
-    from lightning_modules.backbone import text_tower
-    from pipeline.layout import RunLayout
-    from pipeline.neural import (
+    from popstack import train
+    from popstack.lightning_modules.backbone import text_tower
+    from popstack.pipeline.layout import RunLayout
+    from popstack.pipeline.neural import (
         build_cache,
         build_module,
         cache_datamodule,
@@ -203,8 +204,7 @@ def test_one_fold_over_shards_trains_the_last_clip_block_only(tmp_path):
         trainer_cfg,
         uses_shards,
     )
-    from pipeline.training import fit_resumable
-    from train import train
+    from popstack.pipeline.training import fit_resumable
 
     cfg = compose_fast(tmp_path, "backbone.trainable_last_blocks=1", "stages=[prepare,features]")
     train(cfg)

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from pipeline.distributed import Topology, shared_tmpdir, topology, wait_for
-from pipeline.errors import UserError
+from popstack.pipeline.distributed import Topology, shared_tmpdir, topology, wait_for
+from popstack.pipeline.errors import UserError
 from tests.helpers import SLURM_2_TASKS, slurm_task
 
 

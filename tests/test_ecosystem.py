@@ -52,7 +52,7 @@ class TinyData(L.LightningDataModule):
 
 
 def _fit(tmp_path, name: str, *overrides: str, constant_val: bool = False, patience=None, epochs: int = 1):
-    from pipeline.training import fit_resumable
+    from popstack.pipeline.training import fit_resumable
 
     cfg = compose_fast(tmp_path, *overrides)
     module = TinyRegressor(constant_val)
@@ -84,7 +84,7 @@ def test_early_stopping_per_model_and_lr_monitor_without_wandb(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_one_run_dir_per_job_and_a_comparison_table(tmp_path, capsys):
-    from train import main
+    from popstack.commands.train import main
 
     rc = main(["-m", "debug=fast", "stages=[prepare,features]", f"paths.root_dir={tmp_path}",
                "features.sentence_model=", "features.tfidf_dim=2,3"])
@@ -100,7 +100,7 @@ def test_multirun_one_run_dir_per_job_and_a_comparison_table(tmp_path, capsys):
 
 
 def test_cfg_job_prints_the_composed_config_and_writes_nothing(tmp_path, capsys):
-    from train import main
+    from popstack.commands.train import main
 
     assert main(["--cfg", "job", "debug=fast", f"paths.root_dir={tmp_path}", "trainer.accumulate_grad_batches=4"]) == 0
     printed = OmegaConf.create(capsys.readouterr().out)
@@ -109,7 +109,7 @@ def test_cfg_job_prints_the_composed_config_and_writes_nothing(tmp_path, capsys)
 
 
 def test_wandb_environment_wins_and_artifacts_stay_in_the_run_dir(tmp_path, monkeypatch):
-    from pipeline.tracking import Tracker, init_settings
+    from popstack.pipeline.tracking import Tracker, init_settings
 
     cfg = compose_fast(tmp_path, "logger=wandb_offline", "logger.wandb.project=from-config")
     run_dir = Path(cfg.run_dir)
@@ -142,7 +142,7 @@ def test_wandb_environment_wins_and_artifacts_stay_in_the_run_dir(tmp_path, monk
 
 @pytest.mark.parametrize("case", ["parent_missing", "out_is_dir", "parent_is_file"])
 def test_predict_checks_out_before_any_work(case, tmp_path, capsys):
-    from predict import main
+    from popstack.commands.predict import main
 
     (tmp_path / "afile").write_text("x")
     (tmp_path / "dir.json").mkdir()
@@ -156,7 +156,7 @@ def test_predict_checks_out_before_any_work(case, tmp_path, capsys):
 
 
 def test_under_a_sweep_agent_the_pipeline_is_the_agents_single_run(tmp_path, monkeypatch):
-    from pipeline.tracking import Tracker, model_job_logger
+    from popstack.pipeline.tracking import Tracker, model_job_logger
 
     cfg = compose_fast(tmp_path, "logger=wandb_offline")
     run_dir = Path(cfg.run_dir)

@@ -6,21 +6,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datamodules.folds import assign_folds
-from datamodules.synthetic import make_posts
-from features.build import build_features, transform_features
-from features.category import category_features
-from features.config import FeatureConfig
-from features.crossmodal import crossmodal_features
-from features.glove import glove_features
-from features.preprocess import Standardiser, iqr_keep_mask
-from features.sentence import SentenceEncoder, resolve_model_dir
-from features.spatial import spatial_features
-from features.state import FeatureState
-from features.target import target_features
-from features.temporal import temporal_features
-from features.text import text_statistics
-from features.user import user_features
+from popstack.datamodules.folds import assign_folds
+from popstack.datamodules.synthetic import make_posts
+from popstack.features.build import build_features, transform_features
+from popstack.features.category import category_features
+from popstack.features.config import FeatureConfig
+from popstack.features.crossmodal import crossmodal_features
+from popstack.features.glove import glove_features
+from popstack.features.preprocess import Standardiser, iqr_keep_mask
+from popstack.features.sentence import SentenceEncoder, resolve_model_dir
+from popstack.features.spatial import spatial_features
+from popstack.features.state import FeatureState
+from popstack.features.target import target_features
+from popstack.features.temporal import temporal_features
+from popstack.features.text import text_statistics
+from popstack.features.user import user_features
 
 NO_SENTENCE = FeatureConfig(sentence_model="", user_vector_dim=3, location_vector_dim=3, user_tag_svd_dim=2,
                             tfidf_dim=2)

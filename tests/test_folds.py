@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datamodules.folds import HOLDOUT, assign_folds, fold_table, holdout_mask, read_folds, write_folds
-from datamodules.schema import KEY, LABEL, NO_FOLD
+from popstack.datamodules.folds import HOLDOUT, assign_folds, fold_table, holdout_mask, read_folds, write_folds
+from popstack.datamodules.schema import KEY, LABEL, NO_FOLD
 
 
 def posts(n=300, n_test=50, seed=0):
@@ -59,8 +59,8 @@ def test_holdout_is_the_latest_labelled_slice_and_has_no_fold(tmp_path):
 
 def test_target_statistics_never_read_held_back_labels():
     """A held-back post's label must not reach the user label means of any other post."""
-    from features.state import FeatureState
-    from features.target import target_features
+    from popstack.features.state import FeatureState
+    from popstack.features.target import target_features
 
     p = posts(n=60, n_test=0)
     p["uid"] = "same-user"

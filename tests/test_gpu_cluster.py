@@ -7,13 +7,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.errors import UserError
+from popstack.pipeline.errors import UserError
 
 GPU_TRAINER = {"accelerator": "gpu", "devices": 8, "num_nodes": 2, "strategy": "ddp", "precision": "bf16-mixed"}
 
 
 def test_gpu_run_placement_without_cuda(monkeypatch, caplog):
-    from pipeline.inference import CPU_PLACEMENT, placement_for_this_machine
+    from popstack.pipeline.inference import CPU_PLACEMENT, placement_for_this_machine
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     trainer = OmegaConf.create(GPU_TRAINER)
@@ -31,7 +31,7 @@ def test_gpu_run_placement_without_cuda(monkeypatch, caplog):
 
 
 def test_gpu_run_placement_with_cuda_keeps_the_run(monkeypatch):
-    from pipeline.inference import placement_for_this_machine
+    from popstack.pipeline.inference import placement_for_this_machine
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     trainer = OmegaConf.create(GPU_TRAINER)
@@ -50,7 +50,7 @@ def test_run_lock_falls_back_where_flock_is_missing(monkeypatch, tmp_path, caplo
     import os
     import socket
 
-    from pipeline.lock import RunLock
+    from popstack.pipeline.lock import RunLock
 
     def no_flock(fd, op):
         raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
@@ -82,7 +82,7 @@ def test_run_lock_other_flock_errors_are_not_swallowed(monkeypatch, tmp_path):
     import errno
     import fcntl
 
-    from pipeline.lock import RunLock
+    from popstack.pipeline.lock import RunLock
 
     def broken(fd, op):
         raise OSError(errno.EIO, "I/O error")
@@ -98,7 +98,7 @@ def test_stale_rank_files_of_a_run_with_more_devices_are_cleared(tmp_path):
     import lightning as L
     import pandas as pd
 
-    from lightning_modules.extract import KeyedPredictionWriter, merge_rank_outputs
+    from popstack.lightning_modules.extract import KeyedPredictionWriter, merge_rank_outputs
     from tests.helpers import quiet_trainer
 
     ids = [f"p{i}" for i in range(6)]
@@ -168,7 +168,7 @@ def fake_gpu_catboost(monkeypatch):
 
     import catboost
 
-    import stacking.members as members
+    import popstack.stacking.members as members
 
     FakeGpuCatBoost.gpu_fails, FakeGpuCatBoost.running, FakeGpuCatBoost.max_running = False, 0, 0
     FakeGpuCatBoost.gpu_params, FakeGpuCatBoost.guard = [], threading.Lock()
@@ -187,7 +187,7 @@ def _catboost_folds(n_folds: int, **extra):
     import numpy as np
     import pandas as pd
 
-    from stacking.members import make_member
+    from popstack.stacking.members import make_member
 
     params = {**OmegaConf.to_container(OmegaConf.load("configs/stacking/default.yaml").members.catboost),
               "iterations": 20, "thread_count": 1, **extra}
@@ -220,7 +220,7 @@ def test_catboost_gpu_failure_moves_every_fold_to_the_cpu_with_one_warning(fake_
 
 
 def test_catboost_gpu_failure_fails_loudly_when_asked_or_after_gpu_folds(fake_gpu_catboost):
-    from stacking.members import MemberResourceError
+    from popstack.stacking.members import MemberResourceError
 
     fake_gpu_catboost.gpu_fails = True
     with pytest.raises(MemberResourceError, match="gpu_fallback=cpu"):
@@ -237,7 +237,7 @@ def test_tabnet_cuda_out_of_memory_is_one_clear_error(monkeypatch):
     import pandas as pd
     from pytorch_tabnet.tab_model import TabNetRegressor
 
-    from stacking.members import MemberResourceError, make_member
+    from popstack.stacking.members import MemberResourceError, make_member
 
     def oom(self, *args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -269,7 +269,7 @@ def _float_reference(data: bytes, size: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    from datamodules.shards import CLIP_MEAN, CLIP_STD
+    from popstack.datamodules.shards import CLIP_MEAN, CLIP_STD
 
     with Image.open(io.BytesIO(data)) as im:
         im.draft("RGB", (size, size))
@@ -287,7 +287,7 @@ def _float_reference(data: bytes, size: int) -> torch.Tensor:
 @pytest.mark.parametrize("w,h", [(640, 480), (480, 640), (300, 200), (64, 64), (50, 40)])
 def test_uint8_images_normalised_later_equal_the_float_path(w, h):
     """uint8 images from the loaders, normalised later (on the device): the numbers of the float path."""
-    from datamodules.shards import ImagePreprocessor, normalise_images
+    from popstack.datamodules.shards import ImagePreprocessor, normalise_images
 
     data = _jpeg(w, h)
     image, ok = ImagePreprocessor(64)(data)
@@ -297,7 +297,7 @@ def test_uint8_images_normalised_later_equal_the_float_path(w, h):
 
 
 def test_png_missing_and_broken_images_on_the_uint8_path():
-    from datamodules.shards import ImagePreprocessor, normalise_images
+    from popstack.datamodules.shards import ImagePreprocessor, normalise_images
 
     pre = ImagePreprocessor(32)
     png, ok = pre(_jpeg(90, 60, fmt="PNG"))
@@ -319,8 +319,8 @@ def test_presized_shards_store_the_model_input_size_and_embed_alike(tmp_path):
     import webdataset as wds
     from PIL import Image
 
-    from datamodules.shards import ImagePreprocessor, build_vocab, shard_urls, write_shards
-    from lightning_modules.backbone import TINY_MODEL, encode_posts, load_backbone, register_local_configs
+    from popstack.datamodules.shards import ImagePreprocessor, build_vocab, shard_urls, write_shards
+    from popstack.lightning_modules.backbone import TINY_MODEL, encode_posts, load_backbone, register_local_configs
 
     sizes = [(640, 480), (480, 640), (200, 150), (40, 30)]
     rows = []
@@ -360,7 +360,7 @@ def test_prepare_pool_writes_the_same_shards_as_one_process(tmp_path):
     import pandas as pd
     import webdataset as wds
 
-    from datamodules.shards import build_vocab, shard_urls, write_shards
+    from popstack.datamodules.shards import build_vocab, shard_urls, write_shards
 
     rows = []
     for i in range(12):
@@ -389,7 +389,7 @@ def test_prepare_pool_writes_the_same_shards_as_one_process(tmp_path):
 def test_num_workers_auto_is_the_cores_of_this_rank(monkeypatch):
     import os
 
-    from datamodules import cores
+    from popstack.datamodules import cores
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert cores.loader_workers(3, 8, env={}) == 3
@@ -409,9 +409,16 @@ def test_auto_workers_raise_no_dataloader_warning_here(tmp_path):
 
     import pandas as pd
 
-    from datamodules.cores import loader_workers
-    from datamodules.shards import Collate, SampleDecoder, build_vocab, make_eval_pipeline, make_loader, shard_urls
-    from lightning_modules.backbone import TINY_MODEL, load_backbone, register_local_configs
+    from popstack.datamodules.cores import loader_workers
+    from popstack.datamodules.shards import (
+        Collate,
+        SampleDecoder,
+        build_vocab,
+        make_eval_pipeline,
+        make_loader,
+        shard_urls,
+    )
+    from popstack.lightning_modules.backbone import TINY_MODEL, load_backbone, register_local_configs
 
     rel = "train/u@N01/0.jpg"
     (tmp_path / rel).parent.mkdir(parents=True)
@@ -420,7 +427,7 @@ def test_auto_workers_raise_no_dataloader_warning_here(tmp_path):
                            "image_status": "ok", "category": "c", "subcategory": "s", "concept": "k", "title": "t",
                            "alltags": "", "label": 1.0}])
     write_shards_dir = tmp_path / "shards"
-    from datamodules.shards import write_shards
+    from popstack.datamodules.shards import write_shards
 
     write_shards(posts, tmp_path, write_shards_dir, split="train", class_ids=build_vocab(posts))
     register_local_configs()
@@ -443,7 +450,7 @@ def test_cache_parts_written_per_rank_then_merged_by_post_id(tmp_path):
     post id and deletes the parts: no file is written by two ranks."""
     import numpy as np
 
-    from lightning_modules.embed import (
+    from popstack.lightning_modules.embed import (
         CACHE_ARRAYS,
         RANK_PART,
         allocate_cache,

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.folds import fold_table, write_folds
-from datamodules.popularity import PopularityDataModule
-from datamodules.shards import build_vocab, write_shards
-from datamodules.smpd import read_smpd
-from datamodules.synthetic import generate
-from lightning_modules.backbone import TINY_MODEL, register_local_configs
-from lightning_modules.regressors import CLIPHierarchicalPredictor
+from popstack.datamodules.folds import fold_table, write_folds
+from popstack.datamodules.popularity import PopularityDataModule
+from popstack.datamodules.shards import build_vocab, write_shards
+from popstack.datamodules.smpd import read_smpd
+from popstack.datamodules.synthetic import generate
+from popstack.lightning_modules.backbone import TINY_MODEL, register_local_configs
+from popstack.lightning_modules.regressors import CLIPHierarchicalPredictor
 from tests.helpers import quiet_trainer
 
 
@@ -102,7 +102,7 @@ def cached_batch(n: int, dim: int = 16, tokens: int = 6, seed: int = 0) -> dict:
 def test_bf16_predictions_keep_their_resolution(kind):
     """Under bf16 autocast (CPU here, as on a GPU) 1,000 predictions keep at least 99% distinct values: the head
     and the de-standardisation run in float32 (bf16 put them on a 0.03-0.06 grid: 176 distinct of 1,000)."""
-    from lightning_modules.regressors import CoAttentionMLPModule
+    from popstack.lightning_modules.regressors import CoAttentionMLPModule
 
     torch.manual_seed(0)
     if kind == "hierarchical":
@@ -121,7 +121,7 @@ def test_bf16_predictions_keep_their_resolution(kind):
 def test_prompt_similarities_are_float32_under_bf16_autocast():
     """The prompt learner's cosines (multiplied by the logit scale, ~50, before a softmax) stay float32 and equal
     the float32 computation under bf16 autocast."""
-    from lightning_modules.prompt_learner import global_similarity, local_similarity
+    from popstack.lightning_modules.prompt_learner import global_similarity, local_similarity
 
     b = cached_batch(64, dim=32)
     classes = torch.randn(10, 32)
@@ -157,7 +157,7 @@ TORCHRUN = {"RANK": "11", "LOCAL_RANK": "3", "WORLD_SIZE": "16", "GROUP_RANK": "
     ({}, "gpu", 8, 0),                                              # one process (or Lightning's first)
 ])
 def test_each_rank_takes_its_own_gpu(monkeypatch, env, accelerator, devices, expected):
-    from pipeline.distributed import rank_device
+    from popstack.pipeline.distributed import rank_device
 
     cuda = FakeCuda(monkeypatch, 8)
     assert rank_device(accelerator, devices, env) == torch.device("cuda", expected)
@@ -165,8 +165,8 @@ def test_each_rank_takes_its_own_gpu(monkeypatch, env, accelerator, devices, exp
 
 
 def test_rank_device_cpu_and_errors(monkeypatch):
-    from pipeline.distributed import rank_device
-    from pipeline.errors import UserError
+    from popstack.pipeline.distributed import rank_device
+    from popstack.pipeline.errors import UserError
 
     cuda = FakeCuda(monkeypatch, 2)
     assert rank_device("cpu", 2, TORCHRUN) == torch.device("cpu")
@@ -178,7 +178,7 @@ def test_rank_device_cpu_and_errors(monkeypatch):
 
 def test_embedding_cache_encodes_on_the_rank_device(monkeypatch, tmp_path):
     """build_cache asks rank_device (this rank's GPU under a launcher) and encodes there."""
-    import pipeline.neural as neural
+    import popstack.pipeline.neural as neural
 
     seen = {}
 
@@ -188,8 +188,8 @@ def test_embedding_cache_encodes_on_the_rank_device(monkeypatch, tmp_path):
 
     monkeypatch.setattr(neural, "rank_device", lambda accelerator, devices: torch.device("meta"))
     monkeypatch.setattr(neural, "encode_into", fake_encode)
+    from popstack import train
     from tests.helpers import compose_fast
-    from train import train
 
     cfg = compose_fast(tmp_path, "stages=[prepare]")
     train(cfg)
@@ -208,7 +208,7 @@ def test_embedding_cache_encodes_on_the_rank_device(monkeypatch, tmp_path):
 def test_planned_world_size(monkeypatch, env, trainer, expected):
     from omegaconf import OmegaConf
 
-    from pipeline.distributed import planned_world_size
+    from popstack.pipeline.distributed import planned_world_size
 
     FakeCuda(monkeypatch, 8)
     assert planned_world_size(trainer, env) == expected
@@ -220,7 +220,7 @@ def test_fit_key_and_stage_hash_record_the_world_size(monkeypatch, tmp_path):
     the world size; the stage's other placement keys still do not retrain."""
     from omegaconf import OmegaConf
 
-    from pipeline.stages import neural as stage
+    from popstack.pipeline.stages import neural as stage
     from tests.helpers import compose_fast
 
     FakeCuda(monkeypatch, 8)
@@ -245,7 +245,7 @@ def test_fit_key_and_stage_hash_record_the_world_size(monkeypatch, tmp_path):
 def test_batch_size_is_the_global_batch(world):
     """``model.<name>.batch_size`` is the global batch (Lightning's templates, open_clip): each of N devices loads
     batch / N, so 1 and N devices train with the same batch at the same learning rate."""
-    from datamodules.shards import device_batch_size
+    from popstack.datamodules.shards import device_batch_size
 
     assert device_batch_size(64, world) * world == 64
     assert device_batch_size(10, 4, training=False) == 3  # evaluation rounds up
@@ -257,7 +257,7 @@ def test_cached_loader_batches_are_global_over_devices(tmp_path):
     """EmbeddingDataModule divides its batch by the Trainer's world size (a stand-in Trainer with 1 and 4 ranks)."""
     from types import SimpleNamespace
 
-    from datamodules.cached import EmbeddingDataModule
+    from popstack.datamodules.cached import EmbeddingDataModule
     from tests.test_speed_paths import _tiny_cache
 
     dm = EmbeddingDataModule(*_tiny_cache(tmp_path), fold=0, batch_size=8)
@@ -272,7 +272,7 @@ def test_cached_loader_batches_are_global_over_devices(tmp_path):
 def test_lightning_processes_start_early_only_under_its_script_launcher(monkeypatch):
     """start_lightning_processes starts nothing under torchrun/SLURM, for one process, or for a strategy whose
     launcher starts processes inside the Trainer (ddp_spawn); tests/test_ddp.py covers the launch itself."""
-    import pipeline.distributed as dist
+    import popstack.pipeline.distributed as dist
 
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)

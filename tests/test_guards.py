@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from datamodules.folds import assign_folds
-from datamodules.schema import NO_FOLD
-from stacking import stack as stack_module
-from stacking.members import LightGBMMember
-from stacking.stack import StackConfig, predict_stack, run_stack
+from popstack.datamodules.folds import assign_folds
+from popstack.datamodules.schema import NO_FOLD
+from popstack.stacking import stack as stack_module
+from popstack.stacking.members import LightGBMMember
+from popstack.stacking.stack import StackConfig, predict_stack, run_stack
 from tests.test_stacking import FAST
 
 GUARD = {"label_margin": 0.1, "max_outside": 0.01, "max_error_ratio": 1.5}
@@ -43,8 +43,8 @@ def test_a_neural_member_predicting_outside_the_label_range_is_dropped_and_clipp
     res.save(tmp_path)
     np.testing.assert_allclose(predict_stack(tmp_path, X[~labelled]), res.test["blend"], rtol=1e-6)
     # ... and named in the report, with the reason
-    from pipeline.layout import RunLayout
-    from pipeline.stages.report import guard_text
+    from popstack.pipeline.layout import RunLayout
+    from popstack.pipeline.stages.report import guard_text
 
     layout = RunLayout(tmp_path / "run")
     layout.dropped_members.parent.mkdir(parents=True)
@@ -54,7 +54,7 @@ def test_a_neural_member_predicting_outside_the_label_range_is_dropped_and_clipp
 
 
 def test_headline_is_the_held_back_score_and_a_worse_blend_is_said_loudly():
-    from pipeline.stages.report import blend_warning, headline
+    from popstack.pipeline.stages.report import blend_warning, headline
 
     scores = pd.DataFrame({"member": ["lightgbm", "catboost", "blend"], "oof_src": [0.9, 0.9, 0.92],
                            "oof_mae": [0.5, 0.5, 0.45], "heldback_src": [0.4, 0.3, 0.35],

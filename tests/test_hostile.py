@@ -52,7 +52,7 @@ def _launch_record(run: Path, path: Path) -> bool:
 
 
 def _train_main(tmp_path, run: Path, *overrides: str, capsys) -> tuple[int, str]:
-    from train import main
+    from popstack.commands.train import main
 
     code = main(["debug=fast", f"paths.root_dir={tmp_path}", f"hydra.run.dir={run}", *SMALL, *overrides])
     return code, capsys.readouterr().err
@@ -113,7 +113,7 @@ def test_partial_run_on_an_empty_run_dir_writes_nothing(tmp_path, capsys):
 
 # ------------------------------------------------------------------ case 3: only a consistent run predicts
 def _kill_extract(monkeypatch):
-    import pipeline.stages.extract as extract
+    import popstack.pipeline.stages.extract as extract
 
     def killed(ctx):
         raise KeyboardInterrupt
@@ -139,12 +139,12 @@ def _break_stack_member(run: Path) -> str:
     ("config_garbled", "not a readable config"),
 ])
 def test_predictor_refuses_an_inconsistent_run_before_any_work(finished, tmp_path, monkeypatch, damage, says):
-    from pipeline.errors import UserError
-    from pipeline.inference import Predictor
+    from popstack.pipeline.errors import UserError
+    from popstack.pipeline.inference import Predictor
 
     run, data = _copy(finished, tmp_path)
     if damage == "rerun_killed":  # seed=7 rerun: prepare, features, neural finish, then a kill during extract
-        from train import train
+        from popstack import train
 
         _kill_extract(monkeypatch)
         with pytest.raises(KeyboardInterrupt):
@@ -164,7 +164,7 @@ def test_predictor_refuses_an_inconsistent_run_before_any_work(finished, tmp_pat
     elif damage == "manifest_missing":
         (run / "manifests" / "extract.json").unlink()
     elif damage == "upstream_rerun":  # features' output replaced after neural read it (recorded as a finished rerun)
-        from pipeline.manifest import Manifest, checksum
+        from popstack.pipeline.manifest import Manifest, checksum
 
         path = run / "manifests" / "features.json"
         m = Manifest.read(path)
@@ -177,7 +177,7 @@ def test_predictor_refuses_an_inconsistent_run_before_any_work(finished, tmp_pat
         path.write_text(json.dumps(m.record()))
     elif damage == "config_garbled":
         (run / "config.yaml").write_text("a: [unclosed\n")
-    import pipeline.neural as neural
+    import popstack.pipeline.neural as neural
 
     def no_work(*a, **k):
         raise AssertionError("neural work started on an inconsistent run")
@@ -188,7 +188,7 @@ def test_predictor_refuses_an_inconsistent_run_before_any_work(finished, tmp_pat
 
 @pytest.mark.slow  # reads the module's finished pipeline run
 def test_a_consistent_copy_still_loads(finished, tmp_path):
-    from pipeline.inference import Predictor
+    from popstack.pipeline.inference import Predictor
 
     run, _ = _copy(finished, tmp_path)
     for p in run.rglob("*"):  # a copy with new mtimes: re-hashed, accepted
@@ -201,7 +201,7 @@ def test_a_consistent_copy_still_loads(finished, tmp_path):
 @pytest.fixture
 def raw(tmp_path) -> Path:
     """A tiny SMPD-layout directory (synthetic generator): 24 train + 6 test posts."""
-    from datamodules.synthetic import generate
+    from popstack.datamodules.synthetic import generate
 
     root = tmp_path / "raw"
     generate(root, n_train=24, n_test=6, seed=0, n_subcategories=3)
@@ -219,7 +219,7 @@ def _move_out(root: Path, rel: str, outside: Path) -> None:
 @pytest.mark.parametrize("rel", ["train_allmetadata_json/train_label.txt", "train_allmetadata_json",
                                  "train_allmetadata_json/train_text.json"])
 def test_metadata_symlinked_out_of_the_root_is_refused_by_name(raw, tmp_path, rel):
-    from datamodules.smpd import SMPDFormatError, read_smpd
+    from popstack.datamodules.smpd import SMPDFormatError, read_smpd
 
     _move_out(raw, rel, tmp_path / "outside")
     with pytest.raises(SMPDFormatError, match="outside the data root"):
@@ -227,7 +227,7 @@ def test_metadata_symlinked_out_of_the_root_is_refused_by_name(raw, tmp_path, re
 
 
 def test_fingerprint_never_touches_anything_outside_the_root(raw, tmp_path, monkeypatch):
-    from pipeline.manifest import raw_fingerprint
+    from popstack.pipeline.manifest import raw_fingerprint
 
     outside = tmp_path / "outside"
     image = next(p for p in sorted((raw / "train").rglob("*.jpg")))
@@ -245,7 +245,7 @@ def test_fingerprint_never_touches_anything_outside_the_root(raw, tmp_path, monk
 
 
 def test_a_run_directory_inside_the_data_root_is_not_part_of_its_fingerprint(raw, tmp_path):
-    from pipeline.stages.prepare import outside_inputs
+    from popstack.pipeline.stages.prepare import outside_inputs
 
     cfg = compose_fast(tmp_path, "data=smpd", f"data.root={raw}", f"hydra.run.dir={raw / 'runs' / 'a'}")
     before = outside_inputs(cfg)
@@ -264,7 +264,7 @@ def _frame(n: int = 3) -> pd.DataFrame:
 
 
 def test_smpd_spelled_columns_mean_the_same_as_lower_case(tmp_path):
-    from pipeline.inference import posts_from_frame
+    from popstack.pipeline.inference import posts_from_frame
 
     plain = _frame()
     smpd = plain.rename(columns={"post_id": "Pid", "uid": "Uid", "title": "Title", "alltags": "Alltags",
@@ -285,8 +285,8 @@ def test_smpd_spelled_columns_mean_the_same_as_lower_case(tmp_path):
     ({"user_description": ["x", "y", "z"]}, "user_description"),
 ])
 def test_a_bad_dataframe_is_one_error_naming_the_column(tmp_path, change, says):
-    from pipeline.errors import UserError
-    from pipeline.inference import posts_from_frame
+    from popstack.pipeline.errors import UserError
+    from popstack.pipeline.inference import posts_from_frame
 
     with pytest.raises(UserError) as err:
         posts_from_frame(_frame().assign(**change), tmp_path)
@@ -302,7 +302,7 @@ def _edit_records(root: Path, name: str, row: int, **fields) -> None:
 
 
 def test_wrong_types_in_class_and_text_fields_are_counted_repairs(raw):
-    from datamodules.smpd import read_smpd
+    from popstack.datamodules.smpd import read_smpd
 
     _edit_records(raw, "category", 0, Category=None, Subcategory={"a": 1}, Concept=["x"])
     _edit_records(raw, "text", 1, Title={"a": 1}, Alltags=True)
@@ -315,7 +315,7 @@ def test_wrong_types_in_class_and_text_fields_are_counted_repairs(raw):
 
 
 def test_a_pid_with_a_line_separator_reads(raw):
-    from datamodules.smpd import read_smpd
+    from popstack.datamodules.smpd import read_smpd
 
     meta = raw / "train_allmetadata_json"
     lines = (meta / "train_img_filepath.txt").read_text().splitlines()
@@ -353,7 +353,7 @@ def test_what_would_fail_late_fails_before_the_first_write(raw, tmp_path, capsys
     elif edit == "equal":
         _labels(raw, [5.0] * n)
     elif edit == "three":  # 3 training posts: a fold's fit has 1 (BatchNorm needs 2)
-        from datamodules.synthetic import generate
+        from popstack.datamodules.synthetic import generate
 
         shutil.rmtree(raw)
         generate(raw, n_train=3, n_test=2, seed=0, n_subcategories=2)
@@ -397,7 +397,7 @@ def test_not_enough_disk_space_is_refused_before_the_shards(raw, tmp_path, capsy
                                      RuntimeError("[enforce fail at inline_container.cc:603] . "
                                                   "PytorchStreamWriter failed writing file data/0: file write failed")])
 def test_disk_full_is_one_error_line(raw, tmp_path, capsys, monkeypatch, failure):
-    import pipeline.stages.prepare as prepare
+    import popstack.pipeline.stages.prepare as prepare
 
     def full(*a, **k):
         raise failure
@@ -408,8 +408,8 @@ def test_disk_full_is_one_error_line(raw, tmp_path, capsys, monkeypatch, failure
 
 
 def test_predict_refuses_unwritable_out_and_zero_devices(raw, tmp_path, capsys):
-    import predict
-    from pipeline.errors import UserError
+    import popstack.commands.predict as predict
+    from popstack.pipeline.errors import UserError
 
     with pytest.raises(UserError, match="cannot write"):
         predict.check_out(Path("/proc/x.json"))
@@ -419,9 +419,9 @@ def test_predict_refuses_unwritable_out_and_zero_devices(raw, tmp_path, capsys):
 
 @pytest.mark.slow  # reads the module's finished pipeline run
 def test_a_run_from_before_the_records_gets_them_from_one_skipping_rerun(finished, tmp_path, caplog):
-    from pipeline.errors import UserError
-    from pipeline.inference import Predictor
-    from train import train
+    from popstack import train
+    from popstack.pipeline.errors import UserError
+    from popstack.pipeline.inference import Predictor
 
     run, data = _copy(finished, tmp_path)
     for path in (run / "manifests").glob("*.json"):
@@ -439,7 +439,7 @@ def test_a_run_from_before_the_records_gets_them_from_one_skipping_rerun(finishe
 def test_planted_files_in_a_run_are_rebuilt_by_the_next_train(finished, tmp_path, caplog):
     """A non-checkpoint ``best.ckpt`` and a garbage ``backbone.pt``: the stage's own caches (done.json, the cache
     key) must not keep them; the rerun rebuilds both byte for byte and nothing downstream changes."""
-    from train import train
+    from popstack import train
 
     run, data = _copy(finished, tmp_path)
     (run / "embeddings" / "backbone.pt").write_bytes(b"garbage")

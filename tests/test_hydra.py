@@ -35,7 +35,7 @@ class Recorder:
 
 
 def test_missing_mandatory_value_is_one_error_line_exit_2(tmp_path, capsys):
-    from train import main
+    from popstack.commands.train import main
 
     assert main(["experiment=smpd", f"paths.root_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
@@ -47,7 +47,7 @@ def test_missing_mandatory_value_is_one_error_line_exit_2(tmp_path, capsys):
 def test_cfg_job_prints_a_gpu_config_without_a_gpu(tmp_path, capsys, monkeypatch):
     import torch
 
-    from train import main
+    from popstack.commands.train import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["--cfg", "job", "trainer=gpu", f"paths.root_dir={tmp_path}"]) == 0
@@ -70,7 +70,7 @@ def test_cfg_hydra_and_info_are_hydras(tmp_path):
 
 
 def test_a_run_saves_its_overrides_and_a_log_file(tmp_path):
-    from train import main
+    from popstack.commands.train import main
 
     run_dir = tmp_path / "run"
     assert main(["debug=fast", "stages=[prepare]", f"paths.root_dir={tmp_path}", f"hydra.run.dir={run_dir}"]) == 0
@@ -80,9 +80,9 @@ def test_a_run_saves_its_overrides_and_a_log_file(tmp_path):
 
 
 def test_callbacks_group_entries_join_the_pipelines_own(tmp_path):
-    from pipeline.config import compose_config
-    from pipeline.schema import ConfigError
-    from pipeline.training import fit_resumable, user_callbacks
+    from popstack.pipeline.config import compose_config
+    from popstack.pipeline.schema import ConfigError
+    from popstack.pipeline.training import fit_resumable, user_callbacks
     from tests.test_ecosystem import TinyData, TinyRegressor
 
     cfg = compose_config(["debug=fast", f"paths.root_dir={tmp_path}", "+callbacks.off=null",
@@ -103,7 +103,7 @@ def test_slurm_launcher_and_optuna_sweeper_configs_compose(tmp_path):
     spell out every field, so this runs without the plugins); with the plugins installed, Hydra builds them."""
     from hydra import compose, initialize_config_dir
 
-    from pipeline.config import CONFIG_DIR
+    from popstack.pipeline.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra/sweeper=src_search", "trainer=ddp",
@@ -125,7 +125,7 @@ def test_slurm_launcher_and_optuna_sweeper_configs_compose(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not _has("hydra_plugins.hydra_optuna_sweeper"), reason="hydra-optuna-sweeper not installed")
 def test_an_optuna_sweep_runs_and_maximises_the_blend_src(tmp_path):
-    from train import main
+    from popstack.commands.train import main
 
     assert main(["-m", "hydra/sweeper=src_search", "hydra.sweeper.n_trials=2", "debug=fast",
                  f"paths.root_dir={tmp_path}", "features.sentence_model="]) == 0

@@ -9,10 +9,10 @@ import pandas as pd
 import webdataset as wds
 from PIL import Image
 
-from features.build import build_features
-from features.config import FeatureConfig
-from features.families import IMAGE_STATS, column_name
-from features.image_stats import HUE_BINS, image_statistics, image_stats_features, shard_image_statistics
+from popstack.features.build import build_features
+from popstack.features.config import FeatureConfig
+from popstack.features.families import IMAGE_STATS, column_name
+from popstack.features.image_stats import HUE_BINS, image_statistics, image_stats_features, shard_image_statistics
 
 
 def _jpeg(rgb: tuple[int, int, int], size=(80, 60), stripes: bool = False) -> bytes:
@@ -53,7 +53,7 @@ def test_family_reads_shards_and_marks_missing_images(tmp_path):
 
 
 def test_family_joins_the_feature_matrix(tmp_path):
-    from datamodules.synthetic import make_posts
+    from popstack.datamodules.synthetic import make_posts
 
     posts, _, _ = make_posts(30, 10, 0, n_subcategories=3)
     with wds.ShardWriter(str(tmp_path / "train-%06d.tar"), maxcount=100, verbose=0) as sink:

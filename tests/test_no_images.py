@@ -12,14 +12,14 @@ import pandas as pd
 import pytest
 import torch
 
-from datamodules.synthetic import make_posts, write_smpd
+from popstack.datamodules.synthetic import make_posts, write_smpd
 from tests.helpers import compose_fast
 
 IMAGE_ONLY_BLOCKS = ("f_i_", "x_tilde_", "v_tilde_", "t_tilde_")
 
 
 def test_encode_posts_without_images_never_runs_the_image_tower():
-    from lightning_modules.backbone import encode_posts, load_backbone
+    from popstack.lightning_modules.backbone import encode_posts, load_backbone
 
     bb = load_backbone("popstack-tiny-clip", None)
 
@@ -38,7 +38,7 @@ def test_encode_posts_without_images_never_runs_the_image_tower():
 
 def test_a_module_on_raw_batches_follows_the_run_and_skips_the_image_tower():
     """Modules trained over the shards (trainable CLIP blocks) encode raw batches the way the cache was encoded."""
-    from lightning_modules.regressors import CLIPHierarchicalPredictor
+    from popstack.lightning_modules.regressors import CLIPHierarchicalPredictor
 
     module = CLIPHierarchicalPredictor(embed_dim=32, hidden=(8,), backbone_name="popstack-tiny-clip")
     size, context = module.clip.visual.image_size, module.tokenizer("a").shape[1]
@@ -56,7 +56,7 @@ def test_a_module_on_raw_batches_follows_the_run_and_skips_the_image_tower():
 
 
 def test_image_only_modules_are_declared_on_their_classes(tmp_path):
-    from pipeline.neural import MODULES, enabled_modules, image_f_blocks, image_skipped, image_token_grid
+    from popstack.pipeline.neural import MODULES, enabled_modules, image_f_blocks, image_skipped, image_token_grid
 
     cfg = compose_fast(tmp_path)
     every = enabled_modules(cfg)
@@ -69,9 +69,9 @@ def test_image_only_modules_are_declared_on_their_classes(tmp_path):
 
 
 def test_the_features_stage_and_the_neural_stage_decide_with_one_function(tmp_path):
-    from datamodules.schema import IMAGE_MISSING, IMAGE_OK, IMAGE_UNREADABLE, any_image_readable
-    from features.build import images_readable
-    from features.state import FeatureState
+    from popstack.datamodules.schema import IMAGE_MISSING, IMAGE_OK, IMAGE_UNREADABLE, any_image_readable
+    from popstack.features.build import images_readable
+    from popstack.features.state import FeatureState
 
     none = pd.DataFrame({"image_status": [IMAGE_MISSING, IMAGE_UNREADABLE]})
     one = pd.DataFrame({"image_status": [IMAGE_MISSING, IMAGE_OK]})
@@ -87,9 +87,9 @@ def test_the_features_stage_and_the_neural_stage_decide_with_one_function(tmp_pa
 def test_a_dataset_without_images_trains_no_image_module_and_encodes_no_image(tmp_path, monkeypatch, caplog):
     """Every stage, then ``predict.py`` on the same posts: new posts follow the run (no image tower, no
     co_attention checkpoint asked for) and score as the run did."""
-    import pipeline.neural as neural
-    from predict import predict
-    from train import train
+    import popstack.pipeline.neural as neural
+    from popstack import train
+    from popstack.commands.predict import predict
 
     posts, signal, labels = make_posts(120, 40, seed=3)
     write_smpd(tmp_path / "raw", posts, signal, labels, seed=0, image_mess=False, write_images=False)

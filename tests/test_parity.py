@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from datamodules.folds import assign_folds
-from datamodules.schema import KEY, NO_FOLD
-from datamodules.synthetic import make_posts
-from features.build import build_features, constant_columns, transform_features
-from features.config import FeatureConfig
-from features.preprocess import Standardiser
+from popstack.datamodules.folds import assign_folds
+from popstack.datamodules.schema import KEY, NO_FOLD
+from popstack.datamodules.synthetic import make_posts
+from popstack.features.build import build_features, constant_columns, transform_features
+from popstack.features.config import FeatureConfig
+from popstack.features.preprocess import Standardiser
 
 FAST = FeatureConfig(sentence_model="", user_vector_dim=3, location_vector_dim=3, user_tag_svd_dim=2, tfidf_dim=2)
 
@@ -77,7 +77,7 @@ def test_standardiser_clips_to_the_configured_range_and_keeps_it_saved(tmp_path)
 
 
 def test_no_readable_image_skips_the_image_family_with_one_line(caplog, monkeypatch):
-    import features.build as build
+    import popstack.features.build as build
 
     posts, _, labels = make_posts(200, 50, seed=2)
     folds = assign_folds(posts.label.to_numpy(), 3, seed=0)

@@ -28,7 +28,7 @@ FAST_EXPERIMENT = ("data=synthetic", "backbone=tiny", "trainer=cpu", "stacking.m
 def finished_run(tmp_path_factory):
     """One full debug run, shared by the tests that only read its outputs; TabNet (opt-in) on, so saving, reloading
     and predicting cover every member kind."""
-    from train import train
+    from popstack import train
 
     tmp = tmp_path_factory.mktemp("pipeline")
     cfg = compose_fast(tmp, "stacking.members.tabnet.enabled=true")
@@ -60,7 +60,7 @@ def test_train_writes_every_output(finished_run):
 
 @pytest.mark.slow
 def test_rerun_skips_finished_stages(finished_run, caplog):
-    from train import train
+    from popstack import train
 
     run_dir, cfg, _ = finished_run
     before = (run_dir / "submission.json").stat().st_mtime_ns
@@ -72,7 +72,7 @@ def test_rerun_skips_finished_stages(finished_run, caplog):
 
 @pytest.mark.slow
 def test_predict_matches_train_on_the_same_posts(finished_run, tmp_path):
-    from predict import predict
+    from popstack.commands.predict import predict
 
     run_dir, cfg, _ = finished_run
     raw = Path(cfg.data.root)
@@ -88,7 +88,7 @@ def test_predict_matches_train_on_the_same_posts(finished_run, tmp_path):
 @pytest.mark.slow
 def test_predictor_dataframe_api_matches_the_directory(finished_run, tmp_path):
     """Python API: load the run once, predict a DataFrame of posts (image paths) -> scores keyed by post id."""
-    from pipeline.inference import Predictor
+    from popstack.pipeline.inference import Predictor
 
     run_dir, cfg, _ = finished_run
     raw = Path(cfg.data.root)
@@ -108,7 +108,7 @@ def test_predictor_dataframe_api_matches_the_directory(finished_run, tmp_path):
 
 @pytest.mark.slow
 def test_predict_on_fresh_raw_posts_without_labels(finished_run, tmp_path):
-    from datamodules.synthetic import generate
+    from popstack.datamodules.synthetic import generate
 
     run_dir, _, _ = finished_run
     raw = tmp_path / "new"
@@ -126,8 +126,8 @@ def test_predict_on_fresh_raw_posts_without_labels(finished_run, tmp_path):
 @pytest.mark.slow
 def _restamp_manifests(run: Path, config: dict) -> None:
     """Record ``config`` in every stage manifest of ``run`` (the consistency check compares them with config.yaml)."""
-    from pipeline.manifest import config_hash
-    from pipeline.stages import STAGES
+    from popstack.pipeline.manifest import config_hash
+    from popstack.pipeline.stages import STAGES
 
     for stage in STAGES:
         path = run / "manifests" / f"{stage.name}.json"
@@ -142,8 +142,8 @@ def test_a_gpu_run_predicts_on_a_cpu_only_machine(finished_run, tmp_path, caplog
     warning line, then the CPU), both equal to the run's own predictions."""
     import yaml
 
-    from pipeline.inference import Predictor
-    from predict import predict
+    from popstack.commands.predict import predict
+    from popstack.pipeline.inference import Predictor
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     run_dir, cfg, _ = finished_run
@@ -210,10 +210,10 @@ def test_every_experiment_config_composes_and_builds_every_stage_config(experime
     section and settings objects from it (modules, features, stacker), without running anything."""
     from omegaconf import OmegaConf
 
-    from pipeline.neural import enabled_modules
-    from pipeline.stages import STAGES
-    from pipeline.stages.features import feature_config
-    from pipeline.stages.stack import stack_config
+    from popstack.pipeline.neural import enabled_modules
+    from popstack.pipeline.stages import STAGES
+    from popstack.pipeline.stages.features import feature_config
+    from popstack.pipeline.stages.stack import stack_config
 
     cfg = compose_fast(tmp_path, f"experiment={experiment}", *FAST_EXPERIMENT)
     assert cfg.name == experiment
@@ -231,7 +231,7 @@ def test_every_experiment_config_composes_and_builds_every_stage_config(experime
 def test_one_experiment_runs_end_to_end(tmp_path):
     """One experiment other than the default runs through every stage (hyperfusion: no prompt/prototype module,
     raw CLIP blocks, catboost + TabNet, MAE blend, IQR filter)."""
-    from train import train
+    from popstack import train
 
     cfg = compose_fast(tmp_path, "experiment=hyperfusion", *FAST_EXPERIMENT)
     metrics = train(cfg)

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 def test_mode_follows_the_terminal_and_the_environment(monkeypatch):
     import sys
 
-    from datamodules.progress import progress_mode
+    from popstack.datamodules.progress import progress_mode
 
     monkeypatch.delenv("POPSTACK_PROGRESS", raising=False)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
@@ -24,7 +24,7 @@ def test_mode_follows_the_terminal_and_the_environment(monkeypatch):
 
 
 def test_a_captured_log_gets_lines_not_bar_redraws(monkeypatch, caplog, capsys):
-    from datamodules import progress as mod
+    from popstack.datamodules import progress as mod
 
     monkeypatch.setenv("POPSTACK_PROGRESS", "log")
     monkeypatch.setattr(mod, "LOG_EVERY_S", 0.0)
@@ -41,8 +41,8 @@ def test_a_captured_log_gets_lines_not_bar_redraws(monkeypatch, caplog, capsys):
 
 
 def test_sentence_encoding_reports_per_batch(monkeypatch, caplog):
-    from datamodules import progress as mod
-    from features.sentence import SentenceEncoder, resolve_model_dir
+    from popstack.datamodules import progress as mod
+    from popstack.features.sentence import SentenceEncoder, resolve_model_dir
 
     try:
         encoder = SentenceEncoder(resolve_model_dir("minilm"), max_length=16, batch_size=2)
@@ -59,7 +59,7 @@ def test_sentence_encoding_reports_per_batch(monkeypatch, caplog):
 
 
 def test_training_logs_one_line_per_epoch_without_a_terminal(tmp_path, monkeypatch, caplog):
-    from pipeline.training import fit_resumable
+    from popstack.pipeline.training import fit_resumable
     from tests.helpers import compose_fast
     from tests.test_ecosystem import TinyData, TinyRegressor
 

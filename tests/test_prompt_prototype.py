@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_modules.backbone import TINY_MODEL, encode_posts, load_backbone
-from lightning_modules.prompt_learner import local_similarity
-from lightning_modules.prompt_prototype_module import PromptPrototypeModule
-from lightning_modules.prototypes import select_prototype_posts
+from popstack.lightning_modules.backbone import TINY_MODEL, encode_posts, load_backbone
+from popstack.lightning_modules.prompt_learner import local_similarity
+from popstack.lightning_modules.prompt_prototype_module import PromptPrototypeModule
+from popstack.lightning_modules.prototypes import select_prototype_posts
 from tests.helpers import quiet_trainer
 
 CLASSES = ["Cats", "Dogs", "Guys,Fashion"]

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datamodules.schema import COLUMNS, FLOAT_COLUMNS
-from datamodules.smpd import POSTDATE_RANGE, SMPDFormatError, read_smpd, write_posts
-from datamodules.synthetic import generate
+from popstack.datamodules.schema import COLUMNS, FLOAT_COLUMNS
+from popstack.datamodules.smpd import POSTDATE_RANGE, SMPDFormatError, read_smpd, write_posts
+from popstack.datamodules.synthetic import generate
 
 N_CASES = 150
 SEED = 16

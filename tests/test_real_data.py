@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datamodules.smpd import POSTDATE_RANGE, read_split
+from popstack.datamodules.smpd import POSTDATE_RANGE, read_split
 from tests.helpers import ROOT
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datamodules.schema import KEY
-from datamodules.synthetic import make_posts, write_smpd
+from popstack.datamodules.schema import KEY
+from popstack.datamodules.synthetic import make_posts, write_smpd
 from tests.helpers import compose_fast
 
 FLAT_NUMERIC = ("postdate", "latitude", "longitude", "geoaccuracy", "ispublic", "photo_count", "ispro",
@@ -53,7 +53,7 @@ def strong_trend(root: Path, n_train: int = 600, n_test: int = 200) -> pd.Series
 @pytest.mark.slow
 @pytest.mark.parametrize("make", [one_author_without_images, strong_trend])
 def test_real_shapes_run_end_to_end_within_1_2x_of_a_flat_lightgbm(make, tmp_path):
-    from train import train
+    from popstack import train
 
     truth = make(tmp_path / "raw")
     cfg = compose_fast(tmp_path, "data=smpd", f"data.root={tmp_path / 'raw'}", "data.shard_size=500",

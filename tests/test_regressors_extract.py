@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from datamodules.cached import EmbeddingDataModule, load_embedding_cache
-from datamodules.schema import NO_FOLD
-from lightning_modules.embed import compute_embedding_cache
-from lightning_modules.extract import KeyedPredictionWriter, merge_rank_outputs, oof_and_test
-from lightning_modules.losses import huber_loss
-from lightning_modules.regressors import CLIPHierarchicalPredictor, CoAttention, CoAttentionMLPModule
+from popstack.datamodules.cached import EmbeddingDataModule, load_embedding_cache
+from popstack.datamodules.schema import NO_FOLD
+from popstack.lightning_modules.embed import compute_embedding_cache
+from popstack.lightning_modules.extract import KeyedPredictionWriter, merge_rank_outputs, oof_and_test
+from popstack.lightning_modules.losses import huber_loss
+from popstack.lightning_modules.regressors import CLIPHierarchicalPredictor, CoAttention, CoAttentionMLPModule
 from tests.helpers import quiet_trainer
 
 D, L_TOK = 16, 6
@@ -63,8 +63,8 @@ def test_coattention_attends_over_patch_tokens():
 
 
 def test_image_tokens_come_from_the_last_layer_and_the_cache_stores_them(tmp_path):
-    from datamodules.cached import load_embedding_cache
-    from lightning_modules.backbone import TINY_MODEL, encode_image_tokens, encode_posts, load_backbone
+    from popstack.datamodules.cached import load_embedding_cache
+    from popstack.lightning_modules.backbone import TINY_MODEL, encode_image_tokens, encode_posts, load_backbone
 
     model = load_backbone(TINY_MODEL).model.eval()
     images = torch.randn(2, 3, 64, 64)
@@ -96,7 +96,7 @@ N = 40
 def raw_batches(post_ids, order, bs=7):
     g = torch.Generator().manual_seed(0)
     images = torch.randn(len(post_ids), 3, 64, 64, generator=g)
-    from lightning_modules.backbone import TINY_MODEL, load_backbone
+    from popstack.lightning_modules.backbone import TINY_MODEL, load_backbone
 
     tok = load_backbone(TINY_MODEL).tokenizer
     ids = tok([f"post number {i}" for i in range(len(post_ids))])
@@ -108,7 +108,7 @@ def raw_batches(post_ids, order, bs=7):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from lightning_modules.backbone import TINY_MODEL, load_backbone
+    from popstack.lightning_modules.backbone import TINY_MODEL, load_backbone
 
     d = tmp_path_factory.mktemp("run")
     post_ids = [str(100 + i) for i in range(N)]
@@ -129,7 +129,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_cache_rows_follow_posts_order(run_dir):
-    from lightning_modules.backbone import TINY_MODEL, encode_posts, load_backbone
+    from popstack.lightning_modules.backbone import TINY_MODEL, encode_posts, load_backbone
 
     cache = load_embedding_cache(run_dir / "emb")
     assert cache["text_tokens"].dtype == np.float16 and cache["text_tokens"].shape == (N, L_TOK, 64)
@@ -144,7 +144,7 @@ def test_cache_rows_follow_posts_order(run_dir):
 
 
 def test_cache_errors_on_missing_and_duplicate(tmp_path):
-    from lightning_modules.backbone import TINY_MODEL, load_backbone
+    from popstack.lightning_modules.backbone import TINY_MODEL, load_backbone
 
     model = load_backbone(TINY_MODEL).model
     ids = ["1", "2", "3"]

@@ -32,7 +32,7 @@ def table_rows(section: str) -> list[dict[str, str]]:
 
 @pytest.mark.parametrize("experiment", sorted(SECTIONS))
 def test_every_row_names_existing_config_keys_and_our_values_match(experiment):
-    from pipeline.config import compose_config
+    from popstack.pipeline.config import compose_config
 
     cfg = compose_config([f"experiment={experiment}"], validate=False)
     rows = table_rows(SECTIONS[experiment])

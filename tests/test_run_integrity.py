@@ -45,7 +45,7 @@ def _stage_log(caplog) -> dict[str, str]:
 
 
 def _rerun(tmp_path, run_dir: Path, data_root: Path, caplog, *overrides: str) -> dict[str, str]:
-    from train import train
+    from popstack import train
 
     cfg = compose_fast(tmp_path, *SMALL, f"data.root={data_root}", f"hydra.run.dir={run_dir}", *overrides)
     caplog.clear()
@@ -90,14 +90,14 @@ def test_raw_edits_rerun_exactly_the_downstream_stages(small_run, tmp_path, capl
     pd.read_parquet(tab)
     # a subset that would leave finished stages reading prepare out of date is refused (issue #27)
     labels.write_text(labels.read_text().replace("\n", "1\n", 1))
-    from pipeline.errors import UserError
+    from popstack.pipeline.errors import UserError
 
     with pytest.raises(UserError, match="would rerun"):
         _rerun(tmp_path, run_dir, data, caplog, "stages=[prepare,features]")
 
 
 def test_stage_runner_checks_every_output(tmp_path):
-    from pipeline.manifest import StageResult, StageRunner
+    from popstack.pipeline.manifest import StageResult, StageRunner
 
     calls = []
 
@@ -162,7 +162,7 @@ def _different_run(src: Path, dst: Path) -> None:
 
 @pytest.mark.slow
 def test_copied_run_predicts_with_its_own_files(small_run, tmp_path):
-    from predict import predict
+    from popstack.commands.predict import predict
 
     run_src, data = small_run
     original, copy = tmp_path / "original", tmp_path / "copy"
@@ -185,7 +185,7 @@ def _tiny_fit(out: Path, epochs: int, key: dict | None = None):
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pipeline.training import fit_resumable
+    from popstack.pipeline.training import fit_resumable
 
     class Reg(L.LightningModule):
         def __init__(self):
@@ -218,7 +218,7 @@ def _tiny_fit(out: Path, epochs: int, key: dict | None = None):
 
 
 def test_zero_epochs_or_missing_checkpoint_never_leaves_a_dead_end(tmp_path):
-    from pipeline.errors import UserError
+    from popstack.pipeline.errors import UserError
 
     out = tmp_path / "fold0"
     with pytest.raises(UserError, match="epochs must be at least 1"):
@@ -243,10 +243,10 @@ class _Plant:
 
 
 def test_planted_pickles_never_run(tmp_path, monkeypatch):
-    from pipeline.errors import UserError
-    from pipeline.neural import load_module
-    from pipeline.training import start_fresh_unless
-    from stacking.members import TabNetMember
+    from popstack.pipeline.errors import UserError
+    from popstack.pipeline.neural import load_module
+    from popstack.pipeline.training import start_fresh_unless
+    from popstack.stacking.members import TabNetMember
 
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     marker = tmp_path / "code-ran"
@@ -272,7 +272,7 @@ def test_planted_pickles_never_run(tmp_path, monkeypatch):
         z.writestr("network.pt", buf.getvalue())
     Path(f"{path}.json").write_text(json.dumps({"offset": 0.0, "init_params": {"input_dim": 3, "output_dim": 1},
                                                 "feature_importances": [0.3, 0.3, 0.4]}))
-    from features.preprocess import Standardiser
+    from popstack.features.preprocess import Standardiser
 
     Standardiser.fit(pd.DataFrame(np.ones((4, 3)), columns=list("abc"))).save(f"{path}.scaler.npz")
     with pytest.raises(ValueError, match="tabnet.fold0.safetensors"):
@@ -281,7 +281,7 @@ def test_planted_pickles_never_run(tmp_path, monkeypatch):
 
 
 def test_tabnet_member_round_trip_without_pickle(tmp_path):
-    from stacking.members import TabNetMember
+    from popstack.stacking.members import TabNetMember
 
     rng = np.random.default_rng(0)
     X = pd.DataFrame(rng.normal(size=(96, 4)).astype(np.float32), columns=list("abcd"))
@@ -299,14 +299,14 @@ def test_tabnet_member_round_trip_without_pickle(tmp_path):
 
 # ------------------------------------------------------------------ 5: one writer per run directory
 def test_second_train_on_a_locked_run_dir_fails_with_the_holder(tmp_path, monkeypatch, capsys):
-    from pipeline.lock import RunLock
-    from train import main, train
+    from popstack.commands.train import main, train
+    from popstack.pipeline.lock import RunLock
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pipeline.lock import RunLock; "
+        [sys.executable, "-c", "import sys, time; from popstack.pipeline.lock import RunLock; "
          f"RunLock({str(run_dir)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     try:

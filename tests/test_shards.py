@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.schema import IMAGE_MISSING, IMAGE_OK, IMAGE_UNREADABLE
-from datamodules.shards import (
+from popstack.datamodules.schema import IMAGE_MISSING, IMAGE_OK, IMAGE_UNREADABLE
+from popstack.datamodules.shards import (
     BLANK_RGB,
     Collate,
     KeepPosts,
@@ -29,7 +29,7 @@ from datamodules.shards import (
     slot_quota,
     write_shards,
 )
-from lightning_modules.backbone import TINY_MODEL, register_local_configs
+from popstack.lightning_modules.backbone import TINY_MODEL, register_local_configs
 
 N = 24
 
@@ -193,7 +193,7 @@ def test_split_eval_pipeline_gives_every_rank_posts_when_shards_are_fewer(shard_
 def test_post_ids_with_dots_round_trip_through_shards_and_prediction_writer(tmp_path):
     from types import SimpleNamespace
 
-    from lightning_modules.extract import KeyedPredictionWriter, merge_rank_outputs
+    from popstack.lightning_modules.extract import KeyedPredictionWriter, merge_rank_outputs
 
     ids = ["12.5", "a.b.c", "50%", "x%2Ey", "ü.jpg", "7"]
     root = tmp_path / "raw"
@@ -228,7 +228,7 @@ def test_shard_keys_read_from_headers_match_tarfile(tmp_path):
     the keys in order, without reading a member."""
     import tarfile
 
-    from datamodules.shards import _plain_member_names, encode_key, shard_keys
+    from popstack.datamodules.shards import _plain_member_names, encode_key, shard_keys
 
     ids = ["12.5", "ü.jpg", "x" * 150, "7", "50%"]
     rows = [{"post_id": pid, "uid": "u@N01", "split": "train", "row": i, "image_relpath": "none",

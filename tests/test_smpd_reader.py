@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datamodules.schema import COLUMNS, IMAGE_MISSING, IMAGE_OK, IMAGE_OUTSIDE
-from datamodules.smpd import SMPDFormatError, read_posts, read_smpd, read_split, vector_matrix, write_posts
-from datamodules.synthetic import generate, make_posts
+from popstack.datamodules.schema import COLUMNS, IMAGE_MISSING, IMAGE_OK, IMAGE_OUTSIDE
+from popstack.datamodules.smpd import SMPDFormatError, read_posts, read_smpd, read_split, vector_matrix, write_posts
+from popstack.datamodules.synthetic import generate, make_posts
 from tests.helpers import spy_file_calls
 
 
@@ -216,8 +216,8 @@ def test_bad_input_names_file_row_field(tmp_path, breaker, expected):
 def test_postdate_window_is_a_setting_and_older_posts_read_when_widened(tmp_path):
     import yaml
 
-    from datamodules.smpd import POSTDATE_RANGE, postdate_window
-    from pipeline.schema import ConfigError, validate
+    from popstack.datamodules.smpd import POSTDATE_RANGE, postdate_window
+    from popstack.pipeline.schema import ConfigError, validate
 
     root = raw_dir(tmp_path)
     _postdate_raw('"631152000"')(root)  # 1990-01-01: an archive older than Flickr
@@ -364,7 +364,7 @@ def test_image_paths_outside_the_root_are_refused_and_never_touched(tmp_path, mo
     import io
     import os
 
-    from datamodules.shards import build_vocab, write_shards
+    from popstack.datamodules.shards import build_vocab, write_shards
 
     root = raw_dir(tmp_path)
     outside = tmp_path / "outside"
@@ -470,8 +470,8 @@ def test_corrupt_zip_member_names_archive_and_member(tmp_path, compression):
 
 
 def test_prepare_manifest_counts_outside_images_and_repairs(tmp_path):
-    from pipeline.layout import RunLayout
-    from pipeline.stages import StageContext, prepare
+    from popstack.pipeline.layout import RunLayout
+    from popstack.pipeline.stages import StageContext, prepare
     from tests.helpers import compose_fast
 
     root = raw_dir(tmp_path)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from lightning_modules.backbone import encode_text_embeddings, load_backbone
-from lightning_modules.prompt_learner import DualGrainedPromptLearner
+from popstack.lightning_modules.backbone import encode_text_embeddings, load_backbone
+from popstack.lightning_modules.prompt_learner import DualGrainedPromptLearner
 
 CLASSES = ["dogs", "street art", "food, drink", "sunset over the sea"]
 
@@ -94,7 +94,7 @@ class _CountingArray:
 def test_cached_loader_gathers_per_batch_and_reads_only_the_fields_used(tmp_path):
     import numpy as np
 
-    from datamodules.cached import EmbeddingDataModule
+    from popstack.datamodules.cached import EmbeddingDataModule
 
     paths = _tiny_cache(tmp_path)
     full = EmbeddingDataModule(*paths, fold=0, batch_size=8)
@@ -135,7 +135,7 @@ def _regression(n: int = 300, seed: int = 0):
 
 
 def test_auto_learning_rate_and_threads_resolve_per_fit():
-    from stacking.members import auto_learning_rate, available_cores, fit_params
+    from popstack.stacking.members import auto_learning_rate, available_cores, fit_params
 
     assert auto_learning_rate(3_000) == 0.1
     assert auto_learning_rate(100) == 0.2 and auto_learning_rate(10_000_000) == 0.02
@@ -150,8 +150,8 @@ def test_auto_learning_rate_and_threads_resolve_per_fit():
 
 
 def test_catboost_gpu_refusal_falls_back_to_cpu_without_cpu_only_params(monkeypatch):
-    from stacking import members
-    from stacking.members import make_member
+    from popstack.stacking import members
+    from popstack.stacking.members import make_member
 
     monkeypatch.setattr(members, "catboost_gpu_count", lambda: 1)  # claims a GPU this machine lacks
     X, y = _regression()

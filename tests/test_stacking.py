@@ -6,15 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datamodules.folds import assign_folds, train_valid_masks
-from datamodules.schema import NO_FOLD
-from stacking import stack as stack_module
-from stacking.ablation import run_ablations
-from stacking.blend import blend, caruana_weights, fit_weights
-from stacking.members import CatBoostMember, LightGBMMember, NeuralMember, TabNetMember
-from stacking.pseudo import select_pseudo
-from stacking.selection import loss_based_keep
-from stacking.stack import StackConfig, predict_stack, run_stack
+from popstack.datamodules.folds import assign_folds, train_valid_masks
+from popstack.datamodules.schema import NO_FOLD
+from popstack.stacking import stack as stack_module
+from popstack.stacking.ablation import run_ablations
+from popstack.stacking.blend import blend, caruana_weights, fit_weights
+from popstack.stacking.members import CatBoostMember, LightGBMMember, NeuralMember, TabNetMember
+from popstack.stacking.pseudo import select_pseudo
+from popstack.stacking.selection import loss_based_keep
+from popstack.stacking.stack import StackConfig, predict_stack, run_stack
 
 FAST = {
     "catboost": {"iterations": 30, "depth": 3, "learning_rate": 0.2, "loss_function": "Huber:delta=1.0",
@@ -242,8 +242,8 @@ def test_concurrent_fits_equal_one_at_a_time():
 
 
 def test_concurrent_fits_share_the_cores():
-    from stacking.members import available_cores, cores_per_fit, fit_cores, fit_params, fit_threads
-    from stacking.stack import concurrent_fits
+    from popstack.stacking.members import available_cores, cores_per_fit, fit_cores, fit_params, fit_threads
+    from popstack.stacking.stack import concurrent_fits
 
     assert concurrent_fits(3, 100, 1) == 3 and concurrent_fits(4, 2, 1) == 2  # never more than the fits
     assert concurrent_fits("auto", 100, 10**4) == 1  # a fit on every core runs alone

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from datamodules.synthetic import HOT_TITLE_WORDS, generate, make_posts
-from datamodules.synthetic_worlds import draw_world
-from stacking.metrics import src
+from popstack.datamodules.synthetic import HOT_TITLE_WORDS, generate, make_posts
+from popstack.datamodules.synthetic_worlds import draw_world
+from popstack.stacking.metrics import src
 
 
 def test_deterministic_per_seed(tmp_path):

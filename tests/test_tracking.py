@@ -23,7 +23,7 @@ def tracked_run(tmp_path_factory):
     """A debug run logged to W&B offline; returns (run dir, config, the pipeline's tracker)."""
     import os
 
-    from pipeline.driver import Pipeline
+    from popstack.pipeline.driver import Pipeline
 
     os.environ["WANDB_MODE"] = "offline"
     tmp = tmp_path_factory.mktemp("tracked")
@@ -35,7 +35,7 @@ def tracked_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_one_run_per_stage_and_fold_and_a_rerun_adds_none(tracked_run):
-    from train import train
+    from popstack import train
 
     run_dir, cfg, tracker = tracked_run
     runs = _offline_runs(run_dir)
@@ -60,8 +60,8 @@ def test_artifacts_are_named_per_run_and_logged_by_their_maker(tracked_run):
 
 @pytest.mark.slow
 def test_the_predictor_artifact_restores_a_predictor_that_predicts_identically(tracked_run, tmp_path):
-    from pipeline.inference import Predictor, predictor_files
-    from pipeline.tracking import build_artifact
+    from popstack.pipeline.inference import Predictor, predictor_files
+    from popstack.pipeline.tracking import build_artifact
 
     run_dir, cfg, tracker = tracked_run
     posts = pd.read_parquet(run_dir / "posts.parquet")
@@ -79,8 +79,8 @@ def test_the_predictor_artifact_restores_a_predictor_that_predicts_identically(t
 
 @pytest.mark.slow
 def test_evaluate_is_a_leaderboard_of_members_and_blend(tracked_run, tmp_path):
-    from pipeline.inference import Predictor
-    from stacking.metrics import mae, src
+    from popstack.pipeline.inference import Predictor
+    from popstack.stacking.metrics import mae, src
 
     run_dir, cfg, _ = tracked_run
     predictor = Predictor.from_run_dir(run_dir, progress_bar=False)
@@ -104,8 +104,8 @@ def test_evaluate_is_a_leaderboard_of_members_and_blend(tracked_run, tmp_path):
 def test_per_member_predictions_blend_to_the_score(tracked_run, tmp_path):
     import json
 
-    from pipeline.inference import Predictor
-    from stacking.blend import blend
+    from popstack.pipeline.inference import Predictor
+    from popstack.stacking.blend import blend
 
     run_dir, cfg, _ = tracked_run
     posts = pd.read_parquet(run_dir / "posts.parquet")
@@ -123,7 +123,7 @@ def test_per_member_predictions_blend_to_the_score(tracked_run, tmp_path):
 
 
 def test_sweep_jobs_get_their_own_group_and_overrides_become_tags(tmp_path):
-    from pipeline.tracking import group_name, init_settings
+    from popstack.pipeline.tracking import group_name, init_settings
 
     cfg = compose_fast(tmp_path, "logger=wandb_offline")
     assert group_name(cfg, tmp_path / "multirun-A" / "0") != group_name(cfg, tmp_path / "multirun-B" / "0")
@@ -138,7 +138,7 @@ def test_sweep_jobs_get_their_own_group_and_overrides_become_tags(tmp_path):
 
 
 def test_online_without_a_key_falls_back_to_offline_in_one_line(tmp_path, monkeypatch, caplog):
-    from pipeline.tracking import init_settings
+    from popstack.pipeline.tracking import init_settings
 
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     cfg = compose_fast(tmp_path, "logger=wandb")
@@ -156,7 +156,7 @@ def test_online_without_a_key_falls_back_to_offline_in_one_line(tmp_path, monkey
 def test_a_fold_run_summarises_the_checkpoint_used(tmp_path, monkeypatch):
     """``define_metric`` + ``best/<monitor>``: the fold run's summary is the checkpoint's score, not the last
     epoch's."""
-    from pipeline.tracking import Tracker
+    from popstack.pipeline.tracking import Tracker
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = compose_fast(tmp_path, "logger=wandb_offline")
@@ -173,7 +173,7 @@ def test_a_fold_run_summarises_the_checkpoint_used(tmp_path, monkeypatch):
     monkeypatch.setattr(tracker, "fold_done", spy)
     try:
         tracker.start("neural")
-        from pipeline.training import fit_resumable
+        from popstack.pipeline.training import fit_resumable
         from tests.test_ecosystem import TinyData, TinyRegressor
 
         fit_resumable(TinyRegressor(), TinyData(), run_dir / "neural" / "m" / "fold0", wandb_prefix="m/fold0",

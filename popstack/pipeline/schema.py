@@ -1,0 +1,371 @@
+"""The config schema: type, range and allowed values of every key the code reads, checked right after composition.
+
+``validate(cfg)`` walks the composed config against ``SCHEMA`` and raises ``ConfigError`` (one line: the key, the
+bad value, what is allowed) before any stage runs. Defaults live in the YAML files only; this module holds no
+defaults, just the rules.
+
+Adding a key is one line in its section below (e.g. ``"num_workers": Int(lo=0)`` in ``DATA``; a new top-level
+section is a dict of such lines plus one entry in ``SCHEMA``); a key the schema does not list is refused, so a
+typo never silently does nothing. ``trainer`` accepts
+every argument of ``lightning.Trainer`` except those the pipeline sets itself (``PIPELINE_OWNED_TRAINER_ARGS``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from popstack.datamodules.folds import STRATEGIES as FOLD_STRATEGIES
+from popstack.datamodules.typed import RULE
+from popstack.features.config import FeatureConfig
+from popstack.pipeline.errors import UserError
+from popstack.pipeline.stages import STAGE_NAMES
+from popstack.stacking.ablation import VARIANTS as ABLATION_VARIANTS
+from popstack.stacking.blend import METHODS as BLEND_METHODS
+from popstack.stacking.members import TABULAR_MEMBERS as TABULAR_MEMBER_CLASSES
+
+
+class ConfigError(UserError):
+    """A composed config value that the schema refuses."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Rule for one leaf: ``kind`` is int/float/str/bool/list/any; ``choices`` lists allowed values;
+    ``lo``/``hi`` bound numbers (inclusive unless ``lo_open``); ``item`` checks each list element;
+    ``check`` returns an error text (what is allowed) or None."""
+
+    kind: str
+    null: bool = False
+    choices: tuple | None = None
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    item: "Spec | None" = None
+    check: Callable[[Any], str | None] | None = None
+
+    def allowed(self) -> str:
+        if self.choices is not None:
+            text = "one of " + ", ".join(map(str, self.choices))
+        elif self.kind == "list" and self.item is not None:
+            text = f"a list of {self.item.allowed()}"
+        else:
+            text = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+                    "list": "a list", "any": "any value"}[self.kind]
+            if self.lo is not None:
+                text += f" {'>' if self.lo_open else '>='} {self.lo:g}"
+            if self.hi is not None:
+                text += f" {'and ' if self.lo is not None else ''}<= {self.hi:g}"
+        return text + (" or null" if self.null else "")
+
+    def error(self, value: Any) -> str | None:
+        """None when ``value`` fits, else what is allowed."""
+        if value is None:
+            return None if self.null else self.allowed()
+        if self.choices is not None:
+            return None if value in self.choices else self.allowed()
+        ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+              "str": isinstance(value, str), "bool": isinstance(value, bool),
+              "list": isinstance(value, (list, tuple)), "any": True}[self.kind]
+        if not ok:
+            return self.allowed()
+        if self.kind in ("int", "float"):
+            below = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+            if not math.isfinite(value) or below or (self.hi is not None and value > self.hi):
+                return self.allowed()
+        if self.kind == "list" and self.item is not None and any(self.item.error(v) for v in value):
+            return self.allowed()
+        return self.check(value) if self.check is not None else None
+
+
+def Int(lo: float | None = None, hi: float | None = None, null: bool = False) -> Spec:
+    return Spec("int", null=null, lo=lo, hi=hi)
+
+
+def Num(lo: float | None = None, hi: float | None = None, lo_open: bool = False, null: bool = False) -> Spec:
+    return Spec("float", null=null, lo=lo, hi=hi, lo_open=lo_open)
+
+
+def Str(null: bool = False) -> Spec:
+    return Spec("str", null=null)
+
+
+def Bool() -> Spec:
+    return Spec("bool")
+
+
+def OneOf(*choices: Any, null: bool = False) -> Spec:
+    return Spec("any", null=null, choices=tuple(choices))
+
+
+def ListOf(item: Spec, null: bool = False) -> Spec:
+    return Spec("list", null=null, item=item)
+
+
+ANY = Spec("any", null=True)
+
+
+@dataclass(frozen=True)
+class Open:
+    """A section whose keys are free (parameters handed to a library as they are); ``known`` keys are still checked."""
+
+    known: dict
+
+
+@dataclass(frozen=True)
+class Typed:
+    """A section whose keys, types, defaults and rules are one dataclass (``datamodules.typed.setting`` fields)."""
+
+    cls: type
+
+    def rules(self) -> dict:
+        """key -> rule, from the dataclass's annotations and each field's ``setting`` metadata."""
+        hints = typing.get_type_hints(self.cls)
+        return {f.name: _rule_of(hints[f.name], f.metadata.get(RULE, {})) for f in dataclasses.fields(self.cls)
+                if not f.metadata.get("omegaconf_ignore")}
+
+
+def _rule_of(hint: Any, rule: dict) -> Any:
+    """The Spec (or nested Typed) of one annotated field."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    null = typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) < len(typing.get_args(hint))
+    if null and len(args) == 1:
+        hint, args = args[0], list(typing.get_args(args[0]))
+    if dataclasses.is_dataclass(hint):
+        return Typed(hint)
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple, typing.List, typing.Tuple):
+        item = _rule_of(args[0], {}) if args and args[0] is not Any else None
+        return Spec("list", null=null, item=item, check=rule.get("check"))
+    if origin in (dict, typing.Dict):
+        return Spec("any", null=null, check=rule.get("check"))
+    kind = {int: "int", float: "float", str: "str", bool: "bool"}.get(hint, "any")
+    return Spec(kind, null=null, choices=rule.get("choices"), lo=rule.get("lo"), hi=rule.get("hi"),
+                lo_open=rule.get("lo_open", False), check=rule.get("check"))
+
+
+@dataclass(frozen=True)
+class Named:
+    """A section whose keys must be among ``names`` (e.g. stacking members), each checked against ``section``."""
+
+    names: tuple[str, ...]
+    section: Any
+
+
+# ----------------------------------------------------------------------------- sections (one line per key)
+# Allowed names come from the code that uses them (one list each).
+TABULAR_MEMBERS = tuple(TABULAR_MEMBER_CLASSES)
+
+PATHS = {"root_dir": Str(), "data_dir": Str(), "output_dir": Str()}
+
+SYNTHETIC = {
+    "n_train": Int(lo=1), "n_test": Int(lo=0), "seed": Int(), "n_subcategories": Int(lo=1),
+    "user_variant": OneOf("A", "B"), "world": Int(lo=0), "naming": OneOf("2025", "2020", 2025, 2020),
+}
+def _date_window_error(value: Any) -> str | None:
+    from popstack.datamodules.smpd import postdate_window
+
+    try:
+        postdate_window(list(value) if isinstance(value, (list, tuple, ListConfig)) else value)
+    except ValueError:
+        return 'two ISO dates [first, end] with first < end, e.g. ["2004-01-01", "2100-01-01"]'
+    return None
+
+
+DATA = {
+    "kind": OneOf("synthetic", "smpd"), "root": Str(), "synthetic": SYNTHETIC, "check_images": Bool(),
+    "text_field": OneOf("title", "alltags", "title+alltags"), "shard_size": Int(lo=1),
+    "image_max_side": Int(lo=1, null=True), "image_short_side": Int(lo=1, null=True),
+    "image_quality": Int(lo=1, hi=100),
+    "num_workers": Spec("any", check=lambda v: None if v == "auto" or (
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0) else "auto or an integer >= 0"),
+    "postdate_range": Spec("any", check=_date_window_error),
+}
+BACKBONE = {
+    "name": Str(), "pretrained": Str(null=True), "trainable_last_blocks": Int(lo=0), "token_len": Int(lo=1),
+    "image_token_grid": Int(lo=0), "embed_batch_size": Int(lo=1),
+}
+#: Keys every neural module has (training loop, optimiser, early stopping).
+MODULE_COMMON = {
+    "enabled": Bool(), "epochs": Int(lo=1), "batch_size": Int(lo=1), "lr": Num(lo=0, lo_open=True),
+    "weight_decay": Num(lo=0), "scheduler": OneOf("cosine", "constant"), "huber_delta": Num(lo=0, lo_open=True),
+    "early_stopping_patience": Int(lo=1, null=True), "input": OneOf("embeddings", "images"),
+}
+PROMPT_PROTOTYPE = {
+    **MODULE_COMMON, "n_ctx": Int(lo=1), "ctx_init_std": Num(lo=0), "tau": Num(lo=0, lo_open=True),
+    "tau_s": Num(lo=0, lo_open=True), "learn_tau": Bool(), "shots": Int(lo=1), "n_time_bins": Int(lo=1),
+    "proj_dim": Int(lo=1), "heads": Int(lo=1), "tau_v": Num(lo=0, lo_open=True), "tau_t": Num(lo=0, lo_open=True),
+    "regression_weight": Num(lo=0), "regression_hidden": Int(lo=1), "prompt_lr": Num(lo=0, lo_open=True, null=True),
+}
+CO_ATTENTION = {
+    **MODULE_COMMON, "use_tabular": Bool(), "attn_dim": Int(lo=1), "heads": Int(lo=1),
+    "hidden": ListOf(Int(lo=1)), "dropout": Num(lo=0, hi=1),
+}
+HIERARCHICAL = {**MODULE_COMMON, "hidden": ListOf(Int(lo=1)), "dropout": Num(lo=0, hi=1)}
+MODEL = {
+    "prompt_prototype": PROMPT_PROTOTYPE, "co_attention": CO_ATTENTION, "hierarchical": HIERARCHICAL,
+    "extract": {"pca_dim": Int(lo=0)},
+}
+LOGGER = {
+    "wandb": {"enabled": Bool(), "mode": OneOf("online", "offline", "disabled"), "project": Str(),
+              "entity": Str(null=True), "group": Str(null=True), "tags": ListOf(Str())},
+}
+MEMBER = Open({"enabled": Bool()})
+AUTO_OR_COUNT = Spec("any", check=lambda v: None if v == "auto" or (
+    isinstance(v, int) and not isinstance(v, bool) and v >= 1) else "auto or an integer >= 1")
+STACKING = {
+    "members": Named(TABULAR_MEMBERS, MEMBER), "use_neural_members": Bool(), "blend": OneOf(*BLEND_METHODS),
+    "caruana_size": Int(lo=1), "pseudo_rounds": Int(lo=0), "pseudo_alpha": Num(),
+    "iqr_k": Num(lo=0), "selection_fraction": Num(lo=0, hi=1, lo_open=True),
+    "selection_member": OneOf(*TABULAR_MEMBERS),
+    "n_jobs": AUTO_OR_COUNT,
+    "guard": {"label_margin": Num(lo=0), "max_outside": Num(lo=0, hi=1), "max_error_ratio": Num(lo=1)},
+    "refit_full": Bool(),
+    "ablation": {"enabled": Bool(), "members": ListOf(OneOf(*TABULAR_MEMBERS)),
+                 "variants": ListOf(OneOf(*ABLATION_VARIANTS))},
+}
+
+#: Trainer arguments the pipeline sets itself (per model, or from other keys): not settable under ``trainer``.
+PIPELINE_OWNED_TRAINER_ARGS = ("logger", "callbacks", "plugins", "default_root_dir", "max_epochs",
+                               "enable_progress_bar", "enable_checkpointing", "model_registry")
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
+PRECISIONS = ("64", "32", "16", "bf16", "transformer-engine", "transformer-engine-float16", "16-true", "16-mixed",
+              "bf16-true", "bf16-mixed", "32-true", "64-true", 64, 32, 16)
+
+
+def _callbacks_error(value: Any) -> str | None:
+    """``callbacks``: a mapping of names to ``_target_`` entries (``lightning`` callbacks), or null entries (off)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return "a mapping of names to {_target_: <callback class>, ...} entries"
+    bad = [k for k, v in value.items() if v is not None and not (isinstance(v, dict) and "_target_" in v)]
+    return None if not bad else f"each entry a {{_target_: <callback class>, ...}} mapping or null (not: {bad})"
+
+
+def _devices_error(value: Any) -> str | None:
+    allowed = 'a positive integer, "auto", -1 (all), or a list of device indices'
+    if value == "auto" or value == -1:
+        return None
+    if isinstance(value, bool):
+        return allowed
+    if isinstance(value, int):
+        return None if value >= 1 else allowed
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) and v >= 0 for v in value):
+        return None
+    if isinstance(value, str) and value.replace(",", "").strip().isdigit():
+        return None
+    return allowed
+
+
+#: Typed rules for the Trainer arguments people set most; any other ``lightning.Trainer`` argument passes as is.
+TRAINER_RULES = {
+    "accelerator": OneOf(*ACCELERATORS), "devices": Spec("any", check=_devices_error), "num_nodes": Int(lo=1),
+    "strategy": Str(), "precision": OneOf(*PRECISIONS), "deterministic": OneOf(True, False, "warn"),
+    "log_every_n_steps": Int(lo=1), "gradient_clip_val": Num(lo=0, null=True),
+    "gradient_clip_algorithm": OneOf("norm", "value", null=True), "accumulate_grad_batches": Int(lo=1),
+    "max_time": ANY, "max_steps": Int(lo=-1), "min_epochs": Int(lo=0, null=True),
+    "check_val_every_n_epoch": Int(lo=1, null=True), "num_sanity_val_steps": Int(lo=-1),
+}
+
+
+def trainer_arguments() -> tuple[str, ...]:
+    """``lightning.Trainer``'s own arguments (from its signature) minus the pipeline-owned ones."""
+    import lightning
+
+    return tuple(n for n in inspect.signature(lightning.Trainer).parameters if n not in PIPELINE_OWNED_TRAINER_ARGS)
+
+
+SCHEMA = {
+    "name": Str(), "seed": Int(), "progress_bar": Bool(), "stages": ListOf(OneOf(*STAGE_NAMES)), "n_folds": Int(lo=2),
+    "run_dir": Str(), "rank_wait_s": Num(lo=0, lo_open=True),
+    "folds": {"strategy": OneOf(*FOLD_STRATEGIES), "holdout_fraction": Num(lo=0, hi=0.5)}, "paths": PATHS,
+    "data": DATA, "backbone": BACKBONE, "features": Typed(FeatureConfig), "model": MODEL,
+    "trainer": Spec("any"), "logger": LOGGER, "stacking": STACKING,
+    "callbacks": Spec("any", check=lambda v: _callbacks_error(v)),
+    "checks": {"label_abs_max": Num(lo=0, lo_open=True), "min_fit_posts": Int(lo=2),
+               "disk_headroom": Num(lo=1)},
+}
+#: ``trainer`` is checked apart, last (``_check_trainer``): against ``lightning.Trainer``'s signature.
+
+
+# ----------------------------------------------------------------------------- walking
+def _show(value: Any) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _fail(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{key}={_show(value)} is not allowed: expected {allowed}")
+
+
+def _unknown(key: str, names) -> ConfigError:
+    return ConfigError(f"unknown config key {key}; allowed here: {', '.join(sorted(names))}")
+
+
+def _check(node: Any, rule: Any, path: str) -> None:
+    if isinstance(rule, Spec):
+        plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+        allowed = rule.error(plain)
+        if allowed is not None:
+            raise _fail(path, node, allowed)
+        return None
+    if not isinstance(node, DictConfig):
+        raise _fail(path, node, "a section (key: value mapping)")
+    if isinstance(rule, Named):
+        for name in node:
+            if name not in rule.names:
+                raise ConfigError(f"unknown {path.rsplit('.', 1)[-1]} name {path}.{name}; "
+                                  f"allowed: {', '.join(rule.names)}")
+            _check(node[name], rule.section, f"{path}.{name}")
+        return None
+    known = rule.known if isinstance(rule, Open) else rule.rules() if isinstance(rule, Typed) else rule
+    for key in node:
+        sub = f"{path}.{key}" if path else str(key)
+        if key in known:
+            _check(node[key], known[key], sub)
+        elif not isinstance(rule, Open):
+            raise _unknown(sub, known)
+    return None
+
+
+def _check_trainer(node: Any, path: str, hardware: bool = True) -> None:
+    names = trainer_arguments()
+    for key in node:
+        sub = f"{path}.{key}"
+        if key in PIPELINE_OWNED_TRAINER_ARGS:
+            raise ConfigError(f"{sub} is set by the pipeline (per model or from other keys) and cannot be configured "
+                              f"under trainer; e.g. epochs are model.<name>.epochs, the progress bar is progress_bar")
+        if key not in names:
+            raise ConfigError(f"unknown config key {sub}: not an argument of lightning.Trainer "
+                              f"(allowed: {', '.join(names)})")
+        if key in TRAINER_RULES:
+            _check(node[key], TRAINER_RULES[key], sub)
+    accel = node.get("accelerator")
+    if accel in ("gpu", "cuda") and hardware:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{path}.accelerator={accel} is not allowed: this machine has no CUDA GPU; "
+                              f"use trainer=cpu (or trainer.accelerator=cpu trainer.precision=32-true)")
+
+
+def validate(cfg: DictConfig, hardware: bool = True) -> DictConfig:
+    """Raise ``ConfigError`` for the first key of ``cfg`` the schema refuses; return ``cfg`` unchanged otherwise.
+    ``hardware=False`` skips the check that a GPU accelerator has a GPU here (printing a config on a login node)."""
+    _check(cfg, SCHEMA, "")
+    _check_trainer(cfg.trainer, "trainer", hardware)  # last: it imports lightning and torch (the GPU check)
+    return cfg

@@ -1,0 +1,161 @@
+"""Stage 1, prepare: raw SMPD directory (or the synthetic generator) -> posts table, vocab, folds, shards."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from popstack.datamodules.atomic import atomic_path, atomic_write_json
+from popstack.datamodules.folds import write_folds
+from popstack.datamodules.schema import IMAGE_OK, KEY, LABEL
+from popstack.pipeline.checks import check_free_space, check_labelled
+from popstack.pipeline.errors import UserError
+from popstack.pipeline.layout import RunLayout
+from popstack.pipeline.manifest import StageResult, raw_fingerprint
+from popstack.pipeline.stages.base import StageContext, common_config, data_config
+
+log = logging.getLogger("popstack")
+
+GENERATED_MARKER = ".popstack-generated"
+
+
+def raw_root(cfg: DictConfig) -> Path:
+    """The raw SMPD directory of this run; the synthetic one is generated on first use (atomically)."""
+    root = Path(cfg.data.root).expanduser().resolve()
+    if cfg.data.kind != "synthetic":
+        if not root.is_dir():
+            raise UserError(f"data.root {root} is not a directory")
+        return root
+    if (root / GENERATED_MARKER).is_file():
+        return root
+    from popstack.datamodules.synthetic import generate
+
+    syn = cfg.data.synthetic
+    log.info("generating synthetic SMPD data (%d train + %d test posts) in %s", syn.n_train, syn.n_test, root)
+    with atomic_path(root) as tmp:
+        generate(
+            tmp, n_train=syn.n_train, n_test=syn.n_test, seed=syn.seed, n_subcategories=syn.n_subcategories,
+            user_variant=syn.user_variant, naming=str(syn.naming), world=int(syn.get("world", 0)),
+        )
+        (tmp / GENERATED_MARKER).write_text(json.dumps(dict(syn)))
+    return root
+
+
+def config(c: dict) -> dict:
+    return {"data": data_config(c), **common_config(c)}
+
+
+def outside_inputs(cfg: DictConfig) -> dict:
+    """The data root's fingerprint (its metadata files' content, its images' sizes and times); a run directory
+    inside the data root is not part of it."""
+    return raw_fingerprint(raw_root(cfg), exclude=(Path(cfg.run_dir),))
+
+
+def postdate_range(cfg: DictConfig) -> tuple[int, int]:
+    """``data.postdate_range`` as epoch seconds (a run configured before the key existed: the reader's window)."""
+    from popstack.datamodules.smpd import POSTDATE_RANGE, postdate_window
+
+    dates = OmegaConf.select(cfg, "data.postdate_range", default=None)
+    return POSTDATE_RANGE if dates is None else postdate_window(list(dates))
+
+
+def run(ctx: StageContext) -> StageResult:
+    from popstack.datamodules.shards import build_vocab
+    from popstack.datamodules.smpd import read_smpd, write_posts
+
+    cfg, layout = ctx.cfg, ctx.layout
+    root = raw_root(cfg)
+    posts = read_smpd(root, check_images=bool(cfg.data.check_images), postdate_range=postdate_range(cfg))
+    repairs = {f"repaired_{col}": n for col, n in posts.attrs["repairs"].items() if n}
+    train = posts[posts.split == "train"]
+    if len(train) == 0 or train[LABEL].notna().sum() == 0:
+        raise UserError(f"{root}: the train split has no labelled posts")
+    if (posts.split == "test").sum() == 0:
+        log.warning("%s: no test split; the submission will be empty", root)
+
+    folds = check_labelled(posts, cfg)  # checked before the first write (pipeline/checks.py)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    check_free_space(layout.root, sum(size for size, _ in (ctx.inputs or {}).values()), len(posts), cfg)
+    vocab = build_vocab(train)
+    atomic_write_json(layout.vocab, vocab)
+    write_folds(folds, layout.folds)
+    with atomic_path(layout.shards) as tmp:
+        posts = write_split_shards(posts, root, tmp, vocab, cfg)
+    write_posts(posts, layout.posts)
+
+    counts = {**_data_counts(posts), "repaired_values": sum(repairs.values()), **repairs}
+    log.info("prepare: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
+    return StageResult(
+        outputs=[RunLayout.posts, RunLayout.vocab, RunLayout.folds, RunLayout.shards], counts=counts,
+    )
+
+
+def image_options(cfg: DictConfig) -> dict:
+    """How the shards store images (``data.image_short_side``, ``data.image_quality``; a run saved before these
+    keys existed keeps its images as they were)."""
+    opts = {"image_short_side": cfg.data.get("image_short_side")}
+    if cfg.data.get("image_quality") is not None:
+        opts["image_quality"] = int(cfg.data.image_quality)
+    return opts
+
+
+def write_split_shards(posts: pd.DataFrame, root: Path, shard_dir: Path, vocab: dict, cfg: DictConfig) -> pd.DataFrame:
+    """Shards of every split present; returns ``posts`` with the image status the shard writer found."""
+    from popstack.datamodules.shards import write_shards
+
+    statuses: dict[str, str] = {}
+    for split in ("train", "test"):
+        part = posts[posts.split == split]
+        if len(part):
+            info = write_shards(part, root, shard_dir, split=split, class_ids=vocab,
+                                shard_size=int(cfg.data.shard_size), image_max_side=cfg.data.image_max_side,
+                                **image_options(cfg),
+                                progress=bool(cfg.get("progress_bar", False)))
+            statuses.update(info.image_status)
+    return posts.assign(image_status=posts[KEY].map(statuses).fillna(posts["image_status"]))
+
+
+def prepare_new_posts(cfg: DictConfig, run: RunLayout, raw_dir: Path, work: RunLayout) -> pd.DataFrame:
+    """Lay out new (unlabelled) posts in ``work`` the way the training run is laid out, with the run's vocab."""
+    from popstack.datamodules.smpd import read_smpd
+
+    posts = read_smpd(raw_dir, check_images=bool(cfg.data.check_images), labels=False,
+                      postdate_range=postdate_range(cfg))
+    if len(posts) == 0:
+        raise UserError(f"{raw_dir}: no posts to predict (the image lists are empty)")
+    return lay_out_new_posts(cfg, run, posts, raw_dir, work)
+
+
+def lay_out_new_posts(cfg: DictConfig, run: RunLayout, posts: pd.DataFrame, raw_dir: Path,
+                      work: RunLayout) -> pd.DataFrame:
+    """Shards, posts table, vocab and (empty) folds of ``posts`` in ``work``; images at ``raw_dir / image_relpath``."""
+    from popstack.datamodules.schema import NO_FOLD
+    from popstack.datamodules.smpd import write_posts
+
+    vocab = json.loads(run.vocab.read_text())
+    work.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(work.vocab, vocab)
+    posts = write_split_shards(posts, raw_dir, work.shards, vocab, cfg)
+    write_posts(posts, work.posts)
+    write_folds(pd.DataFrame({KEY: posts[KEY].to_numpy(), "fold": NO_FOLD}), work.folds)
+    return posts
+
+
+def _data_counts(posts: pd.DataFrame) -> dict[str, int]:
+    """What the prepare stage saw: sizes and the normal real-world mess, counted (never fatal)."""
+    by_split = posts.groupby("split")
+    return {
+        "posts": len(posts),
+        **{f"{s}_posts": int(n) for s, n in by_split.size().items()},
+        "users": int(posts.uid.nunique()),
+        "subcategories_in_train": int(posts.loc[posts.split == "train", "subcategory"].nunique()),
+        "images_not_ok": int((posts.image_status != IMAGE_OK).sum()),
+        **{f"images_{s}": int(n) for s, n in posts.image_status.value_counts().items() if s != IMAGE_OK},
+        "empty_titles": int((posts.title == "").sum()),
+        "empty_tags": int((posts.alltags == "").sum()),
+        "no_geo": int(posts.latitude.isna().sum()),
+    }
