@@ -68,6 +68,26 @@ def test_headline_is_the_held_back_score_and_a_worse_blend_is_said_loudly():
     assert blend_warning(no_slice) is None
 
 
+def test_a_blend_no_better_than_a_constant_on_the_held_back_slice_is_said_loudly():
+    """The constant is the median of the labels the stack fitted (posts with a fold, not held back, not test)."""
+    from popstack.datamodules.folds import HOLDOUT
+    from popstack.pipeline.stages.report import baseline_warning, constant_baseline
+
+    labels = np.array([1.0, 2.0, 3.0, 100.0, 4.0, 6.0, np.nan])
+    folds = pd.DataFrame({"fold": [0, 1, 0, 1, NO_FOLD, NO_FOLD, NO_FOLD],
+                          HOLDOUT: [False, False, False, False, True, True, False]})
+    constant = constant_baseline(labels, folds)  # median(1, 2, 3, 100) = 2.5 -> |4 - 2.5|, |6 - 2.5|
+    assert constant == 2.5
+    scores = pd.DataFrame({"member": ["lightgbm", "blend"], "oof_src": [0.9, 0.9], "oof_mae": [0.5, 0.5],
+                           "heldback_src": [0.1, 0.1], "heldback_mae": [2.4, 2.6], "seconds": [1.0, 1.0]})
+    warning = baseline_warning(scores, constant)
+    assert warning.startswith("WARNING") and "2.6000 vs constant 2.5000" in warning
+    assert baseline_warning(scores.assign(heldback_mae=[2.4, 2.4]), constant) is None
+    no_slice = folds.assign(**{HOLDOUT: False})
+    assert np.isnan(constant_baseline(labels, no_slice))
+    assert baseline_warning(scores, float("nan")) is None
+
+
 def test_a_member_far_worse_on_the_latest_validation_rows_is_dropped():
     X, y, folds = _data()
     labelled = folds != NO_FOLD

@@ -8,7 +8,8 @@ figure shows. The report names the fold strategy that produced them.
 The headline (report.md's first section, the console summary's first line, W&B's ``headline/*``) is the blend's
 score on the held-back slice: posts later than every post fitted, like the test split. Without a held-back slice it
 is the out-of-fold score and says so. The report also names the members the stack's guards left out of the blend
-(and why), says loudly when the blend is worse on the held-back slice than its best single member, and says which
+(and why), says loudly when the blend is worse on the held-back slice than its best single member or no better
+there than a constant prediction (the median of the fitted labels: the submission is then broken), and says which
 test predictions come from the refit on every label (``stacking.refit_full``; all scores are from before it).
 """
 
@@ -83,6 +84,30 @@ def blend_warning(scores: pd.DataFrame, blend_members: list[str] | None = None) 
             f"validation folds; the later posts do not behave like them.")
 
 
+def constant_baseline(labels: np.ndarray, folds: pd.DataFrame) -> float:
+    """MAE on the held-back slice of the constant that predicts the median of the labels the stack fitted (posts with
+    a fold): what a submission is worth without any model; NaN without a held-back slice."""
+    held = folds[HOLDOUT].to_numpy()
+    fitted = (folds.fold != NO_FOLD).to_numpy() & ~held & np.isfinite(labels)
+    if not held.any() or not fitted.any():
+        return float("nan")
+    return float(np.mean(np.abs(labels[held] - np.median(labels[fitted]))))
+
+
+def baseline_warning(scores: pd.DataFrame, constant_mae: float) -> str | None:
+    """A loud sentence when the blend is no better on the held-back slice than a constant prediction (its MAE not
+    below the constant's), else None: validation says the submission is broken."""
+    blend = scores[scores.member == "blend"]
+    if blend.empty or not (np.isfinite(constant_mae) and np.isfinite(blend.heldback_mae.iloc[0])):
+        return None
+    if blend.heldback_mae.iloc[0] < constant_mae:
+        return None
+    return (f"WARNING: the blend is no better on the held-back slice than a constant prediction (the median of the "
+            f"fitted labels): blend MAE {blend.heldback_mae.iloc[0]:.4f} vs constant {constant_mae:.4f}. Do not use "
+            f"this submission as it is: the later posts do not behave like the ones fitted (check the members' "
+            f"held-back scores, folds.strategy and the features).")
+
+
 def guard_text(layout: RunLayout) -> str | None:
     """Markdown: the members left out of the blend and why, and the refit of the test predictions (None: neither)."""
     from popstack.pipeline import render
@@ -140,10 +165,13 @@ def run(ctx: StageContext) -> StageResult:
                  + (" (posts later than every post fitted, scored like the test split)."
                     if head["source"] == "held-back slice" else
                     ": no held-back slice (folds.holdout_fraction=0), so this is the optimistic out-of-fold figure."))
-    warning = blend_warning(scores)
-    if warning:
-        log.warning("report: %s", warning)
-        head_text += f"\n\n**{warning}**"
+    constant_mae = constant_baseline(posts[LABEL].to_numpy(dtype=float), folds)
+    if np.isfinite(constant_mae):
+        head_text += f" A constant prediction (the median of the fitted labels) scores MAE {constant_mae:.4f} there."
+    warning = "\n".join(w for w in (baseline_warning(scores, constant_mae), blend_warning(scores)) if w) or None
+    for line in (warning or "").splitlines():
+        log.warning("report: %s", line)
+        head_text += f"\n\n**{line}**"
     sections = [("Headline", head_text),
                 ("Scores: out-of-fold and held-back slice", fold_text + "\n\n" + render.markdown_table(scores))]
     guards = guard_text(layout)
@@ -170,7 +198,7 @@ def run(ctx: StageContext) -> StageResult:
     metrics = {} if blend_row.empty else {
         "src": float(blend_row.oof_src.iloc[0]), "mae": float(blend_row.oof_mae.iloc[0]),
         "heldback_src": float(blend_row.heldback_src.iloc[0]), "heldback_mae": float(blend_row.heldback_mae.iloc[0]),
-        "headline_src": head["src"], "headline_mae": head["mae"]}
+        "headline_src": head["src"], "headline_mae": head["mae"], "constant_heldback_mae": constant_mae}
     outputs = [RunLayout.predictions, RunLayout.submission, RunLayout.report, *(layout.rel(p) for p in plots)]
     return StageResult(outputs=outputs, counts={"test_predictions": len(test), "labelled": len(labelled),
                                                 "heldback": int(held.sum())},
