@@ -27,7 +27,7 @@ class WandbConfig:
 
 @dataclass
 class LoggerConfig:
-    """Experiment tracking (``pipeline/tracking.py``)."""
+    """Experiment tracking (``popstack/pipeline/tracking.py``)."""
 
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
