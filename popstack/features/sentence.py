@@ -34,7 +34,7 @@ class SentenceEncoder:
     on the GPU when one is present (at SMPD scale this encoder is the family's cost: its rate is in
     benchmarks/README.md, ``feature_scale.py``)."""
 
-    def __init__(self, model_dir: str | Path, max_length: int = 64, batch_size: int = 128):
+    def __init__(self, model_dir: str | Path, max_length: int, batch_size: int):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
