@@ -192,35 +192,3 @@ def finish_cache(tmp: str | Path, out_dir: str | Path, post_ids: list[str], writ
     os.replace(tmp, out_dir)
     return out_dir
 
-
-def compute_embedding_cache(
-    model: nn.Module,
-    batches: Iterable[dict],
-    out_dir: str | Path,
-    *,
-    post_ids: list[str],
-    token_len: int,
-    device: str | torch.device = "cpu",
-    autocast_dtype: torch.dtype | None = None,
-    progress: bool = True,
-    image_grid: int = 0,
-) -> Path:
-    """One process: encode raw batches (``post_id``, ``image``, ``text_ids``, ``has_image``) into the cache at
-    ``out_dir``.
-
-    Rows are placed by post id, whatever order the batches come in; a post missing at the end, a duplicate or
-    an unknown id raises ``ValueError`` naming it. Files are written under a temporary folder and renamed.
-    ``image_grid`` > 0 also caches the patch tokens (``image_tokens.npy``).
-    (Many ranks: ``pipeline.neural.build_cache`` calls the same pieces, each rank encoding its share.)
-    """
-    tmp = partial_dir(out_dir)
-    n = len(post_ids)
-
-    def allocate(enc: dict) -> dict[str, np.ndarray]:
-        image_positions = enc[IMAGE_TOKENS].shape[1] if IMAGE_TOKENS in enc else 0
-        return allocate_cache(tmp, n, enc["image_emb"].shape[1], enc["text_tokens"].shape[1], image_positions)
-
-    written = encode_into(model, batches, allocate, {pid: i for i, pid in enumerate(post_ids)},
-                          token_len=token_len, device=device, autocast_dtype=autocast_dtype, progress=progress,
-                          image_grid=image_grid)
-    return finish_cache(tmp, out_dir, post_ids, [written])

@@ -93,3 +93,59 @@ def test_schema_refuses_unknown_keys_and_adding_one_is_one_line(monkeypatch):
         schema._check(cfg, {"data": schema.DATA}, "")
     monkeypatch.setitem(schema.DATA, "brand_new", schema.Int(lo=0))
     schema._check(cfg, {"data": schema.DATA}, "")
+
+
+def _differs_from_defaults(values: dict, cls: type, where: str) -> list[str]:
+    """Keys of a group's YAML ``values`` that repeat the dataclass ``cls``'s default (nested dataclasses walked)."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    same = []
+    for key, value in values.items():
+        f = fields[key]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            same += _differs_from_defaults(value, type(default), f"{where}.{key}")
+        elif value == default:
+            same.append(f"{where}.{key}")
+    return same
+
+
+def test_each_typed_group_writes_its_defaults_once():
+    """Every group with a typed config: the schema checks it from the dataclass, each of its YAML files starts from
+    the dataclass (``defaults: [schema, _self_]``) and sets only values that differ from the dataclass's defaults."""
+    from omegaconf import OmegaConf
+
+    from popstack.pipeline.config import CONFIG_DIR, group_schemas
+    from popstack.pipeline.schema import SCHEMA, Typed
+
+    groups = group_schemas()
+    assert {"features", "backbone", "logger", "paths"} <= set(groups)
+    for group, cls in groups.items():
+        assert SCHEMA[group] == Typed(cls), group
+        files = sorted((CONFIG_DIR / group).glob("*.yaml"))
+        assert files, group
+        for path in files:
+            values = OmegaConf.to_container(OmegaConf.load(path))
+            assert values.pop("defaults") == ["schema", "_self_"], path
+            assert _differs_from_defaults(values, cls, f"{group}/{path.stem}") == [], path
+
+
+def test_typed_group_defaults_are_what_composes():
+    """The composed default of a typed group is the dataclass (nothing added on the way), e.g. the backbone."""
+    import dataclasses
+
+    from popstack.lightning_modules.backbone_config import BackboneConfig
+    from popstack.pipeline.config import compose_config
+    from popstack.pipeline.settings import LoggerConfig
+
+    cfg = compose_config(["~experiment", "backbone=tiny", "logger=wandb_offline"])
+    assert dict(cfg.backbone) == dataclasses.asdict(BackboneConfig())
+    assert _plain(cfg.logger) == dataclasses.asdict(LoggerConfig())
+    assert compose_config(["~experiment", "backbone=vit_l14"]).backbone.embed_batch_size == 128
+
+
+def _plain(node):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True)

@@ -84,10 +84,10 @@ def test_wait_for_returns_the_value_and_times_out_with_what_it_waited_for(monkey
 def test_shared_tmpdir_is_one_folder_for_every_rank(monkeypatch, tmp_path):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "POPSTACK_SHARED_TMP"):
         monkeypatch.delenv(var, raising=False)
-    with shared_tmpdir(tmp_path) as first:  # a Lightning launch: rank 0 makes it, its children inherit it
+    with shared_tmpdir(tmp_path, timeout_s=5) as first:  # a Lightning launch: rank 0 makes it, its children inherit it
         monkeypatch.setenv("LOCAL_RANK", "1")
         monkeypatch.setenv("WORLD_SIZE", "2")
-        with shared_tmpdir(tmp_path) as child:
+        with shared_tmpdir(tmp_path, timeout_s=5) as child:
             assert child == first
         assert first.is_dir()  # a child never removes it
         monkeypatch.delenv("LOCAL_RANK")
@@ -99,8 +99,8 @@ def test_shared_tmpdir_is_one_folder_for_every_rank(monkeypatch, tmp_path):
         with shared_tmpdir(tmp_path, timeout_s=0.1):
             pass
     monkeypatch.setenv("RANK", "0")
-    with shared_tmpdir(tmp_path) as zero:
+    with shared_tmpdir(tmp_path, timeout_s=5) as zero:
         monkeypatch.setenv("RANK", "1")
-        with shared_tmpdir(tmp_path) as one:
+        with shared_tmpdir(tmp_path, timeout_s=5) as one:
             assert one == zero
         monkeypatch.setenv("RANK", "0")

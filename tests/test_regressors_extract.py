@@ -1,4 +1,8 @@
-"""Co-attention MLP, hierarchical predictor, Huber loss, the embedding cache and keyed extraction."""
+"""Co-attention MLP, hierarchical predictor, Huber loss, the embedding cache and keyed extraction.
+
+The embedding cache is built the pipeline's way: ``pipeline.neural.build_cache`` over a prepared run's shards, and,
+for the small hand-made run directory below, the pieces it calls in one process (``allocate_cache``,
+``encode_into`` by post id, ``finish_cache``)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import torch
 
 from popstack.datamodules.cached import EmbeddingDataModule, load_embedding_cache
 from popstack.datamodules.schema import NO_FOLD
-from popstack.lightning_modules.embed import compute_embedding_cache
+from popstack.lightning_modules.embed import allocate_cache, encode_into, finish_cache, partial_dir
 from popstack.lightning_modules.extract import KeyedPredictionWriter, merge_rank_outputs, oof_and_test
 from popstack.lightning_modules.losses import huber_loss
 from popstack.lightning_modules.regressors import CLIPHierarchicalPredictor, CoAttention, CoAttentionMLPModule
@@ -78,8 +82,7 @@ def test_image_tokens_come_from_the_last_layer_and_the_cache_stores_them(tmp_pat
         _, moved = encode_image_tokens(model, edited, 7)
     assert not torch.allclose(moved[0], patches[0]) and torch.allclose(moved[1], patches[1], atol=1e-5)
     post_ids = [f"p{i}" for i in range(N)]
-    compute_embedding_cache(model, raw_batches(post_ids, np.arange(N)), tmp_path / "emb", post_ids=post_ids,
-                            token_len=L_TOK, progress=False, image_grid=2)
+    write_cache(model, raw_batches(post_ids, np.arange(N)), tmp_path / "emb", post_ids, image_grid=2)
     cache = load_embedding_cache(tmp_path / "emb")
     assert cache["image_tokens"].shape == (N, 4, 64) and cache["image_tokens"].dtype == np.float16
     batch = next(raw_batches(post_ids, np.arange(N)))
@@ -91,6 +94,17 @@ def test_image_tokens_come_from_the_last_layer_and_the_cache_stores_them(tmp_pat
 
 # ------------------------------------------------------------------ a tiny run directory with a cache
 N = 40
+
+
+def write_cache(model, batches, out, post_ids, token_len=L_TOK, image_grid=0):
+    """The cache of ``batches`` at ``out`` as ``pipeline.neural.build_cache`` writes it in one process: arrays
+    allocated for every post, rows written by post id, checked and renamed into place."""
+    tmp = partial_dir(out)
+    image_positions = min(image_grid, 4) ** 2  # the tiny tower's 4 x 4 patch grid
+    arrays = allocate_cache(tmp, len(post_ids), 64, token_len, image_positions)
+    written = encode_into(model, batches, arrays, {p: i for i, p in enumerate(post_ids)}, token_len=token_len,
+                          progress=False, image_grid=image_grid)
+    return finish_cache(tmp, out, post_ids, [written])
 
 
 def raw_batches(post_ids, order, bs=7):
@@ -123,8 +137,7 @@ def run_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = load_backbone(TINY_MODEL).model
     order = np.random.default_rng(0).permutation(N)
-    compute_embedding_cache(model, raw_batches(post_ids, order), d / "emb", post_ids=post_ids, token_len=L_TOK,
-                            progress=False, image_grid=4)
+    write_cache(model, raw_batches(post_ids, order), d / "emb", post_ids, image_grid=4)
     return d
 
 
@@ -149,11 +162,48 @@ def test_cache_errors_on_missing_and_duplicate(tmp_path):
     model = load_backbone(TINY_MODEL).model
     ids = ["1", "2", "3"]
     with pytest.raises(ValueError, match="never came out"):
-        compute_embedding_cache(model, raw_batches(ids, np.array([0, 1])), tmp_path / "a", post_ids=ids,
-                                token_len=4, progress=False)
+        write_cache(model, raw_batches(ids, np.array([0, 1])), tmp_path / "a", ids, token_len=4)
     with pytest.raises(ValueError, match="appears twice"):
-        compute_embedding_cache(model, raw_batches(ids, np.array([0, 1, 2, 1])), tmp_path / "b", post_ids=ids,
-                                token_len=4, progress=False)
+        write_cache(model, raw_batches(ids, np.array([0, 1, 2, 1])), tmp_path / "b", ids, token_len=4)
+    with pytest.raises(ValueError, match="not in the posts table"):
+        write_cache(model, raw_batches(["1", "2", "9"], np.array([0, 1, 2])), tmp_path / "c", ids, token_len=4)
+
+
+def test_pipeline_cache_holds_each_post_in_posts_order_from_the_shards(tmp_path):
+    """``pipeline.neural.build_cache`` on a prepared run: one row per post of ``posts.parquet``, in its order, each
+    the encoding of that post's own shard sample (read back independently), with the weights it encoded with."""
+    from popstack import train
+    from popstack.datamodules.shards import Collate, SampleDecoder, make_eval_pipeline, make_loader, shard_urls
+    from popstack.lightning_modules.backbone import encode_posts, load_backbone
+    from popstack.pipeline.layout import RunLayout
+    from popstack.pipeline.neural import build_cache, image_token_grid
+    from tests.helpers import compose_fast
+
+    cfg = compose_fast(tmp_path, "stages=[prepare]")
+    train(cfg)
+    layout = RunLayout(cfg.run_dir)
+    cache_dir = build_cache(cfg, layout)
+    cache = load_embedding_cache(cache_dir)
+    posts = pd.read_parquet(layout.posts)
+    assert cache["post_ids"] == posts.post_id.tolist()
+    grid = image_token_grid(cfg)
+    assert grid > 0 and cache["image_tokens"].shape[:2] == (len(posts), grid ** 2)
+    bb = load_backbone(cfg.backbone.name, None)
+    bb.model.load_state_dict(torch.load(layout.backbone, map_location="cpu", weights_only=True))
+    index = {p: i for i, p in enumerate(cache["post_ids"])}
+    loader = make_loader(make_eval_pipeline(
+        shard_urls(layout.shards, ["train", "test"]), decoder=SampleDecoder(bb.image_size, cfg.data.text_field),
+        collate=Collate(bb.tokenizer), batch_size=50, rank=0, world_size=1), 0)
+    seen = 0
+    with torch.no_grad():
+        for batch in loader:
+            rows = [index[p] for p in batch["post_id"]]
+            enc = encode_posts(bb.model.eval(), batch["image"], batch["text_ids"], int(cfg.backbone.token_len))
+            np.testing.assert_allclose(cache["image_emb"][rows], enc["image_emb"].numpy(), atol=1e-4)
+            np.testing.assert_allclose(cache["text_emb"][rows], enc["text_emb"].numpy(), atol=1e-4)
+            assert cache["has_image"][rows].tolist() == batch["has_image"].tolist()
+            seen += len(rows)
+    assert seen == len(posts)
 
 
 def datamodule(run_dir, fold, tabular=False, fields=None):

@@ -13,8 +13,8 @@
     python train.py --cfg hydra | --info              # Hydra's own config / information
 
 The command line is Hydra's (``@hydra.main``): the run directory gets ``.hydra/`` (config, overrides) and
-``train.log``. Every job's config is checked (pipeline/schema.py) before Hydra starts: a bad value, or a mandatory
-one left unset (``???``), ends in one "error:" line, exit 2, with nothing written.
+``train.log``. Every job's config is checked (popstack/pipeline/schema.py) before Hydra starts: a bad value, or a
+mandatory one left unset (``???``), ends in one "error:" line, exit 2, with nothing written.
 
 ``popstack.train(cfg)`` is the same run from Python; ``main()`` is the command line (``popstack-train``).
 """

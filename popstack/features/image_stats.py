@@ -107,7 +107,7 @@ def _statistics_of(refs: list[ImageRef]) -> list[tuple[str, dict[str, float] | N
 def shard_image_statistics(shard_dir: str | Path, workers: int | None = None) -> dict[str, dict[str, float] | None]:
     """post_id -> ``image_statistics`` of its image in the shards under ``shard_dir``; decoding is spread over
     ``workers`` processes (default: every core this process may use), each reading its images from the tar files
-    itself (8,000 JPEGs: 21.9 s in one process)."""
+    itself: decoding is the family's cost (timings in benchmarks/README.md)."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 

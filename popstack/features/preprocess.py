@@ -56,7 +56,7 @@ class Standardiser:
             return cls(z["columns"].tolist(), z["median"], z["mean"], z["std"], None if np.isnan(clip) else clip)
 
 
-def iqr_keep_mask(values: np.ndarray, k: float = 1.5) -> np.ndarray:
+def iqr_keep_mask(values: np.ndarray, k: float) -> np.ndarray:
     """True for values inside [Q1 - k*IQR, Q3 + k*IQR] (NaN counts as kept: it is not an outlier)."""
     values = np.asarray(values, dtype=np.float64)
     q1, q3 = np.nanpercentile(values, [25, 75])

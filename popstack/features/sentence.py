@@ -31,10 +31,10 @@ def resolve_model_dir(name: str) -> Path:
 
 class SentenceEncoder:
     """Texts -> (n, hidden) float32 unit vectors. Offline: ``local_files_only``; deterministic in eval mode;
-    on the GPU when one is present (the family's cost at SMPD scale is this encoder: 575-685 distinct texts/s on
-    2 CPU cores for 14-19-token texts, batch 128; see benchmarks/README.md)."""
+    on the GPU when one is present (at SMPD scale this encoder is the family's cost: its rate is in
+    benchmarks/README.md, ``feature_scale.py``)."""
 
-    def __init__(self, model_dir: str | Path, max_length: int = 64, batch_size: int = 128):
+    def __init__(self, model_dir: str | Path, max_length: int, batch_size: int):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 

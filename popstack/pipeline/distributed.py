@@ -34,14 +34,13 @@ from popstack.pipeline.errors import UserError
 
 T = TypeVar("T")
 
-#: Seconds a process waits for the first process's output before giving up (prepare at SMPD scale takes hours).
-DEFAULT_WAIT_S = 6 * 3600.0
 #: Environment variable through which the first process hands its shared temporary directory to the processes
 #: Lightning starts (they re-run the command line and would otherwise make a directory of their own).
 SHARED_TMP_ENV = "POPSTACK_SHARED_TMP"
-#: Key of the launch id in torchrun's agent store, and how long a rank waits for rank 0 to put it there.
+#: Key of the launch id in torchrun's agent store, and how long a rank waits for rank 0 to put it there (no config
+#: is read at that point; rank 0 puts it there as soon as it starts, so this only bounds a launch that never comes).
 STORE_KEY = "popstack/launch_id"
-STORE_TIMEOUT_S = DEFAULT_WAIT_S
+STORE_TIMEOUT_S = 6 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -175,12 +174,14 @@ def planned_world_size(trainer: Mapping, env: Mapping[str, str] | None = None) -
     topo = topology(env)
     if topo.launcher in ("torchrun", "slurm"):
         return topo.world_size
-    devices = trainer.get("devices", "auto")
-    if str(trainer.get("accelerator", "auto")) in CUDA_ACCELERATORS and torch.cuda.is_available():
+    from popstack.pipeline.training import trainer_setting
+
+    devices = trainer_setting(trainer, "devices")
+    if str(trainer_setting(trainer, "accelerator")) in CUDA_ACCELERATORS and torch.cuda.is_available():
         per_node = len(_device_ids(devices, torch.cuda.device_count()))
     else:  # CPU: "auto" is one process, a number n starts n
         per_node = 1 if devices in (None, "auto", -1, "-1") else len(_device_ids(devices, 1))
-    return per_node * int(trainer.get("num_nodes", 1) or 1)
+    return per_node * int(trainer_setting(trainer, "num_nodes") or 1)
 
 
 def start_lightning_processes(trainer: Mapping) -> bool:
@@ -193,12 +194,12 @@ def start_lightning_processes(trainer: Mapping) -> bool:
     etc. set (``topology`` reads them); the later Trainers of this process see those variables and start no more."""
     if topology().launcher != "single" or planned_world_size(trainer) < 2:
         return False
-    import lightning as L
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-    placement = {k: trainer[k] for k in ("accelerator", "devices", "num_nodes", "strategy") if k in trainer}
-    launcher = L.Trainer(**placement, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False).strategy.launcher
+    from popstack.pipeline.training import make_trainer
+
+    launcher = make_trainer(trainer, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False).strategy.launcher
     if not isinstance(launcher, _SubprocessScriptLauncher):
         return False
     launcher.launch(lambda: None)
@@ -206,8 +207,8 @@ def start_lightning_processes(trainer: Mapping) -> bool:
 
 
 def wait_timeout(cfg) -> float:
-    """Seconds a rank waits for rank 0's files: the run config's ``rank_wait_s`` (or ``DEFAULT_WAIT_S``)."""
-    return float(cfg.get("rank_wait_s", DEFAULT_WAIT_S))
+    """Seconds a rank waits for rank 0's files: the run config's ``rank_wait_s``."""
+    return float(cfg.rank_wait_s)
 
 
 @functools.lru_cache(maxsize=None)
@@ -232,7 +233,7 @@ def is_rank_zero() -> bool:
     return topology().is_zero
 
 
-def wait_for(condition: Callable[[], T | None], what: str, timeout_s: float = DEFAULT_WAIT_S,
+def wait_for(condition: Callable[[], T | None], what: str, timeout_s: float,
              poll_s: float = 0.5) -> T:
     """Poll ``condition()`` until it returns something other than None/False, and return that.
 
@@ -260,10 +261,10 @@ def barrier() -> None:
 
 
 @contextmanager
-def shared_tmpdir(parent: str | Path | None = None, timeout_s: float = DEFAULT_WAIT_S) -> Iterator[Path]:
+def shared_tmpdir(parent: str | Path | None, timeout_s: float) -> Iterator[Path]:
     """One temporary directory for every rank of the launch (rank files written into it merge by post id).
 
-    Rank 0 creates it (in ``parent``, default the system temporary folder) and removes it at exit; it publishes the
+    Rank 0 creates it (in ``parent``; None: the system temporary folder) and removes it at exit; it publishes the
     path in ``POPSTACK_SHARED_TMP`` for the processes Lightning starts later. Under torchrun/SLURM, where all
     processes start together, the name derives from the launch id, so every rank finds the same directory; the
     others wait for rank 0 to create it and never remove it.

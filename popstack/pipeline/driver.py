@@ -52,7 +52,7 @@ class Pipeline:
             raise UserError(f"unknown stage(s) {unknown}; stages are {list(STAGE_NAMES)}")
         self._check_backbone()  # before any other work: no network -> one clear line
         rank_device(cfg.trainer.accelerator, cfg.trainer.devices)  # this rank's GPU is current before any CUDA work
-        if self.topology.is_zero:  # validate first, write after (pipeline/checks.py)
+        if self.topology.is_zero:  # validate first, write after (popstack/pipeline/checks.py)
             check_plan(cfg, self.layout)
             if "prepare" in cfg.stages:
                 check_data_root(cfg)

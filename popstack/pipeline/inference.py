@@ -102,10 +102,11 @@ def placement_for_this_machine(trainer: DictConfig, accelerator: str | None, dev
     import torch
 
     from popstack.pipeline.schema import ACCELERATORS
+    from popstack.pipeline.training import trainer_setting
 
     keys = ("accelerator", "devices", "num_nodes", "strategy", "precision")
-    out = {k: trainer.get(k) for k in keys}
-    want = str(accelerator if accelerator is not None else out["accelerator"]).lower()
+    out = {k: trainer[k] for k in keys if k in trainer}  # a key the run left to Lightning stays unset
+    want = str(accelerator if accelerator is not None else trainer_setting(trainer, "accelerator")).lower()
     if accelerator is not None and want not in ACCELERATORS:
         raise UserError(f"accelerator must be one of {', '.join(ACCELERATORS)}, got {accelerator!r}")
     if devices is not None and int(devices) < 1:
@@ -217,7 +218,7 @@ class Predictor:
         from popstack.pipeline.neural import build_cache, neural_outputs
         from popstack.pipeline.stages.prepare import lay_out_new_posts, prepare_new_posts
 
-        with shared_tmpdir(work_dir) as work_root:
+        with shared_tmpdir(work_dir, wait_timeout(self.cfg)) as work_root:
             work = RunLayout(work_root)  # the new posts laid out the way the run is
             if not topology().is_zero:
                 wait_for(lambda: work.tabular.is_file(), f"{work_root} laid out by rank 0", wait_timeout(self.cfg))

@@ -361,7 +361,7 @@ def predict_frames(cfg: DictConfig, dm: EmbeddingDataModule | PopularityDataModu
     all rank files, joined by post id (``merge_rank_outputs``: every post exactly once). ``images`` False: raw
     batches are encoded without the image tower (the run had no readable image).
     """
-    import lightning as L
+    from popstack.pipeline.training import make_trainer
 
     frames = {}
     t = trainer_cfg(cfg)
@@ -370,9 +370,7 @@ def predict_frames(cfg: DictConfig, dm: EmbeddingDataModule | PopularityDataModu
         module.encode_images = images
         out = work / f"fold{fold}"
         writer = KeyedPredictionWriter(out)
-        trainer = L.Trainer(accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"],
-                            strategy=t["strategy"], precision=t["precision"], logger=False, callbacks=[writer],
-                            enable_progress_bar=bool(cfg.get("progress_bar", True)), enable_model_summary=False)
+        trainer = make_trainer(t, logger=False, callbacks=[writer], enable_progress_bar=bool(cfg.progress_bar))
         trainer.predict(module, datamodule=dm, return_predictions=False)
         trainer.strategy.barrier()  # every rank's file is written before anyone merges
         frames[fold] = merge_rank_outputs(out, post_ids, trainer.world_size).drop(columns=["class_pred"],

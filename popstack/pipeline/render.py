@@ -1,6 +1,6 @@
 """Run reports for people without W&B: PNG plots, ``report.md`` and the stdout summary.
 
-The submission file is written by ``pipeline/submission.py`` (no matplotlib there, for ``predict.py``).
+The submission file is written by ``popstack/pipeline/submission.py`` (no matplotlib there, for ``predict.py``).
 """
 
 from __future__ import annotations

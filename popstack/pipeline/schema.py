@@ -1,8 +1,9 @@
 """The config schema: type, range and allowed values of every key the code reads, checked right after composition.
 
 ``validate(cfg)`` walks the composed config against ``SCHEMA`` and raises ``ConfigError`` (one line: the key, the
-bad value, what is allowed) before any stage runs. Defaults live in the YAML files only; this module holds no
-defaults, just the rules.
+bad value, what is allowed) before any stage runs. This module holds no defaults, just the rules: a group with a
+typed config (``popstack.pipeline.config.group_schemas``) is ``Typed(<its dataclass>)`` here, and its rules and
+defaults are the dataclass's; the other sections' defaults live in their YAML files.
 
 Adding a key is one line in its section below (e.g. ``"num_workers": Int(lo=0)`` in ``DATA``; a new top-level
 section is a dict of such lines plus one entry in ``SCHEMA``); a key the schema does not list is refused, so a
@@ -25,7 +26,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from popstack.datamodules.folds import STRATEGIES as FOLD_STRATEGIES
 from popstack.datamodules.typed import RULE
 from popstack.features.config import FeatureConfig
+from popstack.lightning_modules.backbone_config import BackboneConfig
 from popstack.pipeline.errors import UserError
+from popstack.pipeline.settings import LoggerConfig, PathsConfig
 from popstack.pipeline.stages import STAGE_NAMES
 from popstack.stacking.ablation import VARIANTS as ABLATION_VARIANTS
 from popstack.stacking.blend import METHODS as BLEND_METHODS
@@ -164,8 +167,6 @@ class Named:
 # Allowed names come from the code that uses them (one list each).
 TABULAR_MEMBERS = tuple(TABULAR_MEMBER_CLASSES)
 
-PATHS = {"root_dir": Str(), "data_dir": Str(), "output_dir": Str()}
-
 SYNTHETIC = {
     "n_train": Int(lo=1), "n_test": Int(lo=0), "seed": Int(), "n_subcategories": Int(lo=1),
     "user_variant": OneOf("A", "B"), "world": Int(lo=0), "naming": OneOf("2025", "2020", 2025, 2020),
@@ -189,10 +190,6 @@ DATA = {
         isinstance(v, int) and not isinstance(v, bool) and v >= 0) else "auto or an integer >= 0"),
     "postdate_range": Spec("any", check=_date_window_error),
 }
-BACKBONE = {
-    "name": Str(), "pretrained": Str(null=True), "trainable_last_blocks": Int(lo=0), "token_len": Int(lo=1),
-    "image_token_grid": Int(lo=0), "embed_batch_size": Int(lo=1),
-}
 #: Keys every neural module has (training loop, optimiser, early stopping).
 MODULE_COMMON = {
     "enabled": Bool(), "epochs": Int(lo=1), "batch_size": Int(lo=1), "lr": Num(lo=0, lo_open=True),
@@ -213,10 +210,6 @@ HIERARCHICAL = {**MODULE_COMMON, "hidden": ListOf(Int(lo=1)), "dropout": Num(lo=
 MODEL = {
     "prompt_prototype": PROMPT_PROTOTYPE, "co_attention": CO_ATTENTION, "hierarchical": HIERARCHICAL,
     "extract": {"pca_dim": Int(lo=0)},
-}
-LOGGER = {
-    "wandb": {"enabled": Bool(), "mode": OneOf("online", "offline", "disabled"), "project": Str(),
-              "entity": Str(null=True), "group": Str(null=True), "tags": ListOf(Str())},
 }
 MEMBER = Open({"enabled": Bool()})
 AUTO_OR_COUNT = Spec("any", check=lambda v: None if v == "auto" or (
@@ -287,9 +280,9 @@ def trainer_arguments() -> tuple[str, ...]:
 SCHEMA = {
     "name": Str(), "seed": Int(), "progress_bar": Bool(), "stages": ListOf(OneOf(*STAGE_NAMES)), "n_folds": Int(lo=2),
     "run_dir": Str(), "rank_wait_s": Num(lo=0, lo_open=True),
-    "folds": {"strategy": OneOf(*FOLD_STRATEGIES), "holdout_fraction": Num(lo=0, hi=0.5)}, "paths": PATHS,
-    "data": DATA, "backbone": BACKBONE, "features": Typed(FeatureConfig), "model": MODEL,
-    "trainer": Spec("any"), "logger": LOGGER, "stacking": STACKING,
+    "folds": {"strategy": OneOf(*FOLD_STRATEGIES), "holdout_fraction": Num(lo=0, hi=0.5)}, "paths": Typed(PathsConfig),
+    "data": DATA, "backbone": Typed(BackboneConfig), "features": Typed(FeatureConfig), "model": MODEL,
+    "trainer": Spec("any"), "logger": Typed(LoggerConfig), "stacking": STACKING,
     "callbacks": Spec("any", check=lambda v: _callbacks_error(v)),
     "checks": {"label_abs_max": Num(lo=0, lo_open=True), "min_fit_posts": Int(lo=2),
                "disk_headroom": Num(lo=1)},

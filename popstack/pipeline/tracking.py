@@ -106,7 +106,7 @@ def init_settings(cfg: DictConfig, run_dir: Path, environ: dict[str, str] | None
     return {
         "project": env.get("WANDB_PROJECT") or w.project,
         "entity": env.get("WANDB_ENTITY") or w.entity,
-        "group": env.get("WANDB_RUN_GROUP") or w.get("group") or group_name(cfg, run_dir),
+        "group": env.get("WANDB_RUN_GROUP") or w.group or group_name(cfg, run_dir),
         "mode": mode, "tags": list(dict.fromkeys(tags)), "dir": str(run_dir),
     }
 

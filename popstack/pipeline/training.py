@@ -13,13 +13,14 @@ says: a file that is not a plain tensor checkpoint is refused with a ``UserError
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import lightning as L
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
 
 from popstack.datamodules.atomic import atomic_path, atomic_write_json
 from popstack.datamodules.progress import progress_mode
@@ -128,13 +130,35 @@ def result_trainer_args(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in trainer_cfg.items() if k not in PLACEMENT_TRAINER_ARGS}
 
 
-def trainer_kwargs(trainer_cfg: dict[str, Any], **pipeline_owned: Any) -> dict[str, Any]:
+def trainer_kwargs(trainer_cfg: Mapping[str, Any], **pipeline_owned: Any) -> dict[str, Any]:
     """``lightning.Trainer`` arguments: the pipeline defaults, then every key of ``trainer_cfg`` (already checked
     against the Trainer's signature by ``pipeline.schema``), then the arguments the pipeline sets itself."""
+    if isinstance(trainer_cfg, DictConfig):
+        trainer_cfg = OmegaConf.to_container(trainer_cfg, resolve=True)
     clash = sorted(set(trainer_cfg) & set(pipeline_owned))
     if clash:
         raise ValueError(f"trainer config sets {clash}, which the pipeline sets itself")
     return {**TRAINER_DEFAULTS, **trainer_cfg, **pipeline_owned}
+
+
+def make_trainer(trainer_cfg: Mapping[str, Any], **pipeline_owned: Any) -> L.Trainer:
+    """The one builder of every ``lightning.Trainer`` of the pipeline (each fold's fit, each fold's prediction, the
+    launcher that starts Lightning's processes): the config's ``trainer`` section as a whole, so a key such as
+    ``trainer.precision``, ``trainer.strategy`` or ``trainer.num_nodes`` means the same for fit and prediction
+    (keys that only concern fitting, e.g. ``gradient_clip_val``, are ignored by ``Trainer.predict``).
+    ``pipeline_owned``: the arguments the caller sets itself (``schema.PIPELINE_OWNED_TRAINER_ARGS``: logger,
+    callbacks, progress bar, epochs, ...); the config may not set them too."""
+    return L.Trainer(**trainer_kwargs(trainer_cfg, **pipeline_owned))
+
+
+def trainer_setting(trainer_cfg: Mapping[str, Any], key: str) -> Any:
+    """The value ``make_trainer`` gives the Trainer argument ``key``: the config's, else the pipeline's default
+    (``TRAINER_DEFAULTS``), else ``lightning.Trainer``'s own (read from its signature, not written here again)."""
+    if key in trainer_cfg:
+        return trainer_cfg[key]
+    if key in TRAINER_DEFAULTS:
+        return TRAINER_DEFAULTS[key]
+    return inspect.signature(L.Trainer).parameters[key].default
 
 
 def read_done(out_dir: Path) -> dict | None:
@@ -229,7 +253,7 @@ def fit_resumable(
 ) -> Path:
     """Fit ``module`` (or resume it) and return the path of the best checkpoint.
 
-    ``trainer_cfg``: the config's ``trainer`` section, any ``lightning.Trainer`` arguments (see ``trainer_kwargs``);
+    ``trainer_cfg``: the config's ``trainer`` section, any ``lightning.Trainer`` arguments (see ``make_trainer``);
     ``monitor``: the metric that picks the best checkpoint (None: the last epoch's); ``early_stopping_patience``: stop
     after this many validations without improvement of ``monitor`` (None = off).
     ``extra_callbacks``: Lightning callbacks added to the pipeline's own (the config's ``callbacks``,
@@ -272,10 +296,10 @@ def fit_resumable(
         if job is not None:
             loggers.append(job[0])
             callbacks.append(job[1])
-    trainer = L.Trainer(**trainer_kwargs(trainer_cfg, max_epochs=max_epochs, logger=loggers, callbacks=callbacks,
-                                         plugins=[SafeCheckpointIO()],
-                                         enable_progress_bar=progress_mode(progress_bar) == "bar",  # not in a log
-                                         default_root_dir=str(out_dir)))
+    trainer = make_trainer(trainer_cfg, max_epochs=max_epochs, logger=loggers, callbacks=callbacks,
+                           plugins=[SafeCheckpointIO()],
+                           enable_progress_bar=progress_mode(progress_bar) == "bar",  # not in a log
+                           default_root_dir=str(out_dir))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else last
     if not best.is_file():

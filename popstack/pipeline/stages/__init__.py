@@ -60,7 +60,7 @@ class Stage:
     def reads_for(self, cfg: DictConfig) -> Reads:
         """``reads``, plus what a config switches on (the features stage reads the shards for image statistics)."""
         reads = dict(self.reads)
-        if self.name == "features" and cfg.features.get("image_stats", False):
+        if self.name == "features" and cfg.features.image_stats:
             reads["prepare"] = (*reads["prepare"], RunLayout.shards)
         return reads
 

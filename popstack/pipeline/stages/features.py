@@ -40,7 +40,7 @@ def config(c: dict) -> dict:
 
 def outside_inputs(cfg: DictConfig) -> dict | None:
     """The GloVe file's digest when one is configured."""
-    glove = cfg.features.get("glove_path")
+    glove = cfg.features.glove_path
     return {"glove": file_digest(Path(glove))} if glove and Path(glove).is_file() else None
 
 
