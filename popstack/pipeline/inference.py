@@ -178,6 +178,13 @@ class Predictor:
         stack = json.loads((self.run.stack_model / "stack.json").read_text())
         self.columns = list(stack["feature_columns"]) + list(stack["config"]["neural_columns"])
 
+    @property
+    def source(self):
+        """The run's data source (``datamodules.sources``): new posts are read the way the run read its own."""
+        from popstack.datamodules.sources import get_source
+
+        return get_source(str(self.cfg.data.kind))
+
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, devices: int | None = None, progress_bar: bool = True, *,
                      accelerator: str | None = None, precision: str | None = None) -> "Predictor":
@@ -232,8 +239,8 @@ class Predictor:
                 source = f"a DataFrame of {len(posts)} posts"
             else:
                 raw = Path(posts)
-                if not raw.is_dir():
-                    raise UserError(f"raw posts directory not found: {raw}")
+                if not raw.exists():
+                    raise UserError(f"raw posts not found: {raw} (expected {self.source.new_posts})")
                 table = prepare_new_posts(self.cfg, self.run, raw, work)
                 source = str(raw)
             log.info("predict: %d posts from %s", len(table), source)
@@ -270,12 +277,10 @@ class Predictor:
             labels = pd.Series(pd.to_numeric(posts[LABEL], errors="coerce").to_numpy(),
                                index=posts[KEY].astype(str).to_numpy())
         else:
-            from popstack.datamodules.smpd import read_smpd
-
             raw = Path(posts)
-            if not raw.is_dir():
-                raise UserError(f"raw posts directory not found: {raw}")
-            read = read_smpd(raw, check_images=False, labels=True)
+            if not raw.exists():
+                raise UserError(f"raw posts not found: {raw} (expected {self.source.new_posts})")
+            read = self.source.read(self.cfg.data, raw, labels=True)
             labels = pd.Series(read[LABEL].to_numpy(), index=read[KEY].astype(str).to_numpy())
         predicted = self.predict(posts, image_root=image_root, work_dir=work_dir, members=True)
         predicted[LABEL] = labels.reindex(predicted[KEY].astype(str)).to_numpy()
