@@ -23,9 +23,10 @@ RUN_DIR_ENV = "POPSTACK_RUN_DIR"
 
 def group_schemas() -> dict[str, type]:
     """Hydra group -> the typed config holding its defaults and rules (``datamodules.typed``)."""
+    from popstack.datamodules.config import DataConfig
     from popstack.features.config import FeatureConfig
 
-    return {"features": FeatureConfig}
+    return {"data": DataConfig, "features": FeatureConfig}
 
 
 def register_schemas() -> None:
