@@ -26,7 +26,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from popstack.datamodules.schema import COLUMNS, FLOAT_COLUMNS, INT_COLUMNS, KEY, SPLITS
+from popstack.datamodules.schema import (
+    COLUMNS,
+    EXTRA_NUMERIC,
+    FLOAT_COLUMNS,
+    INT_COLUMNS,
+    KEY,
+    SPLITS,
+    extra_columns,
+)
 
 
 class DataSourceError(ValueError):
@@ -132,15 +140,17 @@ def postdate_range(data: Any) -> tuple[int, int]:
 
 
 def check_posts(posts: pd.DataFrame, where: Path) -> pd.DataFrame:
-    """``posts`` when it is a posts table (``datamodules.schema``): its columns in order, integer and float
-    columns typed, splits known, ``post_id`` unique; ``attrs["repairs"]`` present. Raises ``DataSourceError``."""
-    if tuple(posts.columns) != COLUMNS:
+    """``posts`` when it is a posts table (``datamodules.schema``): its columns in order (then only extra columns,
+    the numeric ones float64), integer and float columns typed, splits known, ``post_id`` unique;
+    ``attrs["repairs"]`` present. Raises ``DataSourceError``."""
+    extra = extra_columns(posts.columns)
+    if tuple(c for c in posts.columns if c not in extra) != COLUMNS or list(posts.columns[len(COLUMNS):]) != extra:
         missing = [c for c in COLUMNS if c not in posts.columns]
         raise DataSourceError(f"{where}: the source's posts table lacks {missing or 'the schema order'}")
     for col in INT_COLUMNS:
         if posts[col].dtype != np.int64:
             raise DataSourceError(f"{where}: posts column {col!r} is {posts[col].dtype}, expected int64")
-    for col in FLOAT_COLUMNS:
+    for col in (*FLOAT_COLUMNS, *(c for c in extra if c.startswith(EXTRA_NUMERIC))):
         if posts[col].dtype != np.float64:
             raise DataSourceError(f"{where}: posts column {col!r} is {posts[col].dtype}, expected float64")
     bad = ~posts["split"].isin(SPLITS)
