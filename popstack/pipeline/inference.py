@@ -2,7 +2,7 @@
 
     from popstack.pipeline.inference import Predictor
     predictor = Predictor.from_run_dir("outputs/demo/2026-01-01_00-00-00")
-    scores = predictor.predict("/data/new_posts")                     # a directory in the SMPD layout
+    scores = predictor.predict("/data/new_posts")                     # in the form of the run's data source
     scores = predictor.predict(frame, image_root="/data/images")      # or a DataFrame of posts
 
 Both return a DataFrame keyed by ``post_id`` (columns ``split``, ``popularity_score`` in log-views), in input order;
@@ -212,7 +212,8 @@ class Predictor:
 
     def predict(self, posts: str | Path | pd.DataFrame, image_root: str | Path = ".",
                 work_dir: str | Path | None = None, members: bool = False) -> pd.DataFrame | None:
-        """Scores of every post of ``posts``: a directory in the SMPD layout (either or both splits, labels
+        """Scores of every post of ``posts``: a path in the form of the run's data source (``self.source.new_posts``:
+        a directory in the SMPD layout, either or both splits; for ``data=table`` a CSV/Parquet file; labels
         ignored) or a DataFrame (see ``posts_from_frame``). Returns ``post_id, split, popularity_score``;
         ``members=True`` adds one column per stack member (its mean over the fold models; ``pred_<module>`` are the
         neural modules' own predictions), ``popularity_score`` being their blend.
@@ -265,7 +266,8 @@ class Predictor:
         stack member and of the blend, best SRC first, columns ``member, src, mae, posts``.
 
         ``posts``: a DataFrame of posts with a ``label`` column (log-views; rows without a label are not scored), or
-        a directory in the SMPD layout whose ``train_label.txt`` gives the labels. ``result.attrs["popstack"]`` is
+        a path in the form of the run's data source with labels (an SMPD directory's ``train_label.txt``, a
+        table's label column). ``result.attrs["popstack"]`` is
         the prediction's metadata; ``result.attrs["predictions"]`` the per-post predictions with their labels.
         """
         from popstack.datamodules.schema import LABEL
