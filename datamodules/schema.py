@@ -41,6 +41,11 @@ location_text             str | None   free-text ``location_description`` (varia
 label                     float64      log-views popularity for train rows; NaN for test rows.
 ========================  ===========  =========================================================================
 
+Extra columns (a source may carry the user's own per-post values after these, e.g. ``data=table``'s
+``extra_numeric`` / ``extra_categorical``): ``extra_num__<name>`` (float64, NaN when missing) and
+``extra_cat__<name>`` (str, ``""`` when missing). ``posts.parquet`` keeps them; the ``extra`` feature family
+(``popstack.features.extra``) turns them into features.
+
 Derived artefacts (written by the prepare stage next to ``posts.parquet``):
 
 * ``vocab.json`` -- ``{"category": [...], "subcategory": [...], "concept": [...]}``: sorted training-split
@@ -77,6 +82,15 @@ COLUMNS: tuple[str, ...] = (
     "ispublic", "mediastatus", "photo_firstdate", "photo_firstdatetaken", "photo_count", "ispro", "canbuypro",
     "timezone_offset", "timezone_id", "user_vector", "user_text", "location_vector", "location_text", "label",
 )
+
+#: Prefixes of the extra per-post columns a source may carry after ``COLUMNS`` (numbers; categories as text).
+EXTRA_NUMERIC, EXTRA_CATEGORICAL = "extra_num__", "extra_cat__"
+
+
+def extra_columns(columns) -> list[str]:
+    """The extra columns among ``columns`` (``EXTRA_NUMERIC`` / ``EXTRA_CATEGORICAL`` prefixes), in order."""
+    return [c for c in columns if c.startswith((EXTRA_NUMERIC, EXTRA_CATEGORICAL))]
+
 
 IMAGE_OK, IMAGE_MISSING, IMAGE_UNREADABLE, IMAGE_OUTSIDE = "ok", "missing", "unreadable", "outside_root"
 

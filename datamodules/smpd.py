@@ -85,6 +85,7 @@ from popstack.datamodules.schema import (
     INT_COLUMNS,
     SPLITS,
     VECTOR_COLUMNS,
+    extra_columns,
 )
 
 log = logging.getLogger("popstack")
@@ -821,9 +822,10 @@ def read_smpd(root: str | Path, splits: tuple[str, ...] = SPLITS, *, check_image
 
 # ----------------------------------------------------------------------------- parquet round trip
 def write_posts(posts: pd.DataFrame, path: str | Path) -> None:
-    """Write the posts table to parquet (atomically), keeping the vector columns as nullable list<float32>."""
+    """Write the posts table to parquet (atomically), keeping the vector columns as nullable list<float32> and the
+    extra columns (``datamodules.schema.extra_columns``) after the schema's."""
     arrays = {}
-    for col in COLUMNS:
+    for col in (*COLUMNS, *extra_columns(posts.columns)):
         if col in VECTOR_COLUMNS:
             arrays[col] = pa.array([None if v is None else np.asarray(v, dtype=np.float32) for v in posts[col]],
                                    type=pa.list_(pa.float32()))

@@ -83,16 +83,22 @@ def test_stack_config_defaults_are_the_yaml():
                            for n, p in yaml.members.items() if p.enabled}
 
 
-def test_schema_refuses_unknown_keys_and_adding_one_is_one_line(monkeypatch):
+def test_schema_refuses_unknown_keys_and_adding_one_is_one_line():
+    from dataclasses import make_dataclass
+
     from omegaconf import OmegaConf
 
+    from popstack.datamodules.config import DataConfig
+    from popstack.datamodules.typed import setting
     from popstack.pipeline import schema
 
     cfg = OmegaConf.create({"data": {"kind": "smpd", "brand_new": 3}})
     with pytest.raises(schema.ConfigError, match="data.brand_new"):
-        schema._check(cfg, {"data": schema.DATA}, "")
-    monkeypatch.setitem(schema.DATA, "brand_new", schema.Int(lo=0))
-    schema._check(cfg, {"data": schema.DATA}, "")
+        schema._check(cfg, {"data": schema.Typed(DataConfig)}, "")
+    grown = make_dataclass("Grown", [("brand_new", int, setting(0, lo=0))], bases=(DataConfig,))  # one field
+    schema._check(cfg, {"data": schema.Typed(grown)}, "")
+    with pytest.raises(schema.ConfigError, match="data.brand_new=-1"):
+        schema._check(OmegaConf.create({"data": {"brand_new": -1}}), {"data": schema.Typed(grown)}, "")
 
 
 def _differs_from_defaults(values: dict, cls: type, where: str) -> list[str]:
@@ -106,7 +112,7 @@ def _differs_from_defaults(values: dict, cls: type, where: str) -> list[str]:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default) and isinstance(value, dict):
             same += _differs_from_defaults(value, type(default), f"{where}.{key}")
-        elif value == default:
+        elif value == default and value != "???":  # ??? says "must be set" where a file needs it said
             same.append(f"{where}.{key}")
     return same
 

@@ -230,3 +230,41 @@ def test_standardiser_and_iqr(tmp_path):
     np.testing.assert_array_equal(Standardiser.load(tmp_path / "s.npz").transform(frame), x)
     keep = iqr_keep_mask(np.array([1, 2, 3, 4, 100.0]), k=1.5)
     assert keep.tolist() == [True, True, True, True, False]
+
+
+def test_extra_columns_become_the_extra_family_and_keep_for_new_posts(tmp_path):
+    from popstack.datamodules.smpd import read_posts, write_posts
+
+    posts, _, _ = make_posts(60, 20, 2, n_subcategories=4)
+    rng = np.random.default_rng(0)
+    posts["extra_num__followers"] = rng.normal(size=len(posts))
+    posts.loc[3, "extra_num__followers"] = np.nan
+    posts["extra_cat__device"] = rng.choice(["ios", "android"], size=len(posts)).astype(object)
+    posts.loc[posts.index[-1], "extra_cat__device"] = "web"  # a test post: unseen in training
+    folds = assign_folds(posts.label.to_numpy(), 2, 0)
+    fs = build_features(posts, folds, NO_SENTENCE)
+    assert fs.families["extra__followers"] == fs.families["extra__device"] == "extra"
+    assert "extra__device" in fs.categorical and "extra__followers" not in fs.categorical
+    np.testing.assert_allclose(fs.frame["extra__followers"], posts["extra_num__followers"].astype(np.float32))
+    codes = fs.frame["extra__device"].to_numpy()
+    assert codes[-1] == 2 and set(codes[:-1]) == {0, 1}  # android, ios; web -> the vocabulary size
+    fs.save(tmp_path / "f")
+    state = FeatureState.load(tmp_path / "f" / "state")
+    test = posts[posts.split == "test"]
+    again = transform_features(test, state, NO_SENTENCE)
+    expected = fs.frame[posts.split.to_numpy() == "test"].reset_index(drop=True)
+    np.testing.assert_allclose(again["extra__device"], expected["extra__device"])
+    lacking = transform_features(test.drop(columns=["extra_num__followers"]), state, NO_SENTENCE)
+    assert lacking["extra__followers"].isna().all()
+    # posts.parquet keeps the extra columns after the schema's
+    from popstack.datamodules.schema import COLUMNS
+    from popstack.datamodules.sources import check_posts
+
+    table = check_posts(pd.DataFrame({c: posts[c] if c in posts else None for c in COLUMNS}).assign(
+        image_relpath="", image_status="missing", row=0, geoaccuracy=posts.geoaccuracy.astype(np.int64),
+        postdate=posts.postdate.astype(np.int64), extra_num__followers=posts.extra_num__followers,
+        extra_cat__device=posts.extra_cat__device), tmp_path)
+    write_posts(table, tmp_path / "posts.parquet")
+    back = read_posts(tmp_path / "posts.parquet")
+    assert list(back.columns[-2:]) == ["extra_num__followers", "extra_cat__device"]
+    assert back.extra_cat__device.tolist() == posts.extra_cat__device.tolist()

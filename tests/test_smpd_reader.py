@@ -227,10 +227,15 @@ def test_postdate_window_is_a_setting_and_older_posts_read_when_widened(tmp_path
     assert posts.postdate.iloc[2] == 631152000
     with pytest.raises(SMPDFormatError, match="outside the plausible range 1995-01-01 .. 2100-01-01"):
         read_smpd(root, postdate_range=postdate_window(["1995-01-01", "2100-01-01"]))
-    # the configs' default is SMPD's window, written in the configs and equal to the reader's own default
-    for name in ("smpd", "synthetic"):
+    # the configs' default is SMPD's window, written once (the data group's typed config) and equal to the
+    # reader's own default, for every source
+    from popstack.datamodules.config import DataConfig
+    from popstack.datamodules.sources import sources
+
+    assert postdate_window(DataConfig().postdate_range) == POSTDATE_RANGE
+    for name in sources():
         text = (Path(__file__).parent.parent / "configs" / "data" / f"{name}.yaml").read_text()
-        assert postdate_window(yaml.safe_load(text)["postdate_range"]) == POSTDATE_RANGE
+        assert "postdate_range" not in yaml.safe_load(text)
     for bad in (["2100-01-01", "2004-01-01"], ["2004-01-01"], ["yesterday", "2100-01-01"]):
         with pytest.raises(ValueError):
             postdate_window(bad)

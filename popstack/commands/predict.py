@@ -4,7 +4,9 @@
                       [--shared-dir DIR]
 
 RUN_DIR is a finished ``train.py`` run (its ``config.yaml``, feature state, checkpoints and stacker are all that is
-read); RAW_DIR holds posts in the SMPD layout (either or both splits; labels are not needed and are ignored).
+read); RAW_DIR holds the new posts in the form of the run's data source (``datamodules.sources``): for ``data=smpd``
+and ``data=synthetic`` a directory in the SMPD layout (either or both splits; labels are not needed and are
+ignored), for ``data=table`` a CSV or Parquet file with the run's column mapping.
 The output format follows the extension: ``.json`` (the SMP submission format, in file order), ``.parquet`` or
 ``.csv`` (``post_id, split, popularity_score``); ``<out>.meta.json`` records the run, the number of posts and of
 images that could not be read (all of them missing is also warned about loudly).
@@ -88,7 +90,8 @@ def predict(run_dir: Path, raw_dir: Path, out: Path, devices: int | None = None,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a finished train.py run directory")
-    parser.add_argument("raw_dir", type=Path, help="new posts in the SMPD layout")
+    parser.add_argument("raw_dir", type=Path, help="new posts in the form of the run's data source (an SMPD-layout "
+                        "directory; for data=table a CSV or Parquet file)")
     parser.add_argument("--out", type=Path, required=True, help="output file (.json, .parquet or .csv)")
     parser.add_argument("--accelerator", default=None,
                         help="cpu, gpu or auto for the neural models (default: the run's; a GPU run falls back to the "

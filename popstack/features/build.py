@@ -22,6 +22,7 @@ import pandas as pd
 from popstack.datamodules.schema import KEY, NO_FOLD, any_image_readable
 from popstack.features.category import categorical_columns, category_features
 from popstack.features.config import FeatureConfig
+from popstack.features.extra import extra_categorical_columns, extra_features, fitted_columns
 from popstack.features.families import USER, column_name, family_of
 from popstack.features.glove import glove_features
 from popstack.features.image_stats import image_stats_features, shard_image_statistics
@@ -89,6 +90,8 @@ def _families(posts, folds, state, cfg, encoder, image_dir, progress: bool = Fal
         timed("image_stats", lambda: image_stats_features(
             posts, shard_image_statistics(image_dir) if image_dir else None))
     timed("target", lambda: target_features(posts, folds, state, cfg.target_prior, tuple(cfg.target_keys)))
+    if fitted_columns(posts, state):
+        timed("extra", lambda: extra_features(posts, state))
     bar.close()
     return blocks, seconds
 
@@ -154,7 +157,7 @@ def build_features(posts: pd.DataFrame, folds: np.ndarray, cfg: FeatureConfig,
     frame = _drop_constant(_assemble(posts, blocks), np.asarray(folds) != NO_FOLD)
     families = {c: family_of(c) for c in frame.columns if c != KEY}
     state.meta["columns"] = list(families)
-    cats = categorical_columns() + [column_name(USER, "uid_code")]
+    cats = categorical_columns() + [column_name(USER, "uid_code")] + extra_categorical_columns(posts, state)
     return FeatureSet(frame, families, [c for c in cats if c in families], state, cfg, seconds)
 
 

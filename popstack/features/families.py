@@ -5,6 +5,8 @@ from __future__ import annotations
 USER, TEMPORAL, SPATIAL, CATEGORY, TEXT, SENTENCE, GLOVE, TARGET, CROSSMODAL, IMAGE_STATS = (
     "user", "temporal", "spatial", "category", "text", "sentence", "glove", "target", "crossmodal", "image_stats",
 )
+#: The user's own per-post columns a data source carries (``features.extra``; e.g. ``data=table``).
+EXTRA = "extra"
 #: Families produced by the neural stage (extract) that join the stack.
 VISUAL, NEURAL_TEXT, PROMPT, NEURAL_PRED = "visual", "neural_text", "prompt", "neural_pred"
 

@@ -6,7 +6,7 @@ anything. Each failure is one ``UserError``: a failed or refused rerun leaves th
 
     check_plan(cfg, layout)           # stages=[...] needs finished upstream stages; a finished stage left out of
                                       # stages=[...] must keep the config it ran with
-    check_data_root(cfg)              # data.root a directory with SMPD train metadata (before fingerprinting it)
+    check_data_root(cfg)              # the data source's cheap look (an SMPD root holds train metadata), before hashing
     folds = check_labelled(posts, cfg)   # finite, bounded, varying labels; enough posts and users for the folds
     check_free_space(run_dir, image_bytes, n_posts, cfg)
     probe_writable(path)              # a file can really be created beside ``path`` (``--out /proc/x.json``)
@@ -81,19 +81,12 @@ def refuse_stale_downstream(cfg: DictConfig, layout: RunLayout, stage: str, why:
 
 
 def check_data_root(cfg: DictConfig) -> None:
-    """A real data root must be a directory holding SMPD train metadata: checked before it is fingerprinted (a
-    mistyped ``data.root=/usr`` fails at once instead of after hashing the whole tree)."""
-    if cfg.data.kind == "synthetic":
-        return
-    from popstack.datamodules.smpd import SMPDFormatError, find_split
+    """The data source's cheap look at its data (``DataSource.check``; e.g. an SMPD root must be a directory
+    holding train metadata): before it is fingerprinted, so a mistyped ``data.root=/usr`` fails at once instead of
+    after hashing the whole tree."""
+    from popstack.datamodules.sources import get_source
 
-    root = Path(str(cfg.data.root)).expanduser()
-    if not root.is_dir():
-        raise UserError(f"data.root {root} is not a directory")
-    try:
-        find_split(root.resolve(), "train")
-    except SMPDFormatError as err:
-        raise UserError(f"data.root {root} does not look like SMPD data: {err}") from None
+    get_source(str(cfg.data.kind)).check(cfg.data)
 
 
 def check_labelled(posts: pd.DataFrame, cfg: DictConfig) -> pd.DataFrame:

@@ -23,11 +23,13 @@ RUN_DIR_ENV = "POPSTACK_RUN_DIR"
 
 def group_schemas() -> dict[str, type]:
     """Hydra group -> the typed config holding its defaults and rules (``datamodules.typed``)."""
+    from popstack.datamodules.config import DataConfig
     from popstack.features.config import FeatureConfig
     from popstack.lightning_modules.backbone_config import BackboneConfig
     from popstack.pipeline.settings import LoggerConfig, PathsConfig
 
-    return {"features": FeatureConfig, "backbone": BackboneConfig, "logger": LoggerConfig, "paths": PathsConfig}
+    return {"data": DataConfig, "features": FeatureConfig, "backbone": BackboneConfig, "logger": LoggerConfig,
+            "paths": PathsConfig}
 
 
 def register_schemas() -> None:

@@ -12,7 +12,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from hydra.errors import HydraException
 
     from popstack.datamodules.smpd import SMPDFormatError
+    from popstack.datamodules.sources import DataSourceError
     from popstack.lightning_modules.backbone import BackboneWeightsError
     from popstack.stacking.members import MemberResourceError
 
-    return (UserError, SMPDFormatError, BackboneWeightsError, HydraException, MemberResourceError)
+    return (UserError, SMPDFormatError, DataSourceError, BackboneWeightsError, HydraException, MemberResourceError)

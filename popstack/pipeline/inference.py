@@ -2,7 +2,7 @@
 
     from popstack.pipeline.inference import Predictor
     predictor = Predictor.from_run_dir("outputs/demo/2026-01-01_00-00-00")
-    scores = predictor.predict("/data/new_posts")                     # a directory in the SMPD layout
+    scores = predictor.predict("/data/new_posts")                     # in the form of the run's data source
     scores = predictor.predict(frame, image_root="/data/images")      # or a DataFrame of posts
 
 Both return a DataFrame keyed by ``post_id`` (columns ``split``, ``popularity_score`` in log-views), in input order;
@@ -179,6 +179,13 @@ class Predictor:
         stack = json.loads((self.run.stack_model / "stack.json").read_text())
         self.columns = list(stack["feature_columns"]) + list(stack["config"]["neural_columns"])
 
+    @property
+    def source(self):
+        """The run's data source (``datamodules.sources``): new posts are read the way the run read its own."""
+        from popstack.datamodules.sources import get_source
+
+        return get_source(str(self.cfg.data.kind))
+
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, devices: int | None = None, progress_bar: bool = True, *,
                      accelerator: str | None = None, precision: str | None = None) -> "Predictor":
@@ -206,7 +213,8 @@ class Predictor:
 
     def predict(self, posts: str | Path | pd.DataFrame, image_root: str | Path = ".",
                 work_dir: str | Path | None = None, members: bool = False) -> pd.DataFrame | None:
-        """Scores of every post of ``posts``: a directory in the SMPD layout (either or both splits, labels
+        """Scores of every post of ``posts``: a path in the form of the run's data source (``self.source.new_posts``:
+        a directory in the SMPD layout, either or both splits; for ``data=table`` a CSV/Parquet file; labels
         ignored) or a DataFrame (see ``posts_from_frame``). Returns ``post_id, split, popularity_score``;
         ``members=True`` adds one column per stack member (its mean over the fold models; ``pred_<module>`` are the
         neural modules' own predictions), ``popularity_score`` being their blend.
@@ -233,8 +241,8 @@ class Predictor:
                 source = f"a DataFrame of {len(posts)} posts"
             else:
                 raw = Path(posts)
-                if not raw.is_dir():
-                    raise UserError(f"raw posts directory not found: {raw}")
+                if not raw.exists():
+                    raise UserError(f"raw posts not found: {raw} (expected {self.source.new_posts})")
                 table = prepare_new_posts(self.cfg, self.run, raw, work)
                 source = str(raw)
             log.info("predict: %d posts from %s", len(table), source)
@@ -259,7 +267,8 @@ class Predictor:
         stack member and of the blend, best SRC first, columns ``member, src, mae, posts``.
 
         ``posts``: a DataFrame of posts with a ``label`` column (log-views; rows without a label are not scored), or
-        a directory in the SMPD layout whose ``train_label.txt`` gives the labels. ``result.attrs["popstack"]`` is
+        a path in the form of the run's data source with labels (an SMPD directory's ``train_label.txt``, a
+        table's label column). ``result.attrs["popstack"]`` is
         the prediction's metadata; ``result.attrs["predictions"]`` the per-post predictions with their labels.
         """
         from popstack.datamodules.schema import LABEL
@@ -271,12 +280,10 @@ class Predictor:
             labels = pd.Series(pd.to_numeric(posts[LABEL], errors="coerce").to_numpy(),
                                index=posts[KEY].astype(str).to_numpy())
         else:
-            from popstack.datamodules.smpd import read_smpd
-
             raw = Path(posts)
-            if not raw.is_dir():
-                raise UserError(f"raw posts directory not found: {raw}")
-            read = read_smpd(raw, check_images=False, labels=True)
+            if not raw.exists():
+                raise UserError(f"raw posts not found: {raw} (expected {self.source.new_posts})")
+            read = self.source.read(self.cfg.data, raw, labels=True)
             labels = pd.Series(read[LABEL].to_numpy(), index=read[KEY].astype(str).to_numpy())
         predicted = self.predict(posts, image_root=image_root, work_dir=work_dir, members=True)
         predicted[LABEL] = labels.reindex(predicted[KEY].astype(str)).to_numpy()

@@ -5,7 +5,7 @@ bad value, what is allowed) before any stage runs. This module holds no defaults
 typed config (``popstack.pipeline.config.group_schemas``) is ``Typed(<its dataclass>)`` here, and its rules and
 defaults are the dataclass's; the other sections' defaults live in their YAML files.
 
-Adding a key is one line in its section below (e.g. ``"num_workers": Int(lo=0)`` in ``DATA``; a new top-level
+Adding a key is one line in its section below (e.g. ``"token_len": Int(lo=1)`` in ``BACKBONE``; a new top-level
 section is a dict of such lines plus one entry in ``SCHEMA``); a key the schema does not list is refused, so a
 typo never silently does nothing. ``trainer`` accepts
 every argument of ``lightning.Trainer`` except those the pipeline sets itself (``PIPELINE_OWNED_TRAINER_ARGS``).
@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from popstack.datamodules.config import DataConfig
 from popstack.datamodules.folds import STRATEGIES as FOLD_STRATEGIES
 from popstack.datamodules.typed import RULE
 from popstack.features.config import FeatureConfig
@@ -167,29 +168,6 @@ class Named:
 # Allowed names come from the code that uses them (one list each).
 TABULAR_MEMBERS = tuple(TABULAR_MEMBER_CLASSES)
 
-SYNTHETIC = {
-    "n_train": Int(lo=1), "n_test": Int(lo=0), "seed": Int(), "n_subcategories": Int(lo=1),
-    "user_variant": OneOf("A", "B"), "world": Int(lo=0), "naming": OneOf("2025", "2020", 2025, 2020),
-}
-def _date_window_error(value: Any) -> str | None:
-    from popstack.datamodules.smpd import postdate_window
-
-    try:
-        postdate_window(list(value) if isinstance(value, (list, tuple, ListConfig)) else value)
-    except ValueError:
-        return 'two ISO dates [first, end] with first < end, e.g. ["2004-01-01", "2100-01-01"]'
-    return None
-
-
-DATA = {
-    "kind": OneOf("synthetic", "smpd"), "root": Str(), "synthetic": SYNTHETIC, "check_images": Bool(),
-    "text_field": OneOf("title", "alltags", "title+alltags"), "shard_size": Int(lo=1),
-    "image_max_side": Int(lo=1, null=True), "image_short_side": Int(lo=1, null=True),
-    "image_quality": Int(lo=1, hi=100),
-    "num_workers": Spec("any", check=lambda v: None if v == "auto" or (
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0) else "auto or an integer >= 0"),
-    "postdate_range": Spec("any", check=_date_window_error),
-}
 #: Keys every neural module has (training loop, optimiser, early stopping).
 MODULE_COMMON = {
     "enabled": Bool(), "epochs": Int(lo=1), "batch_size": Int(lo=1), "lr": Num(lo=0, lo_open=True),
@@ -281,7 +259,7 @@ SCHEMA = {
     "name": Str(), "seed": Int(), "progress_bar": Bool(), "stages": ListOf(OneOf(*STAGE_NAMES)), "n_folds": Int(lo=2),
     "run_dir": Str(), "rank_wait_s": Num(lo=0, lo_open=True),
     "folds": {"strategy": OneOf(*FOLD_STRATEGIES), "holdout_fraction": Num(lo=0, hi=0.5)}, "paths": Typed(PathsConfig),
-    "data": DATA, "backbone": Typed(BackboneConfig), "features": Typed(FeatureConfig), "model": MODEL,
+    "data": Typed(DataConfig), "backbone": Typed(BackboneConfig), "features": Typed(FeatureConfig), "model": MODEL,
     "trainer": Spec("any"), "logger": Typed(LoggerConfig), "stacking": STACKING,
     "callbacks": Spec("any", check=lambda v: _callbacks_error(v)),
     "checks": {"label_abs_max": Num(lo=0, lo_open=True), "min_fit_posts": Int(lo=2),

@@ -54,7 +54,8 @@ STAGING_ENV = "WANDB_DATA_DIR"
 #: Hydra's record of a launch's command-line overrides, inside the run directory.
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 #: Overrides that name paths or Hydra internals: not tags (they differ on every machine and run).
-UNTAGGED_KEYS = ("hydra.", "paths.", "run_dir", "data.root", "backbone.pretrained")
+UNTAGGED_KEYS = ("hydra.", "paths.", "run_dir", "data.root", "data.table.path",
+                 "backbone.pretrained")
 #: W&B's longest tag.
 MAX_TAG = 64
 

@@ -31,9 +31,14 @@ def common_config(c: dict) -> dict:
 
 
 def data_config(c: dict) -> dict:
-    """``data`` without ``root``: where the raw data lives is not part of a stage's identity, its content is
-    (the prepare stage's ``outside_inputs``), so a moved data root with the same files changes nothing."""
-    return {k: v for k, v in c["data"].items() if k != "root"}
+    """``data`` without ``root`` and without the source sections (``data.<kind>``) of the sources not in use or
+    empty: where the raw data lives is not part of a stage's identity, its content is (the prepare stage's
+    ``outside_inputs``), so a moved data root with the same files changes nothing."""
+    from popstack.datamodules.sources import sources
+
+    data = c["data"]
+    dropped = {k for k in sources() if k in data and (k != data["kind"] or not data[k])}
+    return {k: v for k, v in data.items() if k != "root" and k not in dropped}
 
 
 def no_outside_inputs(cfg: DictConfig) -> None:

@@ -1,13 +1,15 @@
-"""Stage 1, prepare: raw SMPD directory (or the synthetic generator) -> posts table, vocab, folds, shards."""
+"""Stage 1, prepare: the posts of the run's data source (``datamodules.sources``, by ``data.kind``) -> posts table,
+vocab, folds, shards."""
 
 from __future__ import annotations
 
 import json
 import logging
+import stat
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from popstack.datamodules.atomic import atomic_path, atomic_write_json
 from popstack.datamodules.folds import write_folds
@@ -20,29 +22,17 @@ from popstack.pipeline.stages.base import StageContext, common_config, data_conf
 
 log = logging.getLogger("popstack")
 
-GENERATED_MARKER = ".popstack-generated"
+
+def source(cfg: DictConfig):
+    """The registered data source of ``data.kind`` (``datamodules.sources``)."""
+    from popstack.datamodules.sources import get_source
+
+    return get_source(str(cfg.data.kind))
 
 
 def raw_root(cfg: DictConfig) -> Path:
-    """The raw SMPD directory of this run; the synthetic one is generated on first use (atomically)."""
-    root = Path(cfg.data.root).expanduser().resolve()
-    if cfg.data.kind != "synthetic":
-        if not root.is_dir():
-            raise UserError(f"data.root {root} is not a directory")
-        return root
-    if (root / GENERATED_MARKER).is_file():
-        return root
-    from popstack.datamodules.synthetic import generate
-
-    syn = cfg.data.synthetic
-    log.info("generating synthetic SMPD data (%d train + %d test posts) in %s", syn.n_train, syn.n_test, root)
-    with atomic_path(root) as tmp:
-        generate(
-            tmp, n_train=syn.n_train, n_test=syn.n_test, seed=syn.seed, n_subcategories=syn.n_subcategories,
-            user_variant=syn.user_variant, naming=str(syn.naming), world=int(syn.get("world", 0)),
-        )
-        (tmp / GENERATED_MARKER).write_text(json.dumps(dict(syn)))
-    return root
+    """Where this run's posts are (``data.root``; the synthetic source generates its folder on first use)."""
+    return source(cfg).locate(cfg.data)
 
 
 def config(c: dict) -> dict:
@@ -50,32 +40,28 @@ def config(c: dict) -> dict:
 
 
 def outside_inputs(cfg: DictConfig) -> dict:
-    """The data root's fingerprint (its metadata files' content, its images' sizes and times); a run directory
-    inside the data root is not part of it."""
-    return raw_fingerprint(raw_root(cfg), exclude=(Path(cfg.run_dir),))
-
-
-def postdate_range(cfg: DictConfig) -> tuple[int, int]:
-    """``data.postdate_range`` as epoch seconds (a run configured before the key existed: the reader's window)."""
-    from popstack.datamodules.smpd import POSTDATE_RANGE, postdate_window
-
-    dates = OmegaConf.select(cfg, "data.postdate_range", default=None)
-    return POSTDATE_RANGE if dates is None else postdate_window(list(dates))
+    """The fingerprint of what the source reads (``DataSource.inputs``: metadata files' content, images' sizes
+    and times; a whole data root, or the files the source names); a run directory inside it is not part of it."""
+    folder, files = source(cfg).inputs(cfg.data, raw_root(cfg))
+    if files is None:
+        return raw_fingerprint(folder, exclude=(Path(cfg.run_dir),))
+    return files_fingerprint(folder, files)
 
 
 def run(ctx: StageContext) -> StageResult:
     from popstack.datamodules.shards import build_vocab
-    from popstack.datamodules.smpd import read_smpd, write_posts
+    from popstack.datamodules.smpd import write_posts
 
     cfg, layout = ctx.cfg, ctx.layout
-    root = raw_root(cfg)
-    posts = read_smpd(root, check_images=bool(cfg.data.check_images), postdate_range=postdate_range(cfg))
+    where = raw_root(cfg)
+    posts = source(cfg).read(cfg.data, where)
+    root = source(cfg).image_root(where)
     repairs = {f"repaired_{col}": n for col, n in posts.attrs["repairs"].items() if n}
     train = posts[posts.split == "train"]
     if len(train) == 0 or train[LABEL].notna().sum() == 0:
-        raise UserError(f"{root}: the train split has no labelled posts")
+        raise UserError(f"{where}: the train split has no labelled posts")
     if (posts.split == "test").sum() == 0:
-        log.warning("%s: no test split; the submission will be empty", root)
+        log.warning("%s: no test split; the submission will be empty", where)
 
     folds = check_labelled(posts, cfg)  # checked before the first write (pipeline/checks.py)
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -119,15 +105,13 @@ def write_split_shards(posts: pd.DataFrame, root: Path, shard_dir: Path, vocab: 
     return posts.assign(image_status=posts[KEY].map(statuses).fillna(posts["image_status"]))
 
 
-def prepare_new_posts(cfg: DictConfig, run: RunLayout, raw_dir: Path, work: RunLayout) -> pd.DataFrame:
-    """Lay out new (unlabelled) posts in ``work`` the way the training run is laid out, with the run's vocab."""
-    from popstack.datamodules.smpd import read_smpd
-
-    posts = read_smpd(raw_dir, check_images=bool(cfg.data.check_images), labels=False,
-                      postdate_range=postdate_range(cfg))
+def prepare_new_posts(cfg: DictConfig, run: RunLayout, raw: Path, work: RunLayout) -> pd.DataFrame:
+    """Lay out new (unlabelled) posts ``raw`` (in the form of the run's source: ``DataSource.new_posts``) in
+    ``work`` the way the training run is laid out, with the run's vocab."""
+    posts = source(cfg).read(cfg.data, raw, labels=False)
     if len(posts) == 0:
-        raise UserError(f"{raw_dir}: no posts to predict (the image lists are empty)")
-    return lay_out_new_posts(cfg, run, posts, raw_dir, work)
+        raise UserError(f"{raw}: no posts to predict (the image lists are empty)")
+    return lay_out_new_posts(cfg, run, posts, source(cfg).image_root(raw), work)
 
 
 def lay_out_new_posts(cfg: DictConfig, run: RunLayout, posts: pd.DataFrame, raw_dir: Path,
@@ -143,6 +127,27 @@ def lay_out_new_posts(cfg: DictConfig, run: RunLayout, posts: pd.DataFrame, raw_
     write_posts(posts, work.posts)
     write_folds(pd.DataFrame({KEY: posts[KEY].to_numpy(), "fold": NO_FOLD}), work.folds)
     return posts
+
+
+def files_fingerprint(folder: Path, files: tuple[str, ...]) -> dict:
+    """``{relative name: [size, sha256]}`` of each named file below ``folder`` (images: ``[size, mtime_ns]``, as
+    ``raw_fingerprint``); a name leaving the folder or naming no file is ``[-1, "missing"]`` (never opened)."""
+    from popstack.datamodules.confine import ConfinedRoot
+    from popstack.pipeline.manifest import IMAGE_SUFFIXES, file_digest
+
+    confined, out = ConfinedRoot(folder), {}
+    for name in sorted(set(files)):
+        real = confined.resolve(name)
+        try:
+            st = real.stat() if real is not None else None
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
+            out[name] = [-1, "missing"]
+        else:
+            second = st.st_mtime_ns if real.suffix.lower() in IMAGE_SUFFIXES else file_digest(real, st.st_size)
+            out[name] = [st.st_size, second]
+    return out
 
 
 def _data_counts(posts: pd.DataFrame) -> dict[str, int]:
