@@ -24,8 +24,9 @@ RUN_DIR_ENV = "POPSTACK_RUN_DIR"
 def group_schemas() -> dict[str, type]:
     """Hydra group -> the typed config holding its defaults and rules (``datamodules.typed``)."""
     from popstack.features.config import FeatureConfig
+    from popstack.lightning_modules.registry import model_config_class
 
-    return {"features": FeatureConfig}
+    return {"features": FeatureConfig, "model": model_config_class()}
 
 
 def register_schemas() -> None:

@@ -1,8 +1,8 @@
 """The config schema: type, range and allowed values of every key the code reads, checked right after composition.
 
 ``validate(cfg)`` walks the composed config against ``SCHEMA`` and raises ``ConfigError`` (one line: the key, the
-bad value, what is allowed) before any stage runs. Defaults live in the YAML files only; this module holds no
-defaults, just the rules.
+bad value, what is allowed) before any stage runs. Defaults live in the YAML files, or, for a group with a typed
+config (``Typed``: features, model), in its dataclass; this module holds no defaults, just the rules.
 
 Adding a key is one line in its section below (e.g. ``"num_workers": Int(lo=0)`` in ``DATA``; a new top-level
 section is a dict of such lines plus one entry in ``SCHEMA``); a key the schema does not list is refused, so a
@@ -25,6 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from popstack.datamodules.folds import STRATEGIES as FOLD_STRATEGIES
 from popstack.datamodules.typed import RULE
 from popstack.features.config import FeatureConfig
+from popstack.lightning_modules.registry import model_config_class
 from popstack.pipeline.errors import UserError
 from popstack.pipeline.stages import STAGE_NAMES
 from popstack.stacking.ablation import VARIANTS as ABLATION_VARIANTS
@@ -193,27 +194,6 @@ BACKBONE = {
     "name": Str(), "pretrained": Str(null=True), "trainable_last_blocks": Int(lo=0), "token_len": Int(lo=1),
     "image_token_grid": Int(lo=0), "embed_batch_size": Int(lo=1),
 }
-#: Keys every neural module has (training loop, optimiser, early stopping).
-MODULE_COMMON = {
-    "enabled": Bool(), "epochs": Int(lo=1), "batch_size": Int(lo=1), "lr": Num(lo=0, lo_open=True),
-    "weight_decay": Num(lo=0), "scheduler": OneOf("cosine", "constant"), "huber_delta": Num(lo=0, lo_open=True),
-    "early_stopping_patience": Int(lo=1, null=True), "input": OneOf("embeddings", "images"),
-}
-PROMPT_PROTOTYPE = {
-    **MODULE_COMMON, "n_ctx": Int(lo=1), "ctx_init_std": Num(lo=0), "tau": Num(lo=0, lo_open=True),
-    "tau_s": Num(lo=0, lo_open=True), "learn_tau": Bool(), "shots": Int(lo=1), "n_time_bins": Int(lo=1),
-    "proj_dim": Int(lo=1), "heads": Int(lo=1), "tau_v": Num(lo=0, lo_open=True), "tau_t": Num(lo=0, lo_open=True),
-    "regression_weight": Num(lo=0), "regression_hidden": Int(lo=1), "prompt_lr": Num(lo=0, lo_open=True, null=True),
-}
-CO_ATTENTION = {
-    **MODULE_COMMON, "use_tabular": Bool(), "attn_dim": Int(lo=1), "heads": Int(lo=1),
-    "hidden": ListOf(Int(lo=1)), "dropout": Num(lo=0, hi=1),
-}
-HIERARCHICAL = {**MODULE_COMMON, "hidden": ListOf(Int(lo=1)), "dropout": Num(lo=0, hi=1)}
-MODEL = {
-    "prompt_prototype": PROMPT_PROTOTYPE, "co_attention": CO_ATTENTION, "hierarchical": HIERARCHICAL,
-    "extract": {"pca_dim": Int(lo=0)},
-}
 LOGGER = {
     "wandb": {"enabled": Bool(), "mode": OneOf("online", "offline", "disabled"), "project": Str(),
               "entity": Str(null=True), "group": Str(null=True), "tags": ListOf(Str())},
@@ -288,7 +268,7 @@ SCHEMA = {
     "name": Str(), "seed": Int(), "progress_bar": Bool(), "stages": ListOf(OneOf(*STAGE_NAMES)), "n_folds": Int(lo=2),
     "run_dir": Str(), "rank_wait_s": Num(lo=0, lo_open=True),
     "folds": {"strategy": OneOf(*FOLD_STRATEGIES), "holdout_fraction": Num(lo=0, hi=0.5)}, "paths": PATHS,
-    "data": DATA, "backbone": BACKBONE, "features": Typed(FeatureConfig), "model": MODEL,
+    "data": DATA, "backbone": BACKBONE, "features": Typed(FeatureConfig), "model": Typed(model_config_class()),
     "trainer": Spec("any"), "logger": LOGGER, "stacking": STACKING,
     "callbacks": Spec("any", check=lambda v: _callbacks_error(v)),
     "checks": {"label_abs_max": Num(lo=0, lo_open=True), "min_fit_posts": Int(lo=2),
