@@ -191,6 +191,14 @@ def image_token_grid(cfg: DictConfig, images: bool = True) -> int:
     return grid
 
 
+def model_identity(model: dict) -> dict:
+    """The ``model`` section (plain dict) without the sections of disabled modules: what the neural and extract
+    stages' outputs depend on. A module switched off, or a new module registered off, changes no stage hash, so
+    finished runs stay valid when a module file is added."""
+    specs = module_specs()
+    return {k: v for k, v in model.items() if k not in specs or v["enabled"]}
+
+
 def _launch_file(path: Path, launch_id: str) -> dict | None:
     """The JSON at ``path`` when it was written by this launch (its ``launch`` field), else None."""
     try:

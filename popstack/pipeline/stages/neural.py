@@ -37,6 +37,7 @@ from popstack.pipeline.neural import (
     image_skipped,
     image_token_grid,
     images_readable,
+    model_identity,
     monitor_of,
     shard_datamodule,
     trainer_cfg,
@@ -58,9 +59,10 @@ log = logging.getLogger("popstack")
 
 
 def config(c: dict) -> dict:
-    """What the stage's outputs depend on; ``world_size`` (devices x nodes, ``planned_world_size``) too, since
-    ``model.<name>.batch_size`` is the global batch split across the devices: another world size retrains."""
-    return {"backbone": c["backbone"], "model": c["model"], "data": data_config(c),
+    """What the stage's outputs depend on (of ``model``, the enabled modules' sections: ``model_identity``);
+    ``world_size`` (devices x nodes, ``planned_world_size``) too, since ``model.<name>.batch_size`` is the global
+    batch split across the devices: another world size retrains."""
+    return {"backbone": c["backbone"], "model": model_identity(c["model"]), "data": data_config(c),
             "trainer": result_trainer_args(c["trainer"]), "world_size": planned_world_size(c["trainer"]),
             **common_config(c),
             **({"callbacks": c["callbacks"]} if c.get("callbacks") else {})}  # absent when none: old runs stay valid
