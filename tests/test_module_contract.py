@@ -129,3 +129,36 @@ def test_module_config_is_typed_and_complete(name):
     with_default = [f.name for f in fields
                     if f.name in params and params[f.name].default is not inspect.Parameter.empty]
     assert not with_default, f"{name}: constructor defaults that could disagree with the config: {with_default}"
+
+
+@pytest.mark.parametrize("name", list(module_specs()))
+def test_every_module_is_a_section_of_the_model_group(name, tmp_path):
+    """The model group's schema is made from the registry: each module's section composes with its defaults, and a
+    value its config refuses ends in one ConfigError naming the key."""
+    from popstack.pipeline.schema import ConfigError
+    from tests.helpers import compose_fast
+
+    spec = module_specs()[name]
+    cfg = compose_fast(tmp_path)
+    assert list(cfg.model[name]) == [f.name for f in dataclasses.fields(spec.config)]
+    assert cfg.model[name].enabled == spec.config_of().enabled  # debug=fast leaves the switch to the default
+    with pytest.raises(ConfigError, match=f"model.{name}.batch_size"):
+        compose_fast(tmp_path, f"model.{name}.batch_size=0")
+
+
+def test_a_disabled_module_changes_no_stage_hash(tmp_path):
+    """The neural and extract stages hash the enabled modules' sections only (``model_identity``): switching a
+    module off drops its section, so a module file added off leaves finished runs valid."""
+    from omegaconf import OmegaConf
+
+    from popstack.pipeline.stages import extract, neural
+    from tests.helpers import compose_fast
+
+    name = next(iter(module_specs()))
+    on = OmegaConf.to_container(compose_fast(tmp_path), resolve=True)
+    off = OmegaConf.to_container(compose_fast(tmp_path, f"model.{name}.enabled=false"), resolve=True)
+    assert name in neural.config(on)["model"] and name not in neural.config(off)["model"]
+    assert name not in extract.config(off)["model"] and "extract" in extract.config(off)["model"]
+    changed = OmegaConf.to_container(compose_fast(tmp_path, f"model.{name}.enabled=false", f"model.{name}.epochs=3"),
+                                     resolve=True)
+    assert neural.config(changed) == neural.config(off)  # a disabled module's values are not part of the outputs
