@@ -155,7 +155,7 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
                           bb.embed_dim, positions, image_positions)
     written = encode_into(bb.model, loader, part, {p: i for i, p in enumerate(post_ids)} if alone else None,
                           token_len=int(cfg.backbone.token_len), device=device, autocast_dtype=amp,
-                          progress=topo.is_zero and bool(cfg.get("progress_bar", True)), image_grid=grid,
+                          progress=topo.is_zero and bool(cfg.progress_bar), image_grid=grid,
                           images=images)
     log.info("embedding cache: rank %d of %d encoded %d posts", topo.rank, topo.world_size, len(written))
     atomic_write_json(tmp / RANK_DONE.format(rank=topo.rank), {"launch": topo.launch_id, "post_ids": written})
@@ -348,7 +348,7 @@ def predict_frames(cfg: DictConfig, dm: EmbeddingDataModule | PopularityDataModu
         writer = KeyedPredictionWriter(out)
         trainer = L.Trainer(accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"],
                             strategy=t["strategy"], precision=t["precision"], logger=False, callbacks=[writer],
-                            enable_progress_bar=bool(cfg.get("progress_bar", True)), enable_model_summary=False)
+                            enable_progress_bar=bool(cfg.progress_bar), enable_model_summary=False)
         trainer.predict(module, datamodule=dm, return_predictions=False)
         trainer.strategy.barrier()  # every rank's file is written before anyone merges
         frames[fold] = merge_rank_outputs(out, post_ids, trainer.world_size).drop(columns=["class_pred"],

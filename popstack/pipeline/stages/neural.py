@@ -132,7 +132,7 @@ def train_f_model(cfg: DictConfig, layout: RunLayout, name: str, key: dict) -> N
     data = shard_datamodule(cfg, layout, name, None) if uses_shards(cfg, name) else dm
     fit_resumable(module, data, out, key=key if topo.is_zero else None, trainer_cfg=trainer_cfg(cfg),
                   max_epochs=int(cfg.model[name].epochs), monitor=None, mode="min", seed=int(cfg.seed),
-                  wandb_prefix=f"{name}/features", progress_bar=bool(cfg.get("progress_bar", True)))
+                  wandb_prefix=f"{name}/features", progress_bar=bool(cfg.progress_bar))
 
 
 def _finished_with_key(cfg: DictConfig, out: Path, key: dict, topo: Topology) -> bool:
@@ -181,6 +181,6 @@ def train_fold(cfg: DictConfig, layout: RunLayout, name: str, fold: int, key: di
     fit_resumable(module, data, out, key=key if topo.is_zero else None, trainer_cfg=trainer_cfg(cfg),
                   max_epochs=int(cfg.model[name].epochs), monitor=monitor, mode=mode,
                   seed=int(cfg.seed) + fold, wandb_prefix=f"{name}/fold{fold}",
-                  progress_bar=bool(cfg.get("progress_bar", True)),
+                  progress_bar=bool(cfg.progress_bar),
                   early_stopping_patience=cfg.model[name].early_stopping_patience,
                   extra_callbacks=user_callbacks(cfg.get("callbacks")))
