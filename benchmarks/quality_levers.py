@@ -66,15 +66,13 @@ def register_candidates() -> None:
 def variant(lever: str, scfg, features: pd.DataFrame, categorical: list[str], families: dict[str, str]):
     """(stack config, features, categorical columns) with ``lever`` (or ``a+b+...``) applied."""
     from popstack.features.families import IMAGE_STATS, PROMPT
-    from popstack.pipeline.neural import (
-        MODULES,  # the neural modules; a lever drops one's prediction column, pred_<name>
-    )
+    from popstack.lightning_modules.registry import module_specs  # a lever drops a module's column, pred_<name>
 
     if "+" in lever:
         for part in lever.split("+"):
             scfg, features, categorical = variant(part, scfg, features, categorical, families)
         return scfg, features, categorical
-    if lever.removeprefix("no_") in MODULES:
+    if lever.removeprefix("no_") in module_specs():
         module = lever.removeprefix("no_")
         drop = [f"pred_{module}"] + ([c for c in features.columns if families.get(c) == PROMPT]
                                      if module == "prompt_prototype" else [])

@@ -15,7 +15,8 @@ import time
 from common import print_table, write_results
 
 
-def batches(kind: str, n_steps: int, bs: int, dim: int, image_size: int, k: int, tokenizer, token_len: int):
+def batches(kind: str, n_steps: int, bs: int, dim: int, image_size: int, k: int, tokenizer, token_len: int,
+            grid: int):
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -27,7 +28,8 @@ def batches(kind: str, n_steps: int, bs: int, dim: int, image_size: int, k: int,
         if kind == "cache on":
             b.update(image_emb=torch.randn(bs, dim, generator=g), text_emb=torch.randn(bs, dim, generator=g),
                      text_tokens=torch.randn(bs, token_len, dim, generator=g),
-                     text_mask=torch.ones(bs, token_len, dtype=torch.bool))
+                     text_mask=torch.ones(bs, token_len, dtype=torch.bool),
+                     image_tokens=torch.randn(bs, grid * grid, dim, generator=g))  # the cached patch tokens
         else:
             b.update(image=torch.randn(bs, 3, image_size, image_size, generator=g),
                      text_ids=tokenizer([f"a photo number {i} of a tag" for i in range(bs)]))
@@ -43,14 +45,24 @@ def main() -> None:
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--classes", type=int, default=77)
     p.add_argument("--token-len", type=int, default=32)
+    p.add_argument("--image-token-grid", type=int, default=7)
     a = p.parse_args()
+    import inspect
+
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
 
     from popstack.lightning_modules.backbone import load_backbone
     from popstack.lightning_modules.prompt_prototype_module import PromptPrototypeModule
+    from popstack.lightning_modules.registry import module_spec
     from popstack.lightning_modules.regressors import CLIPHierarchicalPredictor, CoAttentionMLPModule
+
+    def config_args(name: str) -> dict:
+        """The module's constructor arguments from its default config (``model.<name>``'s dataclass)."""
+        spec = module_spec(name)
+        config, params = spec.config_of(), inspect.signature(spec.module.__init__).parameters
+        return {k: getattr(config, k) for k in vars(config) if k in params}
 
     bb = load_backbone(a.model)
     dim, k = bb.embed_dim, a.classes
@@ -60,15 +72,19 @@ def main() -> None:
             for precision in ("32-true", "bf16-mixed"):
                 torch.manual_seed(0)
                 raw_kw = {} if kind == "cache on" else {"backbone_name": a.model}
+                hp = config_args(name)
                 if name == "prompt_prototype":
                     m = PromptPrototypeModule([f"class {i}" for i in range(k)], backbone_name=a.model,
-                                              token_len=a.token_len)
+                                              backbone_pretrained=None, trainable_last_blocks=0,
+                                              token_len=a.token_len, **hp)
                     m.set_prototypes(torch.randn(k, dim), torch.randn(k, dim))
                 elif name == "co_attention":
-                    m = CoAttentionMLPModule(dim, tabular_dim=64, token_len=a.token_len, **raw_kw)
+                    m = CoAttentionMLPModule(embed_dim=dim, tabular_dim=64, token_len=a.token_len,
+                                             image_token_grid=a.image_token_grid, **hp, **raw_kw)
                 else:
-                    m = CLIPHierarchicalPredictor(dim, token_len=a.token_len, **raw_kw)
-                data = batches(kind, a.steps + 3, a.batch_size, dim, bb.image_size, k, bb.tokenizer, a.token_len)
+                    m = CLIPHierarchicalPredictor(embed_dim=dim, token_len=a.token_len, **hp, **raw_kw)
+                data = batches(kind, a.steps + 3, a.batch_size, dim, bb.image_size, k, bb.tokenizer, a.token_len,
+                               a.image_token_grid)
 
                 class Timer(L.Callback):
                     def on_train_batch_start(self, trainer, *args):

@@ -28,26 +28,80 @@ ranks rows for loss-based sample selection (§4.2).
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from popstack.datamodules.typed import setting
+from popstack.features.families import NEURAL_TEXT, PROMPT, VISUAL
 from popstack.lightning_modules.backbone import float32
 from popstack.lightning_modules.base import PostModule
 from popstack.lightning_modules.losses import huber_loss
 from popstack.lightning_modules.prompt_learner import DualGrainedPromptLearner, global_similarity, local_similarity
 from popstack.lightning_modules.prototype_classifier import CrossModalPrototypeClassifier
+from popstack.lightning_modules.prototypes import prototype_means, select_prototype_posts
+from popstack.lightning_modules.registry import (
+    BuildContext,
+    ModuleConfig,
+    ModuleSpec,
+    hyperparameters,
+    register_module,
+)
+
+log = logging.getLogger("popstack")
 
 IGNORE = -1
 #: The F blocks of eq. 11 that ``predict_step`` emits, in order (s is the tabular table).
 F_BLOCKS = ("f_i", "f_t", "w_g", "w_l", "x_tilde", "v_tilde", "t_tilde")
+#: The feature family each F block joins in the stack.
+F_FAMILIES = {"f_i": VISUAL, "f_t": NEURAL_TEXT, **dict.fromkeys(F_BLOCKS[2:], PROMPT)}
+
+
+@dataclass
+class PromptPrototypeConfig(ModuleConfig):
+    """``model.prompt_prototype``: the CMPA-DGPL module.
+
+    Paper values: CMPA-DGPL §4.1.3 (AdamW, lr 1e-4, wd 1e-5, 4 epochs, batch 128), §3.1 (256 shots). The paper
+    follows TaI-DPT for the prompts but gives no prompt length or temperatures: n_ctx 16, ctx_init_std 0.02,
+    tau 0.25 (logit scale 4) and tau_s 1/50 are ours, taken from TaI-DPT's code. Ours too: learn_tau (learn tau
+    and tau_s in log space; the paper does not say, TaI-DPT keeps them fixed), n_time_bins (temporal-diversity
+    intervals of the prototype sampling, §3.1 says "several"), proj_dim (d of the shared space, §3.3 gives none),
+    heads (attention heads of eq. 6), tau_v / tau_t (initial temperatures of eq. 7, learned; CLIP's initial
+    temperature), the scheduler, and regression_weight: the weight of an auxiliary popularity head on the fold
+    models (0 = the paper's classification-only module, eq. 8: F only, no prediction column); F always comes
+    from the one classification-only F model, whatever this weight (docs/reproduction.md).
+    shots: posts per class prototype. regression_hidden: width of the popularity head. prompt_lr: learning rate
+    of the prompt contexts and temperatures (null = lr).
+    """
+
+    epochs: int = setting(4, lo=1)
+    lr: float = setting(1e-4, lo=0, lo_open=True)
+    weight_decay: float = setting(1e-5, lo=0)
+    n_ctx: int = setting(16, lo=1)
+    ctx_init_std: float = setting(0.02, lo=0)
+    tau: float = setting(0.25, lo=0, lo_open=True)
+    tau_s: float = setting(0.02, lo=0, lo_open=True)
+    learn_tau: bool = setting(True)
+    shots: int = setting(256, lo=1)
+    n_time_bins: int = setting(4, lo=1)
+    proj_dim: int = setting(256, lo=1)
+    heads: int = setting(4, lo=1)
+    tau_v: float = setting(0.07, lo=0, lo_open=True)
+    tau_t: float = setting(0.07, lo=0, lo_open=True)
+    regression_weight: float = setting(1.0, lo=0)
+    regression_hidden: int = setting(256, lo=1)
+    prompt_lr: float | None = setting(None, lo=0, lo_open=True)
 
 
 class PromptPrototypeModule(PostModule):
-    """Args (all plain values, saved as hyper-parameters):
+    """Args (all plain values, saved as hyper-parameters; the defaults are ``PromptPrototypeConfig``'s, the
+    pipeline builds it with ``build``):
 
     class_names: the K subcategory names in class-id order.
     backbone_name / backbone_pretrained / trainable_last_blocks: the CLIP model (frozen by default).
@@ -69,26 +123,27 @@ class PromptPrototypeModule(PostModule):
     def __init__(
         self,
         class_names: list[str],
-        backbone_name: str = "popstack-tiny-clip",
-        backbone_pretrained: str | None = None,
-        trainable_last_blocks: int = 0,
-        n_ctx: int = 16,
-        ctx_init_std: float = 0.02,
-        tau: float = 0.25,
-        tau_s: float = 0.02,
-        learn_tau: bool = False,
-        proj_dim: int = 256,
-        heads: int = 4,
-        tau_v: float = 0.07,
-        tau_t: float = 0.07,
-        regression_weight: float = 1.0,
-        huber_delta: float = 1.0,
-        regression_hidden: int = 256,
-        lr: float = 1e-4,
-        weight_decay: float = 1e-5,
-        scheduler: str = "cosine",
-        prompt_lr: float | None = None,
-        token_len: int = 32,
+        *,
+        backbone_name: str,
+        backbone_pretrained: str | None,
+        trainable_last_blocks: int,
+        n_ctx: int,
+        ctx_init_std: float,
+        tau: float,
+        tau_s: float,
+        learn_tau: bool,
+        proj_dim: int,
+        heads: int,
+        tau_v: float,
+        tau_t: float,
+        regression_weight: float,
+        huber_delta: float,
+        regression_hidden: int,
+        lr: float,
+        weight_decay: float,
+        scheduler: str,
+        prompt_lr: float | None,
+        token_len: int,
         target_mean: float = 0.0,
         target_std: float = 1.0,
     ):
@@ -247,3 +302,42 @@ class PromptPrototypeModule(PostModule):
         return {"f_i": out["image_emb"].float(), "f_t": out["text_emb"].float(),
                 "w_g": out["global_sim"].float(), "w_l": out["local_sim"].float(), "x_tilde": out["x"].float(),
                 "v_tilde": (p_v * out["V"].float()).sum(1), "t_tilde": (p_t * out["T"].float()).sum(1)}
+
+    @classmethod
+    def build(cls, config: PromptPrototypeConfig, ctx: BuildContext) -> "PromptPrototypeModule":
+        """The module for one fit, with its prototypes: up to ``shots`` training posts per class
+        (``select_prototype_posts``), averaged over the cached CLIP features (classes without training posts
+        fall back to their class-name features). It always has its own CLIP copy (the prompts run through the
+        text tower); the pipeline loads the run's weights into it."""
+        module = cls(list(ctx.class_names), backbone_name=ctx.backbone_name, backbone_pretrained=None,
+                     trainable_last_blocks=ctx.trainable_last_blocks, token_len=ctx.token_len,
+                     target_mean=ctx.target_mean, target_std=ctx.target_std,
+                     **hyperparameters(config, leave_out=("shots", "n_time_bins")))
+        posts = ctx.posts(["postdate", "concept", "uid", "title", "alltags"])
+        train = posts.iloc[ctx.train_idx].reset_index(drop=True).assign(
+            subcategory_id=np.asarray(ctx.subcategory_id)[ctx.train_idx])
+        chosen = select_prototype_posts(train, shots=config.shots, n_time_bins=config.n_time_bins, seed=ctx.seed)
+        chosen = {c: ctx.train_idx[rows] for c, rows in chosen.items()}
+        text_ok = ((posts.title.str.len() + posts.alltags.str.len()) > 0).to_numpy()
+        visual, textual, filled = prototype_means(
+            chosen, np.asarray(ctx.cache["image_emb"]), np.asarray(ctx.cache["text_emb"]), text_ok,
+            np.asarray(ctx.cache["has_image"]), module.n_classes, module.class_name_features().cpu().numpy())
+        if not filled.all():
+            log.info("prompt_prototype: %d classes without training posts use class-name prototypes",
+                     int((~filled).sum()))
+        module.set_prototypes(torch.from_numpy(visual), torch.from_numpy(textual))
+        return module
+
+
+def _outputs(config: PromptPrototypeConfig) -> tuple[str, ...]:
+    """``predict_step``'s outputs: class, per-post class loss, the F blocks and, with the head on, the prediction."""
+    return ("class_pred", "class_loss", *F_BLOCKS, *(("prediction",) if config.regression_weight > 0 else ()))
+
+
+register_module(ModuleSpec(
+    name="prompt_prototype", module=PromptPrototypeModule, config=PromptPrototypeConfig,
+    build=PromptPrototypeModule.build, monitor="val/loss", mode="min", outputs=_outputs, f_blocks=F_FAMILIES,
+    # without the popularity head its only outputs (F, class loss) come from the F model
+    fold_models=lambda config: config.regression_weight > 0,
+    f_model={"regression_weight": 0.0},
+))

@@ -8,12 +8,22 @@ tower train with the head (0 = frozen).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from popstack.datamodules.typed import setting
 from popstack.lightning_modules.backbone import float32
 from popstack.lightning_modules.base import PostModule
 from popstack.lightning_modules.losses import huber_loss
+from popstack.lightning_modules.registry import (
+    BuildContext,
+    ModuleConfig,
+    ModuleSpec,
+    hyperparameters,
+    register_module,
+)
 
 
 class CoAttention(nn.Module):
@@ -103,6 +113,26 @@ class RegressorModule(PostModule):
         return {"post_id": list(batch["post_id"]), "prediction": self(batch).float()}
 
 
+@dataclass
+class CoAttentionConfig(ModuleConfig):
+    """``model.co_attention``: HyperFusion's co-attention MLP (§3.4; huber_delta: eq. 7). use_tabular: fuse the
+    standardised tabular vector; attn_dim, heads: the co-attention layers; hidden: MLP widths; dropout."""
+
+    use_tabular: bool = setting(True)
+    attn_dim: int = setting(128, lo=1)
+    heads: int = setting(4, lo=1)
+    hidden: list[int] = setting([256, 64])
+    dropout: float = setting(0.1, lo=0, hi=1)
+
+
+@dataclass
+class HierarchicalConfig(ModuleConfig):
+    """``model.hierarchical``: HyperFusion's CLIP hierarchical predictor (§3.4). hidden: the FC widths; dropout."""
+
+    hidden: list[int] = setting([512, 128, 32])
+    dropout: float = setting(0.1, lo=0, hi=1)
+
+
 class CoAttentionMLPModule(RegressorModule):
     """Co-attention over CLIP image/text features, fused with the tabular vector, then an MLP (Huber loss).
 
@@ -118,10 +148,9 @@ class CoAttentionMLPModule(RegressorModule):
 
     cache_fields = ("image_emb", "text_emb", "text_tokens", "text_mask", "image_tokens")
 
-    def __init__(self, embed_dim: int, tabular_dim: int = 0, attn_dim: int = 128, heads: int = 4,
-                 hidden: tuple[int, ...] = (256, 64), dropout: float = 0.1,
-                 huber_delta: float = 1.0, lr: float = 1e-3, weight_decay: float = 1e-4, scheduler: str = "cosine",
-                 token_len: int = 32, image_token_grid: int = 7, target_mean: float = 0.0, target_std: float = 1.0,
+    def __init__(self, *, embed_dim: int, tabular_dim: int, attn_dim: int, heads: int, hidden: tuple[int, ...],
+                 dropout: float, huber_delta: float, lr: float, weight_decay: float, scheduler: str,
+                 token_len: int, image_token_grid: int, target_mean: float = 0.0, target_std: float = 1.0,
                  backbone_name: str | None = None, backbone_pretrained: str | None = None,
                  trainable_last_blocks: int = 0):
         super().__init__()
@@ -131,6 +160,12 @@ class CoAttentionMLPModule(RegressorModule):
         self.tabular = nn.Sequential(nn.Linear(tabular_dim, attn_dim), nn.ReLU()) if tabular_dim else None
         fused = 4 * attn_dim + (attn_dim if tabular_dim else 0)
         self.head = mlp([fused, *hidden], dropout, batch_norm=False)
+
+    @classmethod
+    def build(cls, config: CoAttentionConfig, ctx: BuildContext) -> "CoAttentionMLPModule":
+        return cls(embed_dim=ctx.embed_dim, tabular_dim=ctx.tabular_dim, image_token_grid=ctx.image_token_grid,
+                   token_len=ctx.token_len, target_mean=ctx.target_mean, target_std=ctx.target_std,
+                   **ctx.raw_batch_args(), **hyperparameters(config, leave_out=("use_tabular",)))
 
     def features(self, b: dict) -> torch.Tensor:
         if "image_tokens" not in b:
@@ -150,15 +185,31 @@ class CLIPHierarchicalPredictor(RegressorModule):
     cache_fields = ("image_emb", "text_emb")  # the embedding-cache arrays it reads (not the per-token features)
     #: needs_images stays "": without images its image half is zeros and the text half still learns
 
-    def __init__(self, embed_dim: int, hidden: tuple[int, ...] = (512, 128, 32), dropout: float = 0.1,
-                 huber_delta: float = 1.0, lr: float = 1e-3, weight_decay: float = 1e-4, scheduler: str = "cosine",
-                 token_len: int = 32, target_mean: float = 0.0, target_std: float = 1.0,
-                 backbone_name: str | None = None, backbone_pretrained: str | None = None,
+    def __init__(self, *, embed_dim: int, hidden: tuple[int, ...], dropout: float, huber_delta: float, lr: float,
+                 weight_decay: float, scheduler: str, token_len: int, target_mean: float = 0.0,
+                 target_std: float = 1.0, backbone_name: str | None = None, backbone_pretrained: str | None = None,
                  trainable_last_blocks: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self._init_inputs(backbone_name, backbone_pretrained, trainable_last_blocks)
         self.head = mlp([2 * embed_dim, *hidden], dropout, batch_norm=True)
 
+    @classmethod
+    def build(cls, config: HierarchicalConfig, ctx: BuildContext) -> "CLIPHierarchicalPredictor":
+        return cls(embed_dim=ctx.embed_dim, token_len=ctx.token_len, target_mean=ctx.target_mean,
+                   target_std=ctx.target_std, **ctx.raw_batch_args(), **hyperparameters(config))
+
     def features(self, b: dict) -> torch.Tensor:
         return torch.cat([b["image_emb"].float(), b["text_emb"].float()], dim=-1)
+
+
+register_module(ModuleSpec(
+    name="co_attention", module=CoAttentionMLPModule, config=CoAttentionConfig, build=CoAttentionMLPModule.build,
+    monitor="val/mae", mode="min", cache_fields=CoAttentionMLPModule.cache_fields,
+    reads_tabular=lambda config: config.use_tabular, patch_tokens=True,
+))
+register_module(ModuleSpec(
+    name="hierarchical", module=CLIPHierarchicalPredictor, config=HierarchicalConfig,
+    build=CLIPHierarchicalPredictor.build, monitor="val/mae", mode="min",
+    cache_fields=CLIPHierarchicalPredictor.cache_fields,
+))

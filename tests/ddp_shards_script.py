@@ -36,8 +36,11 @@ class CountBatches(L.Callback):
 def main(work: Path) -> None:
     classes = json.loads((work / "vocab.json").read_text())["subcategory"]
     torch.manual_seed(0)
-    module = PromptPrototypeModule(classes, backbone_name=TINY_MODEL, n_ctx=2, proj_dim=16, heads=2, token_len=16,
-                                   regression_hidden=8, trainable_last_blocks=1)
+    module = PromptPrototypeModule(
+        classes, backbone_name=TINY_MODEL, backbone_pretrained=None, trainable_last_blocks=1, n_ctx=2,
+        ctx_init_std=0.02, tau=0.25, tau_s=0.02, learn_tau=False, proj_dim=16, heads=2, tau_v=0.07, tau_t=0.07,
+        regression_weight=1.0, huber_delta=1.0, regression_hidden=8, lr=1e-4, weight_decay=1e-5, scheduler="cosine",
+        prompt_lr=None, token_len=16)
     module.set_prototypes(torch.randn(len(classes), 64), torch.randn(len(classes), 64))
     before = {k: v.clone() for k, v in module.clip.state_dict().items()}
     dm = PopularityDataModule(str(work / "shards"), str(work / "folds.parquet"), batch_size=8, num_workers=1,

@@ -72,3 +72,21 @@ def slurm_task(procid: int, localid: int | None = None, node: int = 0, ntasks: i
     """The environment ``srun`` gives task ``procid`` of a ``ntasks``-task job."""
     return {**SLURM_2_TASKS, "SLURM_NTASKS": str(ntasks), "SLURM_NODEID": str(node), "SLURM_PROCID": str(procid),
             "SLURM_LOCALID": str(procid if localid is None else localid)}
+
+
+def module_args(name: str, **values) -> dict:
+    """Constructor arguments of the registered neural module ``name``: its config's defaults (the dataclass of its
+    spec) with ``values`` (config keys or other constructor arguments: embed_dim, backbone_name, ...), limited to
+    what the constructor takes; ``token_len`` 32 unless given."""
+    import dataclasses
+    import inspect
+
+    from popstack.lightning_modules.registry import module_spec
+
+    spec = module_spec(name)
+    keys = {f.name for f in dataclasses.fields(spec.config)}
+    config = spec.config_of(**{k: v for k, v in values.items() if k in keys})
+    params = inspect.signature(spec.module.__init__).parameters
+    args = {"token_len": 32, **{k: getattr(config, k) for k in keys if k in params},
+            **{k: v for k, v in values.items() if k not in keys}}
+    return {k: v for k, v in args.items() if k in params}

@@ -17,7 +17,7 @@ from popstack.datamodules.smpd import read_smpd
 from popstack.datamodules.synthetic import generate
 from popstack.lightning_modules.backbone import TINY_MODEL, register_local_configs
 from popstack.lightning_modules.regressors import CLIPHierarchicalPredictor
-from tests.helpers import quiet_trainer
+from tests.helpers import module_args, quiet_trainer
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,8 @@ def test_shard_path_cosine_schedule_spans_every_step_of_training(shard_run):
     dm = PopularityDataModule(str(shard_run / "shards"), str(shard_run / "folds.parquet"), batch_size=4,
                               image_size=64, model_name=TINY_MODEL, fold=0, seed=0)
     torch.manual_seed(0)
-    module = CLIPHierarchicalPredictor(embed_dim=64, hidden=(16,), lr=lr, backbone_name=TINY_MODEL, token_len=8)
+    module = CLIPHierarchicalPredictor(**module_args("hierarchical", embed_dim=64, hidden=[16], lr=lr,
+                                                        backbone_name=TINY_MODEL, token_len=8))
     record = RecordLR()
     trainer = quiet_trainer(max_epochs=epochs, callbacks=[record.callback()], limit_val_batches=0)
     trainer.fit(module, dm)
@@ -83,7 +84,7 @@ def test_cosine_schedule_refuses_a_loader_without_length():
             while True:
                 yield {"image_emb": torch.randn(4, 8), "text_emb": torch.randn(4, 8), "label": torch.randn(4)}
 
-    module = CLIPHierarchicalPredictor(embed_dim=8, hidden=(4,))
+    module = CLIPHierarchicalPredictor(**module_args("hierarchical", embed_dim=8, hidden=[4]))
     trainer = quiet_trainer(max_epochs=1, limit_val_batches=0)
     with pytest.raises(ValueError, match="cosine schedule needs the number of training steps"):
         trainer.fit(module, DataLoader(Endless(), batch_size=None))
@@ -106,10 +107,12 @@ def test_bf16_predictions_keep_their_resolution(kind):
 
     torch.manual_seed(0)
     if kind == "hierarchical":
-        module = CLIPHierarchicalPredictor(embed_dim=16, hidden=(32, 8), target_mean=6.41, target_std=2.48)
+        module = CLIPHierarchicalPredictor(**module_args("hierarchical", embed_dim=16, hidden=[32, 8],
+                                                            target_mean=6.41, target_std=2.48))
     else:
-        module = CoAttentionMLPModule(embed_dim=16, attn_dim=16, heads=2, hidden=(16,), target_mean=6.41,
-                                      target_std=2.48)
+        module = CoAttentionMLPModule(**module_args("co_attention", embed_dim=16, tabular_dim=0, attn_dim=16, heads=2,
+                                                       hidden=[16], image_token_grid=7, target_mean=6.41,
+                                                       target_std=2.48))
     module.eval()
     batch = cached_batch(1000)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

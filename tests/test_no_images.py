@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from popstack.datamodules.synthetic import make_posts, write_smpd
-from tests.helpers import compose_fast
+from tests.helpers import compose_fast, module_args
 
 IMAGE_ONLY_BLOCKS = ("f_i_", "x_tilde_", "v_tilde_", "t_tilde_")
 
@@ -40,7 +40,8 @@ def test_a_module_on_raw_batches_follows_the_run_and_skips_the_image_tower():
     """Modules trained over the shards (trainable CLIP blocks) encode raw batches the way the cache was encoded."""
     from popstack.lightning_modules.regressors import CLIPHierarchicalPredictor
 
-    module = CLIPHierarchicalPredictor(embed_dim=32, hidden=(8,), backbone_name="popstack-tiny-clip")
+    module = CLIPHierarchicalPredictor(**module_args("hierarchical", embed_dim=32, hidden=[8],
+                                                        backbone_name="popstack-tiny-clip"))
     size, context = module.clip.visual.image_size, module.tokenizer("a").shape[1]
     batch = {"image": torch.zeros(2, 3, *((size,) * 2 if isinstance(size, int) else size), dtype=torch.uint8),
              "text_ids": torch.ones(2, context, dtype=torch.long)}
@@ -56,11 +57,13 @@ def test_a_module_on_raw_batches_follows_the_run_and_skips_the_image_tower():
 
 
 def test_image_only_modules_are_declared_on_their_classes(tmp_path):
-    from popstack.pipeline.neural import MODULES, enabled_modules, image_f_blocks, image_skipped, image_token_grid
+    from popstack.lightning_modules.registry import module_specs
+    from popstack.pipeline.neural import enabled_modules, image_f_blocks, image_skipped, image_token_grid
 
     cfg = compose_fast(tmp_path)
     every = enabled_modules(cfg)
-    assert set(every) == set(MODULES)  # the default enables all three
+    assert set(every) == {n for n, s in module_specs().items() if s.config().enabled}  # the default enables these
+    assert {"prompt_prototype", "co_attention", "hierarchical"} <= set(every)
     skipped = image_skipped(cfg)
     assert list(skipped) == ["co_attention"] and "patch tokens" in skipped["co_attention"]
     assert enabled_modules(cfg, images=False) == [n for n in every if n != "co_attention"]

@@ -13,7 +13,7 @@ from popstack.lightning_modules.backbone import TINY_MODEL, encode_posts, load_b
 from popstack.lightning_modules.prompt_learner import local_similarity
 from popstack.lightning_modules.prompt_prototype_module import PromptPrototypeModule
 from popstack.lightning_modules.prototypes import select_prototype_posts
-from tests.helpers import quiet_trainer
+from tests.helpers import module_args, quiet_trainer
 
 CLASSES = ["Cats", "Dogs", "Guys,Fashion"]
 K, D, L_TOK = 3, 64, 8
@@ -50,8 +50,10 @@ def cached_batch(n=16, seed=0, separable=False):
 
 def make_module(**kw):
     torch.manual_seed(0)
-    m = PromptPrototypeModule(CLASSES, backbone_name=TINY_MODEL, n_ctx=4, proj_dim=32, heads=2, token_len=L_TOK,
-                              regression_hidden=16, lr=1e-2, scheduler="constant", **kw)
+    args = {"backbone_name": TINY_MODEL, "backbone_pretrained": None, "trainable_last_blocks": 0, "n_ctx": 4,
+            "proj_dim": 32, "heads": 2, "token_len": L_TOK, "regression_hidden": 16, "lr": 1e-2,
+            "scheduler": "constant", "learn_tau": False, **kw}
+    m = PromptPrototypeModule(CLASSES, **module_args("prompt_prototype", **args))
     m.set_prototypes(torch.randn(K, D), torch.randn(K, D))
     return m
 
@@ -163,8 +165,9 @@ def test_pretrained_file_route_and_raw_equals_cached(tmp_path):
         b = encode_posts(again.model.eval(), images, ids, L_TOK)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    m = PromptPrototypeModule(CLASSES, backbone_name=TINY_MODEL, backbone_pretrained=str(path), n_ctx=2,
-                              proj_dim=16, heads=2, token_len=L_TOK).eval()
+    m = PromptPrototypeModule(CLASSES, **module_args(
+        "prompt_prototype", backbone_name=TINY_MODEL, backbone_pretrained=str(path), trainable_last_blocks=0,
+        n_ctx=2, proj_dim=16, heads=2, token_len=L_TOK, learn_tau=False)).eval()
     m.set_prototypes(torch.randn(K, D), torch.randn(K, D))
     raw = {"post_id": ["1", "2"], "image": images, "text_ids": ids, "has_image": torch.ones(2, dtype=torch.bool),
            "subcategory_id": torch.tensor([0, 1]), "category_id": torch.tensor([0, 0]),

@@ -19,7 +19,7 @@ from popstack.lightning_modules.embed import allocate_cache, encode_into, finish
 from popstack.lightning_modules.extract import KeyedPredictionWriter, merge_rank_outputs, oof_and_test
 from popstack.lightning_modules.losses import huber_loss
 from popstack.lightning_modules.regressors import CLIPHierarchicalPredictor, CoAttention, CoAttentionMLPModule
-from tests.helpers import quiet_trainer
+from tests.helpers import module_args, quiet_trainer
 
 D, L_TOK = 16, 6
 
@@ -229,12 +229,13 @@ def fit(module, dm, tmp_path, epochs=2):
     return path
 
 
-@pytest.mark.parametrize("cls, kw", [(CoAttentionMLPModule, {"tabular_dim": 2, "attn_dim": 8, "hidden": (8,)}),
-                                     (CLIPHierarchicalPredictor, {"hidden": (8, 4)})])
-def test_regressor_checkpoint_reproduces_predictions(run_dir, tmp_path, cls, kw):
+@pytest.mark.parametrize("name, cls, kw", [
+    ("co_attention", CoAttentionMLPModule, {"tabular_dim": 2, "attn_dim": 8, "hidden": [8], "image_token_grid": 7}),
+    ("hierarchical", CLIPHierarchicalPredictor, {"hidden": [8, 4]})])
+def test_regressor_checkpoint_reproduces_predictions(run_dir, tmp_path, name, cls, kw):
     torch.manual_seed(0)
     dm = datamodule(run_dir, 0, tabular=cls is CoAttentionMLPModule, fields=getattr(cls, "cache_fields", None))
-    module = cls(embed_dim=64, target_mean=7.0, target_std=2.0, **kw)
+    module = cls(**module_args(name, embed_dim=64, target_mean=7.0, target_std=2.0, **kw))
     path = fit(module, dm, tmp_path)
     back = cls.load_from_checkpoint(path, weights_only=True).eval()
     module.eval()
@@ -245,7 +246,7 @@ def test_regressor_checkpoint_reproduces_predictions(run_dir, tmp_path, cls, kw)
 
 def test_writer_one_row_per_post(run_dir, tmp_path):
     dm = datamodule(run_dir, None)
-    module = CLIPHierarchicalPredictor(embed_dim=64, hidden=(8,)).eval()
+    module = CLIPHierarchicalPredictor(**module_args("hierarchical", embed_dim=64, hidden=[8])).eval()
     writer = KeyedPredictionWriter(tmp_path / "pred")
     quiet_trainer(callbacks=[writer]).predict(module, dm.predict_dataloader(), return_predictions=False)
     cache = load_embedding_cache(run_dir / "emb")
@@ -258,7 +259,7 @@ def test_writer_one_row_per_post(run_dir, tmp_path):
 @pytest.mark.slow
 def test_ddp_extraction_two_processes(run_dir, tmp_path):
     dm = datamodule(run_dir, None)
-    module = CLIPHierarchicalPredictor(embed_dim=64, hidden=(8,)).eval()
+    module = CLIPHierarchicalPredictor(**module_args("hierarchical", embed_dim=64, hidden=[8])).eval()
     writer = KeyedPredictionWriter(tmp_path / "pred")
     trainer = quiet_trainer(devices=2, strategy="ddp_spawn", callbacks=[writer])
     trainer.predict(module, dm.predict_dataloader(), return_predictions=False)

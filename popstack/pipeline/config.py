@@ -26,10 +26,11 @@ def group_schemas() -> dict[str, type]:
     from popstack.datamodules.config import DataConfig
     from popstack.features.config import FeatureConfig
     from popstack.lightning_modules.backbone_config import BackboneConfig
+    from popstack.lightning_modules.registry import model_config_class
     from popstack.pipeline.settings import LoggerConfig, PathsConfig
 
-    return {"data": DataConfig, "features": FeatureConfig, "backbone": BackboneConfig, "logger": LoggerConfig,
-            "paths": PathsConfig}
+    return {"data": DataConfig, "features": FeatureConfig, "backbone": BackboneConfig, "model": model_config_class(),
+            "logger": LoggerConfig, "paths": PathsConfig}
 
 
 def register_schemas() -> None:

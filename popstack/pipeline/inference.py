@@ -136,7 +136,14 @@ def predictor_files(run_dir: str | Path, cfg: DictConfig) -> list[Path]:
     (``pipeline.run_check``). Raises ``UserError`` when one is missing."""
     from popstack.features.build import images_readable
     from popstack.features.state import FeatureState
-    from popstack.pipeline.neural import checkpoints, enabled_modules, f_checkpoint, f_model_dir, has_fold_models
+    from popstack.pipeline.neural import (
+        checkpoints,
+        enabled_modules,
+        f_checkpoint,
+        f_model_dir,
+        has_f_model,
+        has_fold_models,
+    )
     from popstack.pipeline.run_check import inference_files
     from popstack.pipeline.training import DONE
 
@@ -145,7 +152,7 @@ def predictor_files(run_dir: str | Path, cfg: DictConfig) -> list[Path]:
     files = [run.config, run.vocab, run.feature_state, run.tabular_scaler, run.extract_state, run.backbone,
              run.stack_model]
     for name in enabled_modules(cfg, images):  # the modules the run trained
-        if name == "prompt_prototype":  # its one F model (eq. 11's blocks)
+        if has_f_model(name):  # its one F model (eq. 11's blocks)
             files += [f_model_dir(run, name) / DONE, f_checkpoint(run, name)]
         if has_fold_models(cfg, name):
             for fold, best in checkpoints(cfg, run, name).items():

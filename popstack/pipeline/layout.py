@@ -3,7 +3,7 @@
     layout = RunLayout(run_dir)
     layout.posts                    # Path: <run>/posts.parquet
     RunLayout.posts                 # "posts.parquet": the same entry relative to the run (manifests record these)
-    layout.fold_dir("co_attention", 0)   # <run>/neural/co_attention/fold0
+    layout.fold_dir(name, 0)        # <run>/neural/<name>/fold0 (name: a registered neural module)
 
 Every module that reads or writes a run directory goes through this class; no other module spells a run file's
 name. ``predict.py`` lays new posts out in a work directory of the same shape (posts, folds, vocab, shards,

@@ -2,11 +2,11 @@
 and of ``predict.py``: the embedding cache, data modules, module construction, checkpoints, fold predictions and
 the F vector.
 
-Models (``cfg.model.modules``): ``prompt_prototype`` (CMPA-DGPL), ``co_attention`` (HyperFusion co-attention MLP),
-``hierarchical`` (CLIP hierarchical predictor). Each is trained once per fold of the shared fold assignment, so
-its predictions for labelled posts are out-of-fold and line up with the stack's folds; the prompt/prototype module
-also trains one classification-only F model on every post (``f_checkpoint``), the source of every post's F vector
-(and its only model when it has no popularity head).
+Modules: the registered ones (``lightning_modules.registry``; each is a section of ``cfg.model``). This file names
+none: it reads each module's ``ModuleSpec`` (what it reads from the cache, what it monitors, what it emits, how it
+is built). A module with fold models is trained once per fold of the shared fold assignment, so its predictions
+for labelled posts are out-of-fold and line up with the stack's folds; a module with an F model (``spec.f_model``)
+also trains one model on every post with a known class (``f_checkpoint``), the source of every post's F vector.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from popstack.datamodules.atomic import atomic_path, atomic_write_json
-from popstack.datamodules.cached import EMBEDDING_FIELDS, EmbeddingDataModule, load_embedding_cache
+from popstack.datamodules.cached import EmbeddingDataModule, load_embedding_cache
 from popstack.datamodules.cores import loader_workers
 from popstack.datamodules.folds import read_folds
 from popstack.datamodules.popularity import PopularityDataModule
@@ -36,7 +36,7 @@ from popstack.datamodules.shards import (
     shard_urls,
 )
 from popstack.features.crossmodal import crossmodal_features
-from popstack.features.families import NEURAL_TEXT, PROMPT, VISUAL
+from popstack.features.families import NEURAL_TEXT, VISUAL
 from popstack.lightning_modules.backbone import load_backbone, model_image_size, token_grid
 from popstack.lightning_modules.embed import (
     RANK_DONE,
@@ -48,10 +48,7 @@ from popstack.lightning_modules.embed import (
     partial_dir,
 )
 from popstack.lightning_modules.extract import KeyedPredictionWriter, merge_rank_outputs, oof_and_test
-from popstack.lightning_modules.prompt_prototype_module import F_BLOCKS as PROMPT_F_BLOCKS
-from popstack.lightning_modules.prompt_prototype_module import PromptPrototypeModule
-from popstack.lightning_modules.prototypes import prototype_means, select_prototype_posts
-from popstack.lightning_modules.regressors import CLIPHierarchicalPredictor, CoAttentionMLPModule
+from popstack.lightning_modules.registry import INPUTS, BuildContext, module_spec, module_specs
 from popstack.pipeline.distributed import rank_device, topology, wait_for, wait_timeout
 from popstack.pipeline.errors import UserError
 from popstack.pipeline.layout import RunLayout
@@ -59,22 +56,16 @@ from popstack.pipeline.training import DONE, finished_checkpoint, recorded_key_i
 
 log = logging.getLogger("popstack")
 
-MODULES = {
-    "prompt_prototype": PromptPrototypeModule,
-    "co_attention": CoAttentionMLPModule,
-    "hierarchical": CLIPHierarchicalPredictor,
-}
-MONITOR = {"prompt_prototype": ("val/loss", "min"), "co_attention": ("val/mae", "min"),
-           "hierarchical": ("val/mae", "min")}
 #: F-vector blocks (paper eq. 11, named after its symbols) and the family each joins in the stack. f_I, f_T come
-#: from the prompt/prototype F model when it runs (its CLIP, tuned where it is tuned), else from the embedding
-#: cache; the others from the F model (``PromptPrototypeModule.f_blocks``). s is the tabular table.
+#: from a module's F model when one runs (its CLIP, tuned where it is tuned), else from the embedding cache; the
+#: others from the F model (its spec's ``f_blocks``). s is the tabular table.
 CLIP_BLOCKS = {"f_i": "image_emb", "f_t": "text_emb"}  # block -> embedding-cache array
 #: The cache blocks that are the image alone (left out without images, like the modules' ``image_f_blocks``).
 IMAGE_CLIP_BLOCKS = ("f_i",)
-PROMPT_BLOCKS = tuple(b for b in PROMPT_F_BLOCKS if b not in CLIP_BLOCKS)
-F_BLOCKS = {"f_i": VISUAL, "f_t": NEURAL_TEXT, **dict.fromkeys(PROMPT_BLOCKS, PROMPT)}
-#: The one F model of the prompt/prototype module: classification only, trained on every post with a known class.
+F_BLOCKS = {"f_i": VISUAL, "f_t": NEURAL_TEXT,
+            **{b: family for spec in module_specs().values() for b, family in spec.f_blocks.items()
+               if b not in CLIP_BLOCKS}}
+#: A module's one F model (``spec.f_model``): trained on every post with a known class, no label, no fold.
 F_MODEL = "features"
 
 
@@ -164,7 +155,7 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
                           bb.embed_dim, positions, image_positions)
     written = encode_into(bb.model, loader, part, {p: i for i, p in enumerate(post_ids)} if alone else None,
                           token_len=int(cfg.backbone.token_len), device=device, autocast_dtype=amp,
-                          progress=topo.is_zero and bool(cfg.get("progress_bar", True)), image_grid=grid,
+                          progress=topo.is_zero and bool(cfg.progress_bar), image_grid=grid,
                           images=images)
     log.info("embedding cache: rank %d of %d encoded %d posts", topo.rank, topo.world_size, len(written))
     atomic_write_json(tmp / RANK_DONE.format(rank=topo.rank), {"launch": topo.launch_id, "post_ids": written})
@@ -187,15 +178,25 @@ def build_cache(cfg: DictConfig, layout: RunLayout, weights: str | None = None, 
 
 
 def image_token_grid(cfg: DictConfig, images: bool = True) -> int:
-    """The patch-token grid the embedding cache holds: ``backbone.image_token_grid`` when the co-attention MLP runs
-    (it attends over the patch tokens), else 0 (no patch tokens cached; also without images, where it is skipped)."""
-    if "co_attention" not in enabled_modules(cfg, images):
+    """The patch-token grid the embedding cache holds: ``backbone.image_token_grid`` when an enabled module reads
+    CLIP's patch tokens (``spec.patch_tokens``), else 0 (no patch tokens cached; also without images, where such
+    a module is skipped)."""
+    readers = [n for n in enabled_modules(cfg, images) if module_spec(n).patch_tokens]
+    if not readers:
         return 0
     grid = int(cfg.backbone.image_token_grid)
     if grid < 1:
-        raise UserError("model.co_attention attends over CLIP's patch tokens: backbone.image_token_grid must be at "
+        raise UserError(f"model.{readers[0]} attends over CLIP's patch tokens: backbone.image_token_grid must be at "
                         f"least 1 (got {grid})")
     return grid
+
+
+def model_identity(model: dict) -> dict:
+    """The ``model`` section (plain dict) without the sections of disabled modules: what the neural and extract
+    stages' outputs depend on. A module switched off, or a new module registered off, changes no stage hash, so
+    finished runs stay valid when a module file is added."""
+    specs = module_specs()
+    return {k: v for k, v in model.items() if k not in specs or v["enabled"]}
 
 
 def _launch_file(path: Path, launch_id: str) -> dict | None:
@@ -207,9 +208,14 @@ def _launch_file(path: Path, launch_id: str) -> dict | None:
     return payload if payload.get("launch") == launch_id else None
 
 
+def module_config(cfg: DictConfig, name: str, **changes):
+    """Module ``name``'s typed config (its spec's dataclass) from the composed ``model.<name>`` section."""
+    return module_spec(name).config_of(OmegaConf.to_container(cfg.model[name], resolve=True), **changes)
+
+
 def _tabular_path(cfg: DictConfig, layout: RunLayout, name: str) -> str | None:
-    """The standardised tabular matrix for the co-attention module when it uses it, else None."""
-    return str(layout.tabular) if name == "co_attention" and cfg.model[name].use_tabular else None
+    """The standardised tabular matrix when module ``name`` reads it (``spec.reads_tabular``), else None."""
+    return str(layout.tabular) if module_spec(name).reads_tabular(module_config(cfg, name)) else None
 
 
 def cache_datamodule(cfg: DictConfig, layout: RunLayout, name: str, fold: int | None,
@@ -221,19 +227,16 @@ def cache_datamodule(cfg: DictConfig, layout: RunLayout, name: str, fold: int | 
     return EmbeddingDataModule(
         str(layout.embeddings), str(layout.posts), str(layout.folds), str(layout.vocab), fold=fold, all_posts=all_posts,
         batch_size=int(m.batch_size), num_workers=loader_workers_of(cfg),
-        fields=getattr(MODULES[name], "cache_fields", EMBEDDING_FIELDS), tabular_path=_tabular_path(cfg, layout, name),
+        fields=module_spec(name).cache_fields, tabular_path=_tabular_path(cfg, layout, name),
         seed=int(cfg.seed) + (fold or 0),
     )
-
-
-INPUTS = ("embeddings", "images")
 
 
 def uses_shards(cfg: DictConfig, name: str) -> bool:
     """Whether module ``name`` trains (and predicts) on images read from the WebDataset shards rather than on the
     frozen-embedding cache: when CLIP is partly trainable (``backbone.trainable_last_blocks > 0``, the cache would
     hold stale features) or ``model.<name>.input: images`` asks for it. The cache stays the fast default."""
-    kind = str(cfg.model[name].get("input", "embeddings"))
+    kind = str(cfg.model[name].input)
     if kind not in INPUTS:
         raise UserError(f"model.{name}.input must be one of {list(INPUTS)}, got {kind!r}")
     return int(cfg.backbone.trainable_last_blocks) > 0 or kind == "images"
@@ -255,59 +258,31 @@ def shard_datamodule(cfg: DictConfig, layout: RunLayout, name: str, fold: int | 
     )
 
 
-def build_module(cfg: DictConfig, layout: RunLayout, name: str, dm: EmbeddingDataModule, **overrides):
-    """The module ``name`` for one fold, with the fold's label statistics (and prototypes); ``overrides`` replace
-    config values (the F model: ``regression_weight=0``).
+def build_module(cfg: DictConfig, layout: RunLayout, name: str, dm: EmbeddingDataModule, **changes):
+    """The module ``name`` for one fold, built by its spec (``spec.build(config, context)``) from its typed config
+    (``changes`` replace config values: the F model's ``spec.f_model``) and the fold's data facts: label
+    statistics, CLIP width, tabular width, classes, the cache (prototypes come from it).
 
-    Modules trained over shards (``uses_shards``) get their own CLIP copy (the run's weights, the last
-    ``backbone.trainable_last_blocks`` blocks trainable); prototypes and sizes always come from the cache.
+    A module with its own CLIP copy (one trained over shards, ``uses_shards``, or one that always has it) gets
+    the run's weights (the last ``backbone.trainable_last_blocks`` blocks trainable) and encodes raw batches
+    without the image tower when the run has no readable image.
     """
-    m = OmegaConf.to_container(cfg.model[name], resolve=True)
-    hp = {k: v for k, v in m.items() if k not in ("enabled", "batch_size", "epochs", "use_tabular", "shots",
-                                                   "n_time_bins", "input",
-                                                   "early_stopping_patience")}
-    hp.update(overrides)
+    spec = module_spec(name)
     y = dm.meta.label.to_numpy()[dm.train_idx]
     y = y[~np.isnan(y)]  # the F model trains on unlabelled posts too (it reads no label)
-    hp.update(target_mean=float(np.mean(y)) if len(y) else 0.0, target_std=float(np.std(y) or 1.0) if len(y) else 1.0,
-              token_len=int(cfg.backbone.token_len))
     cache = dm.cache
-    if name == "prompt_prototype":
-        vocab = json.loads(layout.vocab.read_text())
-        module = PromptPrototypeModule(class_names=vocab["subcategory"], backbone_name=cfg.backbone.name,
-                                       backbone_pretrained=None,
-                                       trainable_last_blocks=int(cfg.backbone.trainable_last_blocks), **hp)
+    ctx = BuildContext(
+        backbone_name=cfg.backbone.name, trainable_last_blocks=int(cfg.backbone.trainable_last_blocks),
+        token_len=int(cfg.backbone.token_len), image_token_grid=image_token_grid(cfg),
+        raw_batches=uses_shards(cfg, name), embed_dim=int(cache["image_emb"].shape[1]), tabular_dim=dm.tabular_dim,
+        class_names=tuple(json.loads(layout.vocab.read_text())["subcategory"]),
+        target_mean=float(np.mean(y)) if len(y) else 0.0, target_std=float(np.std(y) or 1.0) if len(y) else 1.0,
+        seed=int(cfg.seed), cache=cache, train_idx=dm.train_idx, subcategory_id=dm.meta.subcategory_id.to_numpy(),
+        posts=lambda columns: pd.read_parquet(layout.posts, columns=columns))
+    module = spec.build(module_config(cfg, name, **changes), ctx)
+    if hasattr(module, "clip"):
         _load_run_clip(module, layout)
-        posts = pd.read_parquet(layout.posts, columns=["postdate", "concept", "uid", "title", "alltags"])
-        train = posts.iloc[dm.train_idx].reset_index(drop=True).assign(
-            subcategory_id=dm.meta.subcategory_id.to_numpy()[dm.train_idx])
-        chosen = select_prototype_posts(train, shots=int(m["shots"]), n_time_bins=int(m["n_time_bins"]),
-                                        seed=int(cfg.seed))
-        chosen = {c: dm.train_idx[rows] for c, rows in chosen.items()}
-        text_ok = ((posts.title.str.len() + posts.alltags.str.len()) > 0).to_numpy()
-        visual, textual, filled = prototype_means(
-            chosen, np.asarray(cache["image_emb"]), np.asarray(cache["text_emb"]), text_ok,
-            np.asarray(cache["has_image"]), module.n_classes, module.class_name_features().cpu().numpy())
-        if not filled.all():
-            log.info("prompt_prototype: %d classes without training posts use class-name prototypes",
-                     int((~filled).sum()))
-        module.set_prototypes(torch.from_numpy(visual), torch.from_numpy(textual))
-        module.encode_images = images_readable(layout)  # raw batches (over shards): no image tower without images
-        return module
-    embed_dim = int(cache["image_emb"].shape[1])
-    shards = uses_shards(cfg, name)
-    if shards:
-        hp.update(backbone_name=cfg.backbone.name, backbone_pretrained=None,
-                  trainable_last_blocks=int(cfg.backbone.trainable_last_blocks))
-    if name == "co_attention":
-        module = CoAttentionMLPModule(embed_dim=embed_dim, tabular_dim=dm.tabular_dim,
-                                      image_token_grid=image_token_grid(cfg), **hp)
-    else:
-        module = CLIPHierarchicalPredictor(embed_dim=embed_dim, **hp)
-    if shards:
-        _load_run_clip(module, layout)
-    if shards:  # raw batches: no image tower when the run has no readable image
-        module.encode_images = images_readable(layout)
+        module.encode_images = images_readable(layout)  # raw batches: no image tower without images
     return module
 
 
@@ -320,27 +295,28 @@ def _load_run_clip(module, layout: RunLayout) -> None:
 def enabled_modules(cfg: DictConfig, images: bool = True) -> list[str]:
     """The modules that run: enabled in ``cfg.model``, less, when the dataset has no readable image (``images``
     False), those whose input is essentially the image (their class's ``needs_images``, see ``image_skipped``)."""
-    names = [n for n in MODULES if n in cfg.model and cfg.model[n].enabled]
-    unknown = [n for n in cfg.model if n not in MODULES and n != "extract"]
+    specs = module_specs()
+    names = [n for n in specs if n in cfg.model and cfg.model[n].enabled]
+    unknown = [n for n in cfg.model if n not in specs and n != "extract"]
     if unknown:
-        raise ValueError(f"unknown model section(s) {unknown}; modules are {list(MODULES)}")
-    return names if images else [n for n in names if not MODULES[n].needs_images]
+        raise ValueError(f"unknown model section(s) {unknown}; modules are {list(specs)}")
+    return names if images else [n for n in names if not specs[n].needs_images]
 
 
 def image_skipped(cfg: DictConfig) -> dict[str, str]:
     """{enabled module: why} for the modules a dataset without a readable image skips (``needs_images``)."""
-    return {n: MODULES[n].needs_images for n in enabled_modules(cfg) if MODULES[n].needs_images}
+    return {n: module_spec(n).needs_images for n in enabled_modules(cfg) if module_spec(n).needs_images}
 
 
 def image_f_blocks(cfg: DictConfig) -> set[str]:
     """The F blocks that are the image alone (constant without images): the cache's ``IMAGE_CLIP_BLOCKS`` and the
     enabled modules' ``image_f_blocks``."""
-    return {*IMAGE_CLIP_BLOCKS, *(b for n in enabled_modules(cfg) for b in MODULES[n].image_f_blocks)}
+    return {*IMAGE_CLIP_BLOCKS, *(b for n in enabled_modules(cfg) for b in module_spec(n).image_f_blocks)}
 
 
 def load_module(name: str, checkpoint: str | Path):
     """A trained module from its checkpoint alone (CLIP weights come from the checkpoint itself)."""
-    cls = MODULES[name]
+    cls = module_spec(name).module
     try:
         return cls.load_from_checkpoint(str(checkpoint), map_location="cpu", weights_only=True,
                                         backbone_pretrained=None)
@@ -400,13 +376,29 @@ def fit_pca_blocks(frame: pd.DataFrame, labelled: np.ndarray, dim: int, state: d
 
 
 def has_fold_models(cfg: DictConfig, name: str) -> bool:
-    """Whether module ``name`` is trained per fold: every module but a classification-only prompt/prototype module,
-    whose only outputs (F, class loss) come from its one F model."""
-    return name != "prompt_prototype" or float(cfg.model[name].regression_weight) > 0
+    """Whether module ``name`` is trained per fold (``spec.fold_models`` of its config; e.g. not a module whose
+    only outputs come from its F model)."""
+    return bool(module_spec(name).fold_models(module_config(cfg, name)))
+
+
+def has_f_model(name: str) -> bool:
+    """Whether module ``name`` trains one F model on every post (``spec.f_model``): the source of the F vector."""
+    return module_spec(name).f_model is not None
+
+
+def f_model_changes(name: str) -> dict:
+    """The config changes of module ``name``'s F model (e.g. no popularity head)."""
+    return dict(module_spec(name).f_model or {})
+
+
+def monitor_of(name: str) -> tuple[str, str]:
+    """(metric, mode) the fold models of module ``name`` keep their best checkpoint on."""
+    spec = module_spec(name)
+    return spec.monitor, spec.mode
 
 
 def f_model_dir(layout: RunLayout, name: str) -> Path:
-    """``neural/<module>/features``: the prompt/prototype module's one F model (``pipeline.training`` files)."""
+    """``neural/<module>/features``: a module's one F model (``pipeline.training`` files)."""
     return layout.module_dir(name) / F_MODEL
 
 
@@ -463,7 +455,7 @@ def neural_outputs(cfg: DictConfig, data: RunLayout, run: RunLayout, state: dict
     for name in enabled_modules(cfg, images):
         shards = uses_shards(cfg, name)
         dm = shard_datamodule(cfg, data, name, None) if shards else cache_datamodule(cfg, data, name, None)
-        if name == "prompt_prototype":
+        if has_f_model(name):
             f_out = predict_frames(cfg, dm, data.predict_dir(name), {F_MODEL: f_checkpoint(run, name)}, name,
                                    post_ids, images)[F_MODEL]
             cols = [c for c in f_out.columns if c.rsplit("_", 1)[0] in F_BLOCKS and c.rsplit("_", 1)[0] not in dropped]

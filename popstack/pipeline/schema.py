@@ -28,6 +28,7 @@ from popstack.datamodules.folds import STRATEGIES as FOLD_STRATEGIES
 from popstack.datamodules.typed import RULE
 from popstack.features.config import FeatureConfig
 from popstack.lightning_modules.backbone_config import BackboneConfig
+from popstack.lightning_modules.registry import model_config_class
 from popstack.pipeline.errors import UserError
 from popstack.pipeline.settings import LoggerConfig, PathsConfig
 from popstack.pipeline.stages import STAGE_NAMES
@@ -168,27 +169,6 @@ class Named:
 # Allowed names come from the code that uses them (one list each).
 TABULAR_MEMBERS = tuple(TABULAR_MEMBER_CLASSES)
 
-#: Keys every neural module has (training loop, optimiser, early stopping).
-MODULE_COMMON = {
-    "enabled": Bool(), "epochs": Int(lo=1), "batch_size": Int(lo=1), "lr": Num(lo=0, lo_open=True),
-    "weight_decay": Num(lo=0), "scheduler": OneOf("cosine", "constant"), "huber_delta": Num(lo=0, lo_open=True),
-    "early_stopping_patience": Int(lo=1, null=True), "input": OneOf("embeddings", "images"),
-}
-PROMPT_PROTOTYPE = {
-    **MODULE_COMMON, "n_ctx": Int(lo=1), "ctx_init_std": Num(lo=0), "tau": Num(lo=0, lo_open=True),
-    "tau_s": Num(lo=0, lo_open=True), "learn_tau": Bool(), "shots": Int(lo=1), "n_time_bins": Int(lo=1),
-    "proj_dim": Int(lo=1), "heads": Int(lo=1), "tau_v": Num(lo=0, lo_open=True), "tau_t": Num(lo=0, lo_open=True),
-    "regression_weight": Num(lo=0), "regression_hidden": Int(lo=1), "prompt_lr": Num(lo=0, lo_open=True, null=True),
-}
-CO_ATTENTION = {
-    **MODULE_COMMON, "use_tabular": Bool(), "attn_dim": Int(lo=1), "heads": Int(lo=1),
-    "hidden": ListOf(Int(lo=1)), "dropout": Num(lo=0, hi=1),
-}
-HIERARCHICAL = {**MODULE_COMMON, "hidden": ListOf(Int(lo=1)), "dropout": Num(lo=0, hi=1)}
-MODEL = {
-    "prompt_prototype": PROMPT_PROTOTYPE, "co_attention": CO_ATTENTION, "hierarchical": HIERARCHICAL,
-    "extract": {"pca_dim": Int(lo=0)},
-}
 MEMBER = Open({"enabled": Bool()})
 AUTO_OR_COUNT = Spec("any", check=lambda v: None if v == "auto" or (
     isinstance(v, int) and not isinstance(v, bool) and v >= 1) else "auto or an integer >= 1")
@@ -259,8 +239,8 @@ SCHEMA = {
     "name": Str(), "seed": Int(), "progress_bar": Bool(), "stages": ListOf(OneOf(*STAGE_NAMES)), "n_folds": Int(lo=2),
     "run_dir": Str(), "rank_wait_s": Num(lo=0, lo_open=True),
     "folds": {"strategy": OneOf(*FOLD_STRATEGIES), "holdout_fraction": Num(lo=0, hi=0.5)}, "paths": Typed(PathsConfig),
-    "data": Typed(DataConfig), "backbone": Typed(BackboneConfig), "features": Typed(FeatureConfig), "model": MODEL,
-    "trainer": Spec("any"), "logger": Typed(LoggerConfig), "stacking": STACKING,
+    "data": Typed(DataConfig), "backbone": Typed(BackboneConfig), "features": Typed(FeatureConfig),
+    "model": Typed(model_config_class()), "trainer": Spec("any"), "logger": Typed(LoggerConfig), "stacking": STACKING,
     "callbacks": Spec("any", check=lambda v: _callbacks_error(v)),
     "checks": {"label_abs_max": Num(lo=0, lo_open=True), "min_fit_posts": Int(lo=2),
                "disk_headroom": Num(lo=1)},

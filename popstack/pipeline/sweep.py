@@ -1,6 +1,6 @@
 """Hydra-style multirun for ``train.py -m``: expand sweep overrides, one run directory per job, a comparison table.
 
-    python train.py -m model.co_attention.lr=1e-3,3e-4 seed=1,2     # 4 jobs, cartesian product
+    python train.py -m features.tfidf_dim=10,20 seed=1,2     # 4 jobs, cartesian product
 
 Sweeps run under Hydra (``@hydra.main`` in ``train.py``): its sweep syntax (``a,b``, ``range(1,4)``,
 ``choice(...)``, ``glob(...)``), its launchers (the basic one runs jobs one after another in this process; the

@@ -15,7 +15,7 @@ from popstack.features.families import NEURAL_PRED
 from popstack.pipeline.distributed import topology
 from popstack.pipeline.layout import RunLayout
 from popstack.pipeline.manifest import StageResult
-from popstack.pipeline.neural import images_readable, neural_outputs, save_extract_state
+from popstack.pipeline.neural import images_readable, model_identity, neural_outputs, save_extract_state
 from popstack.pipeline.stages.base import StageContext, no_outside_inputs
 
 log = logging.getLogger("popstack")
@@ -24,7 +24,7 @@ outside_inputs = no_outside_inputs
 
 
 def config(c: dict) -> dict:
-    return {"model": c["model"]}
+    return {"model": model_identity(c["model"])}
 
 
 def run(ctx: StageContext) -> StageResult:

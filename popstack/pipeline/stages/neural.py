@@ -1,9 +1,10 @@
 """Stage 3, neural: the embedding cache, then every enabled module trained on every fold (``pipeline.neural``).
 
 Each module is trained once per fold of the shared fold assignment, so its predictions for labelled posts are
-out-of-fold and line up with the stack's folds (the extract stage makes them). The prompt/prototype module also
-trains its one F model (classification only, every post with a known class: no popularity label, no fold), which
-gives every post's F vector; without a popularity head (``regression_weight`` 0) that is all it trains.
+out-of-fold and line up with the stack's folds (the extract stage makes them). A module with an F model
+(``spec.f_model``, the prompt/prototype module) also trains that one model (every post with a known class: no
+popularity label, no fold), which gives every post's F vector; without fold models (``spec.fold_models``) that is
+all it trains.
 """
 
 from __future__ import annotations
@@ -25,16 +26,19 @@ from popstack.pipeline.distributed import (
 from popstack.pipeline.layout import RunLayout
 from popstack.pipeline.manifest import StageResult, file_digest
 from popstack.pipeline.neural import (
-    MONITOR,
     build_cache,
     build_module,
     cache_datamodule,
     enabled_modules,
+    f_model_changes,
     f_model_dir,
+    has_f_model,
     has_fold_models,
     image_skipped,
     image_token_grid,
     images_readable,
+    model_identity,
+    monitor_of,
     shard_datamodule,
     trainer_cfg,
     uses_shards,
@@ -55,9 +59,10 @@ log = logging.getLogger("popstack")
 
 
 def config(c: dict) -> dict:
-    """What the stage's outputs depend on; ``world_size`` (devices x nodes, ``planned_world_size``) too, since
-    ``model.<name>.batch_size`` is the global batch split across the devices: another world size retrains."""
-    return {"backbone": c["backbone"], "model": c["model"], "data": data_config(c),
+    """What the stage's outputs depend on (of ``model``, the enabled modules' sections: ``model_identity``);
+    ``world_size`` (devices x nodes, ``planned_world_size``) too, since ``model.<name>.batch_size`` is the global
+    batch split across the devices: another world size retrains."""
+    return {"backbone": c["backbone"], "model": model_identity(c["model"]), "data": data_config(c),
             "trainer": result_trainer_args(c["trainer"]), "world_size": planned_world_size(c["trainer"]),
             **common_config(c),
             **({"callbacks": c["callbacks"]} if c.get("callbacks") else {})}  # absent when none: old runs stay valid
@@ -93,9 +98,9 @@ def run(ctx: StageContext) -> StageResult:
     metrics = {}
     outputs = [RunLayout.embeddings]
     for name in enabled_modules(cfg, images):
-        monitor, _ = MONITOR[name]
+        monitor, _ = monitor_of(name)
         model_key = module_key(cfg, bb, name)
-        if name == "prompt_prototype":
+        if has_f_model(name):
             # the F model reads no label and no fold: the fold assignment is not part of its key
             key = {"data": {k: v for k, v in inputs.items() if k != RunLayout.folds}, "seed": int(cfg.seed),
                    "f_model": True, **model_key}
@@ -112,7 +117,8 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def train_f_model(cfg: DictConfig, layout: RunLayout, name: str, key: dict) -> None:
-    """Fit module ``name``'s one F model (``regression_weight`` 0, every post with a known class, no validation:
+    """Fit module ``name``'s one F model (its spec's ``f_model`` changes, e.g. no popularity head; every post
+    with a known class, no validation:
     the last epoch's weights, as CMPA-DGPL §4.1.3 saves the model after training) unless a finished fit made with
     ``key`` is there. Over the shards (``uses_shards``) it trains on the labelled posts of every fold."""
     out = f_model_dir(layout, name)
@@ -122,11 +128,11 @@ def train_f_model(cfg: DictConfig, layout: RunLayout, name: str, key: dict) -> N
     log.info("neural: training the %s F model (classification only, every post with a known class)", name)
     torch.manual_seed(int(cfg.seed))
     dm = cache_datamodule(cfg, layout, name, None, all_posts=True)
-    module = build_module(cfg, layout, name, dm, regression_weight=0.0)
+    module = build_module(cfg, layout, name, dm, **f_model_changes(name))
     data = shard_datamodule(cfg, layout, name, None) if uses_shards(cfg, name) else dm
     fit_resumable(module, data, out, key=key if topo.is_zero else None, trainer_cfg=trainer_cfg(cfg),
                   max_epochs=int(cfg.model[name].epochs), monitor=None, mode="min", seed=int(cfg.seed),
-                  wandb_prefix=f"{name}/features", progress_bar=bool(cfg.get("progress_bar", True)))
+                  wandb_prefix=f"{name}/features", progress_bar=bool(cfg.progress_bar))
 
 
 def _finished_with_key(cfg: DictConfig, out: Path, key: dict, topo: Topology) -> bool:
@@ -171,10 +177,10 @@ def train_fold(cfg: DictConfig, layout: RunLayout, name: str, fold: int, key: di
     dm = cache_datamodule(cfg, layout, name, fold)
     module = build_module(cfg, layout, name, dm)
     data = shard_datamodule(cfg, layout, name, fold) if uses_shards(cfg, name) else dm
-    monitor, mode = MONITOR[name]
+    monitor, mode = monitor_of(name)
     fit_resumable(module, data, out, key=key if topo.is_zero else None, trainer_cfg=trainer_cfg(cfg),
                   max_epochs=int(cfg.model[name].epochs), monitor=monitor, mode=mode,
                   seed=int(cfg.seed) + fold, wandb_prefix=f"{name}/fold{fold}",
-                  progress_bar=bool(cfg.get("progress_bar", True)),
-                  early_stopping_patience=cfg.model[name].get("early_stopping_patience"),
+                  progress_bar=bool(cfg.progress_bar),
+                  early_stopping_patience=cfg.model[name].early_stopping_patience,
                   extra_callbacks=user_callbacks(cfg.get("callbacks")))
