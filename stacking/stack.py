@@ -52,7 +52,6 @@ from popstack.datamodules.folds import train_valid_masks
 from popstack.datamodules.schema import NO_FOLD
 from popstack.stacking.blend import blend, fit_weights
 from popstack.stacking.members import (
-    ROUND_KEYS,
     NeuralMember,
     available_cores,
     fit_cores,
@@ -60,6 +59,7 @@ from popstack.stacking.members import (
     label_bounds,
     load_member,
     make_member,
+    member_class,
     refit_params,
 )
 from popstack.stacking.metrics import scores
@@ -361,7 +361,7 @@ def _refit_full(result: StackResult, cfg: StackConfig, categorical: list[str], X
     test_rows = ~held
     preds = {}
     for n in result.blend_members:
-        if n in cfg.neural_columns or n not in ROUND_KEYS:  # neural and TabNet: their fold models' mean
+        if n in cfg.neural_columns or member_class(n).round_key is None:  # neural, TabNet: their fold models' mean
             preds[n] = result.test[n].to_numpy()[test_rows]
             continue
         best = float(np.mean([result.models[(n, k)].best_rounds() for k in fold_ids]))
@@ -461,7 +461,8 @@ def _fit_members(names: list[str], cfg: StackConfig, categorical: list[str], XL:
             results.update({(n, k): fit(n, *part) for n in names})
     else:
         cores = max(available_cores() // jobs, 1)
-        threads = torch_threads(cores) if "tabnet" in cfg.members else contextlib.nullcontext()
+        uses_torch = any(member_class(n).uses_torch for n in cfg.members)
+        threads = torch_threads(cores) if uses_torch else contextlib.nullcontext()
         with fit_cores(cores), threads, ThreadPoolExecutor(jobs, thread_name_prefix="stack-fit") as pool:
             futures = {}
             for i, k in enumerate(fold_ids):

@@ -168,7 +168,7 @@ def fake_gpu_catboost(monkeypatch):
 
     import catboost
 
-    import popstack.stacking.members as members
+    import popstack.stacking.members.catboost as members
 
     FakeGpuCatBoost.gpu_fails, FakeGpuCatBoost.running, FakeGpuCatBoost.max_running = False, 0, 0
     FakeGpuCatBoost.gpu_params, FakeGpuCatBoost.guard = [], threading.Lock()

@@ -8,7 +8,7 @@ import pandas as pd
 from popstack.datamodules.folds import assign_folds
 from popstack.datamodules.schema import NO_FOLD
 from popstack.stacking import stack as stack_module
-from popstack.stacking.members import LightGBMMember
+from popstack.stacking.members.lightgbm import LightGBMMember
 from popstack.stacking.stack import StackConfig, predict_stack, run_stack
 from tests.test_stacking import FAST
 

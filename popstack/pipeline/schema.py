@@ -29,7 +29,7 @@ from popstack.pipeline.errors import UserError
 from popstack.pipeline.stages import STAGE_NAMES
 from popstack.stacking.ablation import VARIANTS as ABLATION_VARIANTS
 from popstack.stacking.blend import METHODS as BLEND_METHODS
-from popstack.stacking.members import TABULAR_MEMBERS as TABULAR_MEMBER_CLASSES
+from popstack.stacking.members import MEMBERS as TABULAR_MEMBER_CLASSES
 
 
 class ConfigError(UserError):
