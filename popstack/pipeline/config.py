@@ -24,8 +24,9 @@ RUN_DIR_ENV = "POPSTACK_RUN_DIR"
 def group_schemas() -> dict[str, type]:
     """Hydra group -> the typed config holding its defaults and rules (``datamodules.typed``)."""
     from popstack.features.config import FeatureConfig
+    from popstack.stacking.config import StackConfig
 
-    return {"features": FeatureConfig}
+    return {"features": FeatureConfig, "stacking": StackConfig}
 
 
 def register_schemas() -> None:

@@ -27,9 +27,7 @@ from popstack.datamodules.typed import RULE
 from popstack.features.config import FeatureConfig
 from popstack.pipeline.errors import UserError
 from popstack.pipeline.stages import STAGE_NAMES
-from popstack.stacking.ablation import VARIANTS as ABLATION_VARIANTS
-from popstack.stacking.blend import METHODS as BLEND_METHODS
-from popstack.stacking.members import MEMBERS as TABULAR_MEMBER_CLASSES
+from popstack.stacking.config import StackConfig
 
 
 class ConfigError(UserError):
@@ -162,8 +160,6 @@ class Named:
 
 # ----------------------------------------------------------------------------- sections (one line per key)
 # Allowed names come from the code that uses them (one list each).
-TABULAR_MEMBERS = tuple(TABULAR_MEMBER_CLASSES)
-
 PATHS = {"root_dir": Str(), "data_dir": Str(), "output_dir": Str()}
 
 SYNTHETIC = {
@@ -218,20 +214,7 @@ LOGGER = {
     "wandb": {"enabled": Bool(), "mode": OneOf("online", "offline", "disabled"), "project": Str(),
               "entity": Str(null=True), "group": Str(null=True), "tags": ListOf(Str())},
 }
-MEMBER = Open({"enabled": Bool()})
-AUTO_OR_COUNT = Spec("any", check=lambda v: None if v == "auto" or (
-    isinstance(v, int) and not isinstance(v, bool) and v >= 1) else "auto or an integer >= 1")
-STACKING = {
-    "members": Named(TABULAR_MEMBERS, MEMBER), "use_neural_members": Bool(), "blend": OneOf(*BLEND_METHODS),
-    "caruana_size": Int(lo=1), "pseudo_rounds": Int(lo=0), "pseudo_alpha": Num(),
-    "iqr_k": Num(lo=0), "selection_fraction": Num(lo=0, hi=1, lo_open=True),
-    "selection_member": OneOf(*TABULAR_MEMBERS),
-    "n_jobs": AUTO_OR_COUNT,
-    "guard": {"label_margin": Num(lo=0), "max_outside": Num(lo=0, hi=1), "max_error_ratio": Num(lo=1)},
-    "refit_full": Bool(),
-    "ablation": {"enabled": Bool(), "members": ListOf(OneOf(*TABULAR_MEMBERS)),
-                 "variants": ListOf(OneOf(*ABLATION_VARIANTS))},
-}
+STACKING = Typed(StackConfig)
 
 #: Trainer arguments the pipeline sets itself (per model, or from other keys): not settable under ``trainer``.
 PIPELINE_OWNED_TRAINER_ARGS = ("logger", "callbacks", "plugins", "default_root_dir", "max_epochs",
@@ -339,6 +322,11 @@ def _check(node: Any, rule: Any, path: str) -> None:
             _check(node[key], known[key], sub)
         elif not isinstance(rule, Open):
             raise _unknown(sub, known)
+    across = getattr(rule.cls, "config_error", None) if isinstance(rule, Typed) else None
+    if across is not None:  # a dataclass's rule across its keys
+        error = across(OmegaConf.to_container(node, resolve=True))
+        if error:
+            raise ConfigError(f"{path}: {error}")
     return None
 
 

@@ -49,9 +49,18 @@ class MemberParams:
     extra: dict[str, Any] = setting({}, check=_plain_extra)
 
     def __post_init__(self):
-        named = sorted(set(self.extra) & {f.name for f in fields(self)})
+        error = self.config_error({"extra": self.extra})
+        if error:
+            raise ValueError(error)
+
+    @classmethod
+    def config_error(cls, values: dict[str, Any]) -> str | None:
+        """The rule across keys (``pipeline.schema`` asks it after each key's own rule): ``extra`` names no key
+        of the params."""
+        named = sorted(set(values["extra"]) & {f.name for f in fields(cls)})
         if named:
-            raise ValueError(f"extra: {', '.join(named)} is a parameter of its own; set it directly, not under extra")
+            return f"extra.{named[0]} is a parameter of its own: set it directly, not under extra"
+        return None
 
     def library_params(self, *own: str) -> dict[str, Any]:
         """The library's keyword arguments: every field except ``enabled``, ``extra`` and the member's ``own`` keys

@@ -42,7 +42,7 @@ class NeuralMember:
     def load(cls, path):
         meta = json.loads(Path(path).read_text())
         member = cls(meta["column"], None)
-        member.bounds = tuple(meta["bounds"]) if meta.get("bounds") else None  # saved before clipping: none
+        member.bounds = tuple(meta["bounds"]) if meta["bounds"] else None
         return member
 
     def feature_importance(self):
