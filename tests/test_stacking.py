@@ -273,3 +273,14 @@ def test_concurrent_tabnet_fits_leave_stdout_alone():
     cfg = StackConfig(members=members_config({"tabnet": FAST["tabnet"]}), pseudo_rounds=0, n_jobs=2)
     run_stack(X, y, folds, ["cat"], cfg)
     assert sys.stdout is before
+
+
+def test_extra_params_reach_the_library():
+    """``stacking.members.<name>.extra`` is handed to the library as it is (here: LightGBM's bagging)."""
+    X, y, folds = data()
+    tr, va = train_valid_masks(folds, 0)
+    params = {**FAST["lightgbm"], "extra": {"bagging_fraction": 0.5, "bagging_freq": 1}}
+    m = LightGBMMember(params, ["cat"], seed=0).fit(X[tr], y[tr], X[va], y[va])
+    assert m.booster.params["bagging_fraction"] == 0.5 and m.booster.params["bagging_freq"] == 1
+    plain = LightGBMMember(FAST["lightgbm"], ["cat"], seed=0).fit(X[tr], y[tr], X[va], y[va])
+    assert not np.array_equal(m.predict(X[va]), plain.predict(X[va]))

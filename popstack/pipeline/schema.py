@@ -320,6 +320,9 @@ def _check(node: Any, rule: Any, path: str) -> None:
         sub = f"{path}.{key}" if path else str(key)
         if key in known:
             _check(node[key], known[key], sub)
+        elif isinstance(rule, Typed) and "extra" in known:  # a library's parameters that the params do not name
+            raise ConfigError(f"unknown config key {sub}; allowed here: {', '.join(sorted(known))} (another "
+                              f"parameter of the library goes under {path}.extra: +{path}.extra.{key}=...)")
         elif not isinstance(rule, Open):
             raise _unknown(sub, known)
     across = getattr(rule.cls, "config_error", None) if isinstance(rule, Typed) else None
