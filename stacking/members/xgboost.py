@@ -36,8 +36,11 @@ class XGBoostParams(MemberParams):
     enabled: opt-in: not measured against the default stack yet.
     objective: reg:pseudohubererror (huber_slope: its delta) | reg:squarederror | reg:absoluteerror | ...
     learning_rate: a number, or auto (``members.base.auto_learning_rate``: scaled to the fold's training rows).
-    max_depth, min_child_weight, subsample, colsample_bytree, reg_lambda: tree shape, row and column subsampling,
-        L2 leaf regularisation.
+    max_depth, subsample, colsample_bytree, reg_lambda: tree depth, row and column subsampling, L2 leaf
+        regularisation.
+    min_child_weight: the least hessian sum in a leaf; a row's pseudo-Huber hessian is at most 1, so 20 keeps at
+        least 20 rows per leaf (LightGBM's min_data_in_leaf; XGBoost's own default 1 overfits small folds,
+        benchmarks/README.md).
     max_bin: histogram bins per feature (tree_method hist).
     max_cat_levels: categorical columns with at most this many levels split natively; wider ones (user ids) stay
         numeric codes.
@@ -52,7 +55,7 @@ class XGBoostParams(MemberParams):
     huber_slope: float = setting(1.0, lo=0, lo_open=True)
     learning_rate: float | str = setting("auto", check=auto_or_positive)
     max_depth: int = setting(6, lo=1)
-    min_child_weight: float = setting(1.0, lo=0)
+    min_child_weight: float = setting(20.0, lo=0)
     subsample: float = setting(1.0, lo=0, hi=1, lo_open=True)
     colsample_bytree: float = setting(0.5, lo=0, hi=1, lo_open=True)
     reg_lambda: float = setting(1.0, lo=0)
