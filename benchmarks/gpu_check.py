@@ -285,6 +285,7 @@ def stack(a, work: Path) -> None:
     import pandas as pd
 
     import popstack.stacking.members as members
+    from popstack.stacking.members.catboost import CATBOOST_DEVICE
 
     rng = np.random.default_rng(0)
     X = pd.DataFrame(rng.normal(size=(a.stack_rows, 200)).astype(np.float32), columns=[f"f{i}" for i in range(200)])
@@ -293,7 +294,7 @@ def stack(a, work: Path) -> None:
     params = {"iterations": a.stack_iters, "learning_rate": 0.1, "depth": 6, "loss_function": "Huber:delta=1.0",
               "eval_metric": "MAE", "thread_count": -1, "devices": "0", "gpu_ram_part": 0.5}
     for use_gpu in (True, False):
-        members.CATBOOST_DEVICE.reset()
+        CATBOOST_DEVICE.reset()
         with GpuSampler(work / f"stack_{use_gpu}.smi") as smi:
             start = time.perf_counter()
             m = members.make_member("catboost", {**params, "use_gpu": use_gpu}, [], seed=0)

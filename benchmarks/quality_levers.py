@@ -36,31 +36,41 @@ LEVERS = ("default", "no_neural_members", "no_tabnet", "no_pseudo", "no_iqr", "b
 
 
 #: Tabular-core candidates (issue 22), tried as levers only: measured, none earned a default (benchmarks/README.md).
-#: Each is a LightGBM with other params, registered under its own member name for the lever's refit.
+#: Each is a LightGBM with other params (LightGBM options its params do not name go under ``extra``), registered
+#: under its own member name for the lever's refit.
 CANDIDATES = {
-    "lightgbm_xt": {"objective": "huber", "alpha": 1.0, "learning_rate": "auto", "extra_trees": True,
+    "lightgbm_xt": {"objective": "huber", "alpha": 1.0, "learning_rate": "auto", "extra": {"extra_trees": True},
                     "num_leaves": 63, "min_data_in_leaf": 10, "feature_fraction": 0.7, "max_bin": 63,
                     "n_estimators": 3000, "early_stopping_rounds": 50, "num_threads": "auto"},
-    "lightgbm_rf": {"boosting": "rf", "objective": "huber", "alpha": 1.0, "num_leaves": 255, "min_data_in_leaf": 5,
-                    "bagging_freq": 1, "bagging_fraction": 0.632, "feature_fraction": 0.5, "max_bin": 63,
-                    "n_estimators": 300, "early_stopping_rounds": 50, "num_threads": "auto"},
+    "lightgbm_rf": {"objective": "huber", "alpha": 1.0, "learning_rate": 0.1, "num_leaves": 255,
+                    "min_data_in_leaf": 5, "extra": {"boosting": "rf", "bagging_freq": 1, "bagging_fraction": 0.632},
+                    "feature_fraction": 0.5, "max_bin": 63, "n_estimators": 300, "early_stopping_rounds": 50,
+                    "num_threads": "auto"},
 }
 
 
 def register_candidates() -> None:
-    """Make the candidate names known to ``stacking.members`` (LightGBM classes; one with every categorical
-    native) for this process only."""
-    from popstack.stacking import members
+    """Register the candidate names as members (LightGBM subclasses; one with every categorical native) for this
+    process only; ``with_members`` puts them into a stack config. ``stacking.config`` is imported first, so the
+    run's stack config (``StackConfig.members``) holds the shipped members only."""
+    import popstack.stacking.config  # noqa: F401
+    from popstack.stacking.members import register_member
+    from popstack.stacking.members.lightgbm import LightGBMMember
 
-    class WideCategoricalLightGBM(members.LightGBMMember):
-        def __init__(self, params, categorical, seed):
-            super().__init__(params, categorical, seed, max_cat_levels=2**31 - 1)
+    class WideCategoricalLightGBM(LightGBMMember):
+        max_cat_levels = 2**31 - 1
 
-    names = {"lightgbm_xt": members.LightGBMMember, "lightgbm_rf": members.LightGBMMember,
-             "lightgbm_all_cats": WideCategoricalLightGBM}
-    members.TABULAR_MEMBERS.update(names)
-    for keys in (members.ROUND_KEYS, members.LR_KEYS, members.PATIENCE_KEYS):  # refit_full treats them as LightGBMs
-        keys.update(dict.fromkeys(names, keys["lightgbm"]))
+    for name in CANDIDATES:
+        register_member(name)(type(f"Candidate_{name}", (LightGBMMember,), {}))
+    register_member("lightgbm_all_cats")(WideCategoricalLightGBM)
+
+
+def with_members(scfg, members: dict):
+    """``scfg`` fitting exactly ``members`` ({name: params}; the candidates' names included)."""
+    fields = [(name, type(params)) for name, params in members.items()]
+    lever_members = dataclasses.make_dataclass("LeverMembers", fields)
+    enabled = {name: dataclasses.replace(params, enabled=True) for name, params in members.items()}
+    return dataclasses.replace(scfg, members=lever_members(**enabled))
 
 
 def variant(lever: str, scfg, features: pd.DataFrame, categorical: list[str], families: dict[str, str]):
@@ -81,7 +91,7 @@ def variant(lever: str, scfg, features: pd.DataFrame, categorical: list[str], fa
     elif lever == "no_neural_members":
         scfg = dataclasses.replace(scfg, neural_columns=[])
     elif lever == "no_tabnet":
-        scfg = dataclasses.replace(scfg, members={k: v for k, v in scfg.members.items() if k != "tabnet"})
+        scfg = scfg.only([n for n in scfg.fitted_members() if n != "tabnet"])
     elif lever == "no_pseudo":
         scfg = dataclasses.replace(scfg, pseudo_rounds=0)
     elif lever == "no_iqr":
@@ -93,11 +103,13 @@ def variant(lever: str, scfg, features: pd.DataFrame, categorical: list[str], fa
     elif lever == "no_native_cats":
         categorical = []
     elif lever == "lgb_all_cats":
-        members = {("lightgbm_all_cats" if k == "lightgbm" else k): v for k, v in scfg.members.items()}
-        scfg = dataclasses.replace(scfg, members=members)
+        members = {("lightgbm_all_cats" if k == "lightgbm" else k): v for k, v in scfg.fitted_members().items()}
+        scfg = with_members(scfg, members)
     elif lever in ("lgb_xt", "lgb_rf"):
         name = "lightgbm_" + lever.removeprefix("lgb_")
-        scfg = dataclasses.replace(scfg, members={**scfg.members, name: dict(CANDIDATES[name])})
+        from popstack.stacking.members.lightgbm import LightGBMParams
+
+        scfg = with_members(scfg, {**scfg.fitted_members(), name: LightGBMParams(**CANDIDATES[name])})
     elif lever == "no_trend":
         from popstack.features.families import TEMPORAL, column_name
 

@@ -18,6 +18,7 @@ from common import measure, print_table, write_results
 
 
 def fit(rows: int, n_features: int, members: tuple[str, ...], folds: int, overrides: list[str]) -> dict:
+    import dataclasses
     import time
 
     import numpy as np
@@ -26,15 +27,15 @@ def fit(rows: int, n_features: int, members: tuple[str, ...], folds: int, overri
     from popstack.datamodules.folds import assign_folds
     from popstack.pipeline.config import compose_config
     from popstack.pipeline.stages.stack import stack_config
-    from popstack.stacking.stack import StackConfig, run_stack
+    from popstack.stacking.stack import run_stack
 
     rng = np.random.default_rng(0)
     X = pd.DataFrame(rng.normal(size=(rows, n_features)).astype(np.float32),
                      columns=[f"f{i}" for i in range(n_features)])
     y = 6 + X.iloc[:, :20].to_numpy() @ rng.normal(size=20) * 0.3 + rng.normal(0, 1, rows)
     y[int(rows * 0.8):] = np.nan
-    shipped = stack_config(compose_config([*overrides, "run_dir=/tmp/popstack-stacking-scale"]), []).members
-    cfg = StackConfig(members={m: shipped[m] for m in members}, pseudo_rounds=1)
+    shipped = stack_config(compose_config([*overrides, "run_dir=/tmp/popstack-stacking-scale"]), [])
+    cfg = dataclasses.replace(shipped.only(list(members)), pseudo_rounds=1)
     start = time.perf_counter()
     res = run_stack(X, y, assign_folds(y, folds, 0), [], cfg)
     total = time.perf_counter() - start

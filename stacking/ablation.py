@@ -16,12 +16,10 @@ import time
 import numpy as np
 import pandas as pd
 
-from popstack.stacking.stack import StackConfig, StackResult, run_stack
+from popstack.stacking.config import VARIANTS, StackConfig
+from popstack.stacking.stack import StackResult, run_stack
 
 log = logging.getLogger("popstack")
-
-VARIANTS = ("full", "w/o visual", "w/o metadata", "w/o textual", "w/o geolocation", "w/o ensemble",
-            "w/o pseudo label", "w/o filter", "w/o 5-fold")
 
 
 def _blend_row(variant: str, result: StackResult, seconds: float) -> dict:

@@ -51,8 +51,8 @@ import pandas as pd
 from popstack.datamodules.folds import train_valid_masks
 from popstack.datamodules.schema import NO_FOLD
 from popstack.stacking.blend import blend, fit_weights
+from popstack.stacking.config import StackConfig
 from popstack.stacking.members import (
-    ROUND_KEYS,
     NeuralMember,
     available_cores,
     fit_cores,
@@ -60,6 +60,7 @@ from popstack.stacking.members import (
     label_bounds,
     load_member,
     make_member,
+    member_class,
     refit_params,
 )
 from popstack.stacking.metrics import scores
@@ -67,52 +68,6 @@ from popstack.stacking.pseudo import select_pseudo
 from popstack.stacking.selection import iqr_filter, loss_based_keep
 
 log = logging.getLogger("popstack")
-
-
-#: The one source of the stack's defaults: the Hydra group ``stacking/`` (``StackConfig()`` reads it).
-DEFAULTS_YAML = Path(__file__).resolve().parent.parent / "configs" / "stacking" / "default.yaml"
-
-
-def yaml_default(key: str) -> Any:
-    """``key`` of ``configs/stacking/default.yaml``; ``members`` = the enabled members' params (``enabled`` dropped)."""
-    import yaml
-
-    raw = yaml.safe_load(DEFAULTS_YAML.read_text())
-    if key == "members":
-        return {n: {k: v for k, v in p.items() if k != "enabled"}
-                for n, p in raw[key].items() if p.get("enabled", True)}
-    return raw[key]
-
-
-def _from_yaml(key: str):
-    return field(default_factory=lambda: yaml_default(key))
-
-
-@dataclass
-class StackConfig:
-    """members: tree members to fit ({name: params}); neural_columns: prediction columns read as members.
-    blend: caruana | mae | spearman | ridge; caruana_size: greedy steps.
-    pseudo_rounds, pseudo_alpha: eq. 10. iqr_k: IQR fence factor for training labels (0 = no filter).
-    selection_fraction: loss-based selection (1.0 = keep all; CMPA-DGPL's speed trade-off keeps 0.77).
-    guard: label_margin, max_outside, max_error_ratio (see the module docstring).
-    refit_full: refit the tree members on every label for the test predictions (see the module docstring).
-    n_jobs: (fold, member) fits at once: auto (``concurrent_fits``) or an integer.
-    Defaults come from ``configs/stacking/default.yaml`` (``DEFAULTS_YAML``), never from this class.
-    """
-
-    members: dict[str, dict[str, Any]] = _from_yaml("members")
-    neural_columns: list[str] = field(default_factory=list)
-    blend: str = _from_yaml("blend")
-    caruana_size: int = _from_yaml("caruana_size")
-    pseudo_rounds: int = _from_yaml("pseudo_rounds")
-    pseudo_alpha: float = _from_yaml("pseudo_alpha")
-    iqr_k: float = _from_yaml("iqr_k")
-    selection_fraction: float = _from_yaml("selection_fraction")
-    selection_member: str = _from_yaml("selection_member")
-    n_jobs: int | str = _from_yaml("n_jobs")
-    guard: dict[str, float] = _from_yaml("guard")
-    refit_full: bool = _from_yaml("refit_full")
-    seed: int = 0
 
 
 @dataclass
@@ -158,13 +113,13 @@ class StackResult:
 
 
 def _member_list(cfg: StackConfig) -> list[str]:
-    return list(cfg.members) + list(cfg.neural_columns)
+    return list(cfg.fitted_members()) + list(cfg.neural_columns)
 
 
 def _new_member(name: str, cfg: StackConfig, categorical: list[str]):
     if name in cfg.neural_columns:
-        return NeuralMember(name, float(cfg.guard["label_margin"]))
-    return make_member(name, cfg.members[name], categorical, cfg.seed)
+        return NeuralMember(name, float(cfg.guard.label_margin))
+    return make_member(name, cfg.params(name), categorical, cfg.seed)
 
 
 def _first_pass_losses(X: pd.DataFrame, y: np.ndarray, folds: np.ndarray, categorical, cfg: StackConfig) -> np.ndarray:
@@ -172,7 +127,7 @@ def _first_pass_losses(X: pd.DataFrame, y: np.ndarray, folds: np.ndarray, catego
     oof = np.full(len(y), np.nan)
     for k in np.unique(folds):
         tr, va = folds != k, folds == k
-        m = make_member(cfg.selection_member, cfg.members[cfg.selection_member], categorical, cfg.seed)
+        m = make_member(cfg.selection_member, cfg.params(cfg.selection_member), categorical, cfg.seed)
         m.fit(X[tr], y[tr], X[va], y[va])
         oof[va] = m.predict(X[va])
     return np.abs(oof - y)
@@ -271,7 +226,8 @@ def run_stack(
              len(yl), int(keep.sum()), cfg.iqr_k, cfg.selection_fraction, len(XU))
 
     n_fit_rows = int(keep.sum())
-    threads = max([fit_threads(n, p, n_fit_rows, available_cores()) for n, p in cfg.members.items()], default=1)
+    threads = max([fit_threads(n, p, n_fit_rows, available_cores()) for n, p in cfg.fitted_members().items()],
+                  default=1)
     jobs = concurrent_fits(cfg.n_jobs, len(fold_ids) * len(names), threads)
     log.info("stack: %d fits at a time, %d core(s) each", jobs, max(available_cores() // jobs, 1))
 
@@ -318,20 +274,20 @@ def guard_members(names: list[str], cfg: StackConfig, fits: "_RoundFits", yl: np
                   XU: pd.DataFrame, scored: np.ndarray, latest: np.ndarray | None) -> dict[str, str]:
     """``{member: reason}`` for the members the blend leaves out (see the module docstring); never all of them."""
     g = cfg.guard
-    lo, hi = label_bounds(yl[keep], float(g["label_margin"]))
+    lo, hi = label_bounds(yl[keep], float(g.label_margin))
     reasons: dict[str, str] = {}
     for n in names:
         test = XU[n].to_numpy(dtype=np.float64) if n in cfg.neural_columns else (
             np.mean([fits.test_by_fold[n][k] for k in fits.test_by_fold[n]], axis=0) if len(XU) else np.zeros(0))
         outside = float(np.mean((test < lo) | (test > hi))) if len(test) else 0.0
-        if outside > float(g["max_outside"]):
+        if outside > float(g.max_outside):
             reasons[n] = (f"{outside:.1%} of its test predictions lie outside the training label range with margin "
-                          f"[{lo:.3g}, {hi:.3g}] (allowed {float(g['max_outside']):.1%})")
+                          f"[{lo:.3g}, {hi:.3g}] (allowed {float(g.max_outside):.1%})")
     if latest is not None and latest.any() and (scored & ~latest).any():
         err = {n: (float(np.mean(np.abs(fits.oof[n][latest] - yl[latest]))),
                    float(np.mean(np.abs(fits.oof[n][scored & ~latest] - yl[scored & ~latest])))) for n in names}
         best_latest = min(e[0] for e in err.values())
-        ratio = float(g["max_error_ratio"])
+        ratio = float(g.max_error_ratio)
         for n, (late, rest) in err.items():
             if n not in reasons and late > ratio * rest and late > ratio * best_latest:
                 reasons[n] = (f"MAE {late:.3g} on the latest validation rows is more than {ratio:g}x its MAE "
@@ -361,13 +317,13 @@ def _refit_full(result: StackResult, cfg: StackConfig, categorical: list[str], X
     test_rows = ~held
     preds = {}
     for n in result.blend_members:
-        if n in cfg.neural_columns or n not in ROUND_KEYS:  # neural and TabNet: their fold models' mean
+        if n in cfg.neural_columns or member_class(n).round_key is None:  # neural, TabNet: their fold models' mean
             preds[n] = result.test[n].to_numpy()[test_rows]
             continue
         best = float(np.mean([result.models[(n, k)].best_rounds() for k in fold_ids]))
         rounds = max(1, int(round(best * len(y_full) / fold_rows)))
         cols = [c for c in X_full.columns if c not in cfg.neural_columns]
-        member = make_member(n, refit_params(n, cfg.members[n], rounds, int(fold_rows)), categorical, cfg.seed)
+        member = make_member(n, refit_params(n, cfg.params(n), rounds, int(fold_rows)), categorical, cfg.seed)
         member.fit(X_full[cols], y_full, None, None)
         result.refit[n], result.refit_rounds[n] = member, rounds
         preds[n] = member.predict(XU[cols][test_rows])
@@ -394,7 +350,7 @@ def fold_pseudo_labels(names: list[str], cfg: StackConfig, test_by_fold: dict[st
     for n in names:
         if n not in cfg.neural_columns:
             columns.append(test_by_fold[n][k])
-        elif k in per_fold.get(n, {}):
+        elif n in per_fold and k in per_fold[n]:
             columns.append(np.asarray(per_fold[n][k], dtype=np.float64))
         else:
             log.warning("stack: pseudo-labels of fold %d leave out neural member %s (no per-fold predictions of "
@@ -461,7 +417,8 @@ def _fit_members(names: list[str], cfg: StackConfig, categorical: list[str], XL:
             results.update({(n, k): fit(n, *part) for n in names})
     else:
         cores = max(available_cores() // jobs, 1)
-        threads = torch_threads(cores) if "tabnet" in cfg.members else contextlib.nullcontext()
+        uses_torch = any(member_class(n).uses_torch for n in cfg.fitted_members())
+        threads = torch_threads(cores) if uses_torch else contextlib.nullcontext()
         with fit_cores(cores), threads, ThreadPoolExecutor(jobs, thread_name_prefix="stack-fit") as pool:
             futures = {}
             for i, k in enumerate(fold_ids):
@@ -546,8 +503,8 @@ def predict_stack_members(directory: str | Path, X: pd.DataFrame) -> pd.DataFram
     directory = Path(directory)
     manifest = json.loads((directory / "stack.json").read_text())
     neural = set(manifest["config"]["neural_columns"])
-    members = manifest.get("blend_members", manifest["members"])
-    refit = manifest.get("refit", [])
+    members = manifest["blend_members"]
+    refit = manifest["refit"]
 
     def member_predict(name: str, tag: str) -> np.ndarray:
         member = load_member(manifest["kinds"][name],

@@ -9,8 +9,11 @@ import pytest
 # (override(s), the key the message must name, the bad value it must show)
 BAD_CONFIGS = [
     (["stacking.blend=foo"], "stacking.blend", "foo"),
-    (["+stacking.members.xgboost.depth=3"], "stacking.members.xgboost", "xgboost"),
-    (["stacking.selection_member=xgboost"], "stacking.selection_member", "xgboost"),
+    (["+stacking.members.no_such_member.depth=3"], "stacking.members.no_such_member", "no_such_member"),
+    (["stacking.selection_member=no_such_member"], "stacking.selection_member", "no_such_member"),
+    (["stacking.members.lightgbm.num_leaves=1"], "stacking.members.lightgbm.num_leaves", "1"),
+    (["stacking.members.catboost.learning_rate=fast"], "stacking.members.catboost.learning_rate", "fast"),
+    (["+stacking.members.lightgbm.extra.alpha=2"], "stacking.members.lightgbm", "alpha"),
     (["model.prompt_prototype.lr=abc"], "model.prompt_prototype.lr", "abc"),
     (["n_folds=1"], "n_folds", "1"),
     (["seed=abc"], "seed", "abc"),
@@ -69,18 +72,23 @@ def test_every_allowed_value_of_the_shipped_configs_passes():
         validate(compose_config([*overrides, "trainer.accelerator=cpu"], validate=False))  # ConfigError if refused
 
 
-def test_stack_config_defaults_are_the_yaml():
-    """One source of defaults: ``StackConfig()`` equals ``configs/stacking/default.yaml`` (enabled members)."""
-    from popstack.pipeline.config import compose_config
-    from popstack.stacking.stack import StackConfig
+def test_stack_config_defaults_are_the_group():
+    """One source of defaults: the composed ``stacking`` group (no experiment overlay) is ``StackConfig()``, and the
+    stack stage builds exactly that from it."""
+    import dataclasses
 
-    yaml = compose_config(["~experiment"]).stacking  # the stacking group alone, no experiment overlay
-    cfg = StackConfig()
-    for key in ("blend", "caruana_size", "pseudo_rounds", "pseudo_alpha", "iqr_k", "selection_fraction",
-                "selection_member"):
-        assert getattr(cfg, key) == yaml[key], key
-    assert cfg.members == {n: {k: v for k, v in p.items() if k != "enabled"}
-                           for n, p in yaml.members.items() if p.enabled}
+    from omegaconf import OmegaConf
+
+    from popstack.pipeline.config import compose_config
+    from popstack.pipeline.stages.stack import stack_config
+    from popstack.stacking.config import StackConfig
+
+    cfg = compose_config(["~experiment"])
+    composed = OmegaConf.to_container(cfg.stacking, resolve=True)
+    default = dataclasses.asdict(StackConfig())
+    assert composed == {k: v for k, v in default.items() if k not in ("neural_columns", "seed")}
+    assert stack_config(cfg, ["pred_x"]) == dataclasses.replace(StackConfig(), neural_columns=["pred_x"],
+                                                                seed=cfg.seed)
 
 
 def test_schema_refuses_unknown_keys_and_adding_one_is_one_line():

@@ -3,6 +3,8 @@ CUDA, the run lock where ``flock`` is missing, stale rank files, CatBoost's GPU 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -168,7 +170,7 @@ def fake_gpu_catboost(monkeypatch):
 
     import catboost
 
-    import popstack.stacking.members as members
+    import popstack.stacking.members.catboost as members
 
     FakeGpuCatBoost.gpu_fails, FakeGpuCatBoost.running, FakeGpuCatBoost.max_running = False, 0, 0
     FakeGpuCatBoost.gpu_params, FakeGpuCatBoost.guard = [], threading.Lock()
@@ -188,10 +190,9 @@ def _catboost_folds(n_folds: int, **extra):
     import pandas as pd
 
     from popstack.stacking.members import make_member
+    from popstack.stacking.members.catboost import CatBoostParams
 
-    params = {**OmegaConf.to_container(OmegaConf.load("configs/stacking/default.yaml").members.catboost),
-              "iterations": 20, "thread_count": 1, **extra}
-    params.pop("enabled")
+    params = dataclasses.replace(CatBoostParams(), iterations=20, thread_count=1, **extra)
     rng = np.random.default_rng(0)
     X = pd.DataFrame(rng.normal(size=(120, 4)), columns=list("abcd"))
     y = X.a.to_numpy() + rng.normal(size=120) * 0.1

@@ -8,7 +8,8 @@ import pandas as pd
 from popstack.datamodules.folds import assign_folds
 from popstack.datamodules.schema import NO_FOLD
 from popstack.stacking import stack as stack_module
-from popstack.stacking.members import LightGBMMember
+from popstack.stacking.config import GuardConfig, members_config
+from popstack.stacking.members.lightgbm import LightGBMMember
 from popstack.stacking.stack import StackConfig, predict_stack, run_stack
 from tests.test_stacking import FAST
 
@@ -30,8 +31,8 @@ def test_a_neural_member_predicting_outside_the_label_range_is_dropped_and_clipp
     X, y, folds = _data()
     labelled = folds != NO_FOLD
     X["neural_pred"] = np.where(labelled, y + 0.1, 200.0).astype(np.float32)  # fine out of fold, explodes on test
-    cfg = StackConfig(members={"lightgbm": FAST["lightgbm"]}, neural_columns=["neural_pred"], pseudo_rounds=0,
-                      iqr_k=0, guard=GUARD, refit_full=False)
+    cfg = StackConfig(members=members_config({"lightgbm": FAST["lightgbm"]}), neural_columns=["neural_pred"],
+                      pseudo_rounds=0, iqr_k=0, guard=GuardConfig(**GUARD), refit_full=False)
     res = run_stack(X, y, folds, [], cfg)
     assert res.dropped.member.tolist() == ["neural_pred"]
     assert "outside the training label range" in res.dropped.reason[0]
@@ -95,8 +96,8 @@ def test_a_member_far_worse_on_the_latest_validation_rows_is_dropped():
     latest[np.flatnonzero(labelled)[-60:]] = True
     bad = np.where(latest, y + 5.0, y + 0.2)  # fine on earlier rows, far off on the latest ones
     X["neural_pred"] = np.where(labelled, bad, 6.0).astype(np.float32)
-    cfg = StackConfig(members={"lightgbm": FAST["lightgbm"]}, neural_columns=["neural_pred"], pseudo_rounds=0,
-                      iqr_k=0, guard=GUARD, refit_full=False)
+    cfg = StackConfig(members=members_config({"lightgbm": FAST["lightgbm"]}), neural_columns=["neural_pred"],
+                      pseudo_rounds=0, iqr_k=0, guard=GuardConfig(**GUARD), refit_full=False)
     res = run_stack(X, y, folds, [], cfg, latest=latest)
     assert res.dropped.member.tolist() == ["neural_pred"]
     assert "latest validation rows" in res.dropped.reason[0]
@@ -116,8 +117,8 @@ def test_the_refit_uses_the_held_back_labels_and_validation_never_sees_them(monk
             return super().fit(X_tr, y_tr, X_va, y_va)
 
     monkeypatch.setattr(stack_module, "make_member", lambda kind, params, cats, seed: Spy(params, cats, seed))
-    cfg = StackConfig(members={"lightgbm": FAST["lightgbm"]}, pseudo_rounds=0, iqr_k=0, guard=GUARD,
-                      refit_full=True)
+    cfg = StackConfig(members=members_config({"lightgbm": FAST["lightgbm"]}), pseudo_rounds=0, iqr_k=0,
+                      guard=GuardConfig(**GUARD), refit_full=True)
     res = run_stack(X, y, folds, [], cfg)
     validated = [f for f in fits if f[1] is not None]
     refits = [f for f in fits if f[1] is None]

@@ -223,7 +223,7 @@ def test_every_experiment_config_composes_and_builds_every_stage_config(experime
     assert set(enabled_modules(cfg)) <= {"prompt_prototype", "co_attention", "hierarchical"}
     feature_config(cfg)
     scfg = stack_config(cfg, ["pred_x"])
-    assert scfg.members and set(scfg.members) <= set(cfg.stacking.members)
+    assert scfg.fitted_members() and set(scfg.fitted_members()) <= set(cfg.stacking.members)
     assert list(tmp_path.iterdir()) == [], "composing a config writes nothing"
 
 

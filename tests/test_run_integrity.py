@@ -246,7 +246,7 @@ def test_planted_pickles_never_run(tmp_path, monkeypatch):
     from popstack.pipeline.errors import UserError
     from popstack.pipeline.neural import load_module
     from popstack.pipeline.training import start_fresh_unless
-    from popstack.stacking.members import TabNetMember
+    from popstack.stacking.members.tabnet import TabNetMember
 
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     marker = tmp_path / "code-ran"
@@ -281,7 +281,7 @@ def test_planted_pickles_never_run(tmp_path, monkeypatch):
 
 
 def test_tabnet_member_round_trip_without_pickle(tmp_path):
-    from popstack.stacking.members import TabNetMember
+    from popstack.stacking.members.tabnet import TabNetMember
 
     rng = np.random.default_rng(0)
     X = pd.DataFrame(rng.normal(size=(96, 4)).astype(np.float32), columns=list("abcd"))

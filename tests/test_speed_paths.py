@@ -150,7 +150,7 @@ def test_auto_learning_rate_and_threads_resolve_per_fit():
 
 
 def test_catboost_gpu_refusal_falls_back_to_cpu_without_cpu_only_params(monkeypatch):
-    from popstack.stacking import members
+    from popstack.stacking.members import catboost as members
     from popstack.stacking.members import make_member
 
     monkeypatch.setattr(members, "catboost_gpu_count", lambda: 1)  # claims a GPU this machine lacks

@@ -11,7 +11,11 @@ from popstack.datamodules.schema import NO_FOLD
 from popstack.stacking import stack as stack_module
 from popstack.stacking.ablation import run_ablations
 from popstack.stacking.blend import blend, caruana_weights, fit_weights
-from popstack.stacking.members import CatBoostMember, LightGBMMember, NeuralMember, TabNetMember
+from popstack.stacking.config import members_config
+from popstack.stacking.members import NeuralMember
+from popstack.stacking.members.catboost import CatBoostMember
+from popstack.stacking.members.lightgbm import LightGBMMember
+from popstack.stacking.members.tabnet import TabNetMember
 from popstack.stacking.pseudo import select_pseudo
 from popstack.stacking.selection import loss_based_keep
 from popstack.stacking.stack import StackConfig, predict_stack, run_stack
@@ -70,10 +74,11 @@ class Memoriser:
 def test_oof_predictions_never_come_from_a_model_that_saw_the_row(monkeypatch):
     X, y, folds = data()
     monkeypatch.setattr(stack_module, "make_member", lambda kind, params, cats, seed: Memoriser())
-    res = run_stack(X, y, folds, [], StackConfig(members={"memo": {}}, pseudo_rounds=0, iqr_k=0))
+    res = run_stack(X, y, folds, [], StackConfig(members=members_config({"lightgbm": {}}), pseudo_rounds=0, iqr_k=0,
+                                                 refit_full=False))
     labelled = ~np.isnan(y)
     # a memoriser's OOF prediction is the fold mean, never the row's own label
-    assert not np.isclose(res.oof["memo"].to_numpy(), y[labelled]).any()
+    assert not np.isclose(res.oof["lightgbm"].to_numpy(), y[labelled]).any()
 
 
 def test_blend_weights_on_simplex_and_no_worse_than_best_member():
@@ -96,7 +101,7 @@ def test_pseudo_labels_never_enter_a_validation_part(monkeypatch):
 
     class Spy(Memoriser):
         def __init__(self, kind):
-            self.jitter = 0.1 if kind == "memo2" else 0.0  # members disagree a little, row by row
+            self.jitter = 0.1 if kind == "catboost" else 0.0  # members disagree a little, row by row
 
         def predict(self, X):
             return super().predict(X) + self.jitter * X.f1.to_numpy()
@@ -107,8 +112,9 @@ def test_pseudo_labels_never_enter_a_validation_part(monkeypatch):
             return super().fit(X_tr, y_tr, X_va, y_va)
 
     monkeypatch.setattr(stack_module, "make_member", lambda kind, params, cats, seed: Spy(kind))
-    res = run_stack(X, y, folds, [], StackConfig(members={"memo": {}, "memo2": {}}, pseudo_rounds=1, iqr_k=0,
-                                                 pseudo_alpha=-10))
+    cfg = StackConfig(members=members_config({"lightgbm": {}, "catboost": {}}), pseudo_rounds=1, iqr_k=0,
+                      pseudo_alpha=-10, refit_full=False)
+    res = run_stack(X, y, folds, [], cfg)
     selected = int(res.rounds.selected_next[0])
     assert selected == 60  # alpha = -10 keeps every unlabelled post
     labelled_train = [int(train_valid_masks(folds, k)[0].sum()) for k in range(3)]
@@ -123,9 +129,10 @@ def test_pseudo_labels_of_a_fold_never_carry_its_own_labels(monkeypatch):
     X.iloc[240:, :] = X.iloc[:60, :].to_numpy()  # the 60 unlabelled posts copy labelled posts 0..59
     monkeypatch.setattr(stack_module, "make_member", lambda kind, params, cats, seed: Memoriser())
     monkeypatch.setattr(stack_module, "select_pseudo", lambda P, alpha: (np.ones(len(P), bool), 0.0))
-    res = run_stack(X, y, folds, [], StackConfig(members={"memo": {}}, pseudo_rounds=1, iqr_k=0))
+    cfg = StackConfig(members=members_config({"lightgbm": {}}), pseudo_rounds=1, iqr_k=0, refit_full=False)
+    res = run_stack(X, y, folds, [], cfg)
     dup = np.arange(60)
-    pred = res.oof["memo"].to_numpy()[dup]
+    pred = res.oof["lightgbm"].to_numpy()[dup]
     fold_mean = np.array([np.mean(y[:240][(folds[:240] != folds[i])]) for i in dup])
     # the validation rows' predictions are the fold's training-label mean, never (a share of) their own label
     np.testing.assert_allclose(pred, fold_mean, atol=0.05)
@@ -161,8 +168,8 @@ def test_pseudo_labels_of_a_fold_unchanged_when_its_labels_change_with_neural_me
             return super().fit(X_tr, y_tr, X_va, y_va)
 
     monkeypatch.setattr(stack_module, "make_member", lambda kind, params, cats, seed: Spy())
-    cfg = StackConfig(members={"memo": {}}, neural_columns=["pred_nn"], pseudo_rounds=1, iqr_k=0, pseudo_alpha=-0.5,
-                      blend="mae")
+    cfg = StackConfig(members=members_config({"lightgbm": {}}), neural_columns=["pred_nn"], pseudo_rounds=1, iqr_k=0,
+                      pseudo_alpha=-0.5, blend="mae", refit_full=False)
     runs = []
     for shifts in ((0.0, 0.0), (3.0, 2.0)):
         seen.clear()
@@ -201,8 +208,8 @@ def test_member_save_load_identical(tmp_path, cls):
 def test_whole_stack_round_trip_seed_and_neural_member(tmp_path):
     X, y, folds = data()
     X["pred_nn"] = np.nan_to_num(y, nan=6.0).astype(np.float32) + 0.3  # a neural member's (OOF) predictions
-    cfg = StackConfig(members={k: FAST[k] for k in ("catboost", "lightgbm")}, neural_columns=["pred_nn"],
-                      pseudo_rounds=1, seed=3)
+    cfg = StackConfig(members=members_config({k: FAST[k] for k in ("catboost", "lightgbm")}),
+                      neural_columns=["pred_nn"], pseudo_rounds=1, seed=3)
     a = run_stack(X, y, folds, ["cat"], cfg)
     b = run_stack(X, y, folds, ["cat"], cfg)
     np.testing.assert_array_equal(a.test.blend.to_numpy(), b.test.blend.to_numpy())
@@ -211,12 +218,12 @@ def test_whole_stack_round_trip_seed_and_neural_member(tmp_path):
     again = predict_stack(tmp_path / "stack", X[np.isnan(y)])
     np.testing.assert_allclose(again, a.test.blend.to_numpy(), rtol=1e-6)
     assert set(a.scores.member) == {"catboost", "lightgbm", "pred_nn", "blend"}
-    assert isinstance(NeuralMember("pred_nn").fit(X, y, X, y), NeuralMember)
+    assert isinstance(NeuralMember("pred_nn", None).fit(X, y, X, y), NeuralMember)
 
 
 def test_blend_beats_members_and_ablation_table():
     X, y, folds = data(n=300)
-    cfg = StackConfig(members={k: FAST[k] for k in ("catboost", "lightgbm")}, pseudo_rounds=1)
+    cfg = StackConfig(members=members_config({k: FAST[k] for k in ("catboost", "lightgbm")}), pseudo_rounds=1)
     families = {"f0": "user", "f1": "text", "f2": "spatial", "f3": "temporal", "f4": "visual", "cat": "category"}
     groups = {"visual": ("visual",), "metadata": ("user", "temporal", "category"), "textual": ("text",),
               "geolocation": ("spatial",)}
@@ -233,7 +240,7 @@ def test_concurrent_fits_equal_one_at_a_time():
     X, y, folds = data()
     members = {k: dict(v, thread_count="auto") if k == "catboost" else dict(v, num_threads="auto")
                for k, v in FAST.items() if k != "tabnet"}
-    runs = [run_stack(X, y, folds, ["cat"], StackConfig(members=members, pseudo_rounds=1, n_jobs=jobs))
+    runs = [run_stack(X, y, folds, ["cat"], StackConfig(members=members_config(members), pseudo_rounds=1, n_jobs=jobs))
             for jobs in (1, 2)]
     pd.testing.assert_frame_equal(runs[0].oof, runs[1].oof)
     pd.testing.assert_frame_equal(runs[0].test, runs[1].test)
@@ -263,5 +270,17 @@ def test_concurrent_tabnet_fits_leave_stdout_alone():
 
     X, y, folds = data()
     before = sys.stdout
-    run_stack(X, y, folds, ["cat"], StackConfig(members={"tabnet": FAST["tabnet"]}, pseudo_rounds=0, n_jobs=2))
+    cfg = StackConfig(members=members_config({"tabnet": FAST["tabnet"]}), pseudo_rounds=0, n_jobs=2)
+    run_stack(X, y, folds, ["cat"], cfg)
     assert sys.stdout is before
+
+
+def test_extra_params_reach_the_library():
+    """``stacking.members.<name>.extra`` is handed to the library as it is (here: LightGBM's bagging)."""
+    X, y, folds = data()
+    tr, va = train_valid_masks(folds, 0)
+    params = {**FAST["lightgbm"], "extra": {"bagging_fraction": 0.5, "bagging_freq": 1}}
+    m = LightGBMMember(params, ["cat"], seed=0).fit(X[tr], y[tr], X[va], y[va])
+    assert m.booster.params["bagging_fraction"] == 0.5 and m.booster.params["bagging_freq"] == 1
+    plain = LightGBMMember(FAST["lightgbm"], ["cat"], seed=0).fit(X[tr], y[tr], X[va], y[va])
+    assert not np.array_equal(m.predict(X[va]), plain.predict(X[va]))

@@ -28,9 +28,10 @@ def group_schemas() -> dict[str, type]:
     from popstack.lightning_modules.backbone_config import BackboneConfig
     from popstack.lightning_modules.registry import model_config_class
     from popstack.pipeline.settings import LoggerConfig, PathsConfig
+    from popstack.stacking.config import StackConfig
 
     return {"data": DataConfig, "features": FeatureConfig, "backbone": BackboneConfig, "model": model_config_class(),
-            "logger": LoggerConfig, "paths": PathsConfig}
+            "stacking": StackConfig, "logger": LoggerConfig, "paths": PathsConfig}
 
 
 def register_schemas() -> None:

@@ -5,10 +5,10 @@ bad value, what is allowed) before any stage runs. This module holds no defaults
 typed config (``popstack.pipeline.config.group_schemas``) is ``Typed(<its dataclass>)`` here, and its rules and
 defaults are the dataclass's; the other sections' defaults live in their YAML files.
 
-Adding a key is one line in its section below (e.g. ``"token_len": Int(lo=1)`` in ``BACKBONE``; a new top-level
-section is a dict of such lines plus one entry in ``SCHEMA``); a key the schema does not list is refused, so a
-typo never silently does nothing. ``trainer`` accepts
-every argument of ``lightning.Trainer`` except those the pipeline sets itself (``PIPELINE_OWNED_TRAINER_ARGS``).
+Adding a key of a group is one ``setting(...)`` field of its dataclass; a top-level key of ``configs/train.yaml`` is
+one line in ``SCHEMA`` below. A key neither lists is refused, so a typo never silently does nothing. ``trainer``
+accepts every argument of ``lightning.Trainer`` except those the pipeline sets itself
+(``PIPELINE_OWNED_TRAINER_ARGS``).
 """
 
 from __future__ import annotations
@@ -32,9 +32,7 @@ from popstack.lightning_modules.registry import model_config_class
 from popstack.pipeline.errors import UserError
 from popstack.pipeline.settings import LoggerConfig, PathsConfig
 from popstack.pipeline.stages import STAGE_NAMES
-from popstack.stacking.ablation import VARIANTS as ABLATION_VARIANTS
-from popstack.stacking.blend import METHODS as BLEND_METHODS
-from popstack.stacking.members import TABULAR_MEMBERS as TABULAR_MEMBER_CLASSES
+from popstack.stacking.config import StackConfig
 
 
 class ConfigError(UserError):
@@ -119,13 +117,6 @@ ANY = Spec("any", null=True)
 
 
 @dataclass(frozen=True)
-class Open:
-    """A section whose keys are free (parameters handed to a library as they are); ``known`` keys are still checked."""
-
-    known: dict
-
-
-@dataclass(frozen=True)
 class Typed:
     """A section whose keys, types, defaults and rules are one dataclass (``datamodules.typed.setting`` fields)."""
 
@@ -156,33 +147,6 @@ def _rule_of(hint: Any, rule: dict) -> Any:
     return Spec(kind, null=null, choices=rule.get("choices"), lo=rule.get("lo"), hi=rule.get("hi"),
                 lo_open=rule.get("lo_open", False), check=rule.get("check"))
 
-
-@dataclass(frozen=True)
-class Named:
-    """A section whose keys must be among ``names`` (e.g. stacking members), each checked against ``section``."""
-
-    names: tuple[str, ...]
-    section: Any
-
-
-# ----------------------------------------------------------------------------- sections (one line per key)
-# Allowed names come from the code that uses them (one list each).
-TABULAR_MEMBERS = tuple(TABULAR_MEMBER_CLASSES)
-
-MEMBER = Open({"enabled": Bool()})
-AUTO_OR_COUNT = Spec("any", check=lambda v: None if v == "auto" or (
-    isinstance(v, int) and not isinstance(v, bool) and v >= 1) else "auto or an integer >= 1")
-STACKING = {
-    "members": Named(TABULAR_MEMBERS, MEMBER), "use_neural_members": Bool(), "blend": OneOf(*BLEND_METHODS),
-    "caruana_size": Int(lo=1), "pseudo_rounds": Int(lo=0), "pseudo_alpha": Num(),
-    "iqr_k": Num(lo=0), "selection_fraction": Num(lo=0, hi=1, lo_open=True),
-    "selection_member": OneOf(*TABULAR_MEMBERS),
-    "n_jobs": AUTO_OR_COUNT,
-    "guard": {"label_margin": Num(lo=0), "max_outside": Num(lo=0, hi=1), "max_error_ratio": Num(lo=1)},
-    "refit_full": Bool(),
-    "ablation": {"enabled": Bool(), "members": ListOf(OneOf(*TABULAR_MEMBERS)),
-                 "variants": ListOf(OneOf(*ABLATION_VARIANTS))},
-}
 
 #: Trainer arguments the pipeline sets itself (per model, or from other keys): not settable under ``trainer``.
 PIPELINE_OWNED_TRAINER_ARGS = ("logger", "callbacks", "plugins", "default_root_dir", "max_epochs",
@@ -240,7 +204,8 @@ SCHEMA = {
     "run_dir": Str(), "rank_wait_s": Num(lo=0, lo_open=True),
     "folds": {"strategy": OneOf(*FOLD_STRATEGIES), "holdout_fraction": Num(lo=0, hi=0.5)}, "paths": Typed(PathsConfig),
     "data": Typed(DataConfig), "backbone": Typed(BackboneConfig), "features": Typed(FeatureConfig),
-    "model": Typed(model_config_class()), "trainer": Spec("any"), "logger": Typed(LoggerConfig), "stacking": STACKING,
+    "model": Typed(model_config_class()), "stacking": Typed(StackConfig), "logger": Typed(LoggerConfig),
+    "trainer": Spec("any"),
     "callbacks": Spec("any", check=lambda v: _callbacks_error(v)),
     "checks": {"label_abs_max": Num(lo=0, lo_open=True), "min_fit_posts": Int(lo=2),
                "disk_headroom": Num(lo=1)},
@@ -276,20 +241,21 @@ def _check(node: Any, rule: Any, path: str) -> None:
         return None
     if not isinstance(node, DictConfig):
         raise _fail(path, node, "a section (key: value mapping)")
-    if isinstance(rule, Named):
-        for name in node:
-            if name not in rule.names:
-                raise ConfigError(f"unknown {path.rsplit('.', 1)[-1]} name {path}.{name}; "
-                                  f"allowed: {', '.join(rule.names)}")
-            _check(node[name], rule.section, f"{path}.{name}")
-        return None
-    known = rule.known if isinstance(rule, Open) else rule.rules() if isinstance(rule, Typed) else rule
+    known = rule.rules() if isinstance(rule, Typed) else rule
     for key in node:
         sub = f"{path}.{key}" if path else str(key)
         if key in known:
             _check(node[key], known[key], sub)
-        elif not isinstance(rule, Open):
+        elif isinstance(rule, Typed) and "extra" in known:  # a library's parameters that the params do not name
+            raise ConfigError(f"unknown config key {sub}; allowed here: {', '.join(sorted(known))} (another "
+                              f"parameter of the library goes under {path}.extra: +{path}.extra.{key}=...)")
+        else:
             raise _unknown(sub, known)
+    across = getattr(rule.cls, "config_error", None) if isinstance(rule, Typed) else None
+    if across is not None:  # a dataclass's rule across its keys
+        error = across(OmegaConf.to_container(node, resolve=True))
+        if error:
+            raise ConfigError(f"{path}: {error}")
     return None
 
 

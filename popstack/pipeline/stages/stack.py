@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -20,7 +21,8 @@ from popstack.pipeline.layout import RunLayout
 from popstack.pipeline.manifest import StageResult
 from popstack.pipeline.stages.base import StageContext, common_config, no_outside_inputs
 from popstack.stacking.ablation import run_ablations
-from popstack.stacking.stack import StackConfig, run_stack
+from popstack.stacking.config import StackConfig
+from popstack.stacking.stack import run_stack
 
 log = logging.getLogger("popstack")
 
@@ -63,14 +65,11 @@ def read_fold_predictions(path: Path, post_ids: list[str]) -> dict[str, dict[int
 
 
 def stack_config(cfg: DictConfig, neural_columns: list[str]) -> StackConfig:
-    s = OmegaConf.to_container(cfg.stacking, resolve=True)
-    members = {name: params for name, params in s["members"].items() if params.pop("enabled", True)}
-    return StackConfig(
-        members=members, neural_columns=neural_columns if s["use_neural_members"] else [], blend=s["blend"],
-        caruana_size=s["caruana_size"], pseudo_rounds=s["pseudo_rounds"], pseudo_alpha=s["pseudo_alpha"],
-        iqr_k=s["iqr_k"], selection_fraction=s["selection_fraction"], selection_member=s["selection_member"],
-        n_jobs=s["n_jobs"], guard=s["guard"], refit_full=bool(s["refit_full"]), seed=int(cfg.seed),
-    )
+    """The composed ``stacking`` group as its typed config, with the run's neural prediction columns (when
+    ``use_neural_members``) and seed."""
+    scfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(StackConfig), cfg.stacking))
+    return dataclasses.replace(scfg, neural_columns=list(neural_columns) if scfg.use_neural_members else [],
+                               seed=int(cfg.seed))
 
 
 def latest_rows(folds: np.ndarray, postdate: np.ndarray) -> np.ndarray:
@@ -131,11 +130,11 @@ def _stack(cfg: DictConfig, layout: RunLayout, tracker, staged: Callable[[Path],
         result.importance.rename("importance").rename_axis("feature").reset_index().to_csv(
             staged(layout.importance), index=False)
     outputs = [RunLayout.stack]
-    ab = cfg.stacking.ablation
+    ab = scfg.ablation
     if ab.enabled:
-        ab_cfg = StackConfig(**{**scfg.__dict__, "refit_full": False})  # variants are scored, never submitted
+        ab_cfg = dataclasses.replace(scfg, refit_full=False)  # variants are scored, never submitted
         if ab.members:
-            ab_cfg = StackConfig(**{**ab_cfg.__dict__, "members": {m: scfg.members[m] for m in ab.members}})
+            ab_cfg = ab_cfg.only(ab.members)
         table = run_ablations(features, y, folds, categorical, families, ABLATION_GROUPS, ab_cfg,
                               tuple(ab.variants), full=None if ab.members else result,
                               selection_losses=losses)
