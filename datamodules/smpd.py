@@ -49,8 +49,7 @@ prepare stage writes into its manifest as ``repaired_<column>``) and logged in o
 
 Null-like values (``null``, ``""``, ``"None"``, ``"nan"``; ``"0"`` for a coordinate) are missing data, not repairs.
 
-Speed: parsing the 399/400-float description vectors dominates; about 2 s per 10k variant-A rows on one core
-(roughly 1.5 min for SMPD's 486k posts).
+Speed: parsing the 399/400-float description vectors dominates (its rate: ``benchmarks/README.md``).
 """
 
 from __future__ import annotations

@@ -161,7 +161,7 @@ def module_key(cfg: DictConfig, backbone: dict, name: str) -> dict:
         **backbone, "trainable_last_blocks": int(cfg.backbone.trainable_last_blocks),
         "token_len": int(cfg.backbone.token_len)},
         "trainer": result_trainer_args(trainer_cfg(cfg)), "world_size": planned_world_size(cfg.trainer),
-        **({"callbacks": OmegaConf.to_container(cfg.callbacks, resolve=True)} if cfg.get("callbacks") else {})}
+        **({"callbacks": OmegaConf.to_container(cfg.callbacks, resolve=True)} if cfg.callbacks else {})}
 
 
 def train_fold(cfg: DictConfig, layout: RunLayout, name: str, fold: int, key: dict) -> None:
@@ -183,4 +183,4 @@ def train_fold(cfg: DictConfig, layout: RunLayout, name: str, fold: int, key: di
                   seed=int(cfg.seed) + fold, wandb_prefix=f"{name}/fold{fold}",
                   progress_bar=bool(cfg.progress_bar),
                   early_stopping_patience=cfg.model[name].early_stopping_patience,
-                  extra_callbacks=user_callbacks(cfg.get("callbacks")))
+                  extra_callbacks=user_callbacks(cfg.callbacks))

@@ -81,12 +81,8 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def image_options(cfg: DictConfig) -> dict:
-    """How the shards store images (``data.image_short_side``, ``data.image_quality``; a run saved before these
-    keys existed keeps its images as they were)."""
-    opts = {"image_short_side": cfg.data.get("image_short_side")}
-    if cfg.data.get("image_quality") is not None:
-        opts["image_quality"] = int(cfg.data.image_quality)
-    return opts
+    """How the shards store images (``data.image_short_side``, ``data.image_quality``)."""
+    return {"image_short_side": cfg.data.image_short_side, "image_quality": int(cfg.data.image_quality)}
 
 
 def write_split_shards(posts: pd.DataFrame, root: Path, shard_dir: Path, vocab: dict, cfg: DictConfig) -> pd.DataFrame:
@@ -100,7 +96,7 @@ def write_split_shards(posts: pd.DataFrame, root: Path, shard_dir: Path, vocab: 
             info = write_shards(part, root, shard_dir, split=split, class_ids=vocab,
                                 shard_size=int(cfg.data.shard_size), image_max_side=cfg.data.image_max_side,
                                 **image_options(cfg),
-                                progress=bool(cfg.get("progress_bar", False)))
+                                progress=bool(cfg.progress_bar))
             statuses.update(info.image_status)
     return posts.assign(image_status=posts[KEY].map(statuses).fillna(posts["image_status"]))
 
