@@ -708,12 +708,12 @@ def _labels(src: SplitSource, n: int) -> np.ndarray:
     return values
 
 
-def _image_status(root: Path, raw: _RawSplit, check_images: bool) -> list[str]:
-    """Per post: ``outside_root`` when the path leaves the data root (never opened); else, with ``check_images``,
-    ``ok`` for a non-empty regular file and ``missing`` otherwise; without it ``ok``."""
+def image_statuses(root: Path, paths: list[str], check_images: bool) -> list[str]:
+    """Per path (relative to ``root``): ``outside_root`` when it leaves ``root`` (never opened); else, with
+    ``check_images``, ``ok`` for a non-empty regular file and ``missing`` otherwise; without it ``ok``."""
     confined = ConfinedRoot(root)
     status = []
-    for path in raw.paths:
+    for path in paths:
         real = confined.resolve(path)
         if real is None:
             status.append(IMAGE_OUTSIDE)
@@ -726,6 +726,13 @@ def _image_status(root: Path, raw: _RawSplit, check_images: bool) -> list[str]:
             except OSError:
                 ok = False
             status.append(IMAGE_OK if ok else IMAGE_MISSING)
+    return status
+
+
+def _image_status(root: Path, raw: _RawSplit, check_images: bool) -> list[str]:
+    """``image_statuses`` of a split's paths, with one warning naming the paths that lead outside the data root."""
+    confined = ConfinedRoot(root)
+    status = image_statuses(root, raw.paths, check_images)
     outside = [i for i, s in enumerate(status) if s == IMAGE_OUTSIDE]
     if outside:
         log.warning("%s: %d image paths lead outside the data root %s (e.g. row %d: %s); they are treated as "

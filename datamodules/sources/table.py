@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import stat
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,6 @@ from popstack.datamodules.schema import (
     EXTRA_CATEGORICAL,
     EXTRA_NUMERIC,
     IMAGE_MISSING,
-    IMAGE_OK,
     IMAGE_OUTSIDE,
     KEY,
     LABEL,
@@ -354,27 +352,14 @@ def _epoch(v: Any) -> int | None:
 
 
 def _image_status(folder: Path, relpaths: list[str], check_images: bool) -> list[str]:
-    """As the SMPD reader: ``outside_root`` for a path leaving the file's folder (never opened); with
-    ``check_images`` ``ok`` for a non-empty regular file, else ``missing``; no path is ``missing``."""
-    from popstack.datamodules.confine import ConfinedRoot
+    """As the SMPD reader (``smpd.image_statuses``, relative to the file's folder); a row without a path is
+    ``missing``."""
+    from popstack.datamodules.smpd import image_statuses
 
-    confined, out = ConfinedRoot(folder), []
-    for rel in relpaths:
-        if not rel:
-            out.append(IMAGE_MISSING)
-            continue
-        real = confined.resolve(rel)
-        if real is None:
-            out.append(IMAGE_OUTSIDE)
-        elif not check_images:
-            out.append(IMAGE_OK)
-        else:
-            try:
-                st = real.lstat()
-                ok = stat.S_ISREG(st.st_mode) and st.st_size > 0
-            except OSError:
-                ok = False
-            out.append(IMAGE_OK if ok else IMAGE_MISSING)
+    given = [i for i, rel in enumerate(relpaths) if rel]
+    out = [IMAGE_MISSING] * len(relpaths)
+    for i, status in zip(given, image_statuses(folder, [relpaths[i] for i in given], check_images)):
+        out[i] = status
     return out
 
 
