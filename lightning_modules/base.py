@@ -23,6 +23,8 @@ class PostModule(L.LightningModule):
     ``needs_images``: why the module is pointless on a dataset without a readable image (its input is essentially
     the image), or "" when it still learns from the text side; such a module is not trained then
     (``pipeline.neural.enabled_modules``).
+    ``min_classes``: the fewest subcategories its classification needs (0: it classifies nothing); a run whose posts
+    have fewer does not train it (``pipeline.neural.enabled_modules``), e.g. a table of one kind of post.
     ``image_f_blocks``: the F blocks it emits (``predict_step``) that are functions of the image alone, constant
     without images and then left out of the F vector.
     ``encode_images`` (instance attribute, not a hyper-parameter): False when the run has no readable image; raw
@@ -30,6 +32,7 @@ class PostModule(L.LightningModule):
     """
 
     needs_images: str = ""
+    min_classes: int = 0
     image_f_blocks: tuple[str, ...] = ()
     encode_images: bool = True
 

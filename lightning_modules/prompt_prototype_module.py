@@ -119,6 +119,8 @@ class PromptPrototypeModule(PostModule):
     #: (x~ attends from the image feature, V~ and T~ are weighted by the image's class posterior), so without a
     #: readable image they are the same for every post
     image_f_blocks = ("f_i", "x_tilde", "v_tilde", "t_tilde")
+    #: it classifies posts into their subcategories: one class leaves nothing to learn (and no accuracy to measure)
+    min_classes = 2
 
     def __init__(
         self,

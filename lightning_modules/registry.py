@@ -151,6 +151,11 @@ class ModuleSpec:
         return self.module.needs_images
 
     @property
+    def min_classes(self) -> int:
+        """The fewest subcategories its classification needs (0: it classifies nothing)."""
+        return self.module.min_classes
+
+    @property
     def image_f_blocks(self) -> tuple[str, ...]:
         """Its F blocks that are functions of the image alone (left out without images)."""
         return tuple(self.module.image_f_blocks)

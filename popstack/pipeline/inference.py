@@ -138,6 +138,7 @@ def predictor_files(run_dir: str | Path, cfg: DictConfig) -> list[Path]:
     from popstack.features.state import FeatureState
     from popstack.pipeline.neural import (
         checkpoints,
+        class_count,
         enabled_modules,
         f_checkpoint,
         f_model_dir,
@@ -151,7 +152,7 @@ def predictor_files(run_dir: str | Path, cfg: DictConfig) -> list[Path]:
     images = images_readable(None, FeatureState.load(run.feature_state)) if run.feature_state.is_dir() else True
     files = [run.config, run.vocab, run.feature_state, run.tabular_scaler, run.extract_state, run.backbone,
              run.stack_model]
-    for name in enabled_modules(cfg, images):  # the modules the run trained
+    for name in enabled_modules(cfg, images, class_count(run)):  # the modules the run trained
         if has_f_model(name):  # its one F model (eq. 11's blocks)
             files += [f_model_dir(run, name) / DONE, f_checkpoint(run, name)]
         if has_fold_models(cfg, name):

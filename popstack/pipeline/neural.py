@@ -292,15 +292,28 @@ def _load_run_clip(module, layout: RunLayout) -> None:
     module.clip.load_state_dict(torch.load(layout.backbone, map_location="cpu", weights_only=True))
 
 
-def enabled_modules(cfg: DictConfig, images: bool = True) -> list[str]:
+def enabled_modules(cfg: DictConfig, images: bool = True, classes: int | None = None) -> list[str]:
     """The modules that run: enabled in ``cfg.model``, less, when the dataset has no readable image (``images``
-    False), those whose input is essentially the image (their class's ``needs_images``, see ``image_skipped``)."""
+    False), those whose input is essentially the image (their class's ``needs_images``, see ``image_skipped``), and,
+    when the run's posts have ``classes`` subcategories (``class_count``; None: not known here), those whose
+    classification needs more (``min_classes``, see ``class_skipped``)."""
     specs = module_specs()
     names = [n for n in specs if n in cfg.model and cfg.model[n].enabled]
     unknown = [n for n in cfg.model if n not in specs and n != "extract"]
     if unknown:
         raise ValueError(f"unknown model section(s) {unknown}; modules are {list(specs)}")
-    return names if images else [n for n in names if not specs[n].needs_images]
+    names = names if images else [n for n in names if not specs[n].needs_images]
+    return names if classes is None else [n for n in names if classes >= specs[n].min_classes]
+
+
+def class_count(layout: RunLayout) -> int:
+    """The number of subcategories of a training run's posts (its ``vocab.json``)."""
+    return len(json.loads(layout.vocab.read_text())["subcategory"])
+
+
+def class_skipped(cfg: DictConfig, classes: int) -> list[str]:
+    """The enabled modules a run with ``classes`` subcategories skips (their classification needs more)."""
+    return [n for n in enabled_modules(cfg) if classes < module_spec(n).min_classes]
 
 
 def image_skipped(cfg: DictConfig) -> dict[str, str]:
@@ -452,7 +465,7 @@ def neural_outputs(cfg: DictConfig, data: RunLayout, run: RunLayout, state: dict
     preds = pd.DataFrame({KEY: post_ids})
     dropped = set() if images else image_f_blocks(cfg)
     f_frame = _block_frame(cache, {b: a for b, a in CLIP_BLOCKS.items() if b not in dropped})
-    for name in enabled_modules(cfg, images):
+    for name in enabled_modules(cfg, images, class_count(run)):
         shards = uses_shards(cfg, name)
         dm = shard_datamodule(cfg, data, name, None) if shards else cache_datamodule(cfg, data, name, None)
         if has_f_model(name):

@@ -29,6 +29,8 @@ from popstack.pipeline.neural import (
     build_cache,
     build_module,
     cache_datamodule,
+    class_count,
+    class_skipped,
     enabled_modules,
     f_model_changes,
     f_model_dir,
@@ -97,7 +99,11 @@ def run(ctx: StageContext) -> StageResult:
     build_cache(cfg, layout, key=cache_key, images=images)
     metrics = {}
     outputs = [RunLayout.embeddings]
-    for name in enabled_modules(cfg, images):
+    classes = class_count(layout)
+    if topology().is_zero and class_skipped(cfg, classes):
+        log.info("neural: the posts have %d subcategor%s; %s skipped (a classification needs more)",
+                 classes, "y" if classes == 1 else "ies", ", ".join(class_skipped(cfg, classes)))
+    for name in enabled_modules(cfg, images, classes):
         monitor, _ = monitor_of(name)
         model_key = module_key(cfg, bb, name)
         if has_f_model(name):
