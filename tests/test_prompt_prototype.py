@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from popstack.lightning_modules.backbone import TINY_MODEL, encode_posts, load_backbone
 from popstack.lightning_modules.prompt_learner import local_similarity
 from popstack.lightning_modules.prompt_prototype_module import PromptPrototypeModule
+from popstack.lightning_modules.prototype_classifier import CrossModalPrototypeClassifier
 from popstack.lightning_modules.prototypes import select_prototype_posts
 from tests.helpers import module_args, quiet_trainer
 
@@ -61,6 +62,27 @@ def make_module(**kw):
 
 def loader(batches):
     return DataLoader(batches, batch_size=None)
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_factored_attention_is_multihead_attention_over_the_whole_sequence(heads):
+    """The classifier's attention (prototypes shared by every post, attended once per batch) gives the outputs and
+    gradients of ``nn.MultiheadAttention`` over each post's (1 + 2K)-token sequence, with the same weights."""
+    torch.manual_seed(0)
+    clf = CrossModalPrototypeClassifier(D, 16, heads).double()
+    x, visual, textual = (torch.randn(n, D, dtype=torch.float64) for n in (5, 7, 7))
+    post, shared = clf.proj_image(x), torch.cat([clf.proj_image(visual), clf.proj_text(textual)])
+    seq = torch.cat([post.unsqueeze(1), shared.unsqueeze(0).expand(5, -1, -1)], dim=1)
+    reference, _ = clf.attention(seq, seq, seq, need_weights=False)
+    post_out, shared_out = clf.attend(post, shared)
+    factored = torch.cat([post_out.unsqueeze(1), shared_out], dim=1)
+    assert torch.allclose(factored, reference, atol=1e-12)
+    weights = [clf.attention.in_proj_weight, clf.attention.in_proj_bias, clf.attention.out_proj.weight,
+               clf.proj_image.weight, clf.proj_text.weight]
+    target = torch.randn_like(reference)
+    for a, b in zip(torch.autograd.grad((reference * target).sum(), weights, retain_graph=True),
+                    torch.autograd.grad((factored * target).sum(), weights)):
+        assert torch.allclose(a, b, atol=1e-12)
 
 
 def test_output_shapes():
