@@ -1,6 +1,7 @@
 """One stack member alone, with a few parameter variants, on the stack inputs of a finished run: out-of-fold MAE/SRC
 over the run's folds (every labelled row with a fold; no IQR filter, no pseudo-labels, no neural prediction
-columns) and each fold's best round count.
+columns), each fold's best round count, and the share of out-of-fold predictions outside the label range of the
+fold's training rows (``outside``: what the stack's range guard counts on test rows) with the lowest and highest.
 
     python benchmarks/member_params.py RUN --member xgboost \\
         --variants "min_child_weight=1;min_child_weight=20;min_child_weight=40"
@@ -57,14 +58,18 @@ def main() -> None:
     for text in a.variants.split(";"):
         params = dataclasses.replace(base, **parse_variant(text))
         oof, rounds, start = np.full(len(y), np.nan), [], time.perf_counter()
+        outside = np.zeros(len(y), dtype=bool)
         for k in sorted(np.unique(folds[labelled])):
             tr, va = labelled & (folds != k), folds == k
             member = make_member(a.member, params, categorical, seed=0).fit(X[tr], y[tr], X[va], y[va])
             oof[va] = member.predict(X[va])
+            outside[va] = (oof[va] < y[tr].min()) | (oof[va] > y[tr].max())
             rounds.append(member.best_rounds() if hasattr(member, "best_rounds") else None)
         s = scores(y[labelled], oof[labelled])
         rows.append({"member": a.member, "variant": text, "oof_src": round(s["src"], 4),
                      "oof_mae": round(s["mae"], 4), "rounds": rounds,
+                     "outside": round(float(outside[labelled].mean()), 4),
+                     "pred_min_max": (round(float(np.nanmin(oof)), 2), round(float(np.nanmax(oof)), 2)),
                      "seconds": round(time.perf_counter() - start, 1)})
         print_table(rows[-1:], "")
     print_table(rows, f"{a.member} alone on {a.run}")
