@@ -284,3 +284,19 @@ def test_extra_params_reach_the_library():
     assert m.booster.params["bagging_fraction"] == 0.5 and m.booster.params["bagging_freq"] == 1
     plain = LightGBMMember(FAST["lightgbm"], ["cat"], seed=0).fit(X[tr], y[tr], X[va], y[va])
     assert not np.array_equal(m.predict(X[va]), plain.predict(X[va]))
+
+
+def test_catboost_huber_stays_in_the_label_range_with_a_spike_far_from_the_median():
+    """A third of the labels are 0, the rest about 6 (a strike height of 0 feet, a post nobody saw): under Huber the
+    zero rows sit beyond delta from the median, where the loss's second derivative is 0. With CatBoost's Newton
+    leaves a leaf of such rows steps by sum(gradient) / l2_leaf_reg and overshoots below 0; the member's default
+    leaf estimation (Gradient) keeps every prediction inside the range the stack's guard allows."""
+    rng = np.random.default_rng(3)
+    X = pd.DataFrame(rng.normal(size=(1500, 8)), columns=[f"x{i}" for i in range(8)])
+    zero = (X.x0 > 0.5) & (rng.random(1500) < 0.95)
+    y = np.where(zero, 0.0, 6 + X.x1 + rng.normal(size=1500))
+    tr, va = slice(0, 1200), slice(1200, None)
+    member = CatBoostMember({"thread_count": 1}, [], seed=0).fit(X[tr], y[tr], X[va], y[va])
+    margin = 0.1 * np.ptp(y[tr])
+    pred = member.predict(X)
+    assert pred.min() >= y[tr].min() - margin and pred.max() <= y[tr].max() + margin

@@ -44,6 +44,12 @@ class CatBoostParams(MemberParams):
     border_count: histogram bins per feature (CatBoost's CPU default 254).
     rsm: share of features scored per split (CPU only; ignored on GPU): the wide SMPD vectors.
     loss_function, eval_metric: e.g. ``Huber:delta=1.0`` / ``RMSE``; the early-stopping metric.
+    leaf_estimation_method: how a leaf's value is computed from its rows' derivatives. Gradient: their mean
+    gradient (a step of at most delta per tree under Huber). CatBoost's own default, Newton, divides by the sum of
+    second derivatives, which Huber sets to zero for every row further than delta from the prediction: a leaf of
+    such rows (a label far from the others, e.g. a spike at zero) takes a step limited only by l2_leaf_reg, and the
+    predictions leave the label range. Newton and Gradient agree for RMSE (second derivative 1 everywhere); Exact
+    suits Quantile/MAE.
     early_stopping_rounds: rounds without a better validation score before the fit stops.
     thread_count: auto (one thread per 20k training rows, at most the fit's share of the cores) or an integer.
     use_gpu: auto (CatBoost's GPU trainer when it sees a GPU; GPU fits of the stack take turns), true or false.
@@ -60,6 +66,7 @@ class CatBoostParams(MemberParams):
     rsm: float = setting(0.2, lo=0, hi=1, lo_open=True)
     loss_function: str = setting("Huber:delta=1.0")
     eval_metric: str = setting("MAE")
+    leaf_estimation_method: str = setting("Gradient", choices=("Gradient", "Newton", "Exact", "Simple"))
     early_stopping_rounds: int = setting(50, lo=1)
     thread_count: int | str = setting("auto", check=auto_or_int)
     use_gpu: bool | str = setting("auto", choices=("auto", True, False))
