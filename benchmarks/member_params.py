@@ -1,7 +1,8 @@
 """One stack member alone, with a few parameter variants, on the stack inputs of a finished run: out-of-fold MAE/SRC
 over the run's folds (every labelled row with a fold; no IQR filter, no pseudo-labels, no neural prediction
-columns), each fold's best round count, and the share of out-of-fold predictions outside the label range of the
-fold's training rows (``outside``: what the stack's range guard counts on test rows) with the lowest and highest.
+columns), each fold's best round count, and the share of out-of-fold predictions outside the fold's training label
+range widened by the run's ``stacking.guard.label_margin`` (``outside``: the bounds the stack's range guard applies
+to test rows, ``label_bounds``) with the lowest and highest prediction.
 
     python benchmarks/member_params.py RUN --member xgboost \\
         --variants "min_child_weight=1;min_child_weight=20;min_child_weight=40"
@@ -43,7 +44,7 @@ def main() -> None:
     from popstack.pipeline.config import load_run_config
     from popstack.pipeline.layout import RunLayout
     from popstack.pipeline.stages.stack import stack_config, stack_inputs
-    from popstack.stacking.members import make_member
+    from popstack.stacking.members import label_bounds, make_member
     from popstack.stacking.metrics import scores
 
     layout = RunLayout(a.run)
@@ -52,7 +53,8 @@ def main() -> None:
     folds = read_folds(layout.folds)["fold"].to_numpy()
     X = X.drop(columns=[KEY] + [c for c, f in families.items() if f == NEURAL_PRED and c in X.columns])
     X = X.astype(np.float32)
-    base = stack_config(load_run_config(a.run), []).params(a.member)
+    stack_cfg = stack_config(load_run_config(a.run), [])
+    base, margin = stack_cfg.params(a.member), float(stack_cfg.guard.label_margin)
     labelled = folds != NO_FOLD
     rows = []
     for text in a.variants.split(";"):
@@ -63,7 +65,8 @@ def main() -> None:
             tr, va = labelled & (folds != k), folds == k
             member = make_member(a.member, params, categorical, seed=0).fit(X[tr], y[tr], X[va], y[va])
             oof[va] = member.predict(X[va])
-            outside[va] = (oof[va] < y[tr].min()) | (oof[va] > y[tr].max())
+            lo, hi = label_bounds(y[tr], margin)
+            outside[va] = (oof[va] < lo) | (oof[va] > hi)
             rounds.append(member.best_rounds() if hasattr(member, "best_rounds") else None)
         s = scores(y[labelled], oof[labelled])
         rows.append({"member": a.member, "variant": text, "oof_src": round(s["src"], 4),
