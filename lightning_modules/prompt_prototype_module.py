@@ -202,7 +202,7 @@ class PromptPrototypeModule(PostModule):
         """Cached or raw batch -> outputs (B = batch, K = classes, D = CLIP dim, d = proj_dim):
 
         ``global_logits``, ``local_logits``, ``proto_logits``, ``logits_v``, ``logits_t`` (B, K); ``x`` (B, d);
-        ``V``, ``T`` (B, K, d);
+        ``v_tilde``, ``t_tilde`` (B, d) (the attended prototypes under the post's class posteriors);
         ``image_emb``, ``text_emb`` (B, D); ``global_sim``, ``local_sim``, ``cos_v`` (B, K) cosines before the
         temperature;
         ``prediction`` (B,) popularity, only when the popularity head is on.
@@ -219,8 +219,8 @@ class PromptPrototypeModule(PostModule):
         out = {"global_logits": global_logits, "local_logits": local_logits, "proto_logits": proto["logits"],
                "logits_v": proto["logits_v"], "logits_t": proto["logits_t"], "cos_v": proto["cos_v"],
                "global_sim": global_sim, "local_sim": local_sim,
-               "x": proto["x"], "V": proto["V"], "T": proto["T"], "image_emb": b["image_emb"].float(),
-               "text_emb": b["text_emb"].float()}
+               "x": proto["x"], "v_tilde": proto["v_tilde"], "t_tilde": proto["t_tilde"],
+               "image_emb": b["image_emb"].float(), "text_emb": b["text_emb"].float()}
         if self.regressor is not None:
             with float32(global_logits):  # the popularity head and its de-standardisation at full resolution
                 feats = torch.cat([proto["x"].float(), global_logits.softmax(-1), local_logits.softmax(-1),
@@ -299,11 +299,9 @@ class PromptPrototypeModule(PostModule):
     def f_blocks(out: dict) -> dict[str, torch.Tensor]:
         """The F blocks of eq. 11 from ``forward``'s outputs (``F_BLOCKS`` order; the module docstring says what
         each holds)."""
-        p_v = out["logits_v"].float().softmax(-1).unsqueeze(-1)
-        p_t = out["logits_t"].float().softmax(-1).unsqueeze(-1)
         return {"f_i": out["image_emb"].float(), "f_t": out["text_emb"].float(),
                 "w_g": out["global_sim"].float(), "w_l": out["local_sim"].float(), "x_tilde": out["x"].float(),
-                "v_tilde": (p_v * out["V"].float()).sum(1), "t_tilde": (p_t * out["T"].float()).sum(1)}
+                "v_tilde": out["v_tilde"].float(), "t_tilde": out["t_tilde"].float()}
 
     @classmethod
     def build(cls, config: PromptPrototypeConfig, ctx: BuildContext) -> "PromptPrototypeModule":
