@@ -86,7 +86,8 @@ def prototype_means(
 
     Posts without an image are left out of the visual mean, posts with empty text out of the textual mean.
     A class with no usable post falls back to ``fallback_text`` (K, D) -- the CLIP text feature of its class
-    name -- for both prototypes; ``filled`` (K,) bool says which classes had real posts.
+    name -- for both prototypes; ``filled`` (K,) bool says which classes had a usable post for either prototype
+    (without images, a class with texts is filled: its textual prototype is real, its visual one the fallback).
     """
     visual = np.array(fallback_text, dtype=np.float32, copy=True)
     textual = np.array(fallback_text, dtype=np.float32, copy=True)
@@ -98,7 +99,7 @@ def prototype_means(
         txt_rows = rows[text_ok[rows]]
         if len(img_rows):
             visual[cls] = image_emb[img_rows].mean(0)
-            filled[cls] = True
         if len(txt_rows):
             textual[cls] = text_emb[txt_rows].mean(0)
+        filled[cls] = bool(len(img_rows) or len(txt_rows))
     return visual, textual, filled

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -13,7 +14,7 @@ from popstack.lightning_modules.backbone import TINY_MODEL, encode_posts, load_b
 from popstack.lightning_modules.prompt_learner import local_similarity
 from popstack.lightning_modules.prompt_prototype_module import PromptPrototypeModule
 from popstack.lightning_modules.prototype_classifier import CrossModalPrototypeClassifier
-from popstack.lightning_modules.prototypes import select_prototype_posts
+from popstack.lightning_modules.prototypes import prototype_means, select_prototype_posts
 from tests.helpers import module_args, quiet_trainer
 
 CLASSES = ["Cats", "Dogs", "Guys,Fashion"]
@@ -243,3 +244,17 @@ def test_prototype_sampling_is_diverse():
         assert grp.concept.nunique() == 2  # both subtopics in every interval
     assert picked.uid.nunique() == 3
     assert select_prototype_posts(posts, shots=8, seed=0)[0].tolist() == chosen[0].tolist()
+
+
+def test_prototypes_without_images_use_the_texts_and_count_those_classes_as_filled():
+    """Without a readable image the visual prototype falls back to the class name; the textual one is the posts'
+    mean, so the class counts as filled (the build's log line counts only classes without any usable post)."""
+    image, text = np.arange(12.0).reshape(6, 2), -np.arange(12.0).reshape(6, 2)
+    fallback = np.full((3, 2), 9.0)
+    chosen = {0: np.array([0, 1]), 1: np.array([2])}  # class 2 has no post
+    no_image, with_text = np.zeros(6, dtype=bool), np.array([True, True, False, True, True, True])
+    visual, textual, filled = prototype_means(chosen, image, text, with_text, no_image, 3, fallback)
+    assert filled.tolist() == [True, False, False]  # class 1's only post has neither an image nor a text
+    np.testing.assert_allclose(visual, fallback)
+    np.testing.assert_allclose(textual[0], text[[0, 1]].mean(0))
+    np.testing.assert_allclose(textual[1:], fallback[1:])
