@@ -73,9 +73,11 @@ class PromptPrototypeConfig(ModuleConfig):
     and tau_s in log space; the paper does not say, TaI-DPT keeps them fixed), n_time_bins (temporal-diversity
     intervals of the prototype sampling, §3.1 says "several"), proj_dim (d of the shared space, §3.3 gives none),
     heads (attention heads of eq. 6), tau_v / tau_t (initial temperatures of eq. 7, learned; CLIP's initial
-    temperature), the scheduler, and regression_weight: the weight of an auxiliary popularity head on the fold
-    models (0 = the paper's classification-only module, eq. 8: F only, no prediction column); F always comes
-    from the one classification-only F model, whatever this weight (docs/reproduction.md).
+    temperature), the scheduler. regression_weight: the weight of an auxiliary popularity head, trained on one model
+    per fold for a prediction column of the stack; 0 (the default) is the paper's classification-only module
+    (eq. 8), whose knowledge reaches the stack through F alone, as in the paper (§4.2: F into LightGBM and
+    CatBoost), and which trains one model instead of 1 + n_folds. F always comes from the one classification-only
+    F model, whatever this weight (docs/reproduction.md).
     shots: posts per class prototype. regression_hidden: width of the popularity head. prompt_lr: learning rate
     of the prompt contexts and temperatures (null = lr).
     """
@@ -94,7 +96,7 @@ class PromptPrototypeConfig(ModuleConfig):
     heads: int = setting(4, lo=1)
     tau_v: float = setting(0.07, lo=0, lo_open=True)
     tau_t: float = setting(0.07, lo=0, lo_open=True)
-    regression_weight: float = setting(1.0, lo=0)
+    regression_weight: float = setting(0.0, lo=0)
     regression_hidden: int = setting(256, lo=1)
     prompt_lr: float | None = setting(None, lo=0, lo_open=True)
 

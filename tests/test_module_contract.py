@@ -22,11 +22,15 @@ from popstack.lightning_modules.registry import BuildContext, ModuleConfig, modu
 from tests.helpers import quiet_trainer
 
 N, TRAIN, K, L_TOK, GRID, TAB = 24, 16, 3, 8, 2, 5
-CASES = [(name, f) for name, spec in module_specs().items() for f in (False, True) if not f or spec.f_model]
+#: config changes that switch on outputs a module's default config leaves off (each one is another case)
+VARIANTS = {"prompt_prototype": {"popularity_head": {"regression_weight": 1.0}}}
+CASES = [(name, label, changes) for name, spec in module_specs().items()
+         for label, changes in [("default", {}), *((("f_model", spec.f_model),) if spec.f_model else ()),
+                                *VARIANTS.get(name, {}).items()]]
 
 
 def case_id(case) -> str:
-    return f"{case[0]}{'-f_model' if case[1] else ''}"
+    return case[0] if case[1] == "default" else f"{case[0]}-{case[1]}"
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +88,9 @@ def declared(frame: pd.DataFrame, outputs: tuple[str, ...]) -> set[str]:
 def test_module_trains_checkpoints_and_predicts_its_declared_columns(case, data, tmp_path):
     from popstack.pipeline.neural import load_module
 
-    name, f_model = case
+    name, _, changes = case
     spec = module_specs()[name]
-    config = spec.config_of(**(spec.f_model if f_model else {}))
+    config = spec.config_of(**changes)
     assert isinstance(config, ModuleConfig) and spec.mode in ("min", "max") and spec.monitor.startswith("val/")
     torch.manual_seed(0)
     module = spec.build(config, context(data, spec, config))

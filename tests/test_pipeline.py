@@ -51,10 +51,12 @@ def test_train_writes_every_output(finished_run):
     assert set(sub) == {"version", "result", "external_data"}
     preds = pd.read_parquet(run_dir / "predictions.parquet")
     assert preds.post_id.tolist() == posts.post_id.tolist() and preds.prediction.notna().all()
-    for name in ("prompt_prototype", "co_attention", "hierarchical"):
+    for name in ("co_attention", "hierarchical"):
         for fold in range(cfg.n_folds):
             ckpt = run_dir / "neural" / name / f"fold{fold}" / "checkpoints" / "best.ckpt"
             torch.load(ckpt, weights_only=True)
+    torch.load(run_dir / "neural" / "prompt_prototype" / "features" / "checkpoints" / "best.ckpt", weights_only=True)
+    assert not (run_dir / "neural" / "prompt_prototype" / "fold0").exists()  # no popularity head by default
     assert "src" in metrics["report"]
 
 

@@ -54,7 +54,7 @@ def make_module(**kw):
     torch.manual_seed(0)
     args = {"backbone_name": TINY_MODEL, "backbone_pretrained": None, "trainable_last_blocks": 0, "n_ctx": 4,
             "proj_dim": 32, "heads": 2, "token_len": L_TOK, "regression_hidden": 16, "lr": 1e-2,
-            "scheduler": "constant", "learn_tau": False, **kw}
+            "scheduler": "constant", "learn_tau": False, "regression_weight": 1.0, **kw}  # with the popularity head
     m = PromptPrototypeModule(CLASSES, **module_args("prompt_prototype", **args))
     m.set_prototypes(torch.randn(K, D), torch.randn(K, D))
     return m

@@ -39,7 +39,8 @@ def test_one_run_per_stage_and_fold_and_a_rerun_adds_none(tracked_run):
 
     run_dir, cfg, tracker = tracked_run
     runs = _offline_runs(run_dir)
-    assert len(runs) == 6 + 3 * cfg.n_folds + 1  # six stages, three models x folds, the prompt/prototype F model
+    # six stages, two models x folds (the prompt/prototype module has no popularity head: no fold models), its F model
+    assert len(runs) == 6 + 2 * cfg.n_folds + 1
     assert len({r.name.rsplit("-", 1)[1] for r in runs}) == len(runs), "every run has its own id"
     train(cfg)  # every stage finished: skipped, so no W&B run at all
     assert _offline_runs(run_dir) == runs
@@ -49,7 +50,7 @@ def test_one_run_per_stage_and_fold_and_a_rerun_adds_none(tracked_run):
 def test_artifacts_are_named_per_run_and_logged_by_their_maker(tracked_run):
     run_dir, cfg, tracker = tracked_run
     group = f"{cfg.name}-{run_dir.name}"
-    folds = {f"{m}-fold{k}" for m in ("prompt_prototype", "co_attention", "hierarchical") for k in range(cfg.n_folds)}
+    folds = {f"{m}-fold{k}" for m in ("co_attention", "hierarchical") for k in range(cfg.n_folds)}
     assert set(tracker.logged) == folds | {"predictor", "submission", "report"}
     assert all(art.name == f"{group}-{what}" for what, art in tracker.logged.items())
     ckpt = tracker.logged["co_attention-fold1"]
