@@ -72,12 +72,13 @@ class CrossModalPrototypeClassifier(nn.Module):
         post_out, tokens = self.attend(post, shared)
         x_t = self.norm(post + post_out)
         with float32(x_t):  # the Gram terms subtract large inner products: bf16 would lose them
-            cos = tokens.cosines(at_least_float32(x_t), self.norm)
+            r = tokens.scales(self.norm)
+            cos = tokens.cosines(at_least_float32(x_t), self.norm, r)
             cos_v, cos_t = cos[:, :k], cos[:, k:]
             logits_v = cos_v * self.log_scale_v.exp().clamp(max=MAX_LOGIT_SCALE)
             logits_t = cos_t * self.log_scale_t.exp().clamp(max=MAX_LOGIT_SCALE)
             weights = torch.cat([logits_v.softmax(-1), logits_t.softmax(-1)], dim=1)
-            v_tilde, t_tilde = tokens.weighted_means(weights, self.norm, split=k)
+            v_tilde, t_tilde = tokens.weighted_means(weights, self.norm, r, split=k)
         return {"x": x_t, "cos_v": cos_v, "cos_t": cos_t, "logits_v": logits_v, "logits_t": logits_t,
                 "logits": (logits_v + logits_t) / 2, "v_tilde": v_tilde, "t_tilde": t_tilde}
 
@@ -152,25 +153,27 @@ class SharedTokens:
         quad = (al.unsqueeze(-1) * al.unsqueeze(-2) * gram).sum((-2, -1))
         return cc + 2 * (al * (ca - cw)).sum(-1) + quad
 
-    def _scales(self, norm: nn.LayerNorm) -> torch.Tensor:
-        """(B, N) 1 / sqrt(var + eps): LayerNorm's division."""
+    def scales(self, norm: nn.LayerNorm) -> torch.Tensor:
+        """(B, N) r = 1 / sqrt(var + eps): LayerNorm's division of each token (computed once per forward: it costs
+        the largest Gram product)."""
         d = self.base.shape[-1]
         return (self._squared_norm().clamp(min=0) / d + norm.eps).rsqrt()
 
-    def cosines(self, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    def cosines(self, x: torch.Tensor, norm: nn.LayerNorm, r: torch.Tensor) -> torch.Tensor:
         """(B, N) cos(x_b, LayerNorm(z_bn)) for x (B, d), with ``norm``'s weight g and bias beta:
-        LayerNorm(z) = g * z0 * r + beta (z0 = z - mean, r = 1 / sqrt(var + eps))."""
+        LayerNorm(z) = g * z0 * r + beta (z0 = z - mean, r = ``scales(norm)``)."""
         g, beta = at_least_float32(norm.weight), at_least_float32(norm.bias)
-        r = self._scales(norm)
         dot = self._dot(x * g) * r + (x @ beta).unsqueeze(-1)
         gb = (g * beta).expand(len(x), -1)
         sq = self._squared_norm(g).clamp(min=0) * r * r + 2 * self._dot(gb) * r + (beta * beta).sum()
         return dot / (x.norm(dim=-1, keepdim=True).clamp(min=NORM_EPS) * sq.clamp(min=0).sqrt().clamp(min=NORM_EPS))
 
-    def weighted_means(self, weights: torch.Tensor, norm: nn.LayerNorm, split: int) -> tuple[torch.Tensor, ...]:
-        """sum_n weights_bn LayerNorm(z_bn) over tokens [:split] and [split:], each (B, d); weights (B, N)."""
+    def weighted_means(self, weights: torch.Tensor, norm: nn.LayerNorm, r: torch.Tensor,
+                       split: int) -> tuple[torch.Tensor, ...]:
+        """sum_n weights_bn LayerNorm(z_bn) over tokens [:split] and [split:], each (B, d); weights (B, N),
+        r = ``scales(norm)``."""
         g, beta = at_least_float32(norm.weight), at_least_float32(norm.bias)
-        rw = weights * self._scales(norm)  # (B, N)
+        rw = weights * r  # (B, N)
         means = []
         for part in (slice(None, split), slice(split, None)):
             r, al = rw[:, part], self.alpha[:, part]
